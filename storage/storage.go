@@ -1,0 +1,196 @@
+// Package storage defines the two stores behind the media repository: a
+// content-addressed BlobStore that holds bytes, and a MetadataStore that holds
+// what is known about each media item and each blob. Implementations live in
+// sub-packages (filestore, sqlstore); conformance suites that every
+// implementation must pass live in blobtest and metatest.
+//
+// The contract that keeps data safe is the order of writes: a blob is made
+// durable (fsync + atomic rename, or a completed object) before any metadata
+// row points at it. A crash between the two leaves at most an unreferenced
+// blob, never a row without its bytes.
+package storage
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+)
+
+// Errors shared by all stores. Implementations wrap them with %w; callers test
+// with errors.Is.
+var (
+	// ErrNotFound reports that a blob or a metadata row does not exist.
+	ErrNotFound = errors.New("not found")
+	// ErrTooLarge reports that a body exceeded the size limit given to Put.
+	ErrTooLarge = errors.New("body exceeds size limit")
+	// ErrSizeMismatch reports that a body was not exactly as long as announced.
+	ErrSizeMismatch = errors.New("body length differs from the announced length")
+	// ErrConflict reports that a row with the same key already exists, or that a
+	// pending media item was already completed.
+	ErrConflict = errors.New("conflict")
+	// ErrLimitExceeded reports that a user already has as many pending uploads
+	// as allowed.
+	ErrLimitExceeded = errors.New("limit exceeded")
+)
+
+// PrefixSize is how many leading bytes of a blob form its prefix hash, which is
+// used to find a likely duplicate before the whole body has been read.
+const PrefixSize = 64 << 10
+
+// PutOptions tunes BlobStore.Put.
+type PutOptions struct {
+	// MaxSize is the largest body accepted; 0 or less means no limit. A longer
+	// body makes Put fail with ErrTooLarge and keep nothing.
+	MaxSize int64
+	// ExpectedSize, when 0 or more, is the exact length the body must have
+	// (from Content-Length); -1 means unknown. A body of another length makes Put
+	// fail with ErrSizeMismatch and keep nothing.
+	ExpectedSize int64
+	// Candidate is the hash of a stored blob that probably holds the same bytes
+	// (same size and prefix). The store then compares the incoming bytes with it
+	// instead of writing them, and only writes from the first byte that differs,
+	// so storing a duplicate costs a hash and a read, never a write. Empty means
+	// no candidate.
+	Candidate string
+}
+
+// PutResult describes a stored blob.
+type PutResult struct {
+	// SHA256 is the lowercase hex SHA-256 of the content: the blob's address.
+	SHA256 string
+	// Size is the content length in bytes.
+	Size int64
+	// PrefixSHA256 is the lowercase hex SHA-256 of the first PrefixSize bytes
+	// (or of the whole body when it is shorter).
+	PrefixSHA256 string
+	// Existed is true when a blob with this hash was already stored and the
+	// incoming bytes were discarded.
+	Existed bool
+}
+
+// Blob is an opened blob.
+type Blob struct {
+	// Content reads the blob. For the file store it is the *os.File itself, so
+	// that io.Copy to a network connection can use sendfile. The caller closes
+	// it.
+	Content io.ReadSeekCloser
+	// Size is the content length in bytes.
+	Size int64
+}
+
+// BlobStore keeps immutable blobs addressed by the hex SHA-256 of their
+// content. Implementations are safe for concurrent use.
+type BlobStore interface {
+	// Put streams r into the store while hashing it. The blob becomes visible
+	// under its hash only once it is complete and durable; on any error nothing
+	// is kept. If a blob with the same hash already exists the new bytes are
+	// dropped and PutResult.Existed is true.
+	Put(ctx context.Context, r io.Reader, opts PutOptions) (PutResult, error)
+	// Open returns the blob with the given hash, or an error wrapping
+	// ErrNotFound.
+	Open(ctx context.Context, sha256 string) (Blob, error)
+	// Stat returns the size of the blob, or an error wrapping ErrNotFound.
+	Stat(ctx context.Context, sha256 string) (int64, error)
+	// Delete removes the blob. Deleting a missing blob is not an error.
+	Delete(ctx context.Context, sha256 string) error
+	// Close releases the store's resources.
+	Close() error
+}
+
+// MediaState tells whether a media item has its content.
+type MediaState string
+
+// Media states.
+const (
+	// StatePending is a media ID reserved by /create whose content has not been
+	// uploaded yet.
+	StatePending MediaState = "pending"
+	// StateReady is a media item with content.
+	StateReady MediaState = "ready"
+)
+
+// Media is one media item, addressed by mxc://ServerName/MediaID.
+type Media struct {
+	// ServerName is the Matrix server name in the mxc URI.
+	ServerName string
+	// MediaID is the media ID in the mxc URI ([A-Za-z0-9_-]).
+	MediaID string
+	// State is StatePending or StateReady.
+	State MediaState
+	// UserID is the Matrix user who created or uploaded the item; empty for
+	// remote media.
+	UserID string
+	// SHA256 is the address of the content blob; empty while pending.
+	SHA256 string
+	// Size is the content length in bytes; 0 while pending.
+	Size int64
+	// ContentType is the Content-Type exactly as uploaded.
+	ContentType string
+	// Filename is the file name given at upload, empty when none was given.
+	Filename string
+	// CreatedAt is when the item was created (upload, or /create).
+	CreatedAt time.Time
+	// UploadedAt is when the content arrived; zero while pending.
+	UploadedAt time.Time
+	// ExpiresAt is when a pending item expires unless uploaded; zero for ready
+	// items.
+	ExpiresAt time.Time
+	// Remote is true for media cached from another server.
+	Remote bool
+}
+
+// Blob metadata recorded for each stored blob.
+type BlobRecord struct {
+	// SHA256 is the blob's address.
+	SHA256 string
+	// Size is the content length in bytes.
+	Size int64
+	// PrefixSHA256 is the hash of the first PrefixSize bytes.
+	PrefixSHA256 string
+	// Datastore names the blob store holding the bytes.
+	Datastore string
+	// CreatedAt is when the blob was first stored.
+	CreatedAt time.Time
+}
+
+// MetadataStore keeps media and blob metadata. Implementations are safe for
+// concurrent use and keep their schema up to date themselves (migrations run
+// when the store is opened).
+type MetadataStore interface {
+	// RecordBlob records a blob; recording an already known hash is a no-op.
+	RecordBlob(ctx context.Context, b BlobRecord) error
+	// GetBlob returns the record of a blob, or ErrNotFound.
+	GetBlob(ctx context.Context, sha256 string) (BlobRecord, error)
+	// FindBlobByPrefix returns a blob of the given size whose prefix hash
+	// matches, or ErrNotFound. It is a hint for dedup, not a proof of equality.
+	FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 string) (BlobRecord, error)
+	// CountBlobReferences returns how many media rows reference the blob.
+	CountBlobReferences(ctx context.Context, sha256 string) (int64, error)
+
+	// InsertMedia stores a ready media item. An existing (ServerName, MediaID)
+	// gives ErrConflict.
+	InsertMedia(ctx context.Context, m Media) error
+	// GetMedia returns a media item in any state, or ErrNotFound.
+	GetMedia(ctx context.Context, serverName, mediaID string) (Media, error)
+	// CreatePending reserves a media ID for m.UserID with m.ExpiresAt. It fails
+	// with ErrLimitExceeded when that user already holds maxPending pending,
+	// unexpired IDs on that server (maxPending <= 0: no limit), and with
+	// ErrConflict when the ID exists.
+	CreatePending(ctx context.Context, m Media, maxPending int) error
+	// OldestPendingExpiry returns the earliest ExpiresAt among the user's
+	// unexpired pending items, or ErrNotFound when there are none.
+	OldestPendingExpiry(ctx context.Context, serverName, userID string, now time.Time) (time.Time, error)
+	// CompletePending gives a pending item its content: SHA256, Size,
+	// ContentType, Filename and UploadedAt are taken from m. It succeeds only
+	// if the item is pending, belongs to m.UserID and has not expired at
+	// m.UploadedAt; otherwise ErrNotFound (missing or expired) or ErrConflict
+	// (already ready, or another user's).
+	CompletePending(ctx context.Context, m Media) error
+	// DeleteExpiredPending removes pending items that expired before now and
+	// returns how many were removed.
+	DeleteExpiredPending(ctx context.Context, now time.Time) (int64, error)
+
+	// Close releases the store's resources.
+	Close() error
+}
