@@ -3,15 +3,36 @@
 // top of the shared storage. It depends only on net/http, storage and the
 // matrix protocol packages, so it runs under Caddy, under plain net/http and
 // in tests alike.
+//
+// Endpoints served:
+//
+//	POST /_matrix/media/{v3,r0,v1}/upload                     upload
+//	POST /_matrix/media/v1/create                             create (async upload)
+//	POST /_matrix/media/unstable/fi.mau.msc2246/create
+//	PUT  /_matrix/media/{v3,r0}/upload/{serverName}/{mediaId} async upload content
+//	PUT  /_matrix/media/unstable/fi.mau.msc2246/upload/{serverName}/{mediaId}
+//	GET  /_matrix/media/{v3,r0,v1}/download/{serverName}/{mediaId}[/{fileName}]   (no auth)
+//	GET  /_matrix/client/v1/media/download/{serverName}/{mediaId}[/{fileName}]     (auth, guests ok)
+//	GET  /_matrix/media/{v3,r0,v1}/config, /_matrix/client/v1/media/config
+//
+// (HEAD is accepted wherever GET is; the MSC3916 unstable client prefix is an
+// alias of /_matrix/client/v1/media.) Thumbnails, URL previews and the
+// federation media endpoints are not implemented yet and answer
+// 404 M_UNRECOGNIZED, like any unknown media path.
 package mediaapi
 
 import (
+	"context"
+	"errors"
+	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
@@ -24,6 +45,21 @@ const (
 	DefaultDownloadTimeout          = 20 * time.Second
 	DefaultMaxDownloadTimeout       = 60 * time.Second
 )
+
+// Defaults used when a RepositoryOptions field is zero.
+const (
+	// DefaultDatastore names the blob store in blob records.
+	DefaultDatastore = "default"
+	// DefaultMediaCacheSize is how many ready media rows are cached.
+	DefaultMediaCacheSize = 65536
+	// DefaultPendingCleanupInterval is how often RunPendingExpiry deletes
+	// expired pending media.
+	DefaultPendingCleanupInterval = 5 * time.Minute
+)
+
+// pendingPollInterval is how often a download waiting for a pending upload
+// re-reads the store, to notice an upload completed by another instance.
+const pendingPollInterval = 500 * time.Millisecond
 
 // SiteConfig is the configuration of one site: one Matrix server name.
 type SiteConfig struct {
@@ -55,7 +91,19 @@ type Repository struct {
 	meta    storage.MetadataStore
 	metrics *Metrics
 	logger  *zap.Logger
-	// further unexported fields: media cache, pending waiters
+
+	datastore       string
+	cleanupInterval time.Duration
+	// cache holds ready media rows; nil when disabled.
+	cache *mediaCache
+	// waits wakes downloads waiting for a pending upload and serializes PUTs
+	// of one media ID.
+	waits waitRegistry
+	// now is the clock; tests replace it.
+	now func() time.Time
+	// pollInterval is how often waiting downloads re-read the store;
+	// pendingPollInterval except in tests.
+	pollInterval time.Duration
 }
 
 // RepositoryOptions configures NewRepository.
@@ -63,12 +111,100 @@ type RepositoryOptions struct {
 	// Datastore names the blob store in blob records. Default "default".
 	Datastore string
 	// MediaCacheSize is how many ready media rows are kept in memory so that
-	// downloads need no database round trip. Default 65536.
+	// downloads need no database round trip. Default 65536; negative disables
+	// the cache.
 	MediaCacheSize int
 	// Logger receives structured logs. Default: a no-op logger.
 	Logger *zap.Logger
 	// Metrics receives counters; default: a fresh NewMetrics().
 	Metrics *Metrics
+	// PendingCleanupInterval is how often RunPendingExpiry deletes expired
+	// pending media. Default 5 minutes.
+	PendingCleanupInterval time.Duration
+}
+
+// NewRepository builds the shared repository on the given stores.
+func NewRepository(blobs storage.BlobStore, meta storage.MetadataStore, opts RepositoryOptions) (*Repository, error) {
+	if blobs == nil || meta == nil {
+		return nil, errors.New("building repository: both a blob store and a metadata store are required")
+	}
+	if opts.PendingCleanupInterval < 0 {
+		return nil, fmt.Errorf("building repository: negative pending cleanup interval %s", opts.PendingCleanupInterval)
+	}
+	r := &Repository{
+		blobs:           blobs,
+		meta:            meta,
+		metrics:         opts.Metrics,
+		logger:          opts.Logger,
+		datastore:       opts.Datastore,
+		cleanupInterval: opts.PendingCleanupInterval,
+		now:             time.Now,
+		pollInterval:    pendingPollInterval,
+	}
+	if r.metrics == nil {
+		r.metrics = NewMetrics()
+	}
+	if r.logger == nil {
+		r.logger = zap.NewNop()
+	}
+	if r.datastore == "" {
+		r.datastore = DefaultDatastore
+	}
+	if r.cleanupInterval == 0 {
+		r.cleanupInterval = DefaultPendingCleanupInterval
+	}
+	size := opts.MediaCacheSize
+	if size == 0 {
+		size = DefaultMediaCacheSize
+	}
+	if size > 0 {
+		r.cache = newMediaCache(size)
+	}
+	r.waits.init()
+	return r, nil
+}
+
+// Metrics returns the repository's metrics.
+func (r *Repository) Metrics() *Metrics { return r.metrics }
+
+// Forget drops a media item from the in-memory cache, so that the next
+// download reads the store again. Call it after deleting or changing a media
+// row behind the repository's back (quarantine, admin deletion).
+func (r *Repository) Forget(serverName, mediaID string) {
+	if r.cache != nil {
+		r.cache.remove(mediaKey{serverName, mediaID})
+	}
+}
+
+// RunPendingExpiry deletes expired pending media (reserved by /create and
+// never uploaded) once right away and then every PendingCleanupInterval, until
+// ctx is done. It blocks; run it in its own goroutine for as long as the
+// repository lives, e.g. from the Caddy layer's shared-resource constructor
+// with a context cancelled in the matching destructor:
+//
+//	ctx, stop := context.WithCancel(context.Background())
+//	go repo.RunPendingExpiry(ctx)
+//	// ... on teardown: stop(), wait for the goroutine, then close the stores.
+//
+// Downloads waiting on a deleted item notice it on their next store check and
+// answer 404 M_NOT_FOUND.
+func (r *Repository) RunPendingExpiry(ctx context.Context) {
+	t := time.NewTicker(r.cleanupInterval)
+	defer t.Stop()
+	for {
+		n, err := r.meta.DeleteExpiredPending(ctx, r.now())
+		switch {
+		case err != nil && ctx.Err() == nil:
+			r.logger.Error("deleting expired pending media", zap.Error(err))
+		case n > 0:
+			r.logger.Info("deleted expired pending media", zap.Int64("count", n))
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
 }
 
 // Site serves the media API of one server name. It implements http.Handler;
@@ -77,39 +213,202 @@ type Site struct {
 	cfg  SiteConfig
 	repo *Repository
 	auth auth.Authenticator
+
+	// Precomputed per-site values.
+	configBody   []byte
+	mxcPrefix    string
+	downloadWait time.Duration
+	maxPending   int
 }
 
 // NewSite builds a site on a shared repository, validating and defaulting cfg.
 // authn checks access tokens (whoami against the site's homeserver).
 func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site, error) {
-	panic("skeleton: replaced by the real implementation")
+	if repo == nil {
+		return nil, errors.New("building site: no repository")
+	}
+	if authn == nil {
+		return nil, errors.New("building site: no authenticator")
+	}
+	if !matrix.ValidServerName(cfg.ServerName) {
+		return nil, fmt.Errorf("building site: invalid server name %q", cfg.ServerName)
+	}
+	switch {
+	case cfg.MaxUploadSize < 0:
+		return nil, fmt.Errorf("building site: negative max upload size %d", cfg.MaxUploadSize)
+	case cfg.PendingExpiry < 0:
+		return nil, fmt.Errorf("building site: negative pending expiry %s", cfg.PendingExpiry)
+	case cfg.MaxDownloadTimeout < 0:
+		return nil, fmt.Errorf("building site: negative max download timeout %s", cfg.MaxDownloadTimeout)
+	}
+	if cfg.MaxUploadSize == 0 {
+		cfg.MaxUploadSize = DefaultMaxUploadSize
+	}
+	if cfg.MaxPendingUploads == 0 {
+		cfg.MaxPendingUploads = DefaultMaxPendingUploads
+	}
+	if cfg.PendingExpiry == 0 {
+		cfg.PendingExpiry = DefaultPendingExpiry
+	}
+	if cfg.MaxDownloadTimeout == 0 {
+		cfg.MaxDownloadTimeout = DefaultMaxDownloadTimeout
+	}
+	s := &Site{
+		cfg:          cfg,
+		repo:         repo,
+		auth:         authn,
+		configBody:   []byte(`{"m.upload.size":` + strconv.FormatInt(cfg.MaxUploadSize, 10) + `}`),
+		mxcPrefix:    "mxc://" + cfg.ServerName + "/",
+		downloadWait: min(DefaultDownloadTimeout, cfg.MaxDownloadTimeout),
+		maxPending:   max(cfg.MaxPendingUploads, 0),
+	}
+	return s, nil
+}
+
+// Config returns the site's configuration with defaults applied.
+func (s *Site) Config() SiteConfig { return s.cfg }
+
+// IsMediaPath reports whether the path (as in r.URL.Path) belongs to the media
+// API: /_matrix/media/, /_matrix/client/v1/media/, the MSC3916 unstable client
+// prefix and /_matrix/federation/v1/media/ (plus its MSC3916 unstable
+// prefix). Everything else goes to the next handler (the operator's
+// reverse_proxy).
+func IsMediaPath(path string) bool {
+	for _, p := range mediaPrefixes {
+		if len(path) >= len(p) && path[:len(p)] == p {
+			return true
+		}
+	}
+	return false
+}
+
+var mediaPrefixes = [...]string{
+	prefixLegacy,
+	prefixClientV1,
+	prefixClientUnstable,
+	prefixFederationV1,
+	prefixFederationUnstable,
 }
 
 // ServeHTTP serves one media request and always writes a response: Matrix JSON
 // errors for anything that fails.
 func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	panic("skeleton: replaced by the real implementation")
+	start := time.Now()
+	h := w.Header()
+	setCORS(h)
+
+	if r.Method == http.MethodOptions {
+		// CORS preflight: no auth, no endpoint logic.
+		w.WriteHeader(http.StatusNoContent)
+		s.repo.metrics.observe(epOptions, http.StatusNoContent, start)
+		return
+	}
+
+	rt := parseRoute(r.URL.EscapedPath())
+	var status int
+	switch {
+	case rt.ep == epUnknown:
+		status = writeErr(w, matrix.Unrecognized("Unrecognized request"))
+	case !rt.allows(r.Method):
+		h["Allow"] = allowHeaders[rt.ep]
+		status = writeErr(w, matrix.MethodNotAllowed("Method "+r.Method+" not allowed on this endpoint"))
+	default:
+		switch rt.ep {
+		case epUpload:
+			status = s.serveUpload(w, r)
+		case epCreate:
+			status = s.serveCreate(w, r)
+		case epUploadPut:
+			status = s.servePut(w, r, &rt)
+		case epDownload:
+			status = s.serveDownload(w, r, &rt)
+		case epConfig:
+			status = s.serveConfig(w, r)
+		}
+	}
+	s.repo.metrics.observe(rt.ep, status, start)
+	if ce := s.repo.logger.Check(zapcore.DebugLevel, "media request"); ce != nil {
+		ce.Write(
+			zap.String("method", r.Method),
+			zap.String("endpoint", endpointNames[rt.ep]),
+			zap.Int("status", status),
+			zap.Duration("duration", time.Since(start)),
+		)
+	}
 }
 
-// IsMediaPath reports whether the path (as in r.URL.Path) belongs to the media
-// API: /_matrix/media/, /_matrix/client/v1/media/, the MSC3916 unstable client
-// prefix and /_matrix/federation/v1/media/. Everything else goes to the next
-// handler (the operator's reverse_proxy).
-func IsMediaPath(path string) bool {
-	panic("skeleton: replaced by the real implementation")
+// writeErr writes a Matrix error and returns its status, for metrics.
+func writeErr(w http.ResponseWriter, e *matrix.Error) int {
+	matrix.WriteError(w, e)
+	return e.Status
 }
 
-// NewRepository builds the shared repository on the given stores.
-func NewRepository(blobs storage.BlobStore, meta storage.MetadataStore, opts RepositoryOptions) (*Repository, error) {
-	panic("skeleton: replaced by the real implementation")
+// writeJSON writes a 200 JSON body.
+func writeJSON(w http.ResponseWriter, body []byte) int {
+	h := w.Header()
+	h["Content-Type"] = hdrJSON
+	h["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(body)
+	return http.StatusOK
 }
 
-// Metrics holds the Prometheus collectors of the media API. One Metrics lives
-// as long as the shared repository, so counters survive config reloads.
-type Metrics struct{}
+// internalError logs err and answers 500 M_UNKNOWN without exposing it.
+func (s *Site) internalError(w http.ResponseWriter, msg string, err error) int {
+	s.repo.logger.Error(msg, zap.String("server_name", s.cfg.ServerName), zap.Error(err))
+	return writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Internal server error"))
+}
 
-// NewMetrics creates the collectors (caddy_matrix_media_*), unregistered.
-func NewMetrics() *Metrics { return &Metrics{} }
+// authenticate checks the request's access token. On failure it writes the
+// error response and returns its status; on success the status is 0. Guests
+// are refused with 403 M_GUEST_ACCESS_FORBIDDEN unless guestOK.
+func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool) (auth.User, int) {
+	token := accessToken(r)
+	if token == "" {
+		return auth.User{}, writeErr(w, matrix.MissingToken("Missing access token"))
+	}
+	user, err := s.auth.Authenticate(r.Context(), token)
+	if err != nil {
+		switch {
+		case errors.Is(err, auth.ErrUnknownToken):
+			return auth.User{}, writeErr(w, matrix.UnknownToken("Unrecognised access token"))
+		case errors.Is(err, auth.ErrHomeserverTimeout):
+			s.repo.logger.Warn("homeserver timed out checking an access token", zap.Error(err))
+			return auth.User{}, writeErr(w, matrix.Unknown(http.StatusGatewayTimeout, "Timed out checking the access token with the homeserver"))
+		default:
+			if r.Context().Err() == nil {
+				s.repo.logger.Warn("homeserver failed checking an access token", zap.Error(err))
+			}
+			return auth.User{}, writeErr(w, matrix.Unknown(http.StatusBadGateway, "Could not check the access token with the homeserver"))
+		}
+	}
+	if user.IsGuest && !guestOK {
+		return auth.User{}, writeErr(w, matrix.GuestAccessForbidden("Guest access is not allowed on this endpoint"))
+	}
+	return user, 0
+}
 
-// Collectors returns every collector, for registration with a registry.
-func (m *Metrics) Collectors() []prometheus.Collector { return nil }
+// accessToken returns the request's access token: the Authorization Bearer
+// header, else the access_token query parameter (still sent by SyTest).
+func accessToken(r *http.Request) string {
+	if vs := r.Header["Authorization"]; len(vs) > 0 {
+		v := vs[0]
+		const scheme = "Bearer "
+		if len(v) > len(scheme) && equalFoldASCII(v[:len(scheme)], scheme) {
+			return trimSpaceASCII(v[len(scheme):])
+		}
+	}
+	tok, _, ok := queryParam(r.URL.RawQuery, "access_token")
+	if !ok {
+		return ""
+	}
+	return tok
+}
+
+// serveConfig answers GET config with {"m.upload.size": MaxUploadSize}.
+func (s *Site) serveConfig(w http.ResponseWriter, r *http.Request) int {
+	if _, st := s.authenticate(w, r, false); st != 0 {
+		return st
+	}
+	return writeJSON(w, s.configBody)
+}

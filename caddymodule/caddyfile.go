@@ -1,0 +1,284 @@
+package caddymodule
+
+import (
+	"math"
+	"strconv"
+	"time"
+
+	"github.com/dustin/go-humanize"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterGlobalOption("matrix_media", parseGlobalOption)
+	httpcaddyfile.RegisterHandlerDirective("matrix_media", parseHandlerDirective)
+	httpcaddyfile.RegisterDirectiveOrder("matrix_media", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// parseGlobalOption parses the matrix_media global option into the
+// matrix_media app:
+//
+//	matrix_media {
+//		database sqlite [<path>]
+//		database postgres <dsn>
+//		storage_path <path>
+//		media_cache_size <entries>
+//		max_upload_size <size>
+//	}
+func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
+	if existing != nil {
+		return nil, d.Err("the matrix_media global option may appear only once")
+	}
+	app := new(App)
+	if err := app.UnmarshalCaddyfile(d); err != nil {
+		return nil, err
+	}
+	return httpcaddyfile.App{Name: "matrix_media", Value: caddyconfig.JSON(app, nil)}, nil
+}
+
+// UnmarshalCaddyfile sets up the app from the matrix_media global option (see
+// parseGlobalOption for the syntax).
+func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the option name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("matrix_media: %s specified more than once", sub)
+		}
+		switch sub {
+		case "database":
+			db, err := parseDatabase(d)
+			if err != nil {
+				return err
+			}
+			a.Database = db
+		case "storage_path":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			a.StoragePath = v
+		case "media_cache_size":
+			n, err := positiveInt(d)
+			if err != nil {
+				return err
+			}
+			a.MediaCacheSize = n
+		case "max_upload_size":
+			n, err := byteSize(d)
+			if err != nil {
+				return err
+			}
+			a.MaxUploadSize = n
+		default:
+			return d.Errf("matrix_media: unrecognized global option subdirective '%s'", sub)
+		}
+		seen[sub] = true
+	}
+	return nil
+}
+
+// parseDatabase parses "database sqlite [<path>]" or "database postgres <dsn>".
+func parseDatabase(d *caddyfile.Dispenser) (*Database, error) {
+	args := d.RemainingArgs()
+	if len(args) == 0 {
+		return nil, d.ArgErr()
+	}
+	db := &Database{Driver: args[0]}
+	switch args[0] {
+	case DriverSQLite:
+		if len(args) > 2 {
+			return nil, d.ArgErr()
+		}
+	case DriverPostgres:
+		if len(args) != 2 {
+			return nil, d.Err("matrix_media: database postgres needs exactly one connection string")
+		}
+	default:
+		return nil, d.Errf("matrix_media: unknown database driver '%s' (want %s or %s)", args[0], DriverSQLite, DriverPostgres)
+	}
+	if len(args) == 2 {
+		db.DSN = args[1]
+	}
+	return db, nil
+}
+
+// parseHandlerDirective parses the matrix_media directive into a handler.
+func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	m := new(Handler)
+	if err := m.UnmarshalCaddyfile(h.Dispenser); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens:
+//
+//	matrix_media {
+//		server_name <name>
+//		homeserver <url>
+//		homeserver_timeout <duration>
+//		max_upload_size <size>
+//		max_pending_uploads <n>|unlimited
+//		pending_expiry <duration>
+//		max_download_timeout <duration>
+//		freeze_legacy [<since RFC 3339>]
+//	}
+//
+// server_name and homeserver are required.
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume the directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if seen[sub] {
+			return d.Errf("matrix_media: %s specified more than once", sub)
+		}
+		var err error
+		switch sub {
+		case "server_name":
+			h.ServerName, err = singleArg(d)
+		case "homeserver":
+			h.Homeserver, err = singleArg(d)
+		case "homeserver_timeout":
+			h.HomeserverTimeout, err = positiveDuration(d)
+		case "max_upload_size":
+			h.MaxUploadSize, err = byteSize(d)
+		case "max_pending_uploads":
+			h.MaxPendingUploads, err = pendingLimit(d)
+		case "pending_expiry":
+			h.PendingExpiry, err = positiveDuration(d)
+		case "max_download_timeout":
+			h.MaxDownloadTimeout, err = positiveDuration(d)
+		case "freeze_legacy":
+			err = h.parseFreeze(d)
+		default:
+			return d.Errf("matrix_media: unrecognized subdirective '%s'", sub)
+		}
+		if err != nil {
+			return err
+		}
+		seen[sub] = true
+	}
+	if h.ServerName == "" {
+		return d.Err("matrix_media: server_name is required")
+	}
+	if h.Homeserver == "" {
+		return d.Err("matrix_media: homeserver is required")
+	}
+	return nil
+}
+
+// parseFreeze parses "freeze_legacy [<since>]".
+func (h *Handler) parseFreeze(d *caddyfile.Dispenser) error {
+	h.FreezeLegacy = true
+	if !d.NextArg() {
+		return nil
+	}
+	since, err := time.Parse(time.RFC3339, d.Val())
+	if err != nil {
+		return d.Errf("matrix_media: freeze_legacy: the cut-off must be an RFC 3339 time such as 2024-09-01T00:00:00Z: %v", err)
+	}
+	h.FreezeSince = since
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	return nil
+}
+
+// singleArg returns the one argument of the current line.
+func singleArg(d *caddyfile.Dispenser) (string, error) {
+	if !d.NextArg() {
+		return "", d.ArgErr()
+	}
+	v := d.Val()
+	if d.NextArg() {
+		return "", d.ArgErr()
+	}
+	return v, nil
+}
+
+// positiveInt parses the one argument of the current line as an integer > 0.
+func positiveInt(d *caddyfile.Dispenser) (int, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, d.Errf("matrix_media: %s must be a positive integer, got '%s'", name, v)
+	}
+	return n, nil
+}
+
+// pendingLimit parses max_pending_uploads: a positive integer, or "unlimited"
+// (stored as -1).
+func pendingLimit(d *caddyfile.Dispenser) (int, error) {
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	if v == "unlimited" {
+		return -1, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, d.Errf("matrix_media: max_pending_uploads must be a positive integer or 'unlimited', got '%s'", v)
+	}
+	return n, nil
+}
+
+// byteSize parses the one argument of the current line as a size such as
+// 50MiB, 10MB or 1048576 (bytes).
+func byteSize(d *caddyfile.Dispenser) (int64, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := humanize.ParseBytes(v)
+	if err != nil {
+		return 0, d.Errf("matrix_media: parsing %s: %v", name, err)
+	}
+	if n == 0 || n > math.MaxInt64 {
+		return 0, d.Errf("matrix_media: %s must be between 1 byte and 8 EiB, got '%s'", name, v)
+	}
+	return int64(n), nil
+}
+
+// positiveDuration parses the one argument of the current line as a duration
+// greater than zero (Caddy syntax: 90s, 1h30m, 2d).
+func positiveDuration(d *caddyfile.Dispenser) (caddy.Duration, error) {
+	name := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	dur, err := caddy.ParseDuration(v)
+	if err != nil {
+		return 0, d.Errf("matrix_media: parsing %s: %v", name, err)
+	}
+	if dur <= 0 {
+		return 0, d.Errf("matrix_media: %s must be positive, got '%s'", name, v)
+	}
+	return caddy.Duration(dur), nil
+}
+
+// Interface guards.
+var (
+	_ caddyfile.Unmarshaler = (*App)(nil)
+	_ caddyfile.Unmarshaler = (*Handler)(nil)
+)

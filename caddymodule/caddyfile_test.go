@@ -1,0 +1,295 @@
+package caddymodule
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+)
+
+func TestHandlerUnmarshalCaddyfile(t *testing.T) {
+	since := time.Date(2024, 9, 1, 0, 0, 0, 0, time.UTC)
+	for i, tc := range []struct {
+		input   string
+		want    Handler
+		wantErr string // substring; empty means success
+	}{
+		{
+			input: `matrix_media {
+				server_name example.org
+				homeserver http://127.0.0.1:8008
+			}`,
+			want: Handler{ServerName: "example.org", Homeserver: "http://127.0.0.1:8008"},
+		},
+		{
+			input: `matrix_media {
+				server_name example.org:8448
+				homeserver {env.HS_URL}
+				homeserver_timeout 3s
+				max_upload_size 50MiB
+				max_pending_uploads 10
+				pending_expiry 2h
+				max_download_timeout 1m30s
+				freeze_legacy 2024-09-01T00:00:00Z
+			}`,
+			want: Handler{
+				ServerName:         "example.org:8448",
+				Homeserver:         "{env.HS_URL}",
+				HomeserverTimeout:  caddy.Duration(3 * time.Second),
+				MaxUploadSize:      50 << 20,
+				MaxPendingUploads:  10,
+				PendingExpiry:      caddy.Duration(2 * time.Hour),
+				MaxDownloadTimeout: caddy.Duration(90 * time.Second),
+				FreezeLegacy:       true,
+				FreezeSince:        since,
+			},
+		},
+		{
+			input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_upload_size 10MB
+				max_pending_uploads unlimited
+				pending_expiry 1d
+				freeze_legacy
+			}`,
+			want: Handler{
+				ServerName:        "a.test",
+				Homeserver:        "http://hs",
+				MaxUploadSize:     10_000_000,
+				MaxPendingUploads: -1,
+				PendingExpiry:     caddy.Duration(24 * time.Hour),
+				FreezeLegacy:      true,
+			},
+		},
+		{input: `matrix_media`, wantErr: "server_name is required"},
+		{input: `matrix_media {
+				server_name a.test
+			}`, wantErr: "homeserver is required"},
+		{input: `matrix_media {
+				homeserver http://hs
+			}`, wantErr: "server_name is required"},
+		{input: `matrix_media a.test {
+				homeserver http://hs
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a.test
+				server_name b.test
+				homeserver http://hs
+			}`, wantErr: "server_name specified more than once"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				homeserver http://other
+			}`, wantErr: "homeserver specified more than once"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				thumbnails on
+			}`, wantErr: "unrecognized subdirective 'thumbnails'"},
+		{input: `matrix_media {
+				server_name
+				homeserver http://hs
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a.test b.test
+				homeserver http://hs
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_upload_size lots
+			}`, wantErr: "parsing max_upload_size"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_upload_size 0
+			}`, wantErr: "max_upload_size must be between"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_upload_size 10MiB 20MiB
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_pending_uploads 0
+			}`, wantErr: "max_pending_uploads must be a positive integer or 'unlimited'"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_pending_uploads many
+			}`, wantErr: "max_pending_uploads must be a positive integer or 'unlimited'"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				pending_expiry soon
+			}`, wantErr: "parsing pending_expiry"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				pending_expiry -1h
+			}`, wantErr: "pending_expiry must be positive"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				max_download_timeout 0s
+			}`, wantErr: "max_download_timeout must be positive"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				homeserver_timeout forever
+			}`, wantErr: "parsing homeserver_timeout"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				freeze_legacy yesterday
+			}`, wantErr: "freeze_legacy: the cut-off must be an RFC 3339 time"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				freeze_legacy 2024-09-01T00:00:00Z extra
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a.test
+				homeserver http://hs
+				freeze_legacy
+				freeze_legacy
+			}`, wantErr: "freeze_legacy specified more than once"},
+	} {
+		var got Handler
+		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+		if tc.wantErr != "" {
+			if err == nil {
+				t.Errorf("Test %d: expected error containing %q, got none (parsed %+v)", i, tc.wantErr, got)
+			} else if !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("Test %d: expected error containing %q, got %q", i, tc.wantErr, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("Test %d: unexpected error: %v", i, err)
+			continue
+		}
+		if !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("Test %d: parsed\n%+v\nwant\n%+v", i, got, tc.want)
+		}
+	}
+}
+
+func TestAppUnmarshalCaddyfile(t *testing.T) {
+	for i, tc := range []struct {
+		input   string
+		want    App
+		wantErr string
+	}{
+		{input: `matrix_media`, want: App{}},
+		{input: `matrix_media {
+			}`, want: App{}},
+		{
+			input: `matrix_media {
+				database sqlite /var/lib/media/media.db
+				storage_path /var/lib/media/blobs
+				media_cache_size 1000
+				max_upload_size 1GiB
+			}`,
+			want: App{
+				Database:       &Database{Driver: "sqlite", DSN: "/var/lib/media/media.db"},
+				StoragePath:    "/var/lib/media/blobs",
+				MediaCacheSize: 1000,
+				MaxUploadSize:  1 << 30,
+			},
+		},
+		{
+			input: `matrix_media {
+				database sqlite
+			}`,
+			want: App{Database: &Database{Driver: "sqlite"}},
+		},
+		{
+			input: `matrix_media {
+				database postgres "postgres://media:{env.PGPASS}@127.0.0.1/media?sslmode=disable"
+			}`,
+			want: App{Database: &Database{Driver: "postgres", DSN: "postgres://media:{env.PGPASS}@127.0.0.1/media?sslmode=disable"}},
+		},
+		{input: `matrix_media extra`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				database
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				database postgres
+			}`, wantErr: "database postgres needs exactly one connection string"},
+		{input: `matrix_media {
+				database postgres a b
+			}`, wantErr: "database postgres needs exactly one connection string"},
+		{input: `matrix_media {
+				database sqlite a b
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				database mysql dsn
+			}`, wantErr: "unknown database driver 'mysql'"},
+		{input: `matrix_media {
+				database sqlite a
+				database sqlite b
+			}`, wantErr: "database specified more than once"},
+		{input: `matrix_media {
+				storage_path
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				storage_path /a
+				storage_path /b
+			}`, wantErr: "storage_path specified more than once"},
+		{input: `matrix_media {
+				media_cache_size -5
+			}`, wantErr: "media_cache_size must be a positive integer"},
+		{input: `matrix_media {
+				media_cache_size lots
+			}`, wantErr: "media_cache_size must be a positive integer"},
+		{input: `matrix_media {
+				max_upload_size huge
+			}`, wantErr: "parsing max_upload_size"},
+		{input: `matrix_media {
+				cache on
+			}`, wantErr: "unrecognized global option subdirective 'cache'"},
+	} {
+		var got App
+		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
+		if tc.wantErr != "" {
+			if err == nil {
+				t.Errorf("Test %d: expected error containing %q, got none (parsed %+v)", i, tc.wantErr, got)
+			} else if !strings.Contains(err.Error(), tc.wantErr) {
+				t.Errorf("Test %d: expected error containing %q, got %q", i, tc.wantErr, err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("Test %d: unexpected error: %v", i, err)
+			continue
+		}
+		if !reflect.DeepEqual(got, tc.want) {
+			t.Errorf("Test %d: parsed\n%+v\nwant\n%+v", i, got, tc.want)
+		}
+	}
+}
+
+func TestGlobalOptionOnlyOnce(t *testing.T) {
+	d := caddyfile.NewTestDispenser(`matrix_media`)
+	if _, err := parseGlobalOption(d, httpcaddyfile.App{Name: "matrix_media"}); err == nil ||
+		!strings.Contains(err.Error(), "may appear only once") {
+		t.Fatalf("second matrix_media global option: got error %v, want 'may appear only once'", err)
+	}
+	got, err := parseGlobalOption(caddyfile.NewTestDispenser(`matrix_media {
+		storage_path /srv/media
+	}`), nil)
+	if err != nil {
+		t.Fatalf("parsing global option: %v", err)
+	}
+	app, ok := got.(httpcaddyfile.App)
+	if !ok || app.Name != "matrix_media" || string(app.Value) != `{"storage_path":"/srv/media"}` {
+		t.Fatalf("global option value = %#v, want httpcaddyfile.App matrix_media with storage_path", got)
+	}
+}

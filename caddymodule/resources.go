@@ -1,0 +1,186 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+// resourcePool holds the stores and repositories of every loaded config, keyed
+// by storeSettings.key. A reload provisions the new config before it cleans up
+// the old one, so a key used by both keeps its value (open database, media
+// cache, pending-upload waiters, metric values) across the reload.
+var resourcePool = caddy.NewUsagePool()
+
+// storeSettings are the resolved (placeholder-free, absolute) settings that
+// decide which stores a config uses.
+type storeSettings struct {
+	// driver is "sqlite" or "postgres".
+	driver string
+	// dsn is the SQLite file path or the PostgreSQL connection string. It may
+	// hold a password: it is never logged nor put in an error.
+	dsn string
+	// storagePath is the root directory of the file blob store.
+	storagePath string
+	// mediaCacheSize is the number of media rows cached in memory.
+	mediaCacheSize int
+}
+
+// key identifies the pooled resources. The media cache size is part of it
+// because it is fixed when the repository is built: changing it and reloading
+// builds a new repository rather than silently keeping the old size.
+func (s storeSettings) key() string {
+	return s.driver + "\x00" + s.dsn + "\x00" + s.storagePath + "\x00" + strconv.Itoa(s.mediaCacheSize)
+}
+
+// resources are the objects shared by every site of every config that uses the
+// same storeSettings: both stores, the repository built on them, its metrics,
+// and the background expiry loop. They are reference counted by resourcePool.
+//
+// Requests in flight are counted, so that when the last config using the
+// resources is cleaned up (which Caddy does while the old servers still finish
+// their requests) the stores are closed only once those requests are done.
+type resources struct {
+	blobs   *filestore.Store
+	meta    *sqlstore.Store
+	repo    *mediaapi.Repository
+	metrics *mediaapi.Metrics
+	logger  *zap.Logger
+
+	// stopExpiry stops the expiry loop; expiryDone is closed when it returned.
+	stopExpiry context.CancelFunc
+	expiryDone chan struct{}
+
+	// inFlight counts requests using the resources; closing is set by
+	// Destruct. Both are atomics so that the request path takes no lock.
+	inFlight atomic.Int64
+	closing  atomic.Bool
+	// closeOnce closes the stores once; closed is closed after that, and
+	// closeErr is then valid.
+	closeOnce sync.Once
+	closed    chan struct{}
+	closeErr  error
+}
+
+// openResources opens the stores described by s and builds the repository.
+// ctx bounds only the opening (connecting, migrating); the returned resources
+// live until Destruct.
+func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*resources, error) {
+	blobs, err := filestore.New(s.storagePath)
+	if err != nil {
+		return nil, fmt.Errorf("opening blob store: %w", err)
+	}
+	meta, err := sqlstore.Open(ctx, s.driver, s.dsn)
+	if err != nil {
+		_ = blobs.Close()
+		// The store's errors name the driver, never the DSN.
+		return nil, fmt.Errorf("opening %s metadata database: %w", s.driver, err)
+	}
+	metrics := mediaapi.NewMetrics()
+	repo, err := mediaapi.NewRepository(blobs, meta, mediaapi.RepositoryOptions{
+		MediaCacheSize: s.mediaCacheSize,
+		Logger:         logger,
+		Metrics:        metrics,
+	})
+	if err != nil {
+		_ = meta.Close()
+		_ = blobs.Close()
+		return nil, fmt.Errorf("building media repository: %w", err)
+	}
+	loopCtx, stop := context.WithCancel(context.Background())
+	res := &resources{
+		blobs:      blobs,
+		meta:       meta,
+		repo:       repo,
+		metrics:    metrics,
+		logger:     logger,
+		stopExpiry: stop,
+		expiryDone: make(chan struct{}),
+		closed:     make(chan struct{}),
+	}
+	go func() {
+		defer close(res.expiryDone)
+		repo.RunPendingExpiry(loopCtx)
+	}()
+	return res, nil
+}
+
+// acquire registers a request that is about to use the resources. It returns
+// false when the resources are closing; the caller must then not use them.
+// Every successful acquire must be paired with one release.
+//
+// Destruct sets closing before it reads inFlight, and acquire increments
+// inFlight before it reads closing, so either Destruct sees the request (and
+// leaves the closing to its release) or the request sees closing (and backs
+// out): stores are never closed under a request.
+func (r *resources) acquire() bool {
+	r.inFlight.Add(1)
+	if r.closing.Load() {
+		r.release()
+		return false
+	}
+	return true
+}
+
+// release ends a request registered with acquire; the last one out after
+// Destruct closes the stores.
+func (r *resources) release() {
+	if r.inFlight.Add(-1) == 0 && r.closing.Load() {
+		go r.closeStores()
+	}
+}
+
+// Destruct implements caddy.Destructor. It is called by resourcePool when the
+// last config using the resources is cleaned up. It stops the expiry loop at
+// once and closes the stores as soon as no request uses them any more, which
+// may be after Destruct has returned.
+func (r *resources) Destruct() error {
+	r.stopExpiry()
+	<-r.expiryDone
+	r.closing.Store(true)
+	if r.inFlight.Load() == 0 {
+		r.closeStores()
+		return r.closeErr
+	}
+	r.logger.Info("matrix_media stores will close once in-flight requests finish")
+	return nil
+}
+
+// closeStores closes both stores; only the first call does anything, and
+// every call returns once they are closed.
+func (r *resources) closeStores() {
+	r.closeOnce.Do(func() {
+		err := errors.Join(r.meta.Close(), r.blobs.Close())
+		if err != nil {
+			err = fmt.Errorf("closing matrix_media stores: %w", err)
+			r.logger.Error("closing stores", zap.Error(err))
+		}
+		r.closeErr = err
+		close(r.closed)
+	})
+}
+
+// absPath makes p absolute, so that two spellings of one directory share one
+// pool entry.
+func absPath(p string) (string, error) {
+	abs, err := filepath.Abs(p)
+	if err != nil {
+		return "", fmt.Errorf("resolving path: %w", err)
+	}
+	return abs, nil
+}
+
+// Interface guard.
+var _ caddy.Destructor = (*resources)(nil)

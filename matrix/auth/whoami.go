@@ -1,0 +1,142 @@
+package auth
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// whoamiPath is the client-server endpoint that names a token's owner.
+const whoamiPath = "/_matrix/client/v3/account/whoami"
+
+// maxWhoamiBody bounds how much of a homeserver answer is read. A whoami
+// response is a few hundred bytes.
+const maxWhoamiBody = 64 << 10
+
+// DefaultWhoamiTimeout bounds one whoami round trip when NewWhoami is given a
+// nil client.
+const DefaultWhoamiTimeout = 10 * time.Second
+
+// Whoami authenticates access tokens by asking the homeserver
+// (GET /_matrix/client/v3/account/whoami). It does not cache: every call is a
+// round trip.
+type Whoami struct {
+	url    string
+	client *http.Client
+}
+
+// NewWhoami returns an Authenticator for the homeserver at homeserverURL
+// (scheme and host, optionally a path prefix, e.g. "http://127.0.0.1:8008").
+// client performs the requests; nil means a client with a
+// DefaultWhoamiTimeout timeout.
+func NewWhoami(homeserverURL string, client *http.Client) (*Whoami, error) {
+	u, err := url.Parse(homeserverURL)
+	if err != nil {
+		return nil, fmt.Errorf("parsing homeserver url: %w", err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("parsing homeserver url: scheme must be http or https, got %q", u.Scheme)
+	}
+	if u.Host == "" {
+		return nil, errors.New("parsing homeserver url: no host")
+	}
+	if u.RawQuery != "" || u.Fragment != "" {
+		return nil, errors.New("parsing homeserver url: must not have a query or fragment")
+	}
+	if client == nil {
+		client = &http.Client{Timeout: DefaultWhoamiTimeout}
+	}
+	base := strings.TrimRight(u.String(), "/")
+	return &Whoami{url: base + whoamiPath, client: client}, nil
+}
+
+// whoamiResponse is the body of a successful whoami.
+type whoamiResponse struct {
+	UserID   string `json:"user_id"`
+	DeviceID string `json:"device_id"`
+	IsGuest  bool   `json:"is_guest"`
+}
+
+// matrixErrorBody is the standard Matrix error body.
+type matrixErrorBody struct {
+	ErrCode string `json:"errcode"`
+}
+
+// Authenticate implements Authenticator. The token never appears in returned
+// errors.
+func (w *Whoami) Authenticate(ctx context.Context, token string) (User, error) {
+	if token == "" || !validTokenChars(token) {
+		return User{}, fmt.Errorf("checking access token: malformed token: %w", ErrUnknownToken)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.url, nil)
+	if err != nil {
+		return User{}, fmt.Errorf("building whoami request: %w: %w", ErrHomeserverUnavailable, err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", "application/json")
+	resp, err := w.client.Do(req)
+	if err != nil {
+		return User{}, classifyTransportError(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoamiBody+1))
+	if err != nil {
+		return User{}, classifyTransportError(err)
+	}
+	if len(body) > maxWhoamiBody {
+		return User{}, fmt.Errorf("reading whoami response: body over %d bytes: %w", maxWhoamiBody, ErrHomeserverUnavailable)
+	}
+	switch {
+	case resp.StatusCode == http.StatusOK:
+		var wr whoamiResponse
+		if err := json.Unmarshal(body, &wr); err != nil {
+			return User{}, fmt.Errorf("decoding whoami response: %w: %w", ErrHomeserverUnavailable, err)
+		}
+		if wr.UserID == "" || !strings.HasPrefix(wr.UserID, "@") {
+			return User{}, fmt.Errorf("decoding whoami response: missing or invalid user_id: %w", ErrHomeserverUnavailable)
+		}
+		return User{UserID: wr.UserID, DeviceID: wr.DeviceID, IsGuest: wr.IsGuest}, nil
+	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
+		var eb matrixErrorBody
+		if err := json.Unmarshal(body, &eb); err == nil {
+			switch eb.ErrCode {
+			case "M_UNKNOWN_TOKEN", "M_MISSING_TOKEN":
+				return User{}, fmt.Errorf("checking access token: homeserver answered %d %s: %w", resp.StatusCode, eb.ErrCode, ErrUnknownToken)
+			}
+		}
+		return User{}, fmt.Errorf("checking access token: homeserver answered %d without a token error: %w", resp.StatusCode, ErrHomeserverUnavailable)
+	default:
+		return User{}, fmt.Errorf("checking access token: homeserver answered %d: %w", resp.StatusCode, ErrHomeserverUnavailable)
+	}
+}
+
+// classifyTransportError maps a failed round trip to ErrHomeserverTimeout or
+// ErrHomeserverUnavailable.
+func classifyTransportError(err error) error {
+	var ne net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+		return fmt.Errorf("calling whoami: %w: %w", ErrHomeserverTimeout, err)
+	}
+	return fmt.Errorf("calling whoami: %w: %w", ErrHomeserverUnavailable, err)
+}
+
+// validTokenChars reports whether a token can be sent in a header at all:
+// visible ASCII only.
+func validTokenChars(t string) bool {
+	for i := 0; i < len(t); i++ {
+		if t[i] <= ' ' || t[i] >= 0x7f {
+			return false
+		}
+	}
+	return true
+}
+
+// Interface guard.
+var _ Authenticator = (*Whoami)(nil)

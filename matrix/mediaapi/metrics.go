@@ -1,0 +1,108 @@
+package mediaapi
+
+import (
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics holds the Prometheus collectors of the media API. One Metrics lives
+// as long as the shared repository, so counters survive config reloads.
+//
+// Collectors:
+//
+//	caddy_matrix_media_requests_total{endpoint,code}         counter
+//	caddy_matrix_media_request_duration_seconds{endpoint}    histogram
+//	caddy_matrix_media_upload_bytes_total                    counter
+//	caddy_matrix_media_download_bytes_total                  counter
+//	caddy_matrix_media_dedup_hits_total                      counter
+//	caddy_matrix_media_pending_uploads_waiting               gauge
+//
+// endpoint is one of unknown, upload, create, upload_put, download, config,
+// options; code is the HTTP status (499 when the client went away before an
+// answer), so label cardinality is bounded.
+type Metrics struct {
+	requests      *prometheus.CounterVec
+	duration      *prometheus.HistogramVec
+	uploadBytes   prometheus.Counter
+	downloadBytes prometheus.Counter
+	dedupHits     prometheus.Counter
+	waiting       prometheus.Gauge
+
+	// durationBy and counters resolve label values once, so that observing a
+	// request allocates nothing.
+	durationBy [numEndpoints]prometheus.Observer
+	counters   [numEndpoints][maxStatus]atomic.Pointer[counterBox]
+}
+
+// maxStatus bounds the status codes that get a cached counter.
+const maxStatus = 600
+
+type counterBox struct{ c prometheus.Counter }
+
+// statusClientGone is recorded when the client disconnected before being
+// answered (nginx's convention).
+const statusClientGone = 499
+
+// NewMetrics creates the collectors (caddy_matrix_media_*), unregistered.
+func NewMetrics() *Metrics {
+	m := &Metrics{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "requests_total",
+			Help: "Media API requests by endpoint and HTTP status code.",
+		}, []string{"endpoint", "code"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "request_duration_seconds",
+			Help:    "Time to serve media API requests, by endpoint.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}, []string{"endpoint"}),
+		uploadBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "upload_bytes_total",
+			Help: "Bytes of media content received in successful uploads.",
+		}),
+		downloadBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "download_bytes_total",
+			Help: "Bytes of media content sent in download bodies.",
+		}),
+		dedupHits: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "dedup_hits_total",
+			Help: "Uploads whose content was already stored (no new blob written).",
+		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "pending_uploads_waiting",
+			Help: "Downloads currently waiting for an asynchronous upload to complete.",
+		}),
+	}
+	for ep := endpoint(0); ep < numEndpoints; ep++ {
+		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
+	}
+	return m
+}
+
+// Collectors returns every collector, for registration with a registry.
+func (m *Metrics) Collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting}
+}
+
+// observe records one finished request.
+func (m *Metrics) observe(ep endpoint, status int, start time.Time) {
+	m.durationBy[ep].Observe(time.Since(start).Seconds())
+	m.counter(ep, status).Inc()
+}
+
+// counter returns the request counter of (ep, status).
+func (m *Metrics) counter(ep endpoint, status int) prometheus.Counter {
+	if status < 0 || status >= maxStatus {
+		return m.requests.WithLabelValues(endpointNames[ep], strconv.Itoa(status))
+	}
+	slot := &m.counters[ep][status]
+	if b := slot.Load(); b != nil {
+		return b.c
+	}
+	b := &counterBox{c: m.requests.WithLabelValues(endpointNames[ep], strconv.Itoa(status))}
+	// Losing a race stores an equivalent box for the same child.
+	slot.Store(b)
+	return b.c
+}

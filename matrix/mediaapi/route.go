@@ -1,0 +1,287 @@
+package mediaapi
+
+import (
+	"net/http"
+	"net/url"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+)
+
+// Path prefixes of the media API.
+const (
+	prefixLegacy             = "/_matrix/media/"
+	prefixClientV1           = "/_matrix/client/v1/media/"
+	prefixClientUnstable     = "/_matrix/client/unstable/org.matrix.msc3916/media/"
+	prefixFederationV1       = "/_matrix/federation/v1/media/"
+	prefixFederationUnstable = "/_matrix/federation/unstable/org.matrix.msc3916.v2/media/"
+)
+
+// endpoint identifies what a request is for. It is also the "endpoint" label
+// of the metrics, so the set is fixed.
+type endpoint uint8
+
+const (
+	epUnknown endpoint = iota
+	epUpload
+	epCreate
+	epUploadPut
+	epDownload
+	epConfig
+	epOptions
+	numEndpoints
+)
+
+// endpointNames are the metric label values of the endpoints.
+var endpointNames = [numEndpoints]string{
+	epUnknown:   "unknown",
+	epUpload:    "upload",
+	epCreate:    "create",
+	epUploadPut: "upload_put",
+	epDownload:  "download",
+	epConfig:    "config",
+	epOptions:   "options",
+}
+
+// allowHeaders are the Allow header values of 405 responses, per endpoint.
+var allowHeaders = [numEndpoints][]string{
+	epUpload:    hdr("POST, OPTIONS"),
+	epCreate:    hdr("POST, OPTIONS"),
+	epUploadPut: hdr("PUT, OPTIONS"),
+	epDownload:  hdr("GET, HEAD, OPTIONS"),
+	epConfig:    hdr("GET, HEAD, OPTIONS"),
+}
+
+// route is a parsed request path. Parameters are kept escaped, as they
+// appeared in the path: they are decoded (and rejected if malformed) only
+// after authentication, so that an unauthenticated request to a known
+// endpoint gets 401 whatever its parameters.
+type route struct {
+	ep endpoint
+	// legacy is true under /_matrix/media/ (unauthenticated downloads,
+	// public caching), false under /_matrix/client/.../media/.
+	legacy bool
+	// rawServer, rawMediaID and rawFileName are the escaped path parameters.
+	rawServer, rawMediaID, rawFileName string
+	// hasFileName is true when the download path has a fileName segment.
+	hasFileName bool
+}
+
+// allows reports whether method may be used on the route's endpoint.
+func (rt *route) allows(method string) bool {
+	switch rt.ep {
+	case epUpload, epCreate:
+		return method == http.MethodPost
+	case epUploadPut:
+		return method == http.MethodPut
+	case epDownload, epConfig:
+		return method == http.MethodGet || method == http.MethodHead
+	}
+	return false
+}
+
+// maxSegments is one more than the longest route (download/{s}/{id}/{file}
+// after the version), so that longer paths are seen as unknown.
+const maxSegments = 5
+
+// splitSegments splits p on '/' into at most maxSegments segments without
+// allocating; n > maxSegments means there were more.
+func splitSegments(p string, segs *[maxSegments]string) (n int) {
+	for {
+		i := strings.IndexByte(p, '/')
+		if n == maxSegments {
+			return n + 1
+		}
+		if i < 0 {
+			segs[n] = p
+			return n + 1
+		}
+		segs[n] = p[:i]
+		n++
+		p = p[i+1:]
+	}
+}
+
+// parseRoute identifies the endpoint of an escaped request path. Literal
+// segments are matched exactly (an escaped literal is not recognized);
+// parameter segments are kept raw.
+func parseRoute(p string) route {
+	var rt route
+	var rest string
+	var segs [maxSegments]string
+	switch {
+	case strings.HasPrefix(p, prefixLegacy):
+		rt.legacy = true
+		rest = p[len(prefixLegacy):]
+		i := strings.IndexByte(rest, '/')
+		if i < 0 {
+			return route{}
+		}
+		version := rest[:i]
+		rest = rest[i+1:]
+		switch version {
+		case "v3", "r0", "v1":
+		case "unstable":
+			const msc2246 = "fi.mau.msc2246/"
+			if !strings.HasPrefix(rest, msc2246) {
+				return route{}
+			}
+			n := splitSegments(rest[len(msc2246):], &segs)
+			switch {
+			case n == 1 && segs[0] == "create":
+				rt.ep = epCreate
+			case n == 3 && segs[0] == "upload":
+				rt.ep = epUploadPut
+				rt.rawServer, rt.rawMediaID = segs[1], segs[2]
+			default:
+				return route{}
+			}
+			return rt
+		default:
+			return route{}
+		}
+		n := splitSegments(rest, &segs)
+		switch {
+		case n == 1 && segs[0] == "upload":
+			rt.ep = epUpload
+		case n == 3 && segs[0] == "upload" && version != "v1":
+			rt.ep = epUploadPut
+			rt.rawServer, rt.rawMediaID = segs[1], segs[2]
+		case n == 1 && segs[0] == "create" && version == "v1":
+			rt.ep = epCreate
+		case n == 1 && segs[0] == "config":
+			rt.ep = epConfig
+		case (n == 3 || n == 4) && segs[0] == "download":
+			rt.setDownload(segs[:n])
+		default:
+			return route{}
+		}
+		return rt
+	case strings.HasPrefix(p, prefixClientV1):
+		rest = p[len(prefixClientV1):]
+	case strings.HasPrefix(p, prefixClientUnstable):
+		rest = p[len(prefixClientUnstable):]
+	default:
+		// Federation media and anything else: not implemented here.
+		return route{}
+	}
+	n := splitSegments(rest, &segs)
+	switch {
+	case n == 1 && segs[0] == "config":
+		rt.ep = epConfig
+	case (n == 3 || n == 4) && segs[0] == "download":
+		rt.setDownload(segs[:n])
+	default:
+		return route{}
+	}
+	return rt
+}
+
+func (rt *route) setDownload(segs []string) {
+	rt.ep = epDownload
+	rt.rawServer, rt.rawMediaID = segs[1], segs[2]
+	if len(segs) == 4 {
+		rt.rawFileName = segs[3]
+		rt.hasFileName = true
+	}
+}
+
+// unescapeSegment decodes one escaped path segment. It fails on invalid
+// escapes, on a decoded '/' or NUL, and on the dot segments "." and "..".
+func unescapeSegment(raw string) (string, bool) {
+	v := raw
+	if strings.IndexByte(raw, '%') >= 0 {
+		var err error
+		v, err = url.PathUnescape(raw)
+		if err != nil {
+			return "", false
+		}
+	}
+	if v == "." || v == ".." || strings.IndexByte(v, '/') >= 0 || strings.IndexByte(v, 0) >= 0 {
+		return "", false
+	}
+	return v, true
+}
+
+// maxFileNameLength bounds file names in bytes.
+const maxFileNameLength = 255
+
+// validFileName reports whether name can be stored and echoed as a file name:
+// valid UTF-8, at most 255 bytes, no control characters.
+func validFileName(name string) bool {
+	if len(name) > maxFileNameLength || !utf8.ValidString(name) {
+		return false
+	}
+	for _, c := range name {
+		if unicode.IsControl(c) {
+			return false
+		}
+	}
+	return true
+}
+
+// queryParam returns the first value of key in the raw query string, decoded.
+// found reports whether the key is present; ok is false when the value is
+// malformed (bad escape). It does not allocate unless the value is escaped.
+func queryParam(rawQuery, key string) (val string, found, ok bool) {
+	q := rawQuery
+	for q != "" {
+		var pair string
+		if i := strings.IndexByte(q, '&'); i >= 0 {
+			pair, q = q[:i], q[i+1:]
+		} else {
+			pair, q = q, ""
+		}
+		k, v, _ := strings.Cut(pair, "=")
+		if strings.ContainsAny(k, "%+") {
+			dk, err := url.QueryUnescape(k)
+			if err != nil {
+				continue
+			}
+			k = dk
+		}
+		if k != key {
+			continue
+		}
+		if strings.ContainsAny(v, "%+") {
+			dv, err := url.QueryUnescape(v)
+			if err != nil {
+				return "", true, false
+			}
+			v = dv
+		}
+		return v, true, true
+	}
+	return "", false, true
+}
+
+// equalFoldASCII compares ASCII strings case-insensitively.
+func equalFoldASCII(a, b string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := 0; i < len(a); i++ {
+		ca, cb := a[i], b[i]
+		if 'A' <= ca && ca <= 'Z' {
+			ca += 'a' - 'A'
+		}
+		if 'A' <= cb && cb <= 'Z' {
+			cb += 'a' - 'A'
+		}
+		if ca != cb {
+			return false
+		}
+	}
+	return true
+}
+
+// trimSpaceASCII trims spaces and tabs.
+func trimSpaceASCII(s string) string {
+	for len(s) > 0 && (s[0] == ' ' || s[0] == '\t') {
+		s = s[1:]
+	}
+	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == '\t') {
+		s = s[:len(s)-1]
+	}
+	return s
+}

@@ -1,0 +1,288 @@
+package mediaapi
+
+import (
+	"errors"
+	"io"
+	"net/http"
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+)
+
+// maxContentTypeLength bounds stored Content-Type values.
+const maxContentTypeLength = 255
+
+// idAttempts is how many fresh media IDs are tried when one collides (which
+// with 143 random bits only a broken random source would cause).
+const idAttempts = 3
+
+// uploadMeta is the validated metadata of an upload request.
+type uploadMeta struct {
+	contentType string
+	filename    string
+}
+
+// parseUploadMeta validates the Content-Type header and the filename query
+// parameter. The Content-Type is kept exactly as sent (default
+// application/octet-stream); it must be at most 255 visible-ASCII characters
+// (spaces and tabs allowed). The file name must be valid UTF-8 without
+// control characters, at most 255 bytes.
+func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
+	var um uploadMeta
+	um.contentType = "application/octet-stream"
+	if vs := r.Header["Content-Type"]; len(vs) > 0 && vs[0] != "" {
+		ct := vs[0]
+		if len(ct) > maxContentTypeLength {
+			return um, matrix.InvalidParam("Content-Type is longer than 255 characters")
+		}
+		for i := 0; i < len(ct); i++ {
+			c := ct[i]
+			if (c < 0x20 && c != '\t') || c >= 0x7f {
+				return um, matrix.InvalidParam("Content-Type contains invalid characters")
+			}
+		}
+		um.contentType = ct
+	}
+	name, found, ok := queryParam(r.URL.RawQuery, "filename")
+	if found && (!ok || !validFileName(name)) {
+		return um, matrix.InvalidParam("filename must be valid UTF-8 of at most 255 bytes without control characters")
+	}
+	um.filename = name
+	return um, nil
+}
+
+// bodyReader remembers a read error of the request body, so that a failed
+// store can be told apart from a client that went away mid-upload.
+type bodyReader struct {
+	r   io.Reader
+	err error
+}
+
+func (b *bodyReader) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
+	if err != nil && err != io.EOF {
+		b.err = err
+	}
+	return n, err
+}
+
+// ingest streams the request body into the blob store (deduplicating) and
+// records the blob. On failure it writes the error response and returns its
+// status.
+func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult, int) {
+	expected := r.ContentLength
+	if expected < 0 {
+		expected = -1
+	}
+	body := &bodyReader{r: r.Body}
+	if r.Body == nil {
+		body.r = http.NoBody
+	}
+	res, err := storage.Ingest(r.Context(), s.repo.blobs, s.repo.meta, s.repo.datastore, body, storage.PutOptions{
+		MaxSize:      s.cfg.MaxUploadSize,
+		ExpectedSize: expected,
+	})
+	switch {
+	case err == nil:
+		s.repo.metrics.uploadBytes.Add(float64(res.Size))
+		if res.Existed {
+			s.repo.metrics.dedupHits.Inc()
+		}
+		return res, 0
+	case errors.Is(err, storage.ErrTooLarge):
+		return res, writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
+	case errors.Is(err, storage.ErrSizeMismatch):
+		return res, writeErr(w, matrix.Unknown(http.StatusBadRequest, "Request body length differs from Content-Length"))
+	case body.err != nil || r.Context().Err() != nil:
+		st := writeErr(w, matrix.Unknown(http.StatusBadRequest, "Failed to read the request body"))
+		if r.Context().Err() != nil {
+			// Nobody will read the answer; count it as abandoned.
+			st = statusClientGone
+		}
+		return res, st
+	default:
+		return res, s.internalError(w, "storing upload", err)
+	}
+}
+
+// serveUpload handles POST /_matrix/media/v3/upload.
+func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
+	user, st := s.authenticate(w, r, false)
+	if st != 0 {
+		return st
+	}
+	if r.ContentLength > s.cfg.MaxUploadSize {
+		return writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
+	}
+	um, merr := parseUploadMeta(r)
+	if merr != nil {
+		return writeErr(w, merr)
+	}
+	res, st := s.ingest(w, r)
+	if st != 0 {
+		return st
+	}
+	now := s.repo.now()
+	m := storage.Media{
+		ServerName:  s.cfg.ServerName,
+		State:       storage.StateReady,
+		UserID:      user.UserID,
+		SHA256:      res.SHA256,
+		Size:        res.Size,
+		ContentType: um.contentType,
+		Filename:    um.filename,
+		CreatedAt:   now,
+		UploadedAt:  now,
+	}
+	var err error
+	for range idAttempts {
+		m.MediaID = matrix.NewMediaID()
+		err = s.repo.meta.InsertMedia(r.Context(), m)
+		if !errors.Is(err, storage.ErrConflict) {
+			break
+		}
+	}
+	if err != nil {
+		return s.internalError(w, "recording upload", err)
+	}
+	if s.repo.cache != nil {
+		// The store keeps milliseconds: cache what a later read would return.
+		m.CreatedAt = m.CreatedAt.Truncate(time.Millisecond)
+		m.UploadedAt = m.UploadedAt.Truncate(time.Millisecond)
+		s.repo.cache.put(mediaKey{m.ServerName, m.MediaID}, newMediaEntry(m))
+	}
+	s.logUpload(user, m, res.Existed)
+	return writeJSON(w, []byte(`{"content_uri":"`+s.mxcPrefix+m.MediaID+`"}`))
+}
+
+func (s *Site) logUpload(user auth.User, m storage.Media, existed bool) {
+	if ce := s.repo.logger.Check(zap.InfoLevel, "media uploaded"); ce != nil {
+		ce.Write(
+			zap.String("server_name", m.ServerName),
+			zap.String("media_id", m.MediaID),
+			zap.String("user_id", user.UserID),
+			zap.Int64("size", m.Size),
+			zap.Bool("dedup", existed),
+		)
+	}
+}
+
+// serveCreate handles POST /_matrix/media/v1/create. The body (normally {})
+// is ignored.
+func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
+	user, st := s.authenticate(w, r, false)
+	if st != 0 {
+		return st
+	}
+	now := s.repo.now()
+	m := storage.Media{
+		ServerName: s.cfg.ServerName,
+		State:      storage.StatePending,
+		UserID:     user.UserID,
+		CreatedAt:  now,
+		ExpiresAt:  now.Add(s.cfg.PendingExpiry),
+	}
+	var err error
+	for range idAttempts {
+		m.MediaID = matrix.NewMediaID()
+		err = s.repo.meta.CreatePending(r.Context(), m, s.maxPending)
+		if !errors.Is(err, storage.ErrConflict) {
+			break
+		}
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, storage.ErrLimitExceeded):
+		retry := time.Second
+		oldest, oerr := s.repo.meta.OldestPendingExpiry(r.Context(), s.cfg.ServerName, user.UserID, now)
+		switch {
+		case oerr == nil:
+			retry = max(oldest.Sub(now), time.Second)
+		case !errors.Is(oerr, storage.ErrNotFound):
+			s.repo.logger.Error("finding oldest pending upload", zap.Error(oerr))
+		}
+		return writeErr(w, matrix.LimitExceeded("Too many pending uploads", retry))
+	default:
+		return s.internalError(w, "creating pending media", err)
+	}
+	body := `{"content_uri":"` + s.mxcPrefix + m.MediaID + `","unused_expires_at":` +
+		strconv.FormatInt(m.ExpiresAt.UnixMilli(), 10) + `}`
+	return writeJSON(w, []byte(body))
+}
+
+// servePut handles PUT /_matrix/media/v3/upload/{serverName}/{mediaId}: the
+// content of a media ID reserved with create. The checks run in Synapse's
+// order so that a second PUT is refused with 409 before its body (possibly
+// empty) is looked at.
+func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
+	user, st := s.authenticate(w, r, false)
+	if st != 0 {
+		return st
+	}
+	server, ok1 := unescapeSegment(rt.rawServer)
+	id, ok2 := unescapeSegment(rt.rawMediaID)
+	switch {
+	case !ok1 || !matrix.ValidServerName(server):
+		return writeErr(w, matrix.InvalidParam("Invalid server name"))
+	case !ok2 || !matrix.ValidMediaID(id):
+		return writeErr(w, matrix.InvalidParam("Invalid media ID"))
+	case server != s.cfg.ServerName:
+		return writeErr(w, matrix.NotFound("Non-local server name specified"))
+	}
+	key := mediaKey{server, id}
+	if !s.repo.waits.tryLockPut(key) {
+		return writeErr(w, matrix.CannotOverwriteMedia("Media ID is already being uploaded to"))
+	}
+	defer s.repo.waits.unlockPut(key)
+
+	m, err := s.repo.meta.GetMedia(r.Context(), server, id)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return writeErr(w, matrix.NotFound("Unknown media ID"))
+	case err != nil:
+		return s.internalError(w, "looking up pending media", err)
+	case m.UserID != user.UserID:
+		return writeErr(w, matrix.Forbidden("You may not upload to this media ID"))
+	case m.State != storage.StatePending:
+		return writeErr(w, matrix.CannotOverwriteMedia("Media ID already has content"))
+	case !s.repo.now().Before(m.ExpiresAt):
+		return writeErr(w, matrix.NotFound("Media ID has expired"))
+	}
+
+	if r.ContentLength > s.cfg.MaxUploadSize {
+		return writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
+	}
+	um, merr := parseUploadMeta(r)
+	if merr != nil {
+		return writeErr(w, merr)
+	}
+	res, st := s.ingest(w, r)
+	if st != 0 {
+		return st
+	}
+	m.SHA256 = res.SHA256
+	m.Size = res.Size
+	m.ContentType = um.contentType
+	m.Filename = um.filename
+	m.UploadedAt = s.repo.now()
+	err = s.repo.meta.CompletePending(r.Context(), m)
+	switch {
+	case err == nil:
+	case errors.Is(err, storage.ErrConflict):
+		return writeErr(w, matrix.CannotOverwriteMedia("Media ID already has content"))
+	case errors.Is(err, storage.ErrNotFound):
+		return writeErr(w, matrix.NotFound("Media ID has expired"))
+	default:
+		return s.internalError(w, "completing pending media", err)
+	}
+	s.repo.waits.notify(key)
+	s.logUpload(user, m, res.Existed)
+	return writeJSON(w, emptyObject)
+}
+
+var emptyObject = []byte(`{}`)

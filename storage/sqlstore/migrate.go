@@ -1,0 +1,204 @@
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"time"
+)
+
+// ErrSchemaTooNew reports that the database was migrated by a newer version of
+// this software than the running one; opening it could corrupt data, so the
+// store refuses.
+var ErrSchemaTooNew = errors.New("database schema is newer than this build supports")
+
+// migration is one step of the schema history. Steps are applied in order of
+// version, each in its own transaction together with its row in
+// schema_migrations. Released migrations are never edited: a change is a new
+// step.
+type migration struct {
+	version  int
+	name     string
+	sqlite   []string
+	postgres []string
+}
+
+// statements returns the migration's statements for d.
+func (m migration) statements(d dialect) []string {
+	if d == dialectPostgres {
+		return m.postgres
+	}
+	return m.sqlite
+}
+
+// migrations is the whole schema history, ordered by version.
+//
+// Design notes for version 1:
+//   - Times are Unix milliseconds (UTC) in 64-bit integers; NULL is the zero
+//     time.Time.
+//   - media.sha256 references blobs(sha256). Pending rows have NULL there,
+//     which a foreign key allows, and many media rows may share one blob, so
+//     the key costs dedup nothing. It guarantees the write order of the
+//     storage contract (blob recorded before any row points at it) and makes
+//     deleting a still-referenced blob record fail instead of leaving dangling
+//     media rows.
+//   - CHECK constraints keep ready rows with a blob and pending rows with an
+//     expiry.
+//   - media_pending_user serves the per-user pending count and
+//     OldestPendingExpiry; media_sha256 serves CountBlobReferences and the
+//     foreign key check on blob deletion; media_pending_expiry (partial)
+//     serves DeleteExpiredPending.
+var migrations = []migration{
+	{
+		version: 1,
+		name:    "blobs and media",
+		sqlite: []string{
+			`CREATE TABLE blobs (
+				sha256        TEXT    NOT NULL PRIMARY KEY,
+				size          INTEGER NOT NULL,
+				prefix_sha256 TEXT    NOT NULL,
+				datastore     TEXT    NOT NULL,
+				created_ts    INTEGER
+			) WITHOUT ROWID, STRICT`,
+			`CREATE INDEX blobs_size_prefix ON blobs (size, prefix_sha256)`,
+			`CREATE TABLE media (
+				server_name  TEXT    NOT NULL,
+				media_id     TEXT    NOT NULL,
+				state        TEXT    NOT NULL CHECK (state IN ('pending', 'ready')),
+				user_id      TEXT    NOT NULL DEFAULT '',
+				sha256       TEXT    REFERENCES blobs (sha256),
+				size         INTEGER NOT NULL DEFAULT 0,
+				content_type TEXT    NOT NULL DEFAULT '',
+				filename     TEXT    NOT NULL DEFAULT '',
+				created_ts   INTEGER,
+				uploaded_ts  INTEGER,
+				expires_ts   INTEGER,
+				remote       INTEGER NOT NULL DEFAULT 0 CHECK (remote IN (0, 1)),
+				PRIMARY KEY (server_name, media_id),
+				CHECK (state = 'pending' OR sha256 IS NOT NULL),
+				CHECK (state = 'ready' OR expires_ts IS NOT NULL)
+			) WITHOUT ROWID, STRICT`,
+			`CREATE INDEX media_pending_user ON media (server_name, user_id, state, expires_ts)`,
+			`CREATE INDEX media_sha256 ON media (sha256)`,
+			`CREATE INDEX media_pending_expiry ON media (expires_ts) WHERE state = 'pending'`,
+		},
+		postgres: []string{
+			`CREATE TABLE blobs (
+				sha256        TEXT   NOT NULL PRIMARY KEY,
+				size          BIGINT NOT NULL,
+				prefix_sha256 TEXT   NOT NULL,
+				datastore     TEXT   NOT NULL,
+				created_ts    BIGINT
+			)`,
+			`CREATE INDEX blobs_size_prefix ON blobs (size, prefix_sha256)`,
+			`CREATE TABLE media (
+				server_name  TEXT    NOT NULL,
+				media_id     TEXT    NOT NULL,
+				state        TEXT    NOT NULL CHECK (state IN ('pending', 'ready')),
+				user_id      TEXT    NOT NULL DEFAULT '',
+				sha256       TEXT    REFERENCES blobs (sha256),
+				size         BIGINT  NOT NULL DEFAULT 0,
+				content_type TEXT    NOT NULL DEFAULT '',
+				filename     TEXT    NOT NULL DEFAULT '',
+				created_ts   BIGINT,
+				uploaded_ts  BIGINT,
+				expires_ts   BIGINT,
+				remote       BOOLEAN NOT NULL DEFAULT FALSE,
+				PRIMARY KEY (server_name, media_id),
+				CHECK (state = 'pending' OR sha256 IS NOT NULL),
+				CHECK (state = 'ready' OR expires_ts IS NOT NULL)
+			)`,
+			`CREATE INDEX media_pending_user ON media (server_name, user_id, state, expires_ts)`,
+			`CREATE INDEX media_sha256 ON media (sha256)`,
+			`CREATE INDEX media_pending_expiry ON media (expires_ts) WHERE state = 'pending'`,
+		},
+	},
+}
+
+// latestVersion is the newest schema version this build knows.
+func latestVersion() int {
+	return migrations[len(migrations)-1].version
+}
+
+// migrationLockKey is the PostgreSQL advisory lock (single bigint key space)
+// that serializes migrations between concurrent openers. Its value is the
+// ASCII of "mmrmigr".
+const migrationLockKey = 0x6d6d726d69677200
+
+// migrate brings the schema to latestVersion, one transaction per step. Every
+// transaction first takes the dialect's migration lock (an advisory lock on
+// PostgreSQL; on SQLite the store's write transactions are BEGIN IMMEDIATE,
+// which takes the database write lock) and re-reads the current version, so
+// concurrent openers apply each step exactly once.
+func migrate(ctx context.Context, db *sql.DB, d dialect) error {
+	for {
+		done, err := migrateStep(ctx, db, d)
+		if err != nil {
+			return err
+		}
+		if done {
+			return nil
+		}
+	}
+}
+
+// migrateStep applies the first missing migration, or reports done when the
+// schema is current.
+func migrateStep(ctx context.Context, db *sql.DB, d dialect) (done bool, err error) {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return false, fmt.Errorf("beginning migration transaction: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = tx.Rollback()
+		}
+	}()
+	if d == dialectPostgres {
+		if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, int64(migrationLockKey)); err != nil {
+			return false, fmt.Errorf("taking migration lock: %w", err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_migrations (
+		version    INTEGER NOT NULL PRIMARY KEY,
+		applied_at BIGINT  NOT NULL
+	)`); err != nil {
+		return false, fmt.Errorf("creating schema_migrations: %w", err)
+	}
+	var current sql.NullInt64
+	if err := tx.QueryRowContext(ctx, `SELECT MAX(version) FROM schema_migrations`).Scan(&current); err != nil {
+		return false, fmt.Errorf("reading schema version: %w", err)
+	}
+	latest := latestVersion()
+	if int(current.Int64) > latest {
+		return false, fmt.Errorf("checking schema version: database has version %d, this build knows up to %d (upgrade the software): %w",
+			current.Int64, latest, ErrSchemaTooNew)
+	}
+	var next *migration
+	for i := range migrations {
+		if migrations[i].version > int(current.Int64) {
+			next = &migrations[i]
+			break
+		}
+	}
+	if next == nil {
+		if err := tx.Commit(); err != nil {
+			return false, fmt.Errorf("committing schema version check: %w", err)
+		}
+		return true, nil
+	}
+	for i, stmt := range next.statements(d) {
+		if _, err := tx.ExecContext(ctx, stmt); err != nil {
+			return false, fmt.Errorf("applying migration %d (%s), statement %d: %w", next.version, next.name, i+1, err)
+		}
+	}
+	if _, err := tx.ExecContext(ctx, d.rebind(`INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)`),
+		next.version, time.Now().UnixMilli()); err != nil {
+		return false, fmt.Errorf("recording migration %d: %w", next.version, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return false, fmt.Errorf("committing migration %d: %w", next.version, err)
+	}
+	return false, nil
+}

@@ -1,0 +1,519 @@
+// Package sqlstore implements storage.MetadataStore over database/sql for two
+// databases: SQLite (github.com/mattn/go-sqlite3, needs cgo) and PostgreSQL
+// (pgx v5 through its database/sql driver). Queries are written once with '?'
+// placeholders and rebound for PostgreSQL when the store is opened; the schema
+// is migrated automatically on open (see migrate.go).
+//
+// Times are stored as Unix milliseconds (UTC), so they round-trip with
+// millisecond precision; a zero time.Time is stored as NULL and read back as
+// the zero time.
+package sqlstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	// Registers the "pgx" database/sql driver.
+	_ "github.com/jackc/pgx/v5/stdlib"
+	// Registers the "sqlite3" database/sql driver.
+	_ "github.com/mattn/go-sqlite3"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+)
+
+// pendingLockClass is the first key of the two-key PostgreSQL advisory locks
+// that serialize CreatePending per user (the second key is a hash of the
+// server name and user ID). The two-key space never collides with the
+// single-key migration lock.
+const pendingLockClass = 0x6d6d7270 // "mmrp"
+
+// Store is a storage.MetadataStore backed by SQLite or PostgreSQL. It is safe
+// for concurrent use.
+type Store struct {
+	dialect dialect
+	// write runs every statement that changes data. For SQLite it is a pool of
+	// one connection whose transactions are BEGIN IMMEDIATE, so writers of this
+	// process queue in Go instead of contending for the file lock.
+	write *sql.DB
+	// read runs plain queries. For SQLite it is a separate pool of read-only
+	// connections (WAL lets them run alongside the writer); for PostgreSQL it is
+	// the same pool as write.
+	read *sql.DB
+	q    queries
+}
+
+var _ storage.MetadataStore = (*Store)(nil)
+
+// queries holds every statement, already rebound for the store's dialect.
+type queries struct {
+	recordBlob, getBlob, findBlobByPrefix, countBlobRefs string
+
+	insertMedia, getMedia                                string
+	lockUser, countPending, oldestPending                string
+	completePending, completeCheck, deleteExpiredPending string
+}
+
+const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote`
+
+func newQueries(d dialect) queries {
+	q := queries{
+		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES (?, ?, ?, ?, ?)
+			ON CONFLICT (sha256) DO NOTHING`,
+		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
+		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
+		countBlobRefs:    `SELECT COUNT(*) FROM media WHERE sha256 = ?`,
+
+		insertMedia: `INSERT INTO media (` + mediaColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (server_name, media_id) DO NOTHING`,
+		getMedia: `SELECT ` + mediaColumns + ` FROM media WHERE server_name = ? AND media_id = ?`,
+
+		countPending: `SELECT COUNT(*) FROM media
+			WHERE server_name = ? AND user_id = ? AND state = 'pending' AND expires_ts > ?`,
+		oldestPending: `SELECT MIN(expires_ts) FROM media
+			WHERE server_name = ? AND user_id = ? AND state = 'pending' AND expires_ts > ?`,
+		completePending: `UPDATE media
+			SET state = 'ready', sha256 = ?, size = ?, content_type = ?, filename = ?, uploaded_ts = ?, expires_ts = NULL
+			WHERE server_name = ? AND media_id = ? AND state = 'pending' AND user_id = ? AND expires_ts > ?`,
+		completeCheck:        `SELECT state, user_id, expires_ts FROM media WHERE server_name = ? AND media_id = ?`,
+		deleteExpiredPending: `DELETE FROM media WHERE state = 'pending' AND expires_ts <= ?`,
+	}
+	if d == dialectPostgres {
+		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
+	}
+	for _, p := range []*string{
+		&q.recordBlob, &q.getBlob, &q.findBlobByPrefix, &q.countBlobRefs,
+		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
+		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
+	} {
+		*p = d.rebind(*p)
+	}
+	return q
+}
+
+// Open opens a store by driver name: "sqlite" (dsn is a file path, see
+// OpenSQLite) or "postgres" (dsn is a PostgreSQL connection string, see
+// OpenPostgres). Any other driver is an error.
+func Open(ctx context.Context, driver, dsn string) (*Store, error) {
+	switch driver {
+	case "sqlite":
+		return OpenSQLite(ctx, dsn)
+	case "postgres":
+		return OpenPostgres(ctx, dsn)
+	default:
+		return nil, fmt.Errorf("opening metadata store: unknown driver %q (want \"sqlite\" or \"postgres\")", driver)
+	}
+}
+
+// OpenSQLite opens (creating it and its parent directory if needed) the SQLite
+// database at path and migrates its schema. The database runs in WAL mode with
+// synchronous=NORMAL, foreign keys on and a 10 s busy timeout. Writes go
+// through a single connection whose transactions begin IMMEDIATE, so
+// concurrent writers in this process never see SQLITE_BUSY and writers in
+// other processes wait for the lock; reads use a separate pool of read-only
+// connections.
+func OpenSQLite(ctx context.Context, path string) (*Store, error) {
+	if path == "" {
+		return nil, errors.New("opening sqlite database: empty path")
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return nil, fmt.Errorf("opening sqlite database: resolving %q: %w", path, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o750); err != nil {
+		return nil, fmt.Errorf("opening sqlite database: creating directory: %w", err)
+	}
+	common := url.Values{}
+	common.Set("_busy_timeout", "10000")
+	common.Set("_foreign_keys", "1")
+	common.Set("_stmt_cache_size", "32")
+
+	wp := url.Values{}
+	for k, v := range common {
+		wp[k] = v
+	}
+	wp.Set("_journal_mode", "WAL")
+	wp.Set("_synchronous", "NORMAL")
+	wp.Set("_txlock", "immediate")
+	write, err := sql.Open("sqlite3", sqliteDSN(abs, wp))
+	if err != nil {
+		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, err)
+	}
+	write.SetMaxOpenConns(1)
+	write.SetMaxIdleConns(1)
+	write.SetConnMaxLifetime(0)
+	write.SetConnMaxIdleTime(0)
+	if err := write.PingContext(ctx); err != nil {
+		_ = write.Close()
+		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, err)
+	}
+	if err := migrate(ctx, write, dialectSQLite); err != nil {
+		_ = write.Close()
+		return nil, fmt.Errorf("migrating sqlite database %s: %w", abs, err)
+	}
+
+	rp := url.Values{}
+	for k, v := range common {
+		rp[k] = v
+	}
+	rp.Set("_query_only", "1")
+	read, err := sql.Open("sqlite3", sqliteDSN(abs, rp))
+	if err != nil {
+		_ = write.Close()
+		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, err)
+	}
+	readers := max(4, runtime.GOMAXPROCS(0))
+	read.SetMaxOpenConns(readers)
+	read.SetMaxIdleConns(readers)
+	read.SetConnMaxLifetime(0)
+	read.SetConnMaxIdleTime(0)
+	if err := read.PingContext(ctx); err != nil {
+		_ = write.Close()
+		_ = read.Close()
+		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, err)
+	}
+	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite)}, nil
+}
+
+// sqliteDSN builds a file: URI for the absolute path with the given driver
+// parameters; characters such as '?', '#' and '%' in the path are escaped.
+func sqliteDSN(abs string, params url.Values) string {
+	u := url.URL{Scheme: "file", Path: filepath.ToSlash(abs), RawQuery: params.Encode()}
+	return u.String()
+}
+
+// OpenPostgres connects to PostgreSQL with dsn (a URL or key=value connection
+// string as understood by pgx) and migrates the schema. The pool holds at most
+// 32 connections.
+func OpenPostgres(ctx context.Context, dsn string) (*Store, error) {
+	db, err := sql.Open("pgx", dsn)
+	if err != nil {
+		return nil, fmt.Errorf("opening postgres database: %w", err)
+	}
+	db.SetMaxOpenConns(32)
+	db.SetMaxIdleConns(16)
+	db.SetConnMaxIdleTime(5 * time.Minute)
+	if err := db.PingContext(ctx); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("connecting to postgres: %w", err)
+	}
+	if err := migrate(ctx, db, dialectPostgres); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("migrating postgres database: %w", err)
+	}
+	return &Store{dialect: dialectPostgres, write: db, read: db, q: newQueries(dialectPostgres)}, nil
+}
+
+// Close closes the store's connection pools.
+func (s *Store) Close() error {
+	err := s.write.Close()
+	if s.read != s.write {
+		err = errors.Join(err, s.read.Close())
+	}
+	if err != nil {
+		return fmt.Errorf("closing %s metadata store: %w", s.dialect, err)
+	}
+	return nil
+}
+
+// millis converts t to Unix milliseconds, with the zero time as NULL.
+func millis(t time.Time) sql.NullInt64 {
+	if t.IsZero() {
+		return sql.NullInt64{}
+	}
+	return sql.NullInt64{Int64: t.UnixMilli(), Valid: true}
+}
+
+// fromMillis converts Unix milliseconds back to a UTC time, NULL to zero.
+func fromMillis(ms sql.NullInt64) time.Time {
+	if !ms.Valid {
+		return time.Time{}
+	}
+	return time.UnixMilli(ms.Int64).UTC()
+}
+
+// nullString maps "" to NULL.
+func nullString(s string) sql.NullString {
+	return sql.NullString{String: s, Valid: s != ""}
+}
+
+// RecordBlob records a blob; recording an already known hash is a no-op that
+// keeps the first record.
+func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
+	if b.SHA256 == "" {
+		return errors.New("recording blob: empty hash")
+	}
+	if _, err := s.write.ExecContext(ctx, s.q.recordBlob,
+		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt)); err != nil {
+		return fmt.Errorf("recording blob %s: %w", b.SHA256, err)
+	}
+	return nil
+}
+
+// scanBlob reads one blobs row.
+func scanBlob(row *sql.Row) (storage.BlobRecord, error) {
+	var b storage.BlobRecord
+	var created sql.NullInt64
+	if err := row.Scan(&b.SHA256, &b.Size, &b.PrefixSHA256, &b.Datastore, &created); err != nil {
+		return storage.BlobRecord{}, err
+	}
+	b.CreatedAt = fromMillis(created)
+	return b, nil
+}
+
+// GetBlob returns the record of a blob, or an error wrapping
+// storage.ErrNotFound.
+func (s *Store) GetBlob(ctx context.Context, sha256 string) (storage.BlobRecord, error) {
+	b, err := scanBlob(s.read.QueryRowContext(ctx, s.q.getBlob, sha256))
+	if errors.Is(err, sql.ErrNoRows) {
+		return storage.BlobRecord{}, fmt.Errorf("getting blob %s: %w", sha256, storage.ErrNotFound)
+	}
+	if err != nil {
+		return storage.BlobRecord{}, fmt.Errorf("getting blob %s: %w", sha256, err)
+	}
+	return b, nil
+}
+
+// FindBlobByPrefix returns a blob of the given size whose prefix hash matches,
+// or an error wrapping storage.ErrNotFound.
+func (s *Store) FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 string) (storage.BlobRecord, error) {
+	b, err := scanBlob(s.read.QueryRowContext(ctx, s.q.findBlobByPrefix, size, prefixSHA256))
+	if errors.Is(err, sql.ErrNoRows) {
+		return storage.BlobRecord{}, fmt.Errorf("finding blob by prefix %s (size %d): %w", prefixSHA256, size, storage.ErrNotFound)
+	}
+	if err != nil {
+		return storage.BlobRecord{}, fmt.Errorf("finding blob by prefix %s (size %d): %w", prefixSHA256, size, err)
+	}
+	return b, nil
+}
+
+// CountBlobReferences returns how many media rows reference the blob.
+func (s *Store) CountBlobReferences(ctx context.Context, sha256 string) (int64, error) {
+	var n int64
+	if err := s.read.QueryRowContext(ctx, s.q.countBlobRefs, sha256).Scan(&n); err != nil {
+		return 0, fmt.Errorf("counting references to blob %s: %w", sha256, err)
+	}
+	return n, nil
+}
+
+// execer is what *sql.DB and *sql.Tx share for writes.
+type execer interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}
+
+// insertMediaRow inserts m with the given state; an existing key gives
+// storage.ErrConflict. The returned error is not yet prefixed.
+func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, state storage.MediaState) error {
+	res, err := ex.ExecContext(ctx, s.q.insertMedia,
+		m.ServerName, m.MediaID, string(state), m.UserID, nullString(m.SHA256), m.Size,
+		m.ContentType, m.Filename, millis(m.CreatedAt), millis(m.UploadedAt), millis(m.ExpiresAt), m.Remote)
+	switch {
+	case isUniqueViolation(err):
+		return storage.ErrConflict
+	case isForeignKeyViolation(err):
+		return fmt.Errorf("blob %s is not recorded (RecordBlob must come first): %w", m.SHA256, err)
+	case err != nil:
+		return err
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("reading affected rows: %w", err)
+	}
+	if n == 0 {
+		return storage.ErrConflict
+	}
+	return nil
+}
+
+// InsertMedia stores a ready media item (an empty m.State means ready). An
+// existing (ServerName, MediaID) gives an error wrapping storage.ErrConflict.
+// m.SHA256 must name a blob recorded with RecordBlob.
+func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
+	if m.State != "" && m.State != storage.StateReady {
+		return fmt.Errorf("inserting media %s/%s: state %q is not %q (use CreatePending)", m.ServerName, m.MediaID, m.State, storage.StateReady)
+	}
+	if m.SHA256 == "" {
+		return fmt.Errorf("inserting media %s/%s: a ready item needs a blob hash", m.ServerName, m.MediaID)
+	}
+	if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
+		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+	}
+	return nil
+}
+
+// GetMedia returns a media item in any state, or an error wrapping
+// storage.ErrNotFound.
+func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (storage.Media, error) {
+	var (
+		m                          storage.Media
+		state                      string
+		sha                        sql.NullString
+		created, uploaded, expires sql.NullInt64
+	)
+	err := s.read.QueryRowContext(ctx, s.q.getMedia, serverName, mediaID).Scan(
+		&m.ServerName, &m.MediaID, &state, &m.UserID, &sha, &m.Size,
+		&m.ContentType, &m.Filename, &created, &uploaded, &expires, &m.Remote)
+	if errors.Is(err, sql.ErrNoRows) {
+		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, storage.ErrNotFound)
+	}
+	if err != nil {
+		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, err)
+	}
+	m.State = storage.MediaState(state)
+	m.SHA256 = sha.String
+	m.CreatedAt = fromMillis(created)
+	m.UploadedAt = fromMillis(uploaded)
+	m.ExpiresAt = fromMillis(expires)
+	return m, nil
+}
+
+// CreatePending reserves m.MediaID on m.ServerName for m.UserID until
+// m.ExpiresAt (required). Whether the user's other pending items are still
+// unexpired is judged at m.CreatedAt (the current time when zero). It fails
+// with storage.ErrLimitExceeded when the user already holds maxPending such
+// items on that server (maxPending <= 0: no limit) and with
+// storage.ErrConflict when the ID exists. The count and the insert are atomic
+// against concurrent calls for the same user: SQLite serializes the immediate
+// write transactions, PostgreSQL takes a per-user advisory transaction lock.
+func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending int) (err error) {
+	if m.ExpiresAt.IsZero() {
+		return fmt.Errorf("creating pending media %s/%s: no expiry time", m.ServerName, m.MediaID)
+	}
+	now := m.CreatedAt
+	if now.IsZero() {
+		now = time.Now()
+	}
+	m.SHA256, m.Size, m.UploadedAt, m.Remote = "", 0, time.Time{}, false
+
+	tx, err := s.write.BeginTx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("creating pending media %s/%s: beginning transaction: %w", m.ServerName, m.MediaID, err)
+	}
+	defer func() {
+		if err != nil {
+			_ = tx.Rollback()
+		}
+	}()
+	if maxPending > 0 {
+		if s.dialect == dialectPostgres {
+			if _, err := tx.ExecContext(ctx, s.q.lockUser, m.ServerName+"\x1f"+m.UserID); err != nil {
+				return fmt.Errorf("creating pending media %s/%s: locking user: %w", m.ServerName, m.MediaID, err)
+			}
+		}
+		var n int64
+		if err := tx.QueryRowContext(ctx, s.q.countPending, m.ServerName, m.UserID, now.UnixMilli()).Scan(&n); err != nil {
+			return fmt.Errorf("creating pending media %s/%s: counting pending items: %w", m.ServerName, m.MediaID, err)
+		}
+		if n >= int64(maxPending) {
+			return fmt.Errorf("creating pending media %s/%s: user %s holds %d pending items: %w",
+				m.ServerName, m.MediaID, m.UserID, n, storage.ErrLimitExceeded)
+		}
+	}
+	if err := s.insertMediaRow(ctx, tx, m, storage.StatePending); err != nil {
+		return fmt.Errorf("creating pending media %s/%s: %w", m.ServerName, m.MediaID, err)
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("creating pending media %s/%s: committing: %w", m.ServerName, m.MediaID, err)
+	}
+	return nil
+}
+
+// OldestPendingExpiry returns the earliest ExpiresAt among the user's pending
+// items that are unexpired at now, or an error wrapping storage.ErrNotFound.
+func (s *Store) OldestPendingExpiry(ctx context.Context, serverName, userID string, now time.Time) (time.Time, error) {
+	var ms sql.NullInt64
+	if err := s.read.QueryRowContext(ctx, s.q.oldestPending, serverName, userID, now.UnixMilli()).Scan(&ms); err != nil {
+		return time.Time{}, fmt.Errorf("finding oldest pending expiry of %s on %s: %w", userID, serverName, err)
+	}
+	if !ms.Valid {
+		return time.Time{}, fmt.Errorf("finding oldest pending expiry of %s on %s: %w", userID, serverName, storage.ErrNotFound)
+	}
+	return fromMillis(ms), nil
+}
+
+// CompletePending gives a pending item its content (SHA256, Size,
+// ContentType, Filename and UploadedAt from m; UploadedAt defaults to the
+// current time when zero) and clears its expiry. It is one conditional UPDATE
+// that succeeds only if the item is pending, belongs to m.UserID and has not
+// expired at m.UploadedAt. Otherwise a follow-up read picks the error:
+// storage.ErrNotFound when the item is missing or expired,
+// storage.ErrConflict when it is already ready or belongs to another user.
+// m.SHA256 must name a blob recorded with RecordBlob.
+func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
+	if m.SHA256 == "" {
+		return fmt.Errorf("completing pending media %s/%s: no blob hash", m.ServerName, m.MediaID)
+	}
+	uploaded := m.UploadedAt
+	if uploaded.IsZero() {
+		uploaded = time.Now()
+	}
+	at := uploaded.UnixMilli()
+	res, err := s.write.ExecContext(ctx, s.q.completePending,
+		m.SHA256, m.Size, m.ContentType, m.Filename, at,
+		m.ServerName, m.MediaID, m.UserID, at)
+	if isForeignKeyViolation(err) {
+		return fmt.Errorf("completing pending media %s/%s: blob %s is not recorded (RecordBlob must come first): %w",
+			m.ServerName, m.MediaID, m.SHA256, err)
+	}
+	if err != nil {
+		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("completing pending media %s/%s: reading affected rows: %w", m.ServerName, m.MediaID, err)
+	}
+	if n == 1 {
+		return nil
+	}
+
+	// Nothing changed: find out why. Read through the write pool so that the
+	// answer reflects at least the state the UPDATE saw.
+	var (
+		state, owner string
+		expires      sql.NullInt64
+	)
+	err = s.write.QueryRowContext(ctx, s.q.completeCheck, m.ServerName, m.MediaID).Scan(&state, &owner, &expires)
+	if errors.Is(err, sql.ErrNoRows) {
+		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, storage.ErrNotFound)
+	}
+	if err != nil {
+		return fmt.Errorf("completing pending media %s/%s: checking state: %w", m.ServerName, m.MediaID, err)
+	}
+	switch {
+	case state != string(storage.StatePending):
+		return fmt.Errorf("completing pending media %s/%s: already %s: %w", m.ServerName, m.MediaID, state, storage.ErrConflict)
+	case !expires.Valid || expires.Int64 <= at:
+		return fmt.Errorf("completing pending media %s/%s: expired: %w", m.ServerName, m.MediaID, storage.ErrNotFound)
+	case owner != m.UserID:
+		return fmt.Errorf("completing pending media %s/%s: reserved by another user: %w", m.ServerName, m.MediaID, storage.ErrConflict)
+	default:
+		// The row now matches although the UPDATE did not: impossible unless it
+		// was replaced in between, which no method of this store does.
+		return fmt.Errorf("completing pending media %s/%s: row changed concurrently: %w", m.ServerName, m.MediaID, storage.ErrConflict)
+	}
+}
+
+// DeleteExpiredPending removes pending items whose expiry is at or before now
+// and returns how many were removed.
+func (s *Store) DeleteExpiredPending(ctx context.Context, now time.Time) (int64, error) {
+	res, err := s.write.ExecContext(ctx, s.q.deleteExpiredPending, now.UnixMilli())
+	if err != nil {
+		return 0, fmt.Errorf("deleting expired pending media: %w", err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("deleting expired pending media: reading affected rows: %w", err)
+	}
+	return n, nil
+}
+
+// String names the store's dialect, for logs.
+func (s *Store) String() string {
+	return "sqlstore(" + s.dialect.String() + ")"
+}

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# xcaddy.sh: install the tools, build, run and test caddy-matrix-media.
+#
+#   ./xcaddy.sh deps    install what is missing (Debian packages, xcaddy)
+#   ./xcaddy.sh build   deps, then build ./caddy: Caddy with this module
+#   ./xcaddy.sh run     build, then run ./caddy with Caddyfile.example
+#                       (extra arguments are passed to "caddy run")
+#   ./xcaddy.sh test    deps, gofmt check, go vet, then every test with -race
+#
+# The module uses cgo (SQLite, libvips), so every build sets CGO_ENABLED=1:
+# xcaddy builds without cgo unless that variable is exactly 1.
+set -euo pipefail
+
+readonly CADDY_VERSION=v2.11.9
+readonly XCADDY_VERSION=v0.4.5
+readonly MODULE=github.com/caddy-matrix-media/caddy-matrix-media
+# Debian packages: cgo toolchain and libvips headers for the build, PostgreSQL
+# server binaries for throwaway test clusters, redis-server and wrk for
+# integration tests and benchmarks.
+readonly APT_PACKAGES=(libvips-dev pkg-config gcc postgresql redis-server wrk)
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+readonly ROOT
+cd "$ROOT"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'xcaddy.sh: %s\n' "$*" >&2; exit 1; }
+
+require_go() {
+	command -v go >/dev/null 2>&1 || die "go is not installed or not in PATH (Go 1.26 or newer is needed)"
+}
+
+# xcaddy_path prints the xcaddy binary to use, or nothing if none is found.
+xcaddy_path() {
+	local gobin
+	gobin=$(go env GOBIN)
+	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	if [[ -x $gobin/xcaddy ]]; then
+		printf '%s\n' "$gobin/xcaddy"
+	elif command -v xcaddy >/dev/null 2>&1; then
+		command -v xcaddy
+	fi
+}
+
+deps() {
+	require_go
+	local missing=() pkg
+	for pkg in "${APT_PACKAGES[@]}"; do
+		if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+			missing+=("$pkg")
+		fi
+	done
+	if ((${#missing[@]} > 0)); then
+		if [[ $(id -u) -eq 0 ]]; then
+			log "installing Debian packages: ${missing[*]}"
+			apt-get update -qq
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+		else
+			printf 'Missing Debian packages. Install them with:\n\n  sudo apt-get update && sudo apt-get install -y --no-install-recommends %s\n\n' "${missing[*]}" >&2
+			exit 1
+		fi
+	fi
+	local xc
+	xc=$(xcaddy_path)
+	if [[ -z $xc ]] || ! "$xc" version 2>/dev/null | grep -q "^$XCADDY_VERSION\b"; then
+		log "installing xcaddy $XCADDY_VERSION"
+		go install "github.com/caddyserver/xcaddy/cmd/xcaddy@$XCADDY_VERSION"
+	fi
+}
+
+build() {
+	deps
+	local xc
+	xc=$(xcaddy_path)
+	[[ -n $xc ]] || die "xcaddy not found; run ./xcaddy.sh deps first"
+	log "building ./caddy (Caddy $CADDY_VERSION with $MODULE)"
+	# The @v0.0.0 version on the local replacement keeps the Go toolchain from
+	# asking the module proxy about this module's path.
+	CGO_ENABLED=1 "$xc" build "$CADDY_VERSION" \
+		--with "$MODULE@v0.0.0=$ROOT" \
+		--output "$ROOT/caddy"
+}
+
+run() {
+	build
+	log "running ./caddy with Caddyfile.example"
+	exec "$ROOT/caddy" run --config "$ROOT/Caddyfile.example" --adapter caddyfile "$@"
+}
+
+run_tests() {
+	deps
+	log "checking formatting"
+	local unformatted
+	unformatted=$(gofmt -l .)
+	if [[ -n $unformatted ]]; then
+		printf 'These files are not gofmt-formatted:\n%s\n' "$unformatted" >&2
+		exit 1
+	fi
+	log "go vet"
+	CGO_ENABLED=1 go vet ./...
+	# Tests that run Caddy must not touch the real ~/.local/share/caddy or
+	# ~/.config/caddy.
+	TEST_XDG=$(mktemp -d "${TMPDIR:-/tmp}/matrix-media-test.XXXXXX")
+	trap 'rm -rf -- "$TEST_XDG"' EXIT
+	mkdir -p "$TEST_XDG/data" "$TEST_XDG/config"
+	log "go test -race"
+	XDG_DATA_HOME="$TEST_XDG/data" XDG_CONFIG_HOME="$TEST_XDG/config" CGO_ENABLED=1 \
+		go test -race -count=1 -timeout 30m ./...
+}
+
+usage() {
+	sed -n '2,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	exit 2
+}
+
+case "${1:-}" in
+deps) deps ;;
+build) build ;;
+run)
+	shift
+	run "$@"
+	;;
+test) run_tests ;;
+*) usage ;;
+esac
