@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -275,8 +276,7 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 			return status
 		}
 	}
-	// w is used as given, so that its ReadFrom (sendfile) is reachable.
-	n, err := io.CopyN(w, blob.Content, length)
+	n, err := copyBody(w, blob.Content, start+length == size, length)
 	s.repo.metrics.downloadBytes.Add(float64(n))
 	if err != nil {
 		if ce := s.repo.logger.Check(zapcore.DebugLevel, "media download interrupted"); ce != nil {
@@ -415,4 +415,20 @@ func contentRange(start, length, size int64) string {
 	b = append(b, '/')
 	b = strconv.AppendInt(b, size, 10)
 	return string(b)
+}
+
+// copyBody writes length bytes of content, positioned at the start of the
+// range, to w. w is used as given so that its ReadFrom stays reachable: when
+// the range runs to the end of the file and content is an *os.File, the bare
+// file is handed to ReadFrom. Wrappers that add their own io.LimitReader
+// (Caddy's write_idle timeout writer hands 64 KiB LimitReaders down) then
+// still reach the kernel's sendfile, which unwraps exactly one LimitReader
+// around an *os.File; io.CopyN would add a second one and lose sendfile.
+func copyBody(w http.ResponseWriter, content io.Reader, toEOF bool, length int64) (int64, error) {
+	if f, ok := content.(*os.File); ok && toEOF {
+		if rf, ok := w.(io.ReaderFrom); ok {
+			return rf.ReadFrom(f)
+		}
+	}
+	return io.CopyN(w, content, length)
 }
