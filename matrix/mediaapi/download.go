@@ -50,13 +50,9 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 			return st
 		}
 	}
-	server, ok1 := unescapeSegment(rt.rawServer)
-	id, ok2 := unescapeSegment(rt.rawMediaID)
-	switch {
-	case !ok1 || !matrix.ValidServerName(server):
-		return writeErr(w, matrix.InvalidParam("Invalid server name"))
-	case !ok2 || !matrix.ValidMediaID(id):
-		return writeErr(w, matrix.InvalidParam("Invalid media ID"))
+	server, id, merr := rt.mediaRef()
+	if merr != nil {
+		return writeErr(w, merr)
 	}
 	var fileName string
 	if rt.hasFileName && rt.rawFileName != "" {

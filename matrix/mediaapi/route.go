@@ -6,6 +6,8 @@ import (
 	"strings"
 	"unicode"
 	"unicode/utf8"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
 
 // Path prefixes of the media API.
@@ -149,11 +151,7 @@ func parseRoute(p string) route {
 			rt.rawServer, rt.rawMediaID = segs[1], segs[2]
 		case n == 1 && segs[0] == "create" && version == "v1":
 			rt.ep = epCreate
-		case n == 1 && segs[0] == "config":
-			rt.ep = epConfig
-		case (n == 3 || n == 4) && segs[0] == "download":
-			rt.setDownload(segs[:n])
-		default:
+		case n > maxSegments || !rt.setReadEndpoint(segs[:n]):
 			return route{}
 		}
 		return rt
@@ -166,15 +164,25 @@ func parseRoute(p string) route {
 		return route{}
 	}
 	n := splitSegments(rest, &segs)
-	switch {
-	case n == 1 && segs[0] == "config":
-		rt.ep = epConfig
-	case (n == 3 || n == 4) && segs[0] == "download":
-		rt.setDownload(segs[:n])
-	default:
+	if n > maxSegments || !rt.setReadEndpoint(segs[:n]) {
 		return route{}
 	}
 	return rt
+}
+
+// setReadEndpoint recognises the endpoints that the legacy and the
+// authenticated prefixes share: config and download. It reports whether segs
+// named one.
+func (rt *route) setReadEndpoint(segs []string) bool {
+	switch {
+	case len(segs) == 1 && segs[0] == "config":
+		rt.ep = epConfig
+	case (len(segs) == 3 || len(segs) == 4) && segs[0] == "download":
+		rt.setDownload(segs)
+	default:
+		return false
+	}
+	return true
 }
 
 func (rt *route) setDownload(segs []string) {
@@ -284,4 +292,17 @@ func trimSpaceASCII(s string) string {
 		s = s[:len(s)-1]
 	}
 	return s
+}
+
+// mediaRef unescapes and validates the route's server name and media ID.
+func (rt *route) mediaRef() (server, id string, err *matrix.Error) {
+	server, ok := unescapeSegment(rt.rawServer)
+	if !ok || !matrix.ValidServerName(server) {
+		return "", "", matrix.InvalidParam("Invalid server name")
+	}
+	id, ok = unescapeSegment(rt.rawMediaID)
+	if !ok || !matrix.ValidMediaID(id) {
+		return "", "", matrix.InvalidParam("Invalid media ID")
+	}
+	return server, id, nil
 }

@@ -71,6 +71,26 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// receiveUpload checks the announced size and the upload's metadata (content
+// type, file name), then streams the body into the blob store. On failure it
+// writes the error response and returns its status.
+func (s *Site) receiveUpload(w http.ResponseWriter, r *http.Request) (uploadMeta, storage.PutResult, int) {
+	if r.ContentLength > s.cfg.MaxUploadSize {
+		return uploadMeta{}, storage.PutResult{}, writeErr(w, s.tooLarge())
+	}
+	um, merr := parseUploadMeta(r)
+	if merr != nil {
+		return uploadMeta{}, storage.PutResult{}, writeErr(w, merr)
+	}
+	res, st := s.ingest(w, r)
+	return um, res, st
+}
+
+// tooLarge is the error for a body over the site's upload limit.
+func (s *Site) tooLarge() *matrix.Error {
+	return matrix.TooLarge("Upload is larger than the limit of " + strconv.FormatInt(s.cfg.MaxUploadSize, 10) + " bytes")
+}
+
 // ingest streams the request body into the blob store (deduplicating) and
 // records the blob. On failure it writes the error response and returns its
 // status.
@@ -95,7 +115,7 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult
 		}
 		return res, 0
 	case errors.Is(err, storage.ErrTooLarge):
-		return res, writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
+		return res, writeErr(w, s.tooLarge())
 	case errors.Is(err, storage.ErrSizeMismatch):
 		return res, writeErr(w, matrix.Unknown(http.StatusBadRequest, "Request body length differs from Content-Length"))
 	case body.err != nil || r.Context().Err() != nil:
@@ -116,14 +136,7 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
-	if r.ContentLength > s.cfg.MaxUploadSize {
-		return writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
-	}
-	um, merr := parseUploadMeta(r)
-	if merr != nil {
-		return writeErr(w, merr)
-	}
-	res, st := s.ingest(w, r)
+	um, res, st := s.receiveUpload(w, r)
 	if st != 0 {
 		return st
 	}
@@ -224,13 +237,10 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	if st != 0 {
 		return st
 	}
-	server, ok1 := unescapeSegment(rt.rawServer)
-	id, ok2 := unescapeSegment(rt.rawMediaID)
+	server, id, merr := rt.mediaRef()
 	switch {
-	case !ok1 || !matrix.ValidServerName(server):
-		return writeErr(w, matrix.InvalidParam("Invalid server name"))
-	case !ok2 || !matrix.ValidMediaID(id):
-		return writeErr(w, matrix.InvalidParam("Invalid media ID"))
+	case merr != nil:
+		return writeErr(w, merr)
 	case server != s.cfg.ServerName:
 		return writeErr(w, matrix.NotFound("Non-local server name specified"))
 	}
@@ -254,14 +264,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 		return writeErr(w, matrix.NotFound("Media ID has expired"))
 	}
 
-	if r.ContentLength > s.cfg.MaxUploadSize {
-		return writeErr(w, matrix.TooLarge("Upload is larger than the limit of "+strconv.FormatInt(s.cfg.MaxUploadSize, 10)+" bytes"))
-	}
-	um, merr := parseUploadMeta(r)
-	if merr != nil {
-		return writeErr(w, merr)
-	}
-	res, st := s.ingest(w, r)
+	um, res, st := s.receiveUpload(w, r)
 	if st != 0 {
 		return st
 	}
