@@ -8,17 +8,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sync"
 	"time"
 )
-
-// headPool recycles the PrefixSize buffers that Ingest reads the head of a
-// body into. It is a cache of scratch memory only and holds no state that
-// could change behaviour.
-var headPool = sync.Pool{New: func() any {
-	b := make([]byte, PrefixSize)
-	return &b
-}}
 
 // Ingest stores the body r in blobs and records the blob in meta under the
 // datastore name, using the metadata to deduplicate cheaply.
@@ -42,9 +33,9 @@ func Ingest(ctx context.Context, blobs BlobStore, meta MetadataStore, datastore 
 	}
 	body := r
 	if opts.ExpectedSize >= 0 {
-		bufp := headPool.Get().(*[]byte)
-		defer headPool.Put(bufp)
-		head := (*bufp)[:min(opts.ExpectedSize, PrefixSize)]
+		// At most 64 KiB per upload, sized to the body: small uploads stay
+		// small, and nothing is shared between calls.
+		head := make([]byte, min(opts.ExpectedSize, PrefixSize))
 		n, err := io.ReadFull(r, head)
 		if errors.Is(err, io.ErrUnexpectedEOF) || (errors.Is(err, io.EOF) && len(head) > 0) {
 			return PutResult{}, fmt.Errorf("ingesting body: body ended after %d of %d announced bytes: %w",
