@@ -24,15 +24,15 @@ const maxWhoamiBody = 64 << 10
 // nil client.
 const DefaultWhoamiTimeout = 10 * time.Second
 
-// Whoami authenticates access tokens by asking the homeserver
+// Whoami checks access tokens by asking the homeserver
 // (GET /_matrix/client/v3/account/whoami). It does not cache: every call is a
-// round trip.
+// round trip; TokenCache puts a cache in front of it.
 type Whoami struct {
 	url    string
 	client *http.Client
 }
 
-// NewWhoami returns an Authenticator for the homeserver at homeserverURL
+// NewWhoami returns a TokenChecker for the homeserver at homeserverURL
 // (scheme and host, optionally a path prefix, e.g. "http://127.0.0.1:8008").
 // client performs the requests; nil means a client with a
 // DefaultWhoamiTimeout timeout.
@@ -69,9 +69,9 @@ type matrixErrorBody struct {
 	ErrCode string `json:"errcode"`
 }
 
-// Authenticate implements Authenticator. The token never appears in returned
+// CheckToken implements TokenChecker. The token never appears in returned
 // errors.
-func (w *Whoami) Authenticate(ctx context.Context, token string) (User, error) {
+func (w *Whoami) CheckToken(ctx context.Context, token string) (User, error) {
 	if token == "" || !validTokenChars(token) {
 		return User{}, fmt.Errorf("checking access token: malformed token: %w", ErrUnknownToken)
 	}
@@ -139,4 +139,4 @@ func validTokenChars(t string) bool {
 }
 
 // Interface guard.
-var _ Authenticator = (*Whoami)(nil)
+var _ TokenChecker = (*Whoami)(nil)

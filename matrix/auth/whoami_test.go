@@ -89,7 +89,7 @@ func TestWhoamiAuthenticate(t *testing.T) {
 		{"bad\nline", User{}, ErrUnknownToken},
 	}
 	for _, tc := range tests {
-		u, err := w.Authenticate(context.Background(), tc.token)
+		u, err := w.CheckToken(context.Background(), tc.token)
 		if tc.wantErr != nil {
 			if !errors.Is(err, tc.wantErr) {
 				t.Errorf("token %q: err = %v, want %v", tc.token, err, tc.wantErr)
@@ -136,7 +136,7 @@ func TestWhoamiTimeout(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
-	if _, err := w.Authenticate(ctx, "alice"); !errors.Is(err, ErrHomeserverTimeout) {
+	if _, err := w.CheckToken(ctx, "alice"); !errors.Is(err, ErrHomeserverTimeout) {
 		t.Fatalf("err = %v, want ErrHomeserverTimeout", err)
 	}
 
@@ -145,7 +145,7 @@ func TestWhoamiTimeout(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := w2.Authenticate(context.Background(), "alice"); !errors.Is(err, ErrHomeserverTimeout) {
+	if _, err := w2.CheckToken(context.Background(), "alice"); !errors.Is(err, ErrHomeserverTimeout) {
 		t.Fatalf("err = %v, want ErrHomeserverTimeout", err)
 	}
 }
@@ -162,7 +162,7 @@ func TestWhoamiConnectionRefused(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := w.Authenticate(context.Background(), "alice"); !errors.Is(err, ErrHomeserverUnavailable) {
+	if _, err := w.CheckToken(context.Background(), "alice"); !errors.Is(err, ErrHomeserverUnavailable) {
 		t.Fatalf("err = %v, want ErrHomeserverUnavailable", err)
 	}
 }

@@ -363,15 +363,21 @@ func (s *Site) internalError(w http.ResponseWriter, msg string, err error) int {
 // error response and returns its status; on success the status is 0. Guests
 // are refused with 403 M_GUEST_ACCESS_FORBIDDEN unless guestOK.
 func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool) (auth.User, int) {
-	token := accessToken(r)
-	if token == "" {
+	creds := auth.RequestCredentials(r)
+	if creds.Token == "" {
 		return auth.User{}, writeErr(w, matrix.MissingToken("Missing access token"))
 	}
-	user, err := s.auth.Authenticate(r.Context(), token)
+	user, err := s.auth.Authenticate(r.Context(), creds)
 	if err != nil {
+		var open *auth.CircuitOpenError
 		switch {
 		case errors.Is(err, auth.ErrUnknownToken):
 			return auth.User{}, writeErr(w, matrix.UnknownToken("Unrecognised access token"))
+		case errors.Is(err, auth.ErrForbidden):
+			return auth.User{}, writeErr(w, matrix.Forbidden("The application service may not act as this user"))
+		case errors.As(err, &open):
+			w.Header().Set("Retry-After", strconv.Itoa(int(open.RetryAfter/time.Second)+1))
+			return auth.User{}, writeErr(w, matrix.Unknown(http.StatusBadGateway, "The homeserver is failing; access tokens cannot be checked for now"))
 		case errors.Is(err, auth.ErrHomeserverTimeout):
 			s.repo.logger.Warn("homeserver timed out checking an access token", zap.Error(err))
 			return auth.User{}, writeErr(w, matrix.Unknown(http.StatusGatewayTimeout, "Timed out checking the access token with the homeserver"))
@@ -386,23 +392,6 @@ func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool
 		return auth.User{}, writeErr(w, matrix.GuestAccessForbidden("Guest access is not allowed on this endpoint"))
 	}
 	return user, 0
-}
-
-// accessToken returns the request's access token: the Authorization Bearer
-// header, else the access_token query parameter (still sent by SyTest).
-func accessToken(r *http.Request) string {
-	if vs := r.Header["Authorization"]; len(vs) > 0 {
-		v := vs[0]
-		const scheme = "Bearer "
-		if len(v) > len(scheme) && equalFoldASCII(v[:len(scheme)], scheme) {
-			return trimSpaceASCII(v[len(scheme):])
-		}
-	}
-	tok, _, ok := queryParam(r.URL.RawQuery, "access_token")
-	if !ok {
-		return ""
-	}
-	return tok
 }
 
 // serveConfig answers GET config with {"m.upload.size": MaxUploadSize}.

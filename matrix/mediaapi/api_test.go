@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"mime"
 	"net"
 	"net/http"
@@ -235,7 +236,15 @@ func TestAuthenticationHomeserverFailures(t *testing.T) {
 	}
 	addr := l.Addr().String()
 	l.Close()
-	down, err := auth.NewWhoami("http://"+addr, nil)
+	whoami, err := auth.NewWhoami("http://"+addr, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := auth.NewTokenCache(auth.CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	down, err := auth.NewSiteAuthenticator(auth.SiteOptions{Homeserver: "http://" + addr, Checker: whoami, Cache: cache})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -248,6 +257,8 @@ func TestAuthenticationHomeserverFailures(t *testing.T) {
 		{"unavailable", stubAuth{err: auth.ErrHomeserverUnavailable}, 502},
 		{"timeout", stubAuth{err: auth.ErrHomeserverTimeout}, 504},
 		{"other error", stubAuth{err: context.Canceled}, 502},
+		{"circuit open", stubAuth{err: &auth.CircuitOpenError{RetryAfter: 3 * time.Second}}, 502},
+		{"forbidden appservice user", stubAuth{err: fmt.Errorf("x: %w", auth.ErrForbidden)}, 403},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -261,7 +272,14 @@ func TestAuthenticationHomeserverFailures(t *testing.T) {
 					method = "POST"
 				}
 				rec := serve(site, req{method: method, path: p, token: "alice", body: []byte("x")})
-				expectError(t, rec, tc.status, "M_UNKNOWN")
+				code := "M_UNKNOWN"
+				if tc.status == 403 {
+					code = "M_FORBIDDEN"
+				}
+				expectError(t, rec, tc.status, code)
+				if tc.name == "circuit open" && rec.Header().Get("Retry-After") != "4" {
+					t.Errorf("%s: Retry-After = %q, want 4", p, rec.Header().Get("Retry-After"))
+				}
 			}
 		})
 	}

@@ -101,9 +101,9 @@ func (s *Site) frozen(created time.Time) bool {
 // downloadTimeout reads timeout_ms (or MSC2246's unstable name): how long to
 // wait for a pending upload. Default 20 s, capped at MaxDownloadTimeout.
 func (s *Site) downloadTimeout(rawQuery string) (time.Duration, *matrix.Error) {
-	v, found, ok := queryParam(rawQuery, "timeout_ms")
+	v, found, ok := matrix.QueryParam(rawQuery, "timeout_ms")
 	if !found {
-		v, found, ok = queryParam(rawQuery, "fi.mau.msc2246.timeout_ms")
+		v, found, ok = matrix.QueryParam(rawQuery, "fi.mau.msc2246.timeout_ms")
 	}
 	if !found {
 		return s.downloadWait, nil
@@ -290,7 +290,7 @@ func notModified(r *http.Request, e *mediaEntry) bool {
 			for v != "" {
 				var item string
 				item, v, _ = strings.Cut(v, ",")
-				item = trimSpaceASCII(item)
+				item = matrix.TrimSpaceASCII(item)
 				if item == "*" {
 					return true
 				}
@@ -321,7 +321,7 @@ func ifRangeHolds(r *http.Request, e *mediaEntry) bool {
 	if len(ir) == 0 {
 		return true
 	}
-	v := trimSpaceASCII(ir[0])
+	v := matrix.TrimSpaceASCII(ir[0])
 	if strings.HasPrefix(v, `"`) || strings.HasPrefix(v, "W/") {
 		return v == e.etagValue
 	}
@@ -345,10 +345,10 @@ const (
 // "bytes=-n") against a content of the given size.
 func parseRange(v string, size int64) (start, length int64, kind rangeKind) {
 	const unit = "bytes="
-	if len(v) < len(unit) || !equalFoldASCII(v[:len(unit)], unit) {
+	if len(v) < len(unit) || !matrix.EqualFoldASCII(v[:len(unit)], unit) {
 		return 0, 0, rangeIgnored
 	}
-	spec := trimSpaceASCII(v[len(unit):])
+	spec := matrix.TrimSpaceASCII(v[len(unit):])
 	if strings.IndexByte(spec, ',') >= 0 {
 		return 0, 0, rangeIgnored
 	}
@@ -356,7 +356,7 @@ func parseRange(v string, size int64) (start, length int64, kind rangeKind) {
 	if !ok {
 		return 0, 0, rangeIgnored
 	}
-	first, last = trimSpaceASCII(first), trimSpaceASCII(last)
+	first, last = matrix.TrimSpaceASCII(first), matrix.TrimSpaceASCII(last)
 	if first == "" {
 		// Suffix range: the last n bytes.
 		n, ok := parseDigits(last)

@@ -109,7 +109,15 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	clock.set(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
 	repo.now = clock.now
 	hs := fakeHomeserver(t)
-	authn, err := auth.NewWhoami(hs.URL, hs.Client())
+	whoami, err := auth.NewWhoami(hs.URL, hs.Client())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cache, err := auth.NewTokenCache(auth.CacheOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	authn, err := auth.NewSiteAuthenticator(auth.SiteOptions{Homeserver: hs.URL, Checker: whoami, Cache: cache})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -275,7 +283,9 @@ type stubAuth struct {
 	err  error
 }
 
-func (s stubAuth) Authenticate(context.Context, string) (auth.User, error) { return s.user, s.err }
+func (s stubAuth) Authenticate(context.Context, auth.Credentials) (auth.User, error) {
+	return s.user, s.err
+}
 
 // syncBuffer is a goroutine-safe log sink.
 type syncBuffer struct {

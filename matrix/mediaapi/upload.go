@@ -48,7 +48,7 @@ func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
 		}
 		um.contentType = ct
 	}
-	name, found, ok := queryParam(r.URL.RawQuery, "filename")
+	name, found, ok := matrix.QueryParam(r.URL.RawQuery, "filename")
 	if found && (!ok || !validFileName(name)) {
 		return um, matrix.InvalidParam("filename must be valid UTF-8 of at most 255 bytes without control characters")
 	}
