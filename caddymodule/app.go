@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 
 	"github.com/caddyserver/caddy/v2"
@@ -80,7 +81,43 @@ type App struct {
 	// not set their own max_upload_size. Default 104857600 (100 MiB).
 	MaxUploadSize int64 `json:"max_upload_size,omitempty"`
 
+	// TokenCacheSize bounds how many access tokens (valid and rejected) are
+	// cached, for all sites together; the least recently used is evicted
+	// beyond it. An entry takes about 200 bytes. Default 100000.
+	TokenCacheSize int `json:"token_cache_size,omitempty"`
+
+	// TokenCacheTTL is how long a valid access token is trusted without
+	// asking the homeserver again. Logouts through the matrix_media
+	// handler invalidate tokens at once (on every instance sharing Redis),
+	// but a token revoked another way (an admin deactivating a user, a
+	// logout sent straight to the homeserver) keeps working for media until
+	// its entry expires: shorter is safer, longer saves homeserver calls.
+	// Default 5m.
+	TokenCacheTTL caddy.Duration `json:"token_cache_ttl,omitempty"`
+
+	// TokenNegativeTTL is how long a token the homeserver rejected is
+	// rejected without asking again. Default 30s.
+	TokenNegativeTTL caddy.Duration `json:"token_negative_ttl,omitempty"`
+
+	// Redis is the URL of a Redis server (redis://[user:password@]host:port/db
+	// or rediss:// for TLS) shared by several Caddy instances: token
+	// invalidations (logouts) are published there so that every instance
+	// drops the token. Default: none, invalidations stay in this process.
+	// Placeholders {env.*} and {file.*} are resolved.
+	Redis string `json:"redis,omitempty"`
+
+	// BreakerThreshold is how many consecutive failed token checks against
+	// one homeserver (unreachable, 5xx, timeout) open its circuit breaker:
+	// while open, requests needing a homeserver call get 502 at once.
+	// Default 5.
+	BreakerThreshold int `json:"breaker_threshold,omitempty"`
+
+	// BreakerCooldown is how long an open breaker refuses calls before one
+	// probe call is let through. Default 10s.
+	BreakerCooldown caddy.Duration `json:"breaker_cooldown,omitempty"`
+
 	res       *resources
+	auth      *authState
 	poolKey   string
 	transport *http.Transport
 	logger    *zap.Logger
@@ -140,8 +177,56 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.metrics.Collectors()); err != nil {
 		return err
 	}
+
+	if err := a.provisionAuth(ctx); err != nil {
+		return err
+	}
+	if err := registerCollectors(ctx.GetMetricsRegistry(), a.auth.metrics.Collectors()); err != nil {
+		return err
+	}
 	a.transport = newHomeserverTransport()
 	return nil
+}
+
+// provisionAuth validates the token-cache settings and acquires the shared
+// token cache (and Redis bus).
+func (a *App) provisionAuth(ctx caddy.Context) error {
+	for _, c := range []struct {
+		name string
+		val  int64
+	}{
+		{"token_cache_size", int64(a.TokenCacheSize)},
+		{"token_cache_ttl", int64(a.TokenCacheTTL)},
+		{"token_negative_ttl", int64(a.TokenNegativeTTL)},
+		{"breaker_threshold", int64(a.BreakerThreshold)},
+		{"breaker_cooldown", int64(a.BreakerCooldown)},
+	} {
+		if c.val < 0 {
+			return fmt.Errorf("%s must not be negative", c.name)
+		}
+	}
+	size := a.TokenCacheSize
+	if size == 0 {
+		size = auth.DefaultTokenCacheSize
+	}
+	redisURL, err := caddy.NewReplacer().ReplaceOrErr(a.Redis, true, true)
+	if err != nil {
+		return fmt.Errorf("redis: resolving placeholders: %w", err)
+	}
+	st, err := acquireAuthState(ctx, size, time.Duration(a.TokenCacheTTL), time.Duration(a.TokenNegativeTTL), redisURL, a.logger)
+	if err != nil {
+		return err
+	}
+	a.auth = st
+	if redisURL != "" {
+		a.logger.Info("token invalidations shared through redis")
+	}
+	return nil
+}
+
+// breakerOptions are the circuit-breaker settings for homeserver calls.
+func (a *App) breakerOptions() auth.BreakerOptions {
+	return auth.BreakerOptions{Threshold: a.BreakerThreshold, Cooldown: time.Duration(a.BreakerCooldown)}
 }
 
 // resolveSettings applies defaults, resolves placeholders and validates the
@@ -216,14 +301,22 @@ func (a *App) Cleanup() error {
 	if a.transport != nil {
 		a.transport.CloseIdleConnections()
 	}
+	var authErr error
+	if a.auth != nil {
+		authErr = a.auth.release()
+		a.auth = nil
+	}
+	if authErr != nil {
+		authErr = fmt.Errorf("releasing matrix_media token cache: %w", authErr)
+	}
 	if a.res == nil {
-		return nil
+		return authErr
 	}
 	a.res = nil
 	if _, err := resourcePool.Delete(a.poolKey); err != nil {
-		return fmt.Errorf("releasing matrix_media stores: %w", err)
+		return errors.Join(authErr, fmt.Errorf("releasing matrix_media stores: %w", err))
 	}
-	return nil
+	return authErr
 }
 
 // newHomeserverTransport returns the transport shared by every site's

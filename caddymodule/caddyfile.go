@@ -29,6 +29,12 @@ func init() {
 //		storage_path <path>
 //		media_cache_size <entries>
 //		max_upload_size <size>
+//		token_cache_size <entries>
+//		token_cache_ttl <duration>
+//		token_negative_ttl <duration>
+//		redis <url>
+//		breaker_threshold <failures>
+//		breaker_cooldown <duration>
 //	}
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	if existing != nil {
@@ -79,6 +85,37 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.MaxUploadSize = n
+		case "token_cache_size":
+			n, err := positiveInt(d)
+			if err != nil {
+				return err
+			}
+			a.TokenCacheSize = n
+		case "token_cache_ttl", "token_negative_ttl", "breaker_cooldown":
+			dur, err := positiveDuration(d)
+			if err != nil {
+				return err
+			}
+			switch sub {
+			case "token_cache_ttl":
+				a.TokenCacheTTL = dur
+			case "token_negative_ttl":
+				a.TokenNegativeTTL = dur
+			default:
+				a.BreakerCooldown = dur
+			}
+		case "redis":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			a.Redis = v
+		case "breaker_threshold":
+			n, err := positiveInt(d)
+			if err != nil {
+				return err
+			}
+			a.BreakerThreshold = n
 		default:
 			return d.Errf("matrix_media: unrecognized global option subdirective '%s'", sub)
 		}
@@ -132,9 +169,19 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //		pending_expiry <duration>
 //		max_download_timeout <duration>
 //		freeze_legacy [<since RFC 3339>]
+//		appservice_registration <path>
+//		appservice <id> {
+//			as_token <token>
+//			sender_localpart <localpart>
+//			user_namespace <regex>
+//		}
+//		admins <user_id>...
+//		detect_homeserver_admins
+//		admin_token <secret> [<user_id>]
 //	}
 //
-// server_name and homeserver are required.
+// server_name and homeserver are required. appservice_registration,
+// appservice, admins, admin_token and user_namespace may be repeated.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
 	if d.NextArg() {
@@ -164,13 +211,44 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.MaxDownloadTimeout, err = positiveDuration(d)
 		case "freeze_legacy":
 			err = h.parseFreeze(d)
+		case "appservice_registration":
+			var p string
+			p, err = singleArg(d)
+			h.AppserviceRegistrations = append(h.AppserviceRegistrations, p)
+		case "appservice":
+			err = h.parseAppservice(d)
+		case "admins":
+			ids := d.RemainingArgs()
+			if len(ids) == 0 {
+				return d.ArgErr()
+			}
+			h.Admins = append(h.Admins, ids...)
+		case "detect_homeserver_admins":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.DetectHomeserverAdmins = true
+		case "admin_token":
+			args := d.RemainingArgs()
+			if len(args) < 1 || len(args) > 2 {
+				return d.ArgErr()
+			}
+			t := AdminTokenConfig{Token: args[0]}
+			if len(args) == 2 {
+				t.UserID = args[1]
+			}
+			h.AdminTokens = append(h.AdminTokens, t)
 		default:
 			return d.Errf("matrix_media: unrecognized subdirective '%s'", sub)
 		}
 		if err != nil {
 			return err
 		}
-		seen[sub] = true
+		switch sub {
+		case "appservice_registration", "appservice", "admins", "admin_token":
+		default:
+			seen[sub] = true
+		}
 	}
 	if h.ServerName == "" {
 		return d.Err("matrix_media: server_name is required")
@@ -178,6 +256,37 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if h.Homeserver == "" {
 		return d.Err("matrix_media: homeserver is required")
 	}
+	return nil
+}
+
+// parseAppservice parses an "appservice <id> { ... }" block.
+func (h *Handler) parseAppservice(d *caddyfile.Dispenser) error {
+	id, err := singleArg(d)
+	if err != nil {
+		return err
+	}
+	a := AppserviceConfig{ID: id}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch sub := d.Val(); sub {
+		case "as_token":
+			a.ASToken, err = singleArg(d)
+		case "sender_localpart":
+			a.SenderLocalpart, err = singleArg(d)
+		case "user_namespace":
+			var re string
+			re, err = singleArg(d)
+			a.UserNamespaces = append(a.UserNamespaces, re)
+		default:
+			return d.Errf("matrix_media: appservice %s: unrecognized subdirective '%s'", id, sub)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if a.ASToken == "" || a.SenderLocalpart == "" {
+		return d.Errf("matrix_media: appservice %s: as_token and sender_localpart are required", id)
+	}
+	h.Appservices = append(h.Appservices, a)
 	return nil
 }
 

@@ -50,6 +50,53 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 		},
 		{
 			input: `matrix_media {
+				server_name example.org
+				homeserver http://hs
+				appservice_registration /etc/matrix/whatsapp.yaml
+				appservice_registration /etc/matrix/signal.yaml
+				appservice bridge {
+					as_token {env.AS_TOKEN}
+					sender_localpart bridgebot
+					user_namespace @bridge_.*:example.org
+					user_namespace @puppet_.*:example.org
+				}
+				admins @alice:example.org @bob:example.org
+				admins @carol:example.org
+				detect_homeserver_admins
+				admin_token {env.MEDIA_ADMIN_TOKEN}
+				admin_token {file./run/secrets/media} @automation:example.org
+			}`,
+			want: Handler{
+				ServerName:              "example.org",
+				Homeserver:              "http://hs",
+				AppserviceRegistrations: []string{"/etc/matrix/whatsapp.yaml", "/etc/matrix/signal.yaml"},
+				Appservices: []AppserviceConfig{{ID: "bridge", ASToken: "{env.AS_TOKEN}", SenderLocalpart: "bridgebot",
+					UserNamespaces: []string{"@bridge_.*:example.org", "@puppet_.*:example.org"}}},
+				Admins:                 []string{"@alice:example.org", "@bob:example.org", "@carol:example.org"},
+				DetectHomeserverAdmins: true,
+				AdminTokens: []AdminTokenConfig{{Token: "{env.MEDIA_ADMIN_TOKEN}"},
+					{Token: "{file./run/secrets/media}", UserID: "@automation:example.org"}},
+			},
+		},
+		{input: `matrix_media {
+				server_name a
+				homeserver http://hs
+				appservice x {
+					as_token t
+				}
+			}`, wantErr: "as_token and sender_localpart are required"},
+		{input: `matrix_media {
+				server_name a
+				homeserver http://hs
+				admins
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a
+				homeserver http://hs
+				admin_token a b c
+			}`, wantErr: "wrong argument count"},
+		{
+			input: `matrix_media {
 				server_name a.test
 				homeserver http://hs
 				max_upload_size 10MB
@@ -210,6 +257,30 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: App{Database: &Database{Driver: "sqlite"}},
 		},
+		{
+			input: `matrix_media {
+				token_cache_size 5000
+				token_cache_ttl 2m
+				token_negative_ttl 15s
+				redis redis://:{env.REDIS_PASS}@127.0.0.1:6379/0
+				breaker_threshold 3
+				breaker_cooldown 20s
+			}`,
+			want: App{
+				TokenCacheSize:   5000,
+				TokenCacheTTL:    caddy.Duration(2 * time.Minute),
+				TokenNegativeTTL: caddy.Duration(15 * time.Second),
+				Redis:            "redis://:{env.REDIS_PASS}@127.0.0.1:6379/0",
+				BreakerThreshold: 3,
+				BreakerCooldown:  caddy.Duration(20 * time.Second),
+			},
+		},
+		{input: `matrix_media {
+				token_cache_ttl 0s
+			}`, wantErr: "token_cache_ttl must be positive"},
+		{input: `matrix_media {
+				redis
+			}`, wantErr: "wrong argument count"},
 		{
 			input: `matrix_media {
 				database postgres "postgres://media:{env.PGPASS}@127.0.0.1/media?sslmode=disable"

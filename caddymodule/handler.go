@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
@@ -89,8 +90,63 @@ type Handler struct {
 	// unset, which freezes every media item.
 	FreezeSince time.Time `json:"freeze_since,omitzero"`
 
-	site *mediaapi.Site
-	res  *resources
+	// Appservices are appservice registrations given inline. A request
+	// bearing an appservice's as_token is authenticated without asking the
+	// homeserver, as the appservice's sender or, with the user_id query
+	// parameter, as a user in its namespaces (403 M_FORBIDDEN otherwise).
+	// Default: none.
+	Appservices []AppserviceConfig `json:"appservices,omitempty"`
+
+	// AppserviceRegistrations are paths of appservice registration files
+	// (the YAML files given to the homeserver), read at provision time.
+	// Default: none.
+	AppserviceRegistrations []string `json:"appservice_registrations,omitempty"`
+
+	// Admins are the Matrix user IDs of media admins. Admins are not held to
+	// max_pending_uploads and may use the media admin endpoints. Default:
+	// none.
+	Admins []string `json:"admins,omitempty"`
+
+	// DetectHomeserverAdmins also makes the homeserver's admins media
+	// admins, found with Synapse's admin API (cached for token_cache_ttl).
+	// Homeservers without it (Dendrite) yield no admins. Default false.
+	DetectHomeserverAdmins bool `json:"detect_homeserver_admins,omitempty"`
+
+	// AdminTokens are shared secrets that authenticate as a media admin
+	// without any homeserver call, for automation. Placeholders {env.*} and
+	// {file.*} are resolved (keep secrets out of the config that way).
+	// Default: none.
+	AdminTokens []AdminTokenConfig `json:"admin_tokens,omitempty"`
+
+	site   *mediaapi.Site
+	logout *auth.LogoutProxy
+	res    *resources
+}
+
+// AppserviceConfig is one appservice registration given in the config.
+type AppserviceConfig struct {
+	// ID is the registration's unique id. Required.
+	ID string `json:"id,omitempty"`
+	// ASToken is the token the appservice uses with the homeserver.
+	// Required. Placeholders {env.*} and {file.*} are resolved.
+	ASToken string `json:"as_token,omitempty"`
+	// SenderLocalpart is the localpart of the appservice's own user.
+	// Required.
+	SenderLocalpart string `json:"sender_localpart,omitempty"`
+	// UserNamespaces are regular expressions of the user IDs the appservice
+	// may act as (matched from the start of the ID, as Synapse does).
+	// Default: none (only the sender).
+	UserNamespaces []string `json:"user_namespaces,omitempty"`
+}
+
+// AdminTokenConfig is one shared admin secret.
+type AdminTokenConfig struct {
+	// Token is the secret, at least 32 characters. Required. Placeholders
+	// {env.*} and {file.*} are resolved.
+	Token string `json:"token,omitempty"`
+	// UserID is the user the token acts as, recorded as the uploader of
+	// what it uploads. Default @media-admin:<server_name>.
+	UserID string `json:"user_id,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -148,7 +204,16 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("loading matrix_media app: app is not provisioned")
 	}
 
-	authn, err := auth.NewWhoami(homeserver, &http.Client{Transport: app.transport, Timeout: timeout})
+	hsClient := &http.Client{Transport: app.transport, Timeout: timeout}
+	whoami, err := auth.NewWhoami(homeserver, hsClient)
+	if err != nil {
+		return fmt.Errorf("homeserver: %w", err)
+	}
+	authn, admins, err := h.provisionAuth(ctx, app, homeserver, whoami, hsClient)
+	if err != nil {
+		return err
+	}
+	h.logout, err = auth.NewLogoutProxy(homeserver, hsClient, authn, ctx.Logger())
 	if err != nil {
 		return fmt.Errorf("homeserver: %w", err)
 	}
@@ -164,6 +229,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		MaxDownloadTimeout: time.Duration(h.MaxDownloadTimeout),
 		FreezeLegacy:       h.FreezeLegacy,
 		FreezeSince:        h.FreezeSince,
+		Admins:             admins,
 	}, app.res.repo, authn)
 	if err != nil {
 		return fmt.Errorf("configuring media site %s: %w", h.ServerName, err)
@@ -173,9 +239,92 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// provisionAuth builds the site's authenticator (admin secrets, appservices,
+// then the app's shared token cache in front of whoami) and admin policy.
+func (h *Handler) provisionAuth(ctx caddy.Context, app *App, homeserver string, whoami *auth.Whoami, client *http.Client) (*auth.SiteAuthenticator, *auth.AdminPolicy, error) {
+	repl := caddy.NewReplacer()
+	var regs []auth.Registration
+	for i, a := range h.Appservices {
+		tok, err := repl.ReplaceOrErr(a.ASToken, true, true)
+		if err != nil {
+			return nil, nil, fmt.Errorf("appservice %d: as_token: resolving placeholders: %w", i+1, err)
+		}
+		reg := auth.Registration{ID: a.ID, ASToken: tok, SenderLocalpart: a.SenderLocalpart}
+		for _, ns := range a.UserNamespaces {
+			reg.UserNamespaces = append(reg.UserNamespaces, auth.Namespace{Regex: ns})
+		}
+		regs = append(regs, reg)
+	}
+	for _, path := range h.AppserviceRegistrations {
+		p, err := repl.ReplaceOrErr(path, true, true)
+		if err != nil {
+			return nil, nil, fmt.Errorf("appservice registration: resolving placeholders: %w", err)
+		}
+		reg, err := auth.LoadRegistration(p)
+		if err != nil {
+			return nil, nil, fmt.Errorf("appservice registration %s: %w", p, err)
+		}
+		regs = append(regs, reg)
+	}
+	var appservices auth.AppserviceAuthenticator
+	if len(regs) > 0 {
+		as, err := auth.NewAppservices(h.ServerName, regs)
+		if err != nil {
+			return nil, nil, fmt.Errorf("appservices: %w", err)
+		}
+		appservices = as
+	}
+	var tokens []auth.AdminToken
+	for i, t := range h.AdminTokens {
+		secret, err := repl.ReplaceOrErr(t.Token, true, true)
+		if err != nil {
+			return nil, nil, fmt.Errorf("admin token %d: resolving placeholders: %w", i+1, err)
+		}
+		user := t.UserID
+		if user == "" {
+			user = "@media-admin:" + h.ServerName
+		}
+		tokens = append(tokens, auth.AdminToken{Secret: secret, UserID: user})
+	}
+	cache := app.auth.cache
+	authn, err := auth.NewSiteAuthenticator(auth.SiteOptions{
+		Homeserver:  homeserverKey(homeserver),
+		Checker:     whoami,
+		Cache:       cache,
+		Breaker:     cache.Breaker(homeserverKey(homeserver), app.breakerOptions()),
+		Appservices: appservices,
+		AdminTokens: tokens,
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	admins, err := auth.NewAdminPolicy(auth.AdminOptions{
+		Admins:                 h.Admins,
+		DetectHomeserverAdmins: h.DetectHomeserverAdmins,
+		HomeserverURL:          homeserver,
+		Client:                 client,
+		CacheTTL:               time.Duration(app.TokenCacheTTL),
+		Logger:                 ctx.Logger(),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("admins: %w", err)
+	}
+	return authn, admins, nil
+}
+
+// homeserverKey names a homeserver in the shared token cache: its URL without
+// a trailing slash, so that two spellings of one homeserver share entries.
+func homeserverKey(u string) string { return strings.TrimRight(u, "/") }
+
 // ServeHTTP serves media requests and passes every other request to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	if !mediaapi.IsMediaPath(r.URL.Path) {
+		if r.Method == http.MethodPost && auth.LogoutPath(r.URL.Path) != auth.NotLogout {
+			// Logouts go to the homeserver through this handler, which drops
+			// the token from the cache once the homeserver confirmed.
+			h.logout.ServeHTTP(w, r)
+			return nil
+		}
 		return next.ServeHTTP(w, r)
 	}
 	if !h.res.acquire() {

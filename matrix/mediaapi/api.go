@@ -67,6 +67,11 @@ type SiteConfig struct {
 	ServerName string
 	// MaxUploadSize is the largest upload in bytes. Default 100 MiB.
 	MaxUploadSize int64
+	// Admins decides who is a media admin; admins are not held to
+	// MaxPendingUploads. Default: nobody (except tokens that are admin
+	// secrets).
+	Admins AdminChecker
+
 	// MaxPendingUploads is how many unexpired /create IDs one user may hold.
 	// Default 5; negative means unlimited.
 	MaxPendingUploads int
@@ -205,6 +210,12 @@ func (r *Repository) RunPendingExpiry(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// AdminChecker tells whether a user is a media admin (auth.AdminPolicy
+// implements it).
+type AdminChecker interface {
+	IsAdmin(ctx context.Context, user auth.User, token string) (bool, error)
 }
 
 // Site serves the media API of one server name. It implements http.Handler;
