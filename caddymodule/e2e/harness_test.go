@@ -24,6 +24,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -169,8 +170,10 @@ func freePort(t *testing.T) int {
 // homeserver is a fake Matrix homeserver: whoami for known tokens, and a
 // versions endpoint that proves a request reached it through reverse_proxy.
 type homeserver struct {
-	srv    *httptest.Server
-	tokens map[string]string // access token -> user ID
+	srv     *httptest.Server
+	mu      sync.Mutex
+	tokens  map[string]string // access token -> user ID
+	whoamis atomic.Int64
 }
 
 // hsMarker is a response header only the fake homeserver sets.
@@ -181,8 +184,11 @@ func newHomeserver(t *testing.T, tokens map[string]string) *homeserver {
 	hs := &homeserver{tokens: tokens}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /_matrix/client/v3/account/whoami", func(w http.ResponseWriter, r *http.Request) {
+		hs.whoamis.Add(1)
 		token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		hs.mu.Lock()
 		user, known := hs.tokens[token]
+		hs.mu.Unlock()
 		w.Header().Set("Content-Type", "application/json")
 		if !ok || !known {
 			w.WriteHeader(http.StatusUnauthorized)
@@ -190,6 +196,21 @@ func newHomeserver(t *testing.T, tokens map[string]string) *homeserver {
 			return
 		}
 		_ = json.NewEncoder(w).Encode(map[string]any{"user_id": user, "device_id": "E2EDEVICE"})
+	})
+	mux.HandleFunc("POST /_matrix/client/v3/logout", func(w http.ResponseWriter, r *http.Request) {
+		token, _ := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+		hs.mu.Lock()
+		_, known := hs.tokens[token]
+		delete(hs.tokens, token)
+		hs.mu.Unlock()
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set(hsMarker, "1")
+		if !known {
+			w.WriteHeader(http.StatusUnauthorized)
+			_, _ = io.WriteString(w, `{"errcode":"M_UNKNOWN_TOKEN","error":"Unknown access token"}`)
+			return
+		}
+		_, _ = io.WriteString(w, `{}`)
 	})
 	mux.HandleFunc("/_matrix/client/versions", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set(hsMarker, "1")
@@ -221,8 +242,10 @@ type config struct {
 	storagePath string
 	// maxUploadSize is the app's (global) max_upload_size.
 	maxUploadSize string
-	homeserver    *homeserver
-	sites         []site
+	// appExtra are extra lines of the matrix_media global option.
+	appExtra   []string
+	homeserver *homeserver
+	sites      []site
 }
 
 // caddyfile renders the configuration.
@@ -240,9 +263,10 @@ func (c config) caddyfile() string {
 		database %s
 		storage_path %s
 		max_upload_size %s
+		%s
 	}
 }
-`, c.adminPort, c.httpPort, c.httpPort+1, c.database, c.storagePath, c.maxUploadSize)
+`, c.adminPort, c.httpPort, c.httpPort+1, c.database, c.storagePath, c.maxUploadSize, strings.Join(c.appExtra, "\n\t\t"))
 	for _, s := range c.sites {
 		fmt.Fprintf(&b, `
 http://%s:%d {
