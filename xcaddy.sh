@@ -13,6 +13,9 @@ set -euo pipefail
 
 readonly CADDY_VERSION=v2.11.9
 readonly XCADDY_VERSION=v0.4.5
+# Dendrite is the real homeserver of the end-to-end tests (login, logout).
+readonly DENDRITE_VERSION=v0.13.8
+readonly DENDRITE_CMDS=(dendrite generate-keys generate-config create-account)
 readonly MODULE=github.com/caddy-matrix-media/caddy-matrix-media
 # Debian packages: cgo toolchain and libvips headers for the build, PostgreSQL
 # server binaries for throwaway test clusters, redis-server and wrk for
@@ -68,6 +71,22 @@ deps() {
 	fi
 }
 
+# test_deps installs what only the tests need: Dendrite's binaries.
+test_deps() {
+	local gobin cmd missing=()
+	gobin=$(go env GOBIN)
+	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	for cmd in "${DENDRITE_CMDS[@]}"; do
+		if [[ ! -x $gobin/$cmd ]] || ! go version -m "$gobin/$cmd" 2>/dev/null | grep -q "dendrite.*$DENDRITE_VERSION"; then
+			missing+=("github.com/matrix-org/dendrite/cmd/$cmd@$DENDRITE_VERSION")
+		fi
+	done
+	if ((${#missing[@]} > 0)); then
+		log "installing Dendrite $DENDRITE_VERSION (end-to-end tests' homeserver)"
+		(cd "${TMPDIR:-/tmp}" && GOFLAGS= go install "${missing[@]}")
+	fi
+}
+
 build() {
 	deps
 	local xc
@@ -89,6 +108,7 @@ run() {
 
 run_tests() {
 	deps
+	test_deps
 	log "checking formatting"
 	local unformatted
 	unformatted=$(gofmt -l .)

@@ -17,6 +17,9 @@
 #   3. 8 concurrent 64 MiB uploads: peak RSS growth (< 64 MiB in total).
 #   4. the same 32 MiB body uploaded again: time vs first upload and vs
 #      sha256sum of the bytes (no second write).
+#   5. (issue #3) authenticated 100 KiB download (/_matrix/client/v1, bearer
+#      token, warm token cache), concurrency 32, vs the same download with
+#      auth disabled (the legacy endpoint): >= 0.9x.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -103,10 +106,11 @@ upload() { # $1 file -> prints media id
 		sed -E 's#.*mxc://[^/]+/([A-Za-z0-9_-]+).*#\1#'
 }
 
-# wrk_rate URL CONNS THREADS -> prints "req/s bytes/s"
+# wrk_rate URL CONNS THREADS [HEADER] -> prints "req/s bytes/s"
 wrk_rate() {
-	local out
-	out=$(wrk -t"$3" -c"$2" -d"${DURATION}s" --latency "$1" 2>&1)
+	local out hdr=()
+	[[ -n ${4:-} ]] && hdr=(-H "$4")
+	out=$(wrk -t"$3" -c"$2" -d"${DURATION}s" --latency "${hdr[@]}" "$1" 2>&1)
 	if grep -q 'Non-2xx' <<<"$out"; then echo "bench: non-2xx responses from $1" >&2; echo "$out" >&2; exit 1; fi
 	local rps tps
 	rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
@@ -136,8 +140,15 @@ for mode in default write_idle_off; do
 	cmp <(curl -fsS "$MM_SMALL") "$WORK/files/small.bin"
 	cmp <(curl -fsS "http://127.0.0.1:$FS/small.bin") "$WORK/files/small.bin"
 
+	MM_SMALL_V1="http://127.0.0.1:$MM/_matrix/client/v1/media/download/localhost/$SMALL_ID"
+	cmp <(curl -fsS -H 'Authorization: Bearer bench' "$MM_SMALL_V1") "$WORK/files/small.bin" # also warms the token cache
+
 	small_ratios=(); large_ratios=(); small_mm=(); small_fs=(); large_mm=(); large_fs=()
+	auth_ratios=(); auth_on=(); auth_off=()
 	for round in $(seq 1 "$ROUNDS"); do
+		read -r off_rps _ < <(wrk_rate "$MM_SMALL" 32 2)
+		read -r on_rps _ < <(wrk_rate "$MM_SMALL_V1" 32 2 'Authorization: Bearer bench')
+		auth_off+=("$off_rps"); auth_on+=("$on_rps"); auth_ratios+=("$(ratio "$on_rps" "$off_rps")")
 		read -r fs_rps _ < <(wrk_rate "http://127.0.0.1:$FS/small.bin" 32 2)
 		read -r mm_rps _ < <(wrk_rate "$MM_SMALL" 32 2)
 		small_fs+=("$fs_rps"); small_mm+=("$mm_rps"); small_ratios+=("$(ratio "$mm_rps" "$fs_rps")")
@@ -147,6 +158,7 @@ for mode in default write_idle_off; do
 	done
 	say ""
 	say "[$mode] 100 KiB download, c=32: module $(echo "${small_mm[*]}" | median) req/s, file_server $(echo "${small_fs[*]}" | median) req/s, ratio median $(echo "${small_ratios[*]}" | median) (rounds: ${small_ratios[*]}) target >= 0.80"
+	say "[$mode] 100 KiB authenticated download (warm token cache), c=32: $(echo "${auth_on[*]}" | median) req/s, auth disabled (legacy endpoint) $(echo "${auth_off[*]}" | median) req/s, ratio median $(echo "${auth_ratios[*]}" | median) (rounds: ${auth_ratios[*]}) target >= 0.90"
 	say "[$mode] 256 MiB download, c=1: module $(awk -v b="$(echo "${large_mm[*]}" | median)" 'BEGIN{printf "%.0f", b/1e6}') MB/s, file_server $(awk -v b="$(echo "${large_fs[*]}" | median)" 'BEGIN{printf "%.0f", b/1e6}') MB/s, ratio median $(echo "${large_ratios[*]}" | median) (rounds: ${large_ratios[*]}) target >= 0.90 with write_idle off"
 done
 

@@ -33,7 +33,7 @@ type testHomeserver struct {
 	lastLogoutBody    string
 }
 
-func newTestHomeserver(t *testing.T) *testHomeserver {
+func newTestHomeserver(t testing.TB) *testHomeserver {
 	t.Helper()
 	hs := &testHomeserver{tokens: map[string]string{}, guests: map[string]bool{}}
 	hs.Server = httptest.NewServer(http.HandlerFunc(hs.serve))
@@ -138,7 +138,7 @@ type authFixture struct {
 	site  *SiteAuthenticator
 }
 
-func newAuthFixture(t *testing.T, opts CacheOptions) *authFixture {
+func newAuthFixture(t testing.TB, opts CacheOptions) *authFixture {
 	t.Helper()
 	hs := newTestHomeserver(t)
 	clock := newFakeClock()
@@ -153,7 +153,7 @@ func newAuthFixture(t *testing.T, opts CacheOptions) *authFixture {
 	return &authFixture{hs: hs, clock: clock, cache: cache, site: siteOn(t, hs, cache, nil)}
 }
 
-func siteOn(t *testing.T, hs *testHomeserver, cache *TokenCache, breaker *Breaker) *SiteAuthenticator {
+func siteOn(t testing.TB, hs *testHomeserver, cache *TokenCache, breaker *Breaker) *SiteAuthenticator {
 	t.Helper()
 	w, err := NewWhoami(hs.URL, hs.Client())
 	if err != nil {
