@@ -255,14 +255,21 @@ func TestAppRegistersMetrics(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	found := false
+	names := map[string]bool{}
 	for _, f := range families {
-		if strings.HasPrefix(f.GetName(), "caddy_matrix_media_") {
-			found = true
-		}
+		names[f.GetName()] = true
 	}
-	if !found {
-		t.Error("no caddy_matrix_media_* metric family in the config's registry")
+	// Families with no labels appear at once; labelled ones only once
+	// observed, so check the unlabelled ones of each collector set.
+	for _, want := range []string{
+		"caddy_matrix_media_upload_bytes_total",
+		"caddy_matrix_media_token_cache_entries",
+		"caddy_matrix_media_token_cache_evictions_total",
+		"caddy_matrix_media_whoami_rejected_total",
+	} {
+		if !names[want] {
+			t.Errorf("metric family %s missing from the config's registry (have %v)", want, names)
+		}
 	}
 
 	// A different collector under a taken name is an error.
