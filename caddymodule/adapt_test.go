@@ -8,6 +8,9 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 )
@@ -61,7 +64,12 @@ func TestExampleCaddyfileAdapts(t *testing.T) {
 	if err := json.Unmarshal(out, &cfg); err != nil {
 		t.Fatalf("decoding adapted config: %v", err)
 	}
-	want := &App{Database: &Database{Driver: DriverSQLite}, MediaCacheSize: DefaultMediaCacheSize, MaxUploadSize: DefaultMaxUploadSize}
+	want := &App{
+		Database: &Database{Driver: DriverSQLite}, MediaCacheSize: DefaultMediaCacheSize, MaxUploadSize: DefaultMaxUploadSize,
+		TokenCacheSize: auth.DefaultTokenCacheSize, TokenCacheTTL: caddy.Duration(auth.DefaultTokenTTL),
+		TokenNegativeTTL: caddy.Duration(auth.DefaultNegativeTokenTTL),
+		BreakerThreshold: auth.DefaultBreakerThreshold, BreakerCooldown: caddy.Duration(auth.DefaultBreakerCooldown),
+	}
 	if !reflect.DeepEqual(cfg.Apps.MatrixMedia, want) {
 		t.Errorf("matrix_media app = %+v, want the documented defaults %+v", cfg.Apps.MatrixMedia, want)
 	}
