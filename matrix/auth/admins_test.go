@@ -19,28 +19,6 @@ import (
 
 const adminTestToken = "syt_YWxpY2U_secrettokenvalue_0123"
 
-// adminClock is a settable clock for AdminOptions.Now.
-type adminClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newAdminClock() *adminClock {
-	return &adminClock{t: time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC)}
-}
-
-func (c *adminClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *adminClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
 // adminHS is a fake homeserver serving the Synapse admin API. respond
 // decides each answer; calls counts requests; bad records requests that were
 // not the expected shape.
@@ -274,13 +252,13 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			hs := newAdminHS(t, adminJSON(tt.status, tt.body))
-			clock := newAdminClock()
+			clock := newFakeClock()
 			core, logs := observer.New(zapcore.InfoLevel)
 			p := newAdminTestPolicy(t, AdminOptions{
 				DetectHomeserverAdmins: true,
 				HomeserverURL:          hs.srv.URL,
 				CacheTTL:               time.Minute,
-				Now:                    clock.Now,
+				Now:                    clock.now,
 				Logger:                 zap.New(core),
 			})
 			ctx := context.Background()
@@ -295,7 +273,7 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 			}
 			// After the TTL the homeserver is asked again (it may have been
 			// upgraded); the log line is not repeated.
-			clock.Advance(time.Minute + time.Second)
+			clock.advance(time.Minute + time.Second)
 			if got, err := p.IsAdmin(ctx, users[1], adminTestToken); got || err != nil {
 				t.Errorf("IsAdmin after ttl = %v, %v", got, err)
 			}
@@ -313,7 +291,7 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 				}
 			}
 			// Once the API exists, admins are found again.
-			clock.Advance(time.Minute + time.Second)
+			clock.advance(time.Minute + time.Second)
 			hs.setRespond(adminJSON(200, `{"admin":true}`))
 			if got, err := p.IsAdmin(ctx, users[2], adminTestToken); !got || err != nil {
 				t.Errorf("IsAdmin after upgrade = %v, %v; want true", got, err)
@@ -324,11 +302,11 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 
 func TestAdminCacheExpiry(t *testing.T) {
 	hs := newAdminHS(t, adminJSON(200, `{"admin":true}`))
-	clock := newAdminClock()
+	clock := newFakeClock()
 	p := newAdminTestPolicy(t, AdminOptions{
 		DetectHomeserverAdmins: true,
 		HomeserverURL:          hs.srv.URL,
-		Now:                    clock.Now,
+		Now:                    clock.now,
 	})
 	ctx := context.Background()
 	check := func(want bool, wantCalls int64) {
@@ -345,9 +323,9 @@ func TestAdminCacheExpiry(t *testing.T) {
 	// Demoted at the homeserver: the cached answer holds for the default
 	// TTL of 5 minutes.
 	hs.setRespond(adminJSON(403, `{"errcode":"M_FORBIDDEN"}`))
-	clock.Advance(4*time.Minute + 59*time.Second)
+	clock.advance(4*time.Minute + 59*time.Second)
 	check(true, 1)
-	clock.Advance(time.Second)
+	clock.advance(time.Second)
 	check(false, 2)
 	check(false, 2)
 }
