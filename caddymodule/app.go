@@ -68,6 +68,12 @@ type App struct {
 	// matrix_media/media.db under Caddy's data directory.
 	Database *Database `json:"database,omitempty"`
 
+	// Datastores are where media content is kept: local directories and S3
+	// buckets, each taking some kinds of media (uploads, remote media,
+	// thumbnails). Default: one file datastore named "default" at
+	// StoragePath taking every kind. Cannot be combined with StoragePath.
+	Datastores []DatastoreConfig `json:"datastores,omitempty"`
+
 	// StoragePath is the directory holding media content (content-addressed
 	// blobs, each stored once however often it is uploaded). Default:
 	// matrix_media/media under Caddy's data directory.
@@ -171,7 +177,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	a.poolKey = key
 	a.logger.Info("matrix_media storage ready",
 		zap.String("database_driver", settings.driver),
-		zap.String("storage_path", settings.storagePath),
+		zap.Strings("datastores", settings.datastoreNames()),
 		zap.Bool("reused", reused))
 
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.metrics.Collectors()); err != nil {
@@ -265,6 +271,16 @@ func (a *App) resolveSettings(repl *caddy.Replacer) (storeSettings, error) {
 	}
 	s.dsn = resolved
 
+	if len(a.Datastores) > 0 {
+		if a.StoragePath != "" {
+			return s, errors.New("storage_path and datastores cannot be combined: declare the directory as a file datastore")
+		}
+		if s.datastores, err = resolveDatastores(a.Datastores, repl); err != nil {
+			return s, err
+		}
+		s.storagePath = ""
+		return s.withCacheSize(a.MediaCacheSize)
+	}
 	storagePath := a.StoragePath
 	if storagePath == "" {
 		storagePath = filepath.Join(caddy.AppDataDir(), "matrix_media", "media")
@@ -275,13 +291,19 @@ func (a *App) resolveSettings(repl *caddy.Replacer) (storeSettings, error) {
 	if s.storagePath, err = absPath(storagePath); err != nil {
 		return s, fmt.Errorf("storage_path: %w", err)
 	}
+	s.datastores = defaultDatastores(s.storagePath)
+	return s.withCacheSize(a.MediaCacheSize)
+}
 
-	s.mediaCacheSize = a.MediaCacheSize
-	if s.mediaCacheSize == 0 {
+// withCacheSize sets the media cache size, with its default.
+func (s storeSettings) withCacheSize(n int) (storeSettings, error) {
+	switch {
+	case n == 0:
 		s.mediaCacheSize = DefaultMediaCacheSize
-	}
-	if s.mediaCacheSize < 0 {
-		return s, fmt.Errorf("media_cache_size must not be negative, got %d", s.mediaCacheSize)
+	case n < 0:
+		return s, fmt.Errorf("media_cache_size must not be negative, got %d", n)
+	default:
+		s.mediaCacheSize = n
 	}
 	return s, nil
 }

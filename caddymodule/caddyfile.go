@@ -35,7 +35,30 @@ func init() {
 //		redis <url>
 //		breaker_threshold <failures>
 //		breaker_cooldown <duration>
+//		datastore <name> file <path> {
+//			kinds local|remote|thumbnails...
+//		}
+//		datastore <name> s3 {
+//			kinds local|remote|thumbnails...
+//			endpoint <url>
+//			region <region>
+//			bucket <bucket>
+//			prefix <prefix>
+//			path_style
+//			access_key_id <key>
+//			secret_access_key <secret>
+//			session_token <token>
+//			use_env_credentials
+//			storage_class <class>
+//			part_size <size>
+//			max_retries <n>
+//			redirect [<lifetime>] {
+//				cdn_base_url <url>
+//			}
+//		}
 //	}
+//
+// datastore may be repeated.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	if existing != nil {
 		return nil, d.Err("the matrix_media global option may appear only once")
@@ -116,12 +139,112 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.BreakerThreshold = n
+		case "datastore":
+			ds, err := parseDatastore(d)
+			if err != nil {
+				return err
+			}
+			a.Datastores = append(a.Datastores, ds)
+			continue
 		default:
 			return d.Errf("matrix_media: unrecognized global option subdirective '%s'", sub)
 		}
 		seen[sub] = true
 	}
 	return nil
+}
+
+// parseDatastore parses one "datastore <name> <type> ..." block.
+func parseDatastore(d *caddyfile.Dispenser) (DatastoreConfig, error) {
+	args := d.RemainingArgs()
+	if len(args) < 2 {
+		return DatastoreConfig{}, d.ArgErr()
+	}
+	ds := DatastoreConfig{Name: args[0], Type: args[1]}
+	switch ds.Type {
+	case DatastoreFile:
+		if len(args) != 3 {
+			return ds, d.Errf("matrix_media: datastore %s: a file datastore takes one path: datastore <name> file <path>", ds.Name)
+		}
+		ds.Path = args[2]
+	case DatastoreS3:
+		if len(args) != 2 {
+			return ds, d.ArgErr()
+		}
+		ds.S3 = &S3Config{}
+	default:
+		return ds, d.Errf("matrix_media: datastore %s: unknown type '%s' (want file or s3)", ds.Name, ds.Type)
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if sub == "kinds" {
+			kinds := d.RemainingArgs()
+			if len(kinds) == 0 {
+				return ds, d.ArgErr()
+			}
+			ds.Kinds = append(ds.Kinds, kinds...)
+			continue
+		}
+		if ds.S3 == nil {
+			return ds, d.Errf("matrix_media: datastore %s: unrecognized subdirective '%s' (a file datastore only takes kinds)", ds.Name, sub)
+		}
+		if err := parseS3Option(d, ds.Name, sub, ds.S3); err != nil {
+			return ds, err
+		}
+	}
+	return ds, nil
+}
+
+// parseS3Option parses one line of an s3 datastore block.
+func parseS3Option(d *caddyfile.Dispenser, name, sub string, c *S3Config) error {
+	var err error
+	str := map[string]*string{
+		"endpoint": &c.Endpoint, "region": &c.Region, "bucket": &c.Bucket, "prefix": &c.Prefix,
+		"access_key_id": &c.AccessKeyID, "secret_access_key": &c.SecretAccessKey,
+		"session_token": &c.SessionToken, "storage_class": &c.StorageClass,
+	}
+	if p, ok := str[sub]; ok {
+		*p, err = singleArg(d)
+		return err
+	}
+	switch sub {
+	case "path_style", "use_env_credentials":
+		if d.NextArg() {
+			return d.ArgErr()
+		}
+		if sub == "path_style" {
+			c.PathStyle = true
+		} else {
+			c.UseEnvCredentials = true
+		}
+	case "part_size":
+		c.PartSize, err = byteSize(d)
+	case "max_retries":
+		c.MaxRetries, err = positiveInt(d)
+	case "redirect":
+		c.Redirect = &RedirectConfig{}
+		if d.NextArg() {
+			dur, perr := caddy.ParseDuration(d.Val())
+			if perr != nil || dur <= 0 {
+				return d.Errf("matrix_media: datastore %s: redirect lifetime must be a positive duration, got '%s'", name, d.Val())
+			}
+			c.Redirect.Lifetime = caddy.Duration(dur)
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		}
+		for nesting := d.Nesting(); d.NextBlock(nesting); {
+			if d.Val() != "cdn_base_url" {
+				return d.Errf("matrix_media: datastore %s: redirect: unrecognized subdirective '%s'", name, d.Val())
+			}
+			if c.Redirect.CDNBaseURL, err = singleArg(d); err != nil {
+				return err
+			}
+		}
+	default:
+		return d.Errf("matrix_media: datastore %s: unrecognized s3 subdirective '%s'", name, sub)
+	}
+	return err
 }
 
 // parseDatabase parses "database sqlite [<path>]" or "database postgres <dsn>".

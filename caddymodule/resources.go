@@ -12,7 +12,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
-	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
 
 	"github.com/caddyserver/caddy/v2"
@@ -32,8 +33,12 @@ type storeSettings struct {
 	// dsn is the SQLite file path or the PostgreSQL connection string. It may
 	// hold a password: it is never logged nor put in an error.
 	dsn string
-	// storagePath is the root directory of the file blob store.
+	// storagePath is the root directory of the default file datastore; empty
+	// when datastores are configured explicitly.
 	storagePath string
+	// datastores are the resolved datastores (never empty). They may hold
+	// S3 keys: never logged.
+	datastores []resolvedDatastore
 	// mediaCacheSize is the number of media rows cached in memory.
 	mediaCacheSize int
 }
@@ -42,7 +47,16 @@ type storeSettings struct {
 // because it is fixed when the repository is built: changing it and reloading
 // builds a new repository rather than silently keeping the old size.
 func (s storeSettings) key() string {
-	return s.driver + "\x00" + s.dsn + "\x00" + s.storagePath + "\x00" + strconv.Itoa(s.mediaCacheSize)
+	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize)
+}
+
+// datastoreNames lists the datastores' names, for logs.
+func (s storeSettings) datastoreNames() []string {
+	names := make([]string, len(s.datastores))
+	for i, d := range s.datastores {
+		names[i] = d.Name + " (" + d.Type + ")"
+	}
+	return names
 }
 
 // resources are the objects shared by every site of every config that uses the
@@ -53,11 +67,13 @@ func (s storeSettings) key() string {
 // resources is cleaned up (which Caddy does while the old servers still finish
 // their requests) the stores are closed only once those requests are done.
 type resources struct {
-	blobs   *filestore.Store
-	meta    *sqlstore.Store
-	repo    *mediaapi.Repository
-	metrics *mediaapi.Metrics
-	logger  *zap.Logger
+	stores *storage.Datastores
+	// migrations runs blob migrations between the datastores (admin API).
+	migrations *migrations
+	meta       *sqlstore.Store
+	repo       *mediaapi.Repository
+	metrics    *mediaapi.Metrics
+	logger     *zap.Logger
 
 	// stopExpiry stops the expiry loop; expiryDone is closed when it returned.
 	stopExpiry context.CancelFunc
@@ -78,30 +94,38 @@ type resources struct {
 // ctx bounds only the opening (connecting, migrating); the returned resources
 // live until Destruct.
 func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*resources, error) {
-	blobs, err := filestore.New(s.storagePath)
+	metrics := mediaapi.NewMetrics()
+	stores, err := openDatastores(ctx, s.datastores, func(name string) s3store.Observer { return metrics.StoreObserver(name) })
 	if err != nil {
-		return nil, fmt.Errorf("opening blob store: %w", err)
+		return nil, err
 	}
 	meta, err := sqlstore.Open(ctx, s.driver, s.dsn)
 	if err != nil {
-		_ = blobs.Close()
+		_ = stores.Close()
 		// The store's errors name the driver, never the DSN.
 		return nil, fmt.Errorf("opening %s metadata database: %w", s.driver, err)
 	}
-	metrics := mediaapi.NewMetrics()
-	repo, err := mediaapi.NewRepository(blobs, meta, mediaapi.RepositoryOptions{
+	redirects := map[string]mediaapi.RedirectPolicy{}
+	for _, d := range s.datastores {
+		if d.Redirect != nil {
+			redirects[d.Name] = mediaapi.RedirectPolicy{Lifetime: d.Redirect.Lifetime, CDNBaseURL: d.Redirect.CDN}
+		}
+	}
+	repo, err := mediaapi.NewRepository(stores, meta, mediaapi.RepositoryOptions{
+		Redirects:      redirects,
 		MediaCacheSize: s.mediaCacheSize,
 		Logger:         logger,
 		Metrics:        metrics,
 	})
 	if err != nil {
 		_ = meta.Close()
-		_ = blobs.Close()
+		_ = stores.Close()
 		return nil, fmt.Errorf("building media repository: %w", err)
 	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
-		blobs:      blobs,
+		stores:     stores,
+		migrations: newMigrations(meta, stores, logger),
 		meta:       meta,
 		repo:       repo,
 		metrics:    metrics,
@@ -147,6 +171,7 @@ func (r *resources) release() {
 // once and closes the stores as soon as no request uses them any more, which
 // may be after Destruct has returned.
 func (r *resources) Destruct() error {
+	r.migrations.stop()
 	r.stopExpiry()
 	<-r.expiryDone
 	r.closing.Store(true)
@@ -162,7 +187,7 @@ func (r *resources) Destruct() error {
 // every call returns once they are closed.
 func (r *resources) closeStores() {
 	r.closeOnce.Do(func() {
-		err := errors.Join(r.meta.Close(), r.blobs.Close())
+		err := errors.Join(r.meta.Close(), r.stores.Close())
 		if err != nil {
 			err = fmt.Errorf("closing matrix_media stores: %w", err)
 			r.logger.Error("closing stores", zap.Error(err))

@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"time"
 )
@@ -31,29 +32,12 @@ func Ingest(ctx context.Context, blobs BlobStore, meta MetadataStore, datastore 
 		return PutResult{}, fmt.Errorf("ingesting body: announced length %d over limit %d: %w",
 			opts.ExpectedSize, opts.MaxSize, ErrTooLarge)
 	}
-	body := r
-	if opts.ExpectedSize >= 0 {
-		// At most 64 KiB per upload, sized to the body: small uploads stay
-		// small, and nothing is shared between calls.
-		head := make([]byte, min(opts.ExpectedSize, PrefixSize))
-		n, err := io.ReadFull(r, head)
-		if errors.Is(err, io.ErrUnexpectedEOF) || (errors.Is(err, io.EOF) && len(head) > 0) {
-			return PutResult{}, fmt.Errorf("ingesting body: body ended after %d of %d announced bytes: %w",
-				n, opts.ExpectedSize, ErrSizeMismatch)
-		}
-		if err != nil {
-			return PutResult{}, fmt.Errorf("ingesting body: reading head: %w", err)
-		}
-		sum := sha256.Sum256(head)
-		cand, err := meta.FindBlobByPrefix(ctx, opts.ExpectedSize, hex.EncodeToString(sum[:]))
-		switch {
-		case err == nil:
-			opts.Candidate = cand.SHA256
-		case errors.Is(err, ErrNotFound):
-		default:
-			return PutResult{}, fmt.Errorf("ingesting body: looking up duplicate candidate: %w", err)
-		}
-		body = io.MultiReader(bytes.NewReader(head), r)
+	body, cand, found, err := readHead(ctx, meta, r, opts)
+	if err != nil {
+		return PutResult{}, fmt.Errorf("ingesting body: %w", err)
+	}
+	if found {
+		opts.Candidate = cand.SHA256
 	}
 
 	res, err := blobs.Put(ctx, body, opts)
@@ -71,4 +55,246 @@ func Ingest(ctx context.Context, blobs BlobStore, meta MetadataStore, datastore 
 		return PutResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
 	}
 	return res, nil
+}
+
+// readHead reads the head of a body of known length (opts.ExpectedSize >= 0),
+// hashes it and looks up a stored blob of the same size and prefix. It
+// returns a reader of the whole body (head included) and the candidate's
+// record when one was found. With an unknown length it returns r unchanged.
+func readHead(ctx context.Context, meta MetadataStore, r io.Reader, opts PutOptions) (body io.Reader, cand BlobRecord, found bool, err error) {
+	if opts.ExpectedSize < 0 {
+		return r, BlobRecord{}, false, nil
+	}
+	// At most 64 KiB per upload, sized to the body: small uploads stay small,
+	// and nothing is shared between calls.
+	head := make([]byte, min(opts.ExpectedSize, PrefixSize))
+	n, err := io.ReadFull(r, head)
+	if errors.Is(err, io.ErrUnexpectedEOF) || (errors.Is(err, io.EOF) && len(head) > 0) {
+		return nil, BlobRecord{}, false, fmt.Errorf("body ended after %d of %d announced bytes: %w",
+			n, opts.ExpectedSize, ErrSizeMismatch)
+	}
+	if err != nil {
+		return nil, BlobRecord{}, false, fmt.Errorf("reading head: %w", err)
+	}
+	sum := sha256.Sum256(head)
+	cand, err = meta.FindBlobByPrefix(ctx, opts.ExpectedSize, hex.EncodeToString(sum[:]))
+	switch {
+	case err == nil:
+		found = true
+	case errors.Is(err, ErrNotFound):
+	default:
+		return nil, BlobRecord{}, false, fmt.Errorf("looking up duplicate candidate: %w", err)
+	}
+	return io.MultiReader(bytes.NewReader(head), r), cand, found, nil
+}
+
+// IngestResult describes a blob stored by IngestTo.
+type IngestResult struct {
+	PutResult
+	// Datastore names the datastore holding the blob. It differs from the
+	// kind's datastore when the bytes were already stored in another one.
+	Datastore string
+}
+
+// compareChunk is how many bytes IngestTo compares with a candidate in
+// another datastore at a time.
+const compareChunk = 64 << 10
+
+// IngestTo stores the body r in the datastore of kind and records the blob in
+// meta, deduplicating across all datastores. Limits and the head lookup work
+// as in Ingest.
+//
+// When the lookup finds a likely duplicate in the kind's datastore, that store
+// compares the bytes itself (PutOptions.Candidate). When the duplicate lives
+// in another configured datastore, IngestTo streams the body and that blob
+// side by side, a chunk at a time: if they are equal to the end (and the
+// bytes hash to the candidate's address) nothing is written and the result
+// names the candidate's datastore with Existed set. At the first differing
+// byte n the body is written to the kind's datastore from the candidate's
+// first n bytes (read again, and checked against the hash of the body's first
+// n bytes), the unmatched rest of the chunk and the rest of the body.
+//
+// After a write, a hash that is already recorded in another datastore keeps
+// its record: the copy just written is deleted again (unless the target held
+// it before), Existed is set and the result names the recorded datastore. A
+// new hash is recorded under the kind's datastore once the blob is durable.
+func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind Kind, r io.Reader, opts PutOptions) (IngestResult, error) {
+	if opts.MaxSize > 0 && opts.ExpectedSize > opts.MaxSize {
+		return IngestResult{}, fmt.Errorf("ingesting body: announced length %d over limit %d: %w",
+			opts.ExpectedSize, opts.MaxSize, ErrTooLarge)
+	}
+	target, store := stores.ForKind(kind)
+	body, cand, found, err := readHead(ctx, meta, r, opts)
+	if err != nil {
+		return IngestResult{}, fmt.Errorf("ingesting body: %w", err)
+	}
+
+	var res PutResult
+	candStore, candKnown := stores.Get(cand.Datastore)
+	switch {
+	case found && cand.Datastore == target:
+		opts.Candidate = cand.SHA256
+		res, err = store.Put(ctx, body, opts)
+	case found && candKnown:
+		opts.Candidate = ""
+		var same bool
+		res, same, err = putComparing(ctx, candStore, cand, body, store, opts)
+		if err == nil && same {
+			return IngestResult{PutResult: res, Datastore: cand.Datastore}, nil
+		}
+	default:
+		res, err = store.Put(ctx, body, opts)
+	}
+	if err != nil {
+		return IngestResult{}, fmt.Errorf("ingesting body into datastore %s: %w", target, err)
+	}
+
+	rec, err := meta.GetBlob(ctx, res.SHA256)
+	if errors.Is(err, ErrNotFound) {
+		err = meta.RecordBlob(ctx, BlobRecord{
+			SHA256:       res.SHA256,
+			Size:         res.Size,
+			PrefixSHA256: res.PrefixSHA256,
+			Datastore:    target,
+			CreatedAt:    time.Now(),
+		})
+		if err != nil {
+			return IngestResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
+		}
+		// Read back: a concurrent ingest of the same bytes may have recorded
+		// them in another datastore first, and that record wins.
+		rec, err = meta.GetBlob(ctx, res.SHA256)
+	}
+	if err != nil {
+		return IngestResult{}, fmt.Errorf("ingesting body: reading blob record: %w", err)
+	}
+	if rec.Datastore != target {
+		if !res.Existed {
+			// The recorded datastore holds the bytes; this copy is unreferenced.
+			// A failed delete only leaves an orphan, so the upload still succeeds.
+			_ = store.Delete(context.WithoutCancel(ctx), res.SHA256)
+		}
+		res.Existed = true
+	}
+	return IngestResult{PutResult: res, Datastore: rec.Datastore}, nil
+}
+
+// putComparing compares body with the candidate blob held by candStore. When
+// they are equal it writes nothing and reports same; otherwise it writes body
+// to target (see IngestTo). A candidate that cannot be opened is ignored.
+func putComparing(ctx context.Context, candStore BlobStore, cand BlobRecord, body io.Reader, target BlobStore, opts PutOptions) (res PutResult, same bool, err error) {
+	blob, err := candStore.Open(ctx, cand.SHA256)
+	if err != nil {
+		// Only a hint: the blob may have been moved or deleted meanwhile.
+		res, err := target.Put(ctx, body, opts)
+		return res, false, err
+	}
+	defer blob.Content.Close()
+
+	h := sha256.New()
+	prefix := sha256.New()
+	bbuf := make([]byte, compareChunk)
+	cbuf := make([]byte, compareChunk)
+	var matched int64
+	for {
+		if err := ctx.Err(); err != nil {
+			return PutResult{}, false, err
+		}
+		n, rerr := io.ReadFull(body, bbuf)
+		eof := rerr == io.EOF || rerr == io.ErrUnexpectedEOF
+		if rerr != nil && !eof {
+			return PutResult{}, false, fmt.Errorf("reading body: %w", rerr)
+		}
+		c, cerr := io.ReadFull(blob.Content, cbuf[:n])
+		if cerr != nil && cerr != io.EOF && cerr != io.ErrUnexpectedEOF {
+			return PutResult{}, false, fmt.Errorf("reading candidate blob %s: %w", cand.SHA256, cerr)
+		}
+		i := commonPrefix(bbuf[:n], cbuf[:c])
+		h.Write(bbuf[:i])
+		if matched < PrefixSize {
+			prefix.Write(bbuf[:min(int64(i), PrefixSize-matched)])
+		}
+		matched += int64(i)
+		if i < n {
+			rest := io.MultiReader(bytes.NewReader(bbuf[i:n]), body)
+			res, err := putDiverged(ctx, candStore, cand.SHA256, matched, h.Sum(nil), rest, target, opts)
+			return res, false, err
+		}
+		if !eof {
+			continue
+		}
+		// The body ended and matched so far; it is a duplicate only if the
+		// candidate ends here too and really has the address it is stored
+		// under.
+		more, cerr := io.ReadFull(blob.Content, cbuf[:1])
+		if cerr != nil && cerr != io.EOF {
+			return PutResult{}, false, fmt.Errorf("reading candidate blob %s: %w", cand.SHA256, cerr)
+		}
+		sum := hex.EncodeToString(h.Sum(nil))
+		if more == 0 && sum == cand.SHA256 && matched == opts.ExpectedSize {
+			return PutResult{
+				SHA256:       sum,
+				Size:         matched,
+				PrefixSHA256: hex.EncodeToString(prefix.Sum(nil)),
+				Existed:      true,
+			}, true, nil
+		}
+		res, err := putDiverged(ctx, candStore, cand.SHA256, matched, h.Sum(nil), bytes.NewReader(nil), target, opts)
+		return res, false, err
+	}
+}
+
+// commonPrefix returns the length of the longest common prefix of a and b.
+func commonPrefix(a, b []byte) int {
+	n := min(len(a), len(b))
+	if bytes.Equal(a[:n], b[:n]) {
+		return n
+	}
+	for i := range n {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return n
+}
+
+// putDiverged writes to target the first n bytes of the candidate blob,
+// which must hash to prefixSum (the hash of the body's first n bytes), then
+// rest.
+func putDiverged(ctx context.Context, candStore BlobStore, candSHA string, n int64, prefixSum []byte, rest io.Reader, target BlobStore, opts PutOptions) (PutResult, error) {
+	var head io.Reader = bytes.NewReader(nil)
+	if n > 0 {
+		blob, err := candStore.Open(ctx, candSHA)
+		if err != nil {
+			return PutResult{}, fmt.Errorf("reopening candidate blob %s: %w", candSHA, err)
+		}
+		defer blob.Content.Close()
+		head = &checkedReader{r: io.LimitReader(blob.Content, n), hash: sha256.New(), want: prefixSum, n: n}
+	}
+	return target.Put(ctx, io.MultiReader(head, rest), opts)
+}
+
+// errCandidateChanged reports that a candidate blob read twice gave different
+// bytes.
+var errCandidateChanged = errors.New("candidate blob changed while being read")
+
+// checkedReader passes r through and, at its end, checks that exactly n bytes
+// with the SHA-256 want were read; otherwise it fails instead of ending.
+type checkedReader struct {
+	r     io.Reader
+	hash  hash.Hash
+	want  []byte
+	n     int64
+	count int64
+}
+
+// Read implements io.Reader.
+func (c *checkedReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.hash.Write(p[:n])
+	c.count += int64(n)
+	if err == io.EOF && (c.count != c.n || !bytes.Equal(c.hash.Sum(nil), c.want)) {
+		return n, fmt.Errorf("re-reading %d matched bytes (got %d): %w", c.n, c.count, errCandidateChanged)
+	}
+	return n, err
 }

@@ -138,6 +138,10 @@ type Media struct {
 	ExpiresAt time.Time
 	// Remote is true for media cached from another server.
 	Remote bool
+	// Datastore names the datastore holding the content blob, taken from the
+	// blob's record. GetMedia sets it for ready items; it is empty while
+	// pending, and ignored on writes.
+	Datastore string
 }
 
 // Blob metadata recorded for each stored blob.
@@ -167,11 +171,22 @@ type MetadataStore interface {
 	FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 string) (BlobRecord, error)
 	// CountBlobReferences returns how many media rows reference the blob.
 	CountBlobReferences(ctx context.Context, sha256 string) (int64, error)
+	// ListBlobs returns up to limit records of blobs held by datastore whose
+	// hash sorts after afterSHA256 (empty: from the start), ordered by hash
+	// ascending. Paging with the last hash of each page visits every blob once.
+	ListBlobs(ctx context.Context, datastore string, afterSHA256 string, limit int) ([]BlobRecord, error)
+	// CountBlobs returns how many blobs datastore holds and their total size
+	// in bytes.
+	CountBlobs(ctx context.Context, datastore string) (count int64, bytes int64, err error)
+	// MoveBlob atomically changes the datastore of a blob's record from from
+	// to to. It fails with ErrNotFound when no record of sha256 names from.
+	MoveBlob(ctx context.Context, sha256, from, to string) error
 
 	// InsertMedia stores a ready media item. An existing (ServerName, MediaID)
 	// gives ErrConflict.
 	InsertMedia(ctx context.Context, m Media) error
-	// GetMedia returns a media item in any state, or ErrNotFound.
+	// GetMedia returns a media item in any state, or ErrNotFound. For a ready
+	// item Datastore is the datastore of its blob record.
 	GetMedia(ctx context.Context, serverName, mediaID string) (Media, error)
 	// CreatePending reserves a media ID for m.UserID with m.ExpiresAt. It fails
 	// with ErrLimitExceeded when that user already holds maxPending pending,

@@ -26,7 +26,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"strconv"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -48,7 +50,8 @@ const (
 
 // Defaults used when a RepositoryOptions field is zero.
 const (
-	// DefaultDatastore names the blob store in blob records.
+	// DefaultDatastore is the name of the datastore the Caddy layer creates
+	// when none is configured (and the name earlier versions recorded).
 	DefaultDatastore = "default"
 	// DefaultMediaCacheSize is how many ready media rows are cached.
 	DefaultMediaCacheSize = 65536
@@ -92,12 +95,15 @@ type SiteConfig struct {
 // cache, the waiters for pending uploads and the metrics. Build one with
 // NewRepository and share it between sites.
 type Repository struct {
-	blobs   storage.BlobStore
-	meta    storage.MetadataStore
-	metrics *Metrics
-	logger  *zap.Logger
+	stores    *storage.Datastores
+	meta      storage.MetadataStore
+	metrics   *Metrics
+	logger    *zap.Logger
+	redirects map[string]RedirectPolicy
+	// copyBufs holds *[]byte buffers of copyBufSize for downloads of content
+	// that is not a file.
+	copyBufs sync.Pool
 
-	datastore       string
 	cleanupInterval time.Duration
 	// cache holds ready media rows; nil when disabled.
 	cache *mediaCache
@@ -113,8 +119,10 @@ type Repository struct {
 
 // RepositoryOptions configures NewRepository.
 type RepositoryOptions struct {
-	// Datastore names the blob store in blob records. Default "default".
-	Datastore string
+	// Redirects, keyed by datastore name, answer downloads of media stored
+	// in that datastore with a 307 redirect to a presigned URL, where the
+	// datastore's store can presign (storage.Presigner). Default: none.
+	Redirects map[string]RedirectPolicy
 	// MediaCacheSize is how many ready media rows are kept in memory so that
 	// downloads need no database round trip. Default 65536; negative disables
 	// the cache.
@@ -128,20 +136,37 @@ type RepositoryOptions struct {
 	PendingCleanupInterval time.Duration
 }
 
+// RedirectPolicy configures presigned download redirects for a datastore.
+type RedirectPolicy struct {
+	// Lifetime of each presigned URL. Required.
+	Lifetime time.Duration
+	// CDNBaseURL, when set, replaces the scheme, host and leading path of
+	// the presigned URLs. Default: none.
+	CDNBaseURL *url.URL
+}
+
 // NewRepository builds the shared repository on the given stores.
-func NewRepository(blobs storage.BlobStore, meta storage.MetadataStore, opts RepositoryOptions) (*Repository, error) {
-	if blobs == nil || meta == nil {
-		return nil, errors.New("building repository: both a blob store and a metadata store are required")
+func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts RepositoryOptions) (*Repository, error) {
+	if stores == nil || meta == nil {
+		return nil, errors.New("building repository: both datastores and a metadata store are required")
+	}
+	for name, p := range opts.Redirects {
+		if _, ok := stores.Get(name); !ok {
+			return nil, fmt.Errorf("building repository: redirect policy for unknown datastore %q", name)
+		}
+		if p.Lifetime <= 0 {
+			return nil, fmt.Errorf("building repository: redirect lifetime of datastore %q must be positive", name)
+		}
 	}
 	if opts.PendingCleanupInterval < 0 {
 		return nil, fmt.Errorf("building repository: negative pending cleanup interval %s", opts.PendingCleanupInterval)
 	}
 	r := &Repository{
-		blobs:           blobs,
+		stores:          stores,
 		meta:            meta,
 		metrics:         opts.Metrics,
 		logger:          opts.Logger,
-		datastore:       opts.Datastore,
+		redirects:       opts.Redirects,
 		cleanupInterval: opts.PendingCleanupInterval,
 		now:             time.Now,
 		pollInterval:    pendingPollInterval,
@@ -151,9 +176,6 @@ func NewRepository(blobs storage.BlobStore, meta storage.MetadataStore, opts Rep
 	}
 	if r.logger == nil {
 		r.logger = zap.NewNop()
-	}
-	if r.datastore == "" {
-		r.datastore = DefaultDatastore
 	}
 	if r.cleanupInterval == 0 {
 		r.cleanupInterval = DefaultPendingCleanupInterval
@@ -165,6 +187,7 @@ func NewRepository(blobs storage.BlobStore, meta storage.MetadataStore, opts Rep
 	if size > 0 {
 		r.cache = newMediaCache(size)
 	}
+	r.copyBufs.New = func() any { b := make([]byte, copyBufSize); return &b }
 	r.waits.init()
 	return r, nil
 }

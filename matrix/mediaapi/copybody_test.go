@@ -7,6 +7,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 )
 
@@ -56,7 +57,7 @@ func TestCopyBodyKeepsBareFileForSendfile(t *testing.T) {
 			t.Fatal(err)
 		}
 		w := &limitingWriter{ResponseRecorder: httptest.NewRecorder()}
-		n, err := copyBody(w, f, tc.start+tc.length == int64(len(content)), tc.length)
+		n, err := copyBody(w, f, tc.start+tc.length == int64(len(content)), tc.length, &sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }})
 		f.Close()
 		if err != nil || n != tc.length {
 			t.Fatalf("Test %d: copyBody = %d, %v; want %d", i, n, err, tc.length)

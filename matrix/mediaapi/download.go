@@ -3,11 +3,14 @@ package mediaapi
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -208,27 +211,7 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 		return http.StatusNotModified
 	}
 
-	blob, err := s.repo.blobs.Open(r.Context(), e.m.SHA256)
-	if err != nil {
-		if errors.Is(err, storage.ErrNotFound) {
-			s.repo.logger.Error("media content is missing from the blob store",
-				zap.String("server_name", e.m.ServerName), zap.String("media_id", e.m.MediaID),
-				zap.String("sha256", e.m.SHA256))
-			return writeErr(w, matrix.NotFound("Media content not found"))
-		}
-		if r.Context().Err() != nil {
-			writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
-			return statusClientGone
-		}
-		return s.internalError(w, "opening media content", err)
-	}
-	defer blob.Content.Close()
 	size := e.m.Size
-	if blob.Size != size {
-		return s.internalError(w, "serving media", errors.New("blob size "+strconv.FormatInt(blob.Size, 10)+
-			" differs from recorded size "+strconv.FormatInt(size, 10)+" for "+e.m.SHA256))
-	}
-
 	status := http.StatusOK
 	start, length := int64(0), size
 	if rv := r.Header["Range"]; len(rv) > 0 && ifRangeHolds(r, e) {
@@ -245,14 +228,25 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 			start, length = 0, size
 		}
 	}
+	disposition := e.disposition
+	if fileName != "" {
+		disposition = []string{matrix.ContentDisposition(e.contentType[0], fileName, false)}
+	}
+
+	if st, done := s.redirect(w, r, e, disposition[0], legacy); done {
+		return st
+	}
+	content, err := s.openContent(r, e, start, length)
+	if err != nil {
+		return s.contentError(w, r, e, err)
+	}
+	if content != nil {
+		defer content.Close()
+	}
 
 	setMediaSecurity(h, legacy)
 	h["Content-Type"] = e.contentType
-	if fileName != "" {
-		h["Content-Disposition"] = []string{matrix.ContentDisposition(e.contentType[0], fileName, false)}
-	} else {
-		h["Content-Disposition"] = e.disposition
-	}
+	h["Content-Disposition"] = disposition
 	h["Etag"] = e.etag
 	h["Last-Modified"] = e.lastModified
 	h["Accept-Ranges"] = hdrAcceptRanges
@@ -263,23 +257,170 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 		h["Content-Length"] = e.contentLength
 	}
 	w.WriteHeader(status)
-	if r.Method == http.MethodHead || length == 0 {
+	if content == nil || r.Method == http.MethodHead || length == 0 {
 		return status
 	}
-	if start > 0 {
-		if _, err := blob.Content.Seek(start, io.SeekStart); err != nil {
-			s.repo.logger.Error("seeking in media content", zap.String("sha256", e.m.SHA256), zap.Error(err))
-			return status
-		}
-	}
-	n, err := copyBody(w, blob.Content, start+length == size, length)
+	n, err := copyBody(w, content, start+length == size, length, &s.repo.copyBufs)
 	s.repo.metrics.downloadBytes.Add(float64(n))
+	s.repo.metrics.datastoreBytes(e.m.Datastore, "out").Add(float64(n))
 	if err != nil {
 		if ce := s.repo.logger.Check(zapcore.DebugLevel, "media download interrupted"); ce != nil {
 			ce.Write(zap.String("media_id", e.m.MediaID), zap.Int64("sent", n), zap.Error(err))
 		}
 	}
 	return status
+}
+
+// openContent opens the content of e positioned at start, to read length
+// bytes: the blob itself for stores that open files (so that sendfile stays
+// possible), one ranged read for stores that support it. It returns nil
+// content (and no error) when nothing needs to be read: a HEAD or an empty
+// body from a ranged store, after checking that the blob exists. A blob not
+// found where the cached row says is looked up again once, since a migration
+// may have moved it.
+func (s *Site) openContent(r *http.Request, e *mediaEntry, start, length int64) (io.ReadCloser, error) {
+	for attempt := 0; ; attempt++ {
+		rc, err := s.openContentIn(r, e, start, length)
+		if err == nil || attempt > 0 || !errors.Is(err, storage.ErrNotFound) {
+			return rc, err
+		}
+		moved, ok := s.repo.relocate(r.Context(), e)
+		if !ok {
+			return nil, err
+		}
+		e = moved
+	}
+}
+
+// openContentIn is one attempt of openContent, in e's datastore.
+func (s *Site) openContentIn(r *http.Request, e *mediaEntry, start, length int64) (io.ReadCloser, error) {
+	store, ok := s.repo.stores.Get(e.m.Datastore)
+	if !ok {
+		return nil, fmt.Errorf("opening media content: blob %s is recorded in datastore %q, which is not configured: %w",
+			e.m.SHA256, e.m.Datastore, storage.ErrNotFound)
+	}
+	ctx := r.Context()
+	if ro, ok := store.(storage.RangeOpener); ok {
+		if r.Method == http.MethodHead || length == 0 {
+			_, err := store.Stat(ctx, e.m.SHA256)
+			return nil, err
+		}
+		return ro.OpenRange(ctx, e.m.SHA256, start, length)
+	}
+	blob, err := store.Open(ctx, e.m.SHA256)
+	if err != nil {
+		return nil, err
+	}
+	if blob.Size != e.m.Size {
+		_ = blob.Content.Close()
+		return nil, fmt.Errorf("opening media content: blob %s has %d bytes, recorded size %d", e.m.SHA256, blob.Size, e.m.Size)
+	}
+	if start > 0 {
+		if _, err := blob.Content.Seek(start, io.SeekStart); err != nil {
+			_ = blob.Content.Close()
+			return nil, fmt.Errorf("seeking in media content: %w", err)
+		}
+	}
+	return blob.Content, nil
+}
+
+// relocate re-reads where e's blob lives, for a blob that was not found in
+// its cached datastore. It returns the updated entry (also cached) when the
+// blob is now recorded in another datastore.
+func (r *Repository) relocate(ctx context.Context, e *mediaEntry) (*mediaEntry, bool) {
+	rec, err := r.meta.GetBlob(ctx, e.m.SHA256)
+	if err != nil || rec.Datastore == e.m.Datastore {
+		return nil, false
+	}
+	m := e.m
+	m.Datastore = rec.Datastore
+	moved := newMediaEntry(m)
+	if r.cache != nil {
+		r.cache.put(mediaKey{m.ServerName, m.MediaID}, moved)
+	}
+	return moved, true
+}
+
+// contentError answers a failure to open media content.
+func (s *Site) contentError(w http.ResponseWriter, r *http.Request, e *mediaEntry, err error) int {
+	switch {
+	case r.Context().Err() != nil:
+		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
+		return statusClientGone
+	case errors.Is(err, storage.ErrNotFound):
+		s.repo.logger.Error("media content is missing from its datastore",
+			zap.String("server_name", e.m.ServerName), zap.String("media_id", e.m.MediaID),
+			zap.String("sha256", e.m.SHA256), zap.String("datastore", e.m.Datastore), zap.Error(err))
+		return writeErr(w, matrix.NotFound("Media content not found"))
+	case errors.Is(err, storage.ErrUnavailable):
+		s.repo.logger.Error("media storage unavailable during a download",
+			zap.String("datastore", e.m.Datastore), zap.Error(err))
+		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
+	default:
+		return s.internalError(w, "opening media content", err)
+	}
+}
+
+// redirect answers with a 307 to a presigned URL of the content when the
+// datastore has a redirect policy and the endpoint allows redirects: always
+// on the authenticated endpoints, on the legacy ones only when the client
+// sent allow_redirect=true (as the spec requires). done reports that the
+// response was written.
+func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, disposition string, legacy bool) (int, bool) {
+	policy, ok := s.repo.redirects[e.m.Datastore]
+	if !ok || r.Method != http.MethodGet {
+		return 0, false
+	}
+	if legacy {
+		if v, _, _ := matrix.QueryParam(r.URL.RawQuery, "allow_redirect"); v != "true" {
+			return 0, false
+		}
+	}
+	store, ok := s.repo.stores.Get(e.m.Datastore)
+	if !ok {
+		return 0, false
+	}
+	ps, ok := store.(storage.Presigner)
+	if !ok {
+		return 0, false
+	}
+	u, err := ps.PresignGet(r.Context(), e.m.SHA256, policy.Lifetime, e.contentType[0], disposition)
+	if err != nil {
+		// Serving the bytes ourselves still works.
+		s.repo.logger.Warn("presigning a download redirect failed; serving directly", zap.Error(err))
+		return 0, false
+	}
+	if policy.CDNBaseURL != nil {
+		if u, err = rebase(u, policy.CDNBaseURL); err != nil {
+			s.repo.logger.Warn("rewriting a presigned URL for the CDN failed; serving directly", zap.Error(err))
+			return 0, false
+		}
+	}
+	h := w.Header()
+	setMediaSecurity(h, legacy)
+	h["Location"] = []string{u}
+	// The URL expires: neither clients nor proxies may keep the redirect.
+	h["Cache-Control"] = []string{"no-store"}
+	w.WriteHeader(http.StatusTemporaryRedirect)
+	s.repo.metrics.redirects.Inc()
+	return http.StatusTemporaryRedirect, true
+}
+
+// rebase replaces the scheme and host of the URL raw with base's, and puts
+// base's path in front of its path.
+func rebase(raw string, base *url.URL) (string, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "", fmt.Errorf("parsing presigned url: %w", err)
+	}
+	u.Scheme, u.Host = base.Scheme, base.Host
+	if base.Path != "" {
+		u.Path = base.Path + u.Path
+		if u.RawPath != "" {
+			u.RawPath = base.EscapedPath() + u.RawPath
+		}
+	}
+	return u.String(), nil
 }
 
 // notModified evaluates If-None-Match (weak comparison, lists and "*"), or
@@ -414,17 +555,29 @@ func contentRange(start, length, size int64) string {
 }
 
 // copyBody writes length bytes of content, positioned at the start of the
-// range, to w. w is used as given so that its ReadFrom stays reachable: when
+// range, to w. Content that is not a file is copied with a 256 KiB buffer
+// (hiding w's ReadFrom, which would copy in 32 KiB steps). w is used as given so that its ReadFrom stays reachable: when
 // the range runs to the end of the file and content is an *os.File, the bare
 // file is handed to ReadFrom. Wrappers that add their own io.LimitReader
 // (Caddy's write_idle timeout writer hands 64 KiB LimitReaders down) then
 // still reach the kernel's sendfile, which unwraps exactly one LimitReader
 // around an *os.File; io.CopyN would add a second one and lose sendfile.
-func copyBody(w http.ResponseWriter, content io.Reader, toEOF bool, length int64) (int64, error) {
+func copyBody(w http.ResponseWriter, content io.Reader, toEOF bool, length int64, bufs *sync.Pool) (int64, error) {
 	if f, ok := content.(*os.File); ok && toEOF {
 		if rf, ok := w.(io.ReaderFrom); ok {
 			return rf.ReadFrom(f)
 		}
 	}
-	return io.CopyN(w, content, length)
+	if _, ok := content.(*os.File); ok {
+		return io.CopyN(w, content, length)
+	}
+	bp := bufs.Get().(*[]byte)
+	defer bufs.Put(bp)
+	return io.CopyBuffer(writerOnly{w}, io.LimitReader(content, length), *bp)
 }
+
+// copyBufSize is the buffer size for copying content that is not a file.
+const copyBufSize = 256 << 10
+
+// writerOnly hides every method but Write.
+type writerOnly struct{ io.Writer }

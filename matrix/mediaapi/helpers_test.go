@@ -85,6 +85,14 @@ type envOption func(*SiteConfig, *RepositoryOptions)
 
 func newEnv(t testing.TB, opts ...envOption) *env {
 	t.Helper()
+	return newEnvWithStores(t, nil, opts...)
+}
+
+// newEnvWithStores is newEnv with more datastores: extra returns them, given
+// the env's directory; the env's own file store ("default") takes no kinds
+// when extra is set, so one of them must take local.
+func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, opts ...envOption) *env {
+	t.Helper()
 	dir := t.TempDir()
 	blobs, err := filestore.New(filepath.Join(dir, "blobs"))
 	if err != nil {
@@ -101,7 +109,16 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 	for _, o := range opts {
 		o(&cfg, &ropts)
 	}
-	repo, err := NewRepository(blobs, meta, ropts)
+	all := []storage.Datastore{{Name: DefaultDatastore, Store: blobs, Kinds: []storage.Kind{storage.KindLocal}}}
+	if extra != nil {
+		all[0].Kinds = nil
+		all = append(all, extra(dir)...)
+	}
+	stores, err := storage.NewDatastores(all...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo, err := NewRepository(stores, meta, ropts)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -228,7 +228,7 @@ func TestMissingBlob(t *testing.T) {
 	}
 	rec := e.do(req{method: "GET", path: "/_matrix/media/v3/download/test/" + id})
 	expectError(t, rec, 404, "M_NOT_FOUND")
-	if !strings.Contains(logs.String(), "missing from the blob store") {
+	if !strings.Contains(logs.String(), "missing from its datastore") {
 		t.Fatalf("missing blob not logged: %s", logs.String())
 	}
 }

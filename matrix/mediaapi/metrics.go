@@ -19,6 +19,10 @@ import (
 //	caddy_matrix_media_download_bytes_total                  counter
 //	caddy_matrix_media_dedup_hits_total                      counter
 //	caddy_matrix_media_pending_uploads_waiting               gauge
+//	caddy_matrix_media_download_redirects_total              counter
+//	caddy_matrix_media_datastore_bytes_total{datastore,direction}  counter (in: new blobs written by uploads, out: download bodies)
+//	caddy_matrix_media_datastore_operations_total{datastore,op,result}  counter (object-store requests; result ok|error)
+//	caddy_matrix_media_datastore_operation_duration_seconds{datastore,op}  histogram
 //
 // endpoint is one of unknown, upload, create, upload_put, download, config,
 // options; code is the HTTP status (499 when the client went away before an
@@ -30,6 +34,10 @@ type Metrics struct {
 	downloadBytes prometheus.Counter
 	dedupHits     prometheus.Counter
 	waiting       prometheus.Gauge
+	redirects     prometheus.Counter
+	storeBytes    *prometheus.CounterVec
+	storeOps      *prometheus.CounterVec
+	storeLatency  *prometheus.HistogramVec
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -74,6 +82,23 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "pending_uploads_waiting",
 			Help: "Downloads currently waiting for an asynchronous upload to complete.",
 		}),
+		redirects: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "download_redirects_total",
+			Help: "Downloads answered with a redirect to a presigned datastore URL.",
+		}),
+		storeBytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "datastore_bytes_total",
+			Help: "Media bytes written to (in) and served from (out) each datastore.",
+		}, []string{"datastore", "direction"}),
+		storeOps: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "datastore_operations_total",
+			Help: "Object-store requests by datastore, operation and result (ok or error).",
+		}, []string{"datastore", "op", "result"}),
+		storeLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "datastore_operation_duration_seconds",
+			Help:    "Time of object-store requests (for reads: until the body was closed).",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
+		}, []string{"datastore", "op"}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -83,7 +108,35 @@ func NewMetrics() *Metrics {
 
 // Collectors returns every collector, for registration with a registry.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting}
+	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
+		m.redirects, m.storeBytes, m.storeOps, m.storeLatency}
+}
+
+// datastoreBytes is the byte counter of a datastore in one direction.
+func (m *Metrics) datastoreBytes(datastore, direction string) prometheus.Counter {
+	return m.storeBytes.WithLabelValues(datastore, direction)
+}
+
+// StoreObserver returns what an object store of the named datastore reports
+// its requests to (it implements s3store.Observer).
+func (m *Metrics) StoreObserver(datastore string) *StoreObserver {
+	return &StoreObserver{m: m, datastore: datastore}
+}
+
+// StoreObserver records object-store requests of one datastore.
+type StoreObserver struct {
+	m         *Metrics
+	datastore string
+}
+
+// ObserveS3 records one request: its operation, duration and error.
+func (o *StoreObserver) ObserveS3(op string, dur time.Duration, _ int64, err error) {
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	o.m.storeOps.WithLabelValues(o.datastore, op, result).Inc()
+	o.m.storeLatency.WithLabelValues(o.datastore, op).Observe(dur.Seconds())
 }
 
 // observe records one finished request.

@@ -74,13 +74,13 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 // receiveUpload checks the announced size and the upload's metadata (content
 // type, file name), then streams the body into the blob store. On failure it
 // writes the error response and returns its status.
-func (s *Site) receiveUpload(w http.ResponseWriter, r *http.Request) (uploadMeta, storage.PutResult, int) {
+func (s *Site) receiveUpload(w http.ResponseWriter, r *http.Request) (uploadMeta, storage.IngestResult, int) {
 	if r.ContentLength > s.cfg.MaxUploadSize {
-		return uploadMeta{}, storage.PutResult{}, writeErr(w, s.tooLarge())
+		return uploadMeta{}, storage.IngestResult{}, writeErr(w, s.tooLarge())
 	}
 	um, merr := parseUploadMeta(r)
 	if merr != nil {
-		return uploadMeta{}, storage.PutResult{}, writeErr(w, merr)
+		return uploadMeta{}, storage.IngestResult{}, writeErr(w, merr)
 	}
 	res, st := s.ingest(w, r)
 	return um, res, st
@@ -94,7 +94,7 @@ func (s *Site) tooLarge() *matrix.Error {
 // ingest streams the request body into the blob store (deduplicating) and
 // records the blob. On failure it writes the error response and returns its
 // status.
-func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult, int) {
+func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestResult, int) {
 	expected := r.ContentLength
 	if expected < 0 {
 		expected = -1
@@ -103,7 +103,7 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult
 	if r.Body == nil {
 		body.r = http.NoBody
 	}
-	res, err := storage.Ingest(r.Context(), s.repo.blobs, s.repo.meta, s.repo.datastore, body, storage.PutOptions{
+	res, err := storage.IngestTo(r.Context(), s.repo.stores, s.repo.meta, storage.KindLocal, body, storage.PutOptions{
 		MaxSize:      s.cfg.MaxUploadSize,
 		ExpectedSize: expected,
 	})
@@ -112,6 +112,8 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult
 		s.repo.metrics.uploadBytes.Add(float64(res.Size))
 		if res.Existed {
 			s.repo.metrics.dedupHits.Inc()
+		} else {
+			s.repo.metrics.datastoreBytes(res.Datastore, "in").Add(float64(res.Size))
 		}
 		return res, 0
 	case errors.Is(err, storage.ErrTooLarge):
@@ -125,6 +127,10 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.PutResult
 			st = statusClientGone
 		}
 		return res, st
+	case errors.Is(err, storage.ErrUnavailable):
+		s.repo.logger.Error("media storage unavailable during an upload", zap.Error(err))
+		w.Header().Set("Retry-After", "5")
+		return res, writeErr(w, matrix.Unknown(http.StatusServiceUnavailable, "Media storage is unavailable, try again later"))
 	default:
 		return res, s.internalError(w, "storing upload", err)
 	}
@@ -147,6 +153,7 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		UserID:      user.UserID,
 		SHA256:      res.SHA256,
 		Size:        res.Size,
+		Datastore:   res.Datastore,
 		ContentType: um.contentType,
 		Filename:    um.filename,
 		CreatedAt:   now,
@@ -291,6 +298,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	}
 	m.SHA256 = res.SHA256
 	m.Size = res.Size
+	m.Datastore = res.Datastore
 	m.ContentType = um.contentType
 	m.Filename = um.filename
 	m.UploadedAt = s.repo.now()

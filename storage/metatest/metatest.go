@@ -26,6 +26,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -56,6 +57,10 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"DeleteExpiredPending", testDeleteExpiredPending},
 		{"ConcurrentCreatePending", testConcurrentCreatePending},
 		{"ConcurrentCompletePending", testConcurrentCompletePending},
+		{"ListBlobs", testListBlobs},
+		{"CountBlobs", testCountBlobs},
+		{"MoveBlob", testMoveBlob},
+		{"MediaDatastore", testMediaDatastore},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -723,4 +728,192 @@ func testConcurrentCompletePending(t *testing.T, s storage.MetadataStore) {
 			t.Fatalf("loser %d's blob has %d references, want 0", i, n)
 		}
 	}
+}
+
+// recordIn records n blobs with the given seed prefix in datastore and
+// returns them sorted by hash.
+func recordIn(t *testing.T, s storage.MetadataStore, datastore, seed string, n int) []storage.BlobRecord {
+	t.Helper()
+	out := make([]storage.BlobRecord, n)
+	for i := range out {
+		b := blobRecord(fmt.Sprintf("%s-%d", seed, i))
+		b.Datastore = datastore
+		b.Size = int64(i) * 1000
+		mustNil(t, "RecordBlob", s.RecordBlob(context.Background(), b))
+		out[i] = b
+	}
+	slices.SortFunc(out, func(a, b storage.BlobRecord) int { return strings.Compare(a.SHA256, b.SHA256) })
+	return out
+}
+
+func testListBlobs(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	inA := recordIn(t, s, "a", "list-a", 7)
+	recordIn(t, s, "b", "list-b", 3)
+
+	// Paging by the last hash visits every blob of "a" once, in order.
+	var got []storage.BlobRecord
+	after := ""
+	for pages := 0; ; pages++ {
+		if pages > 10 {
+			t.Fatal("ListBlobs paging does not end")
+		}
+		page, err := s.ListBlobs(ctx, "a", after, 3)
+		mustNil(t, "ListBlobs", err)
+		if len(page) > 3 {
+			t.Fatalf("ListBlobs(limit 3) returned %d records", len(page))
+		}
+		if len(page) == 0 {
+			break
+		}
+		got = append(got, page...)
+		after = page[len(page)-1].SHA256
+	}
+	if len(got) != len(inA) {
+		t.Fatalf("paged ListBlobs returned %d records, want %d", len(got), len(inA))
+	}
+	for i := range got {
+		equalBlob(t, got[i], inA[i])
+	}
+
+	// The cursor is exclusive; a large limit returns the rest.
+	rest, err := s.ListBlobs(ctx, "a", inA[2].SHA256, 100)
+	mustNil(t, "ListBlobs(after third)", err)
+	if len(rest) != 4 || rest[0].SHA256 != inA[3].SHA256 || rest[3].SHA256 != inA[6].SHA256 {
+		t.Fatalf("ListBlobs after the third hash = %d records starting %v, want the last 4", len(rest), rest)
+	}
+	for _, tt := range []struct {
+		name, datastore, after string
+		limit                  int
+	}{
+		{"after the last", "a", inA[6].SHA256, 10},
+		{"unknown datastore", "nowhere", "", 10},
+		{"zero limit", "a", "", 0},
+	} {
+		recs, err := s.ListBlobs(ctx, tt.datastore, tt.after, tt.limit)
+		mustNil(t, "ListBlobs("+tt.name+")", err)
+		if len(recs) != 0 {
+			t.Fatalf("ListBlobs(%s) = %d records, want none", tt.name, len(recs))
+		}
+	}
+}
+
+func testCountBlobs(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	check := func(datastore string, wantCount, wantBytes int64) {
+		t.Helper()
+		n, size, err := s.CountBlobs(ctx, datastore)
+		mustNil(t, "CountBlobs", err)
+		if n != wantCount || size != wantBytes {
+			t.Fatalf("CountBlobs(%s) = %d blobs, %d bytes; want %d, %d", datastore, n, size, wantCount, wantBytes)
+		}
+	}
+	check("a", 0, 0)
+	recordIn(t, s, "a", "count-a", 4) // sizes 0, 1000, 2000, 3000
+	big := blobRecord("count-big")
+	big.Datastore = "a"
+	big.Size = 1<<40 + 5
+	mustNil(t, "RecordBlob(big)", s.RecordBlob(ctx, big))
+	recordIn(t, s, "b", "count-b", 2)
+	check("a", 5, 6000+1<<40+5)
+	check("b", 2, 1000)
+	check("nowhere", 0, 0)
+}
+
+func testMoveBlob(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	blobs := recordIn(t, s, "a", "move", 3)
+	moved := blobs[1]
+	mustNil(t, "MoveBlob", s.MoveBlob(ctx, moved.SHA256, "a", "b"))
+	got, err := s.GetBlob(ctx, moved.SHA256)
+	mustNil(t, "GetBlob after move", err)
+	want := moved
+	want.Datastore = "b"
+	equalBlob(t, got, want)
+
+	// The others stay; the listings and counts follow the move.
+	for _, b := range []storage.BlobRecord{blobs[0], blobs[2]} {
+		got, err := s.GetBlob(ctx, b.SHA256)
+		mustNil(t, "GetBlob of an unmoved blob", err)
+		equalBlob(t, got, b)
+	}
+	inB, err := s.ListBlobs(ctx, "b", "", 10)
+	mustNil(t, "ListBlobs(b)", err)
+	if len(inB) != 1 || inB[0].SHA256 != moved.SHA256 {
+		t.Fatalf("ListBlobs(b) after move = %v, want only the moved blob", inB)
+	}
+	if n, size, err := s.CountBlobs(ctx, "a"); err != nil || n != 2 || size != blobs[0].Size+blobs[2].Size {
+		t.Fatalf("CountBlobs(a) after move = %d, %d, %v", n, size, err)
+	}
+
+	// A move from the wrong datastore, of an unknown blob, or repeated, fails
+	// and changes nothing.
+	mustIs(t, "MoveBlob again", s.MoveBlob(ctx, moved.SHA256, "a", "c"), storage.ErrNotFound)
+	mustIs(t, "MoveBlob(unknown)", s.MoveBlob(ctx, hash("unknown"), "a", "b"), storage.ErrNotFound)
+	got, err = s.GetBlob(ctx, moved.SHA256)
+	mustNil(t, "GetBlob after refused move", err)
+	equalBlob(t, got, want)
+
+	// Concurrent moves of the same blob: exactly one wins.
+	const movers = 8
+	errs := make([]error, movers)
+	var wg sync.WaitGroup
+	for i := range movers {
+		wg.Go(func() { errs[i] = s.MoveBlob(ctx, blobs[0].SHA256, "a", fmt.Sprintf("t%d", i)) })
+	}
+	wg.Wait()
+	winner := -1
+	for i, err := range errs {
+		switch {
+		case err == nil && winner >= 0:
+			t.Fatalf("MoveBlob succeeded in goroutines %d and %d", winner, i)
+		case err == nil:
+			winner = i
+		case !errors.Is(err, storage.ErrNotFound):
+			t.Fatalf("concurrent MoveBlob %d: %v, want ErrNotFound", i, err)
+		}
+	}
+	if winner < 0 {
+		t.Fatal("no concurrent MoveBlob succeeded")
+	}
+	got, err = s.GetBlob(ctx, blobs[0].SHA256)
+	mustNil(t, "GetBlob after concurrent moves", err)
+	if want := fmt.Sprintf("t%d", winner); got.Datastore != want {
+		t.Fatalf("datastore after concurrent moves = %q, want the winner's %q", got.Datastore, want)
+	}
+}
+
+func testMediaDatastore(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	b := blobRecord("ds")
+	b.Datastore = "local-disk"
+	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	ready := readyMedia("example.org", "ready", b)
+	ready.Datastore = "ignored on write"
+	mustNil(t, "InsertMedia", s.InsertMedia(ctx, ready))
+	p := pendingMedia("example.org", "pending", "@alice:example.org", t0.Add(time.Hour))
+	mustNil(t, "CreatePending", s.CreatePending(ctx, p, 0))
+
+	datastore := func(id, want string) {
+		t.Helper()
+		got, err := s.GetMedia(ctx, "example.org", id)
+		mustNil(t, "GetMedia("+id+")", err)
+		if got.Datastore != want {
+			t.Fatalf("GetMedia(%s).Datastore = %q, want %q", id, got.Datastore, want)
+		}
+	}
+	datastore("ready", "local-disk")
+	datastore("pending", "")
+
+	c := upload(b, "example.org", "pending", "@alice:example.org", t0.Add(time.Minute))
+	mustNil(t, "CompletePending", s.CompletePending(ctx, c))
+	datastore("pending", "local-disk")
+
+	mustNil(t, "MoveBlob", s.MoveBlob(ctx, b.SHA256, "local-disk", "s3"))
+	datastore("ready", "s3")
+	datastore("pending", "s3")
+	// Every other field is still read correctly alongside the join.
+	got, err := s.GetMedia(ctx, "example.org", "ready")
+	mustNil(t, "GetMedia(ready)", err)
+	equalMedia(t, got, readyMedia("example.org", "ready", b))
 }

@@ -114,6 +114,14 @@ var migrations = []migration{
 			`CREATE INDEX media_pending_expiry ON media (expires_ts) WHERE state = 'pending'`,
 		},
 	},
+	{
+		// blobs_datastore serves ListBlobs (an ordered range scan per
+		// datastore), CountBlobs and MoveBlob's datastore check.
+		version:  2,
+		name:     "blobs by datastore",
+		sqlite:   []string{`CREATE INDEX blobs_datastore ON blobs (datastore, sha256)`},
+		postgres: []string{`CREATE INDEX blobs_datastore ON blobs (datastore, sha256)`},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

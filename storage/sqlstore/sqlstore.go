@@ -23,7 +23,7 @@ import (
 	// Registers the "pgx" database/sql driver.
 	_ "github.com/jackc/pgx/v5/stdlib"
 	// Registers the "sqlite3" database/sql driver.
-	_ "github.com/mattn/go-sqlite3"
+	"github.com/mattn/go-sqlite3"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
@@ -54,6 +54,7 @@ var _ storage.MetadataStore = (*Store)(nil)
 // queries holds every statement, already rebound for the store's dialect.
 type queries struct {
 	recordBlob, getBlob, findBlobByPrefix, countBlobRefs string
+	listBlobs, countBlobs, moveBlob                      string
 
 	insertMedia, getMedia                                string
 	lockUser, countPending, oldestPending                string
@@ -62,6 +63,10 @@ type queries struct {
 
 const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote`
 
+// mediaColumnsJoined is mediaColumns qualified with the alias m, for queries
+// that join blobs (whose sha256, size and created_ts would be ambiguous).
+const mediaColumnsJoined = `m.server_name, m.media_id, m.state, m.user_id, m.sha256, m.size, m.content_type, m.filename, m.created_ts, m.uploaded_ts, m.expires_ts, m.remote`
+
 func newQueries(d dialect) queries {
 	q := queries{
 		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES (?, ?, ?, ?, ?)
@@ -69,10 +74,16 @@ func newQueries(d dialect) queries {
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
 		countBlobRefs:    `SELECT COUNT(*) FROM media WHERE sha256 = ?`,
+		listBlobs: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs
+			WHERE datastore = ? AND sha256 > ? ORDER BY sha256 LIMIT ?`,
+		countBlobs: `SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs WHERE datastore = ?`,
+		moveBlob:   `UPDATE blobs SET datastore = ? WHERE sha256 = ? AND datastore = ?`,
 
 		insertMedia: `INSERT INTO media (` + mediaColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT (server_name, media_id) DO NOTHING`,
-		getMedia: `SELECT ` + mediaColumns + ` FROM media WHERE server_name = ? AND media_id = ?`,
+		getMedia: `SELECT ` + mediaColumnsJoined + `, b.datastore FROM media m
+			LEFT JOIN blobs b ON b.sha256 = m.sha256
+			WHERE m.server_name = ? AND m.media_id = ?`,
 
 		countPending: `SELECT COUNT(*) FROM media
 			WHERE server_name = ? AND user_id = ? AND state = 'pending' AND expires_ts > ?`,
@@ -89,6 +100,7 @@ func newQueries(d dialect) queries {
 	}
 	for _, p := range []*string{
 		&q.recordBlob, &q.getBlob, &q.findBlobByPrefix, &q.countBlobRefs,
+		&q.listBlobs, &q.countBlobs, &q.moveBlob,
 		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
 		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
 	} {
@@ -149,7 +161,7 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	write.SetMaxIdleConns(1)
 	write.SetConnMaxLifetime(0)
 	write.SetConnMaxIdleTime(0)
-	if err := write.PingContext(ctx); err != nil {
+	if err := pingSQLite(ctx, write); err != nil {
 		_ = write.Close()
 		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, err)
 	}
@@ -173,12 +185,35 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	read.SetMaxIdleConns(readers)
 	read.SetConnMaxLifetime(0)
 	read.SetConnMaxIdleTime(0)
-	if err := read.PingContext(ctx); err != nil {
+	if err := pingSQLite(ctx, read); err != nil {
 		_ = write.Close()
 		_ = read.Close()
 		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, err)
 	}
 	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite)}, nil
+}
+
+// pingSQLite opens db's first connection. Connecting runs the DSN's pragmas;
+// switching a new database to WAL needs an exclusive lock, and when several
+// processes open the same new file at once SQLite may answer SQLITE_BUSY at
+// once instead of waiting for the busy timeout. Such answers are retried for
+// up to 10 seconds.
+func pingSQLite(ctx context.Context, db *sql.DB) error {
+	deadline := time.Now().Add(10 * time.Second)
+	wait := 5 * time.Millisecond
+	for {
+		err := db.PingContext(ctx)
+		var se sqlite3.Error
+		if err == nil || !errors.As(err, &se) || (se.Code != sqlite3.ErrBusy && se.Code != sqlite3.ErrLocked) || time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return err
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 200*time.Millisecond)
+	}
 }
 
 // sqliteDSN builds a file: URI for the absolute path with the given driver
@@ -302,6 +337,65 @@ func (s *Store) CountBlobReferences(ctx context.Context, sha256 string) (int64, 
 	return n, nil
 }
 
+// ListBlobs returns up to limit records of blobs in datastore whose hash
+// sorts after afterSHA256, ordered by hash. A limit of 0 or less returns
+// nothing.
+func (s *Store) ListBlobs(ctx context.Context, datastore, afterSHA256 string, limit int) ([]storage.BlobRecord, error) {
+	if limit <= 0 {
+		return nil, nil
+	}
+	rows, err := s.read.QueryContext(ctx, s.q.listBlobs, datastore, afterSHA256, limit)
+	if err != nil {
+		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, err)
+	}
+	defer rows.Close()
+	out := make([]storage.BlobRecord, 0, min(limit, 1024))
+	for rows.Next() {
+		var (
+			b       storage.BlobRecord
+			created sql.NullInt64
+		)
+		if err := rows.Scan(&b.SHA256, &b.Size, &b.PrefixSHA256, &b.Datastore, &created); err != nil {
+			return nil, fmt.Errorf("listing blobs of datastore %s: reading row: %w", datastore, err)
+		}
+		b.CreatedAt = fromMillis(created)
+		out = append(out, b)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, err)
+	}
+	return out, nil
+}
+
+// CountBlobs returns how many blobs datastore holds and their total size.
+func (s *Store) CountBlobs(ctx context.Context, datastore string) (count, bytes int64, err error) {
+	if err := s.read.QueryRowContext(ctx, s.q.countBlobs, datastore).Scan(&count, &bytes); err != nil {
+		return 0, 0, fmt.Errorf("counting blobs of datastore %s: %w", datastore, err)
+	}
+	return count, bytes, nil
+}
+
+// MoveBlob changes the datastore of the blob's record from from to to in one
+// conditional UPDATE, or fails with an error wrapping storage.ErrNotFound
+// when no record of sha256 names from.
+func (s *Store) MoveBlob(ctx context.Context, sha256, from, to string) error {
+	if to == "" {
+		return fmt.Errorf("moving blob %s from %s: empty target datastore", sha256, from)
+	}
+	res, err := s.write.ExecContext(ctx, s.q.moveBlob, to, sha256, from)
+	if err != nil {
+		return fmt.Errorf("moving blob %s from %s to %s: %w", sha256, from, to, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("moving blob %s from %s to %s: reading affected rows: %w", sha256, from, to, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("moving blob %s from %s to %s: no such record in %s: %w", sha256, from, to, from, storage.ErrNotFound)
+	}
+	return nil
+}
+
 // execer is what *sql.DB and *sql.Tx share for writes.
 type execer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
@@ -348,17 +442,18 @@ func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 }
 
 // GetMedia returns a media item in any state, or an error wrapping
-// storage.ErrNotFound.
+// storage.ErrNotFound. The blob's datastore comes from the same query (a join
+// with blobs) and is empty for pending items.
 func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (storage.Media, error) {
 	var (
 		m                          storage.Media
 		state                      string
-		sha                        sql.NullString
+		sha, datastore             sql.NullString
 		created, uploaded, expires sql.NullInt64
 	)
 	err := s.read.QueryRowContext(ctx, s.q.getMedia, serverName, mediaID).Scan(
 		&m.ServerName, &m.MediaID, &state, &m.UserID, &sha, &m.Size,
-		&m.ContentType, &m.Filename, &created, &uploaded, &expires, &m.Remote)
+		&m.ContentType, &m.Filename, &created, &uploaded, &expires, &m.Remote, &datastore)
 	if errors.Is(err, sql.ErrNoRows) {
 		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, storage.ErrNotFound)
 	}
@@ -367,6 +462,7 @@ func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (stora
 	}
 	m.State = storage.MediaState(state)
 	m.SHA256 = sha.String
+	m.Datastore = datastore.String
 	m.CreatedAt = fromMillis(created)
 	m.UploadedAt = fromMillis(uploaded)
 	m.ExpiresAt = fromMillis(expires)

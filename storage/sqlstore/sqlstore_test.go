@@ -314,7 +314,8 @@ func TestRebind(t *testing.T) {
 // PostgreSQL, and against a literal '$' in a query written for SQLite.
 func TestPostgresQueriesRebound(t *testing.T) {
 	for _, q := range []queries{newQueries(dialectPostgres)} {
-		for _, s := range []string{q.recordBlob, q.getBlob, q.findBlobByPrefix, q.countBlobRefs, q.insertMedia, q.getMedia,
+		for _, s := range []string{q.recordBlob, q.getBlob, q.findBlobByPrefix, q.countBlobRefs,
+			q.listBlobs, q.countBlobs, q.moveBlob, q.insertMedia, q.getMedia,
 			q.lockUser, q.countPending, q.oldestPending, q.completePending, q.completeCheck, q.deleteExpiredPending} {
 			if strings.Contains(s, "?") || !strings.Contains(s, "$1") {
 				t.Errorf("postgres query not rebound: %s", s)

@@ -1,0 +1,161 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2"
+)
+
+func init() {
+	caddy.RegisterModule(AdminAPI{})
+}
+
+// adminPrefix is where the admin API of the module lives.
+const adminPrefix = "/matrix_media/"
+
+// AdminAPI adds the module's endpoints to Caddy's admin API:
+//
+//	GET    /matrix_media/datastores          the datastores and their blob counts
+//	POST   /matrix_media/migrations          {"from":"a","to":"b"}: start moving every blob of a to b
+//	GET    /matrix_media/migrations          every migration job and its progress
+//	GET    /matrix_media/migrations/<id>     one job
+//	DELETE /matrix_media/migrations/<id>     cancel a job (what moved stays moved; start again to resume)
+//
+// It acts on the running config's matrix_media app.
+type AdminAPI struct{}
+
+// CaddyModule returns the Caddy module information.
+func (AdminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.matrix_media",
+		New: func() caddy.Module { return new(AdminAPI) },
+	}
+}
+
+// Routes implements caddy.AdminRouter.
+func (a AdminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{
+		{Pattern: adminPrefix + "datastores", Handler: caddy.AdminHandlerFunc(a.handleDatastores)},
+		{Pattern: adminPrefix + "migrations", Handler: caddy.AdminHandlerFunc(a.handleMigrations)},
+		{Pattern: adminPrefix + "migrations/", Handler: caddy.AdminHandlerFunc(a.handleMigration)},
+	}
+}
+
+// currentResources returns the resources of the running config's app.
+func currentResources() (*resources, error) {
+	appIface, err := caddy.ActiveContext().AppIfConfigured("matrix_media")
+	if err != nil {
+		return nil, apiError(http.StatusNotFound, fmt.Errorf("no matrix_media app is running: %w", err))
+	}
+	app, ok := appIface.(*App)
+	if !ok || app.res == nil {
+		return nil, apiError(http.StatusServiceUnavailable, errors.New("the matrix_media app is not ready"))
+	}
+	return app.res, nil
+}
+
+// datastoreInfo describes one datastore in GET /matrix_media/datastores.
+type datastoreInfo struct {
+	Name  string `json:"name"`
+	Blobs int64  `json:"blobs"`
+	Bytes int64  `json:"bytes"`
+}
+
+func (AdminAPI) handleDatastores(w http.ResponseWriter, r *http.Request) error {
+	if r.Method != http.MethodGet {
+		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
+	}
+	res, err := currentResources()
+	if err != nil {
+		return err
+	}
+	var out []datastoreInfo
+	for _, name := range res.stores.Names() {
+		n, b, err := res.meta.CountBlobs(r.Context(), name)
+		if err != nil {
+			return apiError(http.StatusInternalServerError, fmt.Errorf("counting blobs of %s: %w", name, err))
+		}
+		out = append(out, datastoreInfo{Name: name, Blobs: n, Bytes: b})
+	}
+	return writeAdminJSON(w, http.StatusOK, out)
+}
+
+// migrationRequest is the body of POST /matrix_media/migrations.
+type migrationRequest struct {
+	From string `json:"from"`
+	To   string `json:"to"`
+}
+
+func (AdminAPI) handleMigrations(w http.ResponseWriter, r *http.Request) error {
+	res, err := currentResources()
+	if err != nil {
+		return err
+	}
+	switch r.Method {
+	case http.MethodGet:
+		return writeAdminJSON(w, http.StatusOK, res.migrations.list())
+	case http.MethodPost:
+		var req migrationRequest
+		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(&req); err != nil {
+			return apiError(http.StatusBadRequest, fmt.Errorf("decoding request body: %w", err))
+		}
+		if req.From == "" || req.To == "" {
+			return apiError(http.StatusBadRequest, errors.New(`"from" and "to" datastore names are required`))
+		}
+		id, err := res.migrations.start(req.From, req.To)
+		switch {
+		case errors.Is(err, errMigrationRunning):
+			return apiError(http.StatusConflict, err)
+		case err != nil:
+			return apiError(http.StatusBadRequest, err)
+		}
+		job, _ := res.migrations.get(id)
+		return writeAdminJSON(w, http.StatusAccepted, job)
+	default:
+		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
+	}
+}
+
+func (AdminAPI) handleMigration(w http.ResponseWriter, r *http.Request) error {
+	id := strings.TrimPrefix(r.URL.Path, adminPrefix+"migrations/")
+	res, err := currentResources()
+	if err != nil {
+		return err
+	}
+	switch r.Method {
+	case http.MethodGet:
+		job, ok := res.migrations.get(id)
+		if !ok {
+			return apiError(http.StatusNotFound, fmt.Errorf("no migration %q", id))
+		}
+		return writeAdminJSON(w, http.StatusOK, job)
+	case http.MethodDelete:
+		if !res.migrations.cancel(id) {
+			return apiError(http.StatusNotFound, fmt.Errorf("no migration %q", id))
+		}
+		job, _ := res.migrations.get(id)
+		return writeAdminJSON(w, http.StatusOK, job)
+	default:
+		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
+	}
+}
+
+func apiError(status int, err error) error {
+	return caddy.APIError{HTTPStatus: status, Err: err}
+}
+
+func writeAdminJSON(w http.ResponseWriter, status int, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	return json.NewEncoder(w).Encode(v)
+}
+
+// Interface guard.
+var _ caddy.AdminRouter = AdminAPI{}

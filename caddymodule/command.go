@@ -1,0 +1,208 @@
+package caddymodule
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"time"
+
+	"github.com/dustin/go-humanize"
+	"github.com/spf13/cobra"
+
+	caddycmd "github.com/caddyserver/caddy/v2/cmd"
+)
+
+func init() {
+	caddycmd.RegisterCommand(caddycmd.Command{
+		Name:  "matrix-media",
+		Usage: "<command>",
+		Short: "Manage the matrix_media datastores of a running Caddy",
+		Long: `
+Commands for the Matrix media repository of a running Caddy, through its
+admin API (use --address, or --config/--adapter to find it; the default is
+localhost:2019):
+
+  caddy matrix-media datastores
+      lists the datastores with their blob counts and sizes
+
+  caddy matrix-media migrate --from <datastore> --to <datastore>
+      moves every blob of one datastore to another in the background,
+      verifying each hash after the copy and deleting the source only after
+      the metadata points at the new copy; shows progress until it ends
+      (Ctrl-C stops watching, the migration goes on; --cancel <id> stops
+      it; running it again resumes with what is left)
+`,
+		CobraFunc: func(cmd *cobra.Command) {
+			cmd.PersistentFlags().String("address", "", "The address of Caddy's admin API")
+			cmd.PersistentFlags().StringP("config", "c", "", "Configuration file of the running Caddy (to find its admin address)")
+			cmd.PersistentFlags().StringP("adapter", "a", "", "Name of the config adapter of --config")
+			migrate := &cobra.Command{
+				Use:   "migrate --from <datastore> --to <datastore>",
+				Short: "Move every blob of one datastore to another, showing progress",
+				RunE:  runMigrate,
+			}
+			migrate.Flags().String("from", "", "Datastore to empty")
+			migrate.Flags().String("to", "", "Datastore to move the blobs to")
+			migrate.Flags().Bool("detach", false, "Start the migration and return without waiting")
+			migrate.Flags().String("cancel", "", "Cancel the migration with this id instead of starting one")
+			cmd.AddCommand(migrate)
+			cmd.AddCommand(&cobra.Command{
+				Use:   "datastores",
+				Short: "List the datastores with their blob counts and sizes",
+				RunE:  runDatastores,
+			})
+		},
+	})
+}
+
+// adminRequest sends one request to the admin API named by cmd's flags and
+// decodes a JSON answer into out.
+func adminRequest(cmd *cobra.Command, method, path string, body any, out any) error {
+	fl := cmd.Flags()
+	addr, _ := fl.GetString("address")
+	cfg, _ := fl.GetString("config")
+	adapter, _ := fl.GetString("adapter")
+	adminAddr, err := caddycmd.DetermineAdminAPIAddress(addr, nil, cfg, adapter)
+	if err != nil {
+		return fmt.Errorf("finding the admin API address: %w", err)
+	}
+	var rd io.Reader
+	headers := http.Header{}
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return fmt.Errorf("encoding request: %w", err)
+		}
+		rd = bytes.NewReader(b)
+		headers.Set("Content-Type", "application/json")
+	}
+	resp, err := caddycmd.AdminAPIRequest(adminAddr, method, path, headers, rd)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out)
+}
+
+func runDatastores(cmd *cobra.Command, _ []string) error {
+	var list []datastoreInfo
+	if err := adminRequest(cmd, http.MethodGet, adminPrefix+"datastores", nil, &list); err != nil {
+		return err
+	}
+	for _, d := range list {
+		fmt.Printf("%-20s %10d blobs %12s\n", d.Name, d.Blobs, humanize.IBytes(uint64(d.Bytes)))
+	}
+	return nil
+}
+
+func runMigrate(cmd *cobra.Command, _ []string) error {
+	fl := cmd.Flags()
+	from, _ := fl.GetString("from")
+	to, _ := fl.GetString("to")
+	detach, _ := fl.GetBool("detach")
+	if id, _ := fl.GetString("cancel"); id != "" {
+		var job migration
+		if err := adminRequest(cmd, http.MethodDelete, adminPrefix+"migrations/"+id, nil, &job); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "cancelled migration %s after %d of %d blobs\n", id, job.Progress.DoneBlobs, job.Progress.TotalBlobs)
+		return nil
+	}
+	if from == "" || to == "" {
+		return errors.New("--from and --to are required")
+	}
+	var job migration
+	if err := adminRequest(cmd, http.MethodPost, adminPrefix+"migrations", migrationRequest{From: from, To: to}, &job); err != nil {
+		return err
+	}
+	if job.ID == "" {
+		return errors.New("the admin API did not start a migration")
+	}
+	fmt.Fprintf(os.Stderr, "migration %s started: %s -> %s\n", job.ID, from, to)
+	if detach {
+		return nil
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, os.Interrupt)
+	defer signal.Stop(stop)
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	bar := newProgressBar(os.Stderr)
+	for {
+		if err := adminRequest(cmd, http.MethodGet, adminPrefix+"migrations/"+job.ID, nil, &job); err != nil {
+			return err
+		}
+		bar.draw(job)
+		if !job.Progress.Running {
+			bar.finish()
+			if job.Error != "" {
+				return fmt.Errorf("migration ended early: %s", job.Error)
+			}
+			if job.Progress.FailedBlobs > 0 {
+				return fmt.Errorf("%d blobs could not be migrated (last error: %s); they stay in %s", job.Progress.FailedBlobs, job.Progress.LastError, from)
+			}
+			return nil
+		}
+		select {
+		case <-stop:
+			bar.finish()
+			fmt.Fprintf(os.Stderr, "stopped watching; the migration goes on (cancel it with --cancel %s)\n", job.ID)
+			return nil
+		case <-tick.C:
+		}
+	}
+}
+
+// progressBar draws a migration's progress on one terminal line (or a line
+// every few seconds when the output is not a terminal).
+type progressBar struct {
+	w        io.Writer
+	terminal bool
+	last     time.Time
+}
+
+func newProgressBar(f *os.File) *progressBar {
+	fi, err := f.Stat()
+	return &progressBar{w: f, terminal: err == nil && fi.Mode()&os.ModeCharDevice != 0}
+}
+
+func (b *progressBar) draw(job migration) {
+	if !b.terminal && time.Since(b.last) < 5*time.Second && job.Progress.Running {
+		return
+	}
+	b.last = time.Now()
+	b.line(job)
+}
+
+func (b *progressBar) line(job migration) {
+	p := job.Progress
+	frac := 1.0
+	if p.TotalBlobs > 0 {
+		frac = float64(p.DoneBlobs+p.FailedBlobs) / float64(p.TotalBlobs)
+	}
+	const width = 30
+	filled := min(int(frac*width+0.5), width)
+	line := fmt.Sprintf("[%s%s] %3.0f%% %d/%d blobs, %s/%s",
+		strings.Repeat("#", filled), strings.Repeat(" ", width-filled), frac*100,
+		p.DoneBlobs, p.TotalBlobs, humanize.IBytes(uint64(p.DoneBytes)), humanize.IBytes(uint64(p.TotalBytes)))
+	if p.FailedBlobs > 0 {
+		line += fmt.Sprintf(", %d failed", p.FailedBlobs)
+	}
+	if b.terminal {
+		fmt.Fprintf(b.w, "\r%s\x1b[K", line)
+	} else {
+		fmt.Fprintln(b.w, line)
+	}
+}
+
+func (b *progressBar) finish() {
+	if b.terminal {
+		fmt.Fprintln(b.w)
+	}
+}
