@@ -275,6 +275,67 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 				BreakerCooldown:  caddy.Duration(20 * time.Second),
 			},
 		},
+		{
+			input: `matrix_media {
+				datastore disk file /var/lib/media {
+					kinds remote thumbnails
+				}
+				datastore old file /srv/old-media
+				datastore s3main s3 {
+					kinds local
+					endpoint https://s3.example.org
+					region eu-west-1
+					bucket media
+					prefix prod/
+					path_style
+					access_key_id {env.S3_KEY}
+					secret_access_key {file./run/secrets/s3}
+					storage_class STANDARD_IA
+					part_size 16MiB
+					max_retries 5
+					redirect 10m {
+						cdn_base_url https://cdn.example.org
+					}
+				}
+				datastore s3env s3 {
+					bucket other
+					use_env_credentials
+					redirect
+				}
+			}`,
+			want: App{Datastores: []DatastoreConfig{
+				{Name: "disk", Type: "file", Path: "/var/lib/media", Kinds: []string{"remote", "thumbnails"}},
+				{Name: "old", Type: "file", Path: "/srv/old-media"},
+				{Name: "s3main", Type: "s3", Kinds: []string{"local"}, S3: &S3Config{
+					Endpoint: "https://s3.example.org", Region: "eu-west-1", Bucket: "media", Prefix: "prod/", PathStyle: true,
+					AccessKeyID: "{env.S3_KEY}", SecretAccessKey: "{file./run/secrets/s3}", StorageClass: "STANDARD_IA",
+					PartSize: 16 << 20, MaxRetries: 5,
+					Redirect: &RedirectConfig{Lifetime: caddy.Duration(10 * time.Minute), CDNBaseURL: "https://cdn.example.org"},
+				}},
+				{Name: "s3env", Type: "s3", S3: &S3Config{Bucket: "other", UseEnvCredentials: true, Redirect: &RedirectConfig{}}},
+			}},
+		},
+		{input: `matrix_media {
+				datastore x ftp /a
+			}`, wantErr: "unknown type 'ftp'"},
+		{input: `matrix_media {
+				datastore x file
+			}`, wantErr: "a file datastore takes one path"},
+		{input: `matrix_media {
+				datastore x file /a {
+					bucket b
+				}
+			}`, wantErr: "a file datastore only takes kinds"},
+		{input: `matrix_media {
+				datastore x s3 {
+					buckets b
+				}
+			}`, wantErr: "unrecognized s3 subdirective 'buckets'"},
+		{input: `matrix_media {
+				datastore x s3 {
+					redirect soon
+				}
+			}`, wantErr: "redirect lifetime must be a positive duration"},
 		{input: `matrix_media {
 				token_cache_ttl 0s
 			}`, wantErr: "token_cache_ttl must be positive"},

@@ -44,6 +44,9 @@ type migrations struct {
 	meta   storage.MetadataStore
 	stores *storage.Datastores
 	logger *zap.Logger
+	// grace is how long old copies are kept (migrationGrace; tests shorten
+	// it).
+	grace time.Duration
 
 	mu   sync.Mutex
 	jobs map[string]*migration
@@ -52,7 +55,7 @@ type migrations struct {
 }
 
 func newMigrations(meta storage.MetadataStore, stores *storage.Datastores, logger *zap.Logger) *migrations {
-	return &migrations{meta: meta, stores: stores, logger: logger, jobs: map[string]*migration{}}
+	return &migrations{meta: meta, stores: stores, logger: logger, grace: migrationGrace, jobs: map[string]*migration{}}
 }
 
 // start begins moving every blob of datastore from to datastore to, in the
@@ -102,7 +105,7 @@ func (ms *migrations) run(ctx context.Context, j *migration) {
 	defer close(j.done)
 	p, err := migrate.Run(ctx, ms.meta, ms.stores, j.Progress.From, j.Progress.To, migrate.Options{
 		Logger:      ms.logger,
-		DeleteGrace: migrationGrace,
+		DeleteGrace: ms.grace,
 		OnProgress: func(p migrate.Progress) {
 			ms.mu.Lock()
 			j.Progress = p

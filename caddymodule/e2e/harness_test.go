@@ -240,6 +240,10 @@ type config struct {
 	// "sqlite /x/media.db" or "postgres {env.E2E_DSN}".
 	database    string
 	storagePath string
+	// noStoragePath leaves the storage_path line out of the Caddyfile, for
+	// configs that declare datastores in appExtra (the two cannot be
+	// combined). storagePath is then unused by Caddy.
+	noStoragePath bool
 	// maxUploadSize is the app's (global) max_upload_size.
 	maxUploadSize string
 	// appExtra are extra lines of the matrix_media global option.
@@ -251,6 +255,10 @@ type config struct {
 // caddyfile renders the configuration.
 func (c config) caddyfile() string {
 	var b strings.Builder
+	storageLine := "storage_path " + c.storagePath
+	if c.noStoragePath {
+		storageLine = ""
+	}
 	fmt.Fprintf(&b, `{
 	admin 127.0.0.1:%d
 	default_bind 127.0.0.1
@@ -261,12 +269,12 @@ func (c config) caddyfile() string {
 	https_port %d
 	matrix_media {
 		database %s
-		storage_path %s
+		%s
 		max_upload_size %s
 		%s
 	}
 }
-`, c.adminPort, c.httpPort, c.httpPort+1, c.database, c.storagePath, c.maxUploadSize, strings.Join(c.appExtra, "\n\t\t"))
+`, c.adminPort, c.httpPort, c.httpPort+1, c.database, storageLine, c.maxUploadSize, strings.Join(c.appExtra, "\n\t\t"))
 	for _, s := range c.sites {
 		fmt.Fprintf(&b, `
 http://%s:%d {
