@@ -98,6 +98,38 @@ type BlobStore interface {
 	Close() error
 }
 
+// ThumbnailKey identifies a generated thumbnail: which media item, at which
+// size, by which method, animated or not, in which format. Width and Height
+// are the (normalised) requested box, not the thumbnail's own size.
+type ThumbnailKey struct {
+	ServerName string
+	MediaID    string
+	Width      int
+	Height     int
+	// Method is "crop" or "scale".
+	Method string
+	// Animated tells whether an animated thumbnail was asked for.
+	Animated bool
+	// ContentType is the thumbnail's type, e.g. "image/jpeg".
+	ContentType string
+}
+
+// Thumbnail is a generated thumbnail, stored as a blob like any content.
+type Thumbnail struct {
+	ThumbnailKey
+	// SHA256 is the address of the thumbnail's blob.
+	SHA256 string
+	// Size is the thumbnail's length in bytes.
+	Size int64
+	// ActualWidth and ActualHeight are the thumbnail's own dimensions.
+	ActualWidth  int
+	ActualHeight int
+	// Datastore holds the blob (set by GetThumbnail; ignored on writes).
+	Datastore string
+	// CreatedAt is when it was generated.
+	CreatedAt time.Time
+}
+
 // MediaState tells whether a media item has its content.
 type MediaState string
 
@@ -205,6 +237,14 @@ type MetadataStore interface {
 	// DeleteExpiredPending removes pending items that expired before now and
 	// returns how many were removed.
 	DeleteExpiredPending(ctx context.Context, now time.Time) (int64, error)
+
+	// InsertThumbnail records a generated thumbnail. Its blob must be
+	// recorded first, and its media item must exist. An existing key (the
+	// same thumbnail generated concurrently elsewhere) gives ErrConflict.
+	InsertThumbnail(ctx context.Context, t Thumbnail) error
+	// GetThumbnail returns the thumbnail with key k, with Datastore filled
+	// from its blob record, or ErrNotFound.
+	GetThumbnail(ctx context.Context, k ThumbnailKey) (Thumbnail, error)
 
 	// Close releases the store's resources.
 	Close() error

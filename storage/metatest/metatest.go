@@ -61,6 +61,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"CountBlobs", testCountBlobs},
 		{"MoveBlob", testMoveBlob},
 		{"MediaDatastore", testMediaDatastore},
+		{"Thumbnails", testThumbnails},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -916,4 +917,74 @@ func testMediaDatastore(t *testing.T, s storage.MetadataStore) {
 	got, err := s.GetMedia(ctx, "example.org", "ready")
 	mustNil(t, "GetMedia(ready)", err)
 	equalMedia(t, got, readyMedia("example.org", "ready", b))
+}
+
+func testThumbnails(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	src, th1, th2 := blobRecord("source"), blobRecord("thumb-1"), blobRecord("thumb-2")
+	th2.Datastore = "other"
+	for _, b := range []storage.BlobRecord{src, th1, th2} {
+		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	}
+	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "pic", src)))
+	key := storage.ThumbnailKey{ServerName: "example.org", MediaID: "pic", Width: 320, Height: 240,
+		Method: "scale", ContentType: "image/jpeg"}
+	if _, err := s.GetThumbnail(ctx, key); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("GetThumbnail before insert: %v, want ErrNotFound", err)
+	}
+	want := storage.Thumbnail{ThumbnailKey: key, SHA256: th1.SHA256, Size: th1.Size, ActualWidth: 320, ActualHeight: 180, CreatedAt: t0}
+	mustNil(t, "InsertThumbnail", s.InsertThumbnail(ctx, want))
+	dup := want
+	dup.SHA256 = th2.SHA256
+	if err := s.InsertThumbnail(ctx, dup); !errors.Is(err, storage.ErrConflict) {
+		t.Fatalf("InsertThumbnail of an existing key: %v, want ErrConflict", err)
+	}
+	got, err := s.GetThumbnail(ctx, key)
+	mustNil(t, "GetThumbnail", err)
+	want.Datastore = th1.Datastore
+	if got != want {
+		t.Fatalf("GetThumbnail = %+v, want %+v", got, want)
+	}
+	// Every key field matters.
+	variants := []func(k *storage.ThumbnailKey){
+		func(k *storage.ThumbnailKey) { k.Width = 321 },
+		func(k *storage.ThumbnailKey) { k.Height = 241 },
+		func(k *storage.ThumbnailKey) { k.Method = "crop" },
+		func(k *storage.ThumbnailKey) { k.Animated = true },
+		func(k *storage.ThumbnailKey) { k.ContentType = "image/png" },
+		func(k *storage.ThumbnailKey) { k.MediaID = "other" },
+		func(k *storage.ThumbnailKey) { k.ServerName = "example.net" },
+	}
+	for i, v := range variants {
+		k := key
+		v(&k)
+		if _, err := s.GetThumbnail(ctx, k); !errors.Is(err, storage.ErrNotFound) {
+			t.Fatalf("variant %d found: %v", i, err)
+		}
+	}
+	animated := storage.Thumbnail{ThumbnailKey: key, SHA256: th2.SHA256, Size: th2.Size, ActualWidth: 96, ActualHeight: 96, CreatedAt: t0}
+	animated.Animated, animated.ContentType = true, "image/webp"
+	mustNil(t, "InsertThumbnail(animated)", s.InsertThumbnail(ctx, animated))
+	got, err = s.GetThumbnail(ctx, animated.ThumbnailKey)
+	mustNil(t, "GetThumbnail(animated)", err)
+	if got.SHA256 != th2.SHA256 || got.Datastore != "other" || !got.Animated {
+		t.Fatalf("animated thumbnail %+v", got)
+	}
+	// Thumbnails count as references to their blob.
+	n, err := s.CountBlobReferences(ctx, th1.SHA256)
+	mustNil(t, "CountBlobReferences", err)
+	if n != 1 {
+		t.Fatalf("CountBlobReferences(thumbnail blob) = %d, want 1", n)
+	}
+	// Unknown media or blob: refused by the store.
+	orphan := want
+	orphan.MediaID = "nope"
+	if err := s.InsertThumbnail(ctx, orphan); err == nil {
+		t.Fatal("InsertThumbnail for a media item that does not exist succeeded")
+	}
+	noBlob := want
+	noBlob.Width, noBlob.SHA256 = 1, hash("unrecorded")
+	if err := s.InsertThumbnail(ctx, noBlob); err == nil {
+		t.Fatal("InsertThumbnail with an unrecorded blob succeeded")
+	}
 }

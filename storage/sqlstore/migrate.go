@@ -122,6 +122,52 @@ var migrations = []migration{
 		sqlite:   []string{`CREATE INDEX blobs_datastore ON blobs (datastore, sha256)`},
 		postgres: []string{`CREATE INDEX blobs_datastore ON blobs (datastore, sha256)`},
 	},
+	{
+		// Thumbnails are not media rows: they belong to a media item
+		// (deleted with it) and point at a blob like media do
+		// (thumbnails_sha256 serves reference counting and the foreign
+		// key check on blob deletion).
+		version: 3,
+		name:    "thumbnails",
+		sqlite: []string{
+			`CREATE TABLE thumbnails (
+				server_name   TEXT    NOT NULL,
+				media_id      TEXT    NOT NULL,
+				width         INTEGER NOT NULL,
+				height        INTEGER NOT NULL,
+				method        TEXT    NOT NULL CHECK (method IN ('crop', 'scale')),
+				animated      INTEGER NOT NULL CHECK (animated IN (0, 1)),
+				content_type  TEXT    NOT NULL,
+				sha256        TEXT    NOT NULL REFERENCES blobs (sha256),
+				size          INTEGER NOT NULL,
+				actual_width  INTEGER NOT NULL,
+				actual_height INTEGER NOT NULL,
+				created_ts    INTEGER,
+				PRIMARY KEY (server_name, media_id, width, height, method, animated, content_type),
+				FOREIGN KEY (server_name, media_id) REFERENCES media (server_name, media_id) ON DELETE CASCADE
+			) WITHOUT ROWID, STRICT`,
+			`CREATE INDEX thumbnails_sha256 ON thumbnails (sha256)`,
+		},
+		postgres: []string{
+			`CREATE TABLE thumbnails (
+				server_name   TEXT    NOT NULL,
+				media_id      TEXT    NOT NULL,
+				width         INTEGER NOT NULL,
+				height        INTEGER NOT NULL,
+				method        TEXT    NOT NULL CHECK (method IN ('crop', 'scale')),
+				animated      BOOLEAN NOT NULL,
+				content_type  TEXT    NOT NULL,
+				sha256        TEXT    NOT NULL REFERENCES blobs (sha256),
+				size          BIGINT  NOT NULL,
+				actual_width  INTEGER NOT NULL,
+				actual_height INTEGER NOT NULL,
+				created_ts    BIGINT,
+				PRIMARY KEY (server_name, media_id, width, height, method, animated, content_type),
+				FOREIGN KEY (server_name, media_id) REFERENCES media (server_name, media_id) ON DELETE CASCADE
+			)`,
+			`CREATE INDEX thumbnails_sha256 ON thumbnails (sha256)`,
+		},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

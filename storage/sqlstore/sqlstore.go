@@ -59,6 +59,8 @@ type queries struct {
 	insertMedia, getMedia                                string
 	lockUser, countPending, oldestPending                string
 	completePending, completeCheck, deleteExpiredPending string
+
+	insertThumbnail, getThumbnail string
 }
 
 const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote`
@@ -73,7 +75,7 @@ func newQueries(d dialect) queries {
 			ON CONFLICT (sha256) DO NOTHING`,
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
-		countBlobRefs:    `SELECT COUNT(*) FROM media WHERE sha256 = ?`,
+		countBlobRefs:    `SELECT (SELECT COUNT(*) FROM media WHERE sha256 = ?) + (SELECT COUNT(*) FROM thumbnails WHERE sha256 = ?)`,
 		listBlobs: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs
 			WHERE datastore = ? AND sha256 > ? ORDER BY sha256 LIMIT ?`,
 		countBlobs: `SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs WHERE datastore = ?`,
@@ -94,6 +96,14 @@ func newQueries(d dialect) queries {
 			WHERE server_name = ? AND media_id = ? AND state = 'pending' AND user_id = ? AND expires_ts > ?`,
 		completeCheck:        `SELECT state, user_id, expires_ts FROM media WHERE server_name = ? AND media_id = ?`,
 		deleteExpiredPending: `DELETE FROM media WHERE state = 'pending' AND expires_ts <= ?`,
+
+		insertThumbnail: `INSERT INTO thumbnails (server_name, media_id, width, height, method, animated, content_type,
+				sha256, size, actual_width, actual_height, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (server_name, media_id, width, height, method, animated, content_type) DO NOTHING`,
+		getThumbnail: `SELECT t.sha256, t.size, t.actual_width, t.actual_height, t.created_ts, b.datastore
+			FROM thumbnails t JOIN blobs b ON b.sha256 = t.sha256
+			WHERE t.server_name = ? AND t.media_id = ? AND t.width = ? AND t.height = ? AND t.method = ?
+				AND t.animated = ? AND t.content_type = ?`,
 	}
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
@@ -103,6 +113,7 @@ func newQueries(d dialect) queries {
 		&q.listBlobs, &q.countBlobs, &q.moveBlob,
 		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
 		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
+		&q.insertThumbnail, &q.getThumbnail,
 	} {
 		*p = d.rebind(*p)
 	}
@@ -328,10 +339,11 @@ func (s *Store) FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 s
 	return b, nil
 }
 
-// CountBlobReferences returns how many media rows reference the blob.
+// CountBlobReferences returns how many media rows and thumbnails reference
+// the blob.
 func (s *Store) CountBlobReferences(ctx context.Context, sha256 string) (int64, error) {
 	var n int64
-	if err := s.read.QueryRowContext(ctx, s.q.countBlobRefs, sha256).Scan(&n); err != nil {
+	if err := s.read.QueryRowContext(ctx, s.q.countBlobRefs, sha256, sha256).Scan(&n); err != nil {
 		return 0, fmt.Errorf("counting references to blob %s: %w", sha256, err)
 	}
 	return n, nil
@@ -394,6 +406,44 @@ func (s *Store) MoveBlob(ctx context.Context, sha256, from, to string) error {
 		return fmt.Errorf("moving blob %s from %s to %s: no such record in %s: %w", sha256, from, to, from, storage.ErrNotFound)
 	}
 	return nil
+}
+
+// InsertThumbnail records a generated thumbnail; an existing key gives an
+// error wrapping storage.ErrConflict.
+func (s *Store) InsertThumbnail(ctx context.Context, t storage.Thumbnail) error {
+	if t.SHA256 == "" {
+		return errors.New("recording thumbnail: empty hash")
+	}
+	res, err := s.write.ExecContext(ctx, s.q.insertThumbnail, t.ServerName, t.MediaID, t.Width, t.Height, t.Method,
+		t.Animated, t.ContentType, t.SHA256, t.Size, t.ActualWidth, t.ActualHeight, millis(t.CreatedAt))
+	if err != nil {
+		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return fmt.Errorf("recording thumbnail of %s/%s: reading affected rows: %w", t.ServerName, t.MediaID, err)
+	}
+	if n == 0 {
+		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, storage.ErrConflict)
+	}
+	return nil
+}
+
+// GetThumbnail returns the thumbnail with key k, or an error wrapping
+// storage.ErrNotFound.
+func (s *Store) GetThumbnail(ctx context.Context, k storage.ThumbnailKey) (storage.Thumbnail, error) {
+	t := storage.Thumbnail{ThumbnailKey: k}
+	var created sql.NullInt64
+	err := s.read.QueryRowContext(ctx, s.q.getThumbnail, k.ServerName, k.MediaID, k.Width, k.Height, k.Method,
+		k.Animated, k.ContentType).Scan(&t.SHA256, &t.Size, &t.ActualWidth, &t.ActualHeight, &created, &t.Datastore)
+	if errors.Is(err, sql.ErrNoRows) {
+		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, storage.ErrNotFound)
+	}
+	if err != nil {
+		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, err)
+	}
+	t.CreatedAt = fromMillis(created)
+	return t, nil
 }
 
 // execer is what *sql.DB and *sql.Tx share for writes.
