@@ -99,8 +99,8 @@ type BlobStore interface {
 }
 
 // ThumbnailKey identifies a generated thumbnail: which media item, at which
-// size, by which method, animated or not, in which format. Width and Height
-// are the (normalised) requested box, not the thumbnail's own size.
+// size, by which method, animated or not, in which requested format. Width and
+// Height are the (normalised) requested box, not the thumbnail's own size.
 type ThumbnailKey struct {
 	ServerName string
 	MediaID    string
@@ -110,13 +110,17 @@ type ThumbnailKey struct {
 	Method string
 	// Animated tells whether an animated thumbnail was asked for.
 	Animated bool
-	// ContentType is the thumbnail's type, e.g. "image/jpeg".
-	ContentType string
+	// Format is the requested output format: "" for automatic (JPEG, or
+	// PNG when the source has transparency, WebP when animated), or a
+	// format the client accepts, e.g. "webp".
+	Format string
 }
 
 // Thumbnail is a generated thumbnail, stored as a blob like any content.
 type Thumbnail struct {
 	ThumbnailKey
+	// ContentType is the thumbnail's type, e.g. "image/jpeg".
+	ContentType string
 	// SHA256 is the address of the thumbnail's blob.
 	SHA256 string
 	// Size is the thumbnail's length in bytes.

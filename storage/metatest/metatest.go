@@ -927,12 +927,11 @@ func testThumbnails(t *testing.T, s storage.MetadataStore) {
 		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
 	}
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "pic", src)))
-	key := storage.ThumbnailKey{ServerName: "example.org", MediaID: "pic", Width: 320, Height: 240,
-		Method: "scale", ContentType: "image/jpeg"}
+	key := storage.ThumbnailKey{ServerName: "example.org", MediaID: "pic", Width: 320, Height: 240, Method: "scale"}
 	if _, err := s.GetThumbnail(ctx, key); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("GetThumbnail before insert: %v, want ErrNotFound", err)
 	}
-	want := storage.Thumbnail{ThumbnailKey: key, SHA256: th1.SHA256, Size: th1.Size, ActualWidth: 320, ActualHeight: 180, CreatedAt: t0}
+	want := storage.Thumbnail{ThumbnailKey: key, ContentType: "image/jpeg", SHA256: th1.SHA256, Size: th1.Size, ActualWidth: 320, ActualHeight: 180, CreatedAt: t0}
 	mustNil(t, "InsertThumbnail", s.InsertThumbnail(ctx, want))
 	dup := want
 	dup.SHA256 = th2.SHA256
@@ -951,7 +950,7 @@ func testThumbnails(t *testing.T, s storage.MetadataStore) {
 		func(k *storage.ThumbnailKey) { k.Height = 241 },
 		func(k *storage.ThumbnailKey) { k.Method = "crop" },
 		func(k *storage.ThumbnailKey) { k.Animated = true },
-		func(k *storage.ThumbnailKey) { k.ContentType = "image/png" },
+		func(k *storage.ThumbnailKey) { k.Format = "webp" },
 		func(k *storage.ThumbnailKey) { k.MediaID = "other" },
 		func(k *storage.ThumbnailKey) { k.ServerName = "example.net" },
 	}
@@ -967,7 +966,7 @@ func testThumbnails(t *testing.T, s storage.MetadataStore) {
 	mustNil(t, "InsertThumbnail(animated)", s.InsertThumbnail(ctx, animated))
 	got, err = s.GetThumbnail(ctx, animated.ThumbnailKey)
 	mustNil(t, "GetThumbnail(animated)", err)
-	if got.SHA256 != th2.SHA256 || got.Datastore != "other" || !got.Animated {
+	if got.SHA256 != th2.SHA256 || got.Datastore != "other" || !got.Animated || got.ContentType != "image/webp" {
 		t.Fatalf("animated thumbnail %+v", got)
 	}
 	// Thumbnails count as references to their blob.

@@ -97,13 +97,13 @@ func newQueries(d dialect) queries {
 		completeCheck:        `SELECT state, user_id, expires_ts FROM media WHERE server_name = ? AND media_id = ?`,
 		deleteExpiredPending: `DELETE FROM media WHERE state = 'pending' AND expires_ts <= ?`,
 
-		insertThumbnail: `INSERT INTO thumbnails (server_name, media_id, width, height, method, animated, content_type,
-				sha256, size, actual_width, actual_height, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-			ON CONFLICT (server_name, media_id, width, height, method, animated, content_type) DO NOTHING`,
-		getThumbnail: `SELECT t.sha256, t.size, t.actual_width, t.actual_height, t.created_ts, b.datastore
+		insertThumbnail: `INSERT INTO thumbnails (server_name, media_id, width, height, method, animated, format,
+				content_type, sha256, size, actual_width, actual_height, created_ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+			ON CONFLICT (server_name, media_id, width, height, method, animated, format) DO NOTHING`,
+		getThumbnail: `SELECT t.content_type, t.sha256, t.size, t.actual_width, t.actual_height, t.created_ts, b.datastore
 			FROM thumbnails t JOIN blobs b ON b.sha256 = t.sha256
 			WHERE t.server_name = ? AND t.media_id = ? AND t.width = ? AND t.height = ? AND t.method = ?
-				AND t.animated = ? AND t.content_type = ?`,
+				AND t.animated = ? AND t.format = ?`,
 	}
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
@@ -415,7 +415,7 @@ func (s *Store) InsertThumbnail(ctx context.Context, t storage.Thumbnail) error 
 		return errors.New("recording thumbnail: empty hash")
 	}
 	res, err := s.write.ExecContext(ctx, s.q.insertThumbnail, t.ServerName, t.MediaID, t.Width, t.Height, t.Method,
-		t.Animated, t.ContentType, t.SHA256, t.Size, t.ActualWidth, t.ActualHeight, millis(t.CreatedAt))
+		t.Animated, t.Format, t.ContentType, t.SHA256, t.Size, t.ActualWidth, t.ActualHeight, millis(t.CreatedAt))
 	if err != nil {
 		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, err)
 	}
@@ -435,7 +435,7 @@ func (s *Store) GetThumbnail(ctx context.Context, k storage.ThumbnailKey) (stora
 	t := storage.Thumbnail{ThumbnailKey: k}
 	var created sql.NullInt64
 	err := s.read.QueryRowContext(ctx, s.q.getThumbnail, k.ServerName, k.MediaID, k.Width, k.Height, k.Method,
-		k.Animated, k.ContentType).Scan(&t.SHA256, &t.Size, &t.ActualWidth, &t.ActualHeight, &created, &t.Datastore)
+		k.Animated, k.Format).Scan(&t.ContentType, &t.SHA256, &t.Size, &t.ActualWidth, &t.ActualHeight, &created, &t.Datastore)
 	if errors.Is(err, sql.ErrNoRows) {
 		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, storage.ErrNotFound)
 	}
