@@ -51,6 +51,7 @@ func init() {
 //			use_env_credentials
 //			storage_class <class>
 //			part_size <size>
+//			max_buffer <size>
 //			max_retries <n>
 //			redirect [<lifetime>] {
 //				cdn_base_url <url>
@@ -219,6 +220,8 @@ func parseS3Option(d *caddyfile.Dispenser, name, sub string, c *S3Config) error 
 		}
 	case "part_size":
 		c.PartSize, err = byteSize(d)
+	case "max_buffer":
+		c.MaxBufferBytes, err = byteSize(d)
 	case "max_retries":
 		c.MaxRetries, err = positiveInt(d)
 	case "redirect":

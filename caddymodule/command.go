@@ -183,6 +183,9 @@ func (b *progressBar) draw(job migration) {
 func (b *progressBar) line(job migration) {
 	p := job.Progress
 	frac := 1.0
+	if p.Running {
+		frac = 0
+	}
 	if p.TotalBlobs > 0 {
 		frac = float64(p.DoneBlobs+p.FailedBlobs) / float64(p.TotalBlobs)
 	}
@@ -193,6 +196,9 @@ func (b *progressBar) line(job migration) {
 		p.DoneBlobs, p.TotalBlobs, humanize.IBytes(uint64(p.DoneBytes)), humanize.IBytes(uint64(p.TotalBytes)))
 	if p.FailedBlobs > 0 {
 		line += fmt.Sprintf(", %d failed", p.FailedBlobs)
+	}
+	if p.Running && p.TotalBlobs > 0 && p.DoneBlobs+p.FailedBlobs == p.TotalBlobs {
+		line += ", deleting the old copies after a grace period"
 	}
 	if b.terminal {
 		fmt.Fprintf(b.w, "\r%s\x1b[K", line)

@@ -83,6 +83,10 @@ type S3Config struct {
 	// PartSize of multipart uploads in bytes; each upload holds at most two
 	// parts in memory. Default 8 MiB, minimum 5 MiB.
 	PartSize int64 `json:"part_size,omitempty"`
+	// MaxBufferBytes caps the memory all uploads to this datastore hold in
+	// part buffers together; uploads wait for room beyond it. Default
+	// 6 parts (48 MiB with the default part size).
+	MaxBufferBytes int64 `json:"max_buffer_bytes,omitempty"`
 	// MaxRetries of failed idempotent requests (with backoff). Default 3.
 	MaxRetries int `json:"max_retries,omitempty"`
 	// Redirect, when set, answers authenticated downloads of media in this
@@ -201,6 +205,7 @@ func resolveS3(name string, c *S3Config, resolve func(ds, field, v string) (stri
 		PathStyle:             c.PathStyle,
 		UseDefaultCredentials: c.UseEnvCredentials,
 		PartSize:              c.PartSize,
+		MaxBufferBytes:        c.MaxBufferBytes,
 		MaxRetries:            c.MaxRetries,
 	}
 	for _, f := range []struct {

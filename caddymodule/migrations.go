@@ -85,12 +85,18 @@ func (ms *migrations) start(from, to string) (string, error) {
 			return "", fmt.Errorf("starting migration: %w (job %s)", errMigrationRunning, j.ID)
 		}
 	}
+	// Known totals from the start, so progress is never shown as done
+	// before the first blob moved.
+	total, bytes, err := ms.meta.CountBlobs(context.Background(), from)
+	if err != nil {
+		return "", fmt.Errorf("starting migration: counting blobs of %s: %w", from, err)
+	}
 	var idb [8]byte
 	_, _ = rand.Read(idb[:])
 	ctx, cancel := context.WithCancel(context.Background())
 	j := &migration{
 		ID:       hex.EncodeToString(idb[:]),
-		Progress: migrate.Progress{From: from, To: to, Running: true, Started: time.Now()},
+		Progress: migrate.Progress{From: from, To: to, Running: true, Started: time.Now(), TotalBlobs: total, TotalBytes: bytes},
 		cancel:   cancel,
 		done:     make(chan struct{}),
 	}

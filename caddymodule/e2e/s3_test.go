@@ -447,6 +447,19 @@ func TestS3MigrationFileToS3AndBack(t *testing.T) {
 		}
 
 		checkCounts(t, inst, map[string][2]int64{"disk": {0, 0}, "s3": {20, total}})
+		out, err := exec.Command(caddyBinary(t), "matrix-media", "datastores",
+			"--address", fmt.Sprintf("127.0.0.1:%d", cfg.adminPort)).Output()
+		if err != nil {
+			t.Fatalf("caddy matrix-media datastores: %v", err)
+		}
+		var listed []string
+		for line := range strings.Lines(string(out)) {
+			listed = append(listed, strings.Join(strings.Fields(line), " "))
+		}
+		wantListed := []string{"disk 0 blobs 0 B", "s3 20 blobs " + humanize.IBytes(uint64(total))}
+		if !slices.Equal(listed, wantListed) {
+			t.Errorf("caddy matrix-media datastores printed %q, want %q", listed, wantListed)
+		}
 		if got := keysWithPrefix(t, srv, "blobs/"); !slices.Equal(got, wantKeys) {
 			t.Errorf("blob objects = %q, want %q", got, wantKeys)
 		}
@@ -610,6 +623,8 @@ func TestS3DiesMidUpload(t *testing.T) {
 	closeConn()
 
 	srv.Restart(t)
+	t.Logf("right after S3 restarted: %d multipart uploads in progress, tmp objects %q",
+		srv.MultipartUploads(t), keysWithPrefix(t, srv, "tmp/"))
 	if err := a.download(beforeID, before); err != nil {
 		t.Errorf("download of media uploaded before the outage: %v", err)
 	}

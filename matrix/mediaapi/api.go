@@ -33,10 +33,12 @@ import (
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 )
 
 // Defaults used when a SiteConfig field is zero.
@@ -104,6 +106,17 @@ type Repository struct {
 	// that is not a file.
 	copyBufs sync.Pool
 
+	// thumbs generates thumbnails; nil disables the thumbnail endpoints.
+	thumbs         Thumbnailer
+	thumbPolicy    ThumbnailPolicy
+	thumbMaxSource int64
+	// thumbCache holds stored thumbnail rows (nil when the media cache is
+	// disabled); thumbFlights coalesces generations; pregen bounds
+	// background pre-generation to one upload at a time.
+	thumbCache   *mediaCache
+	thumbFlights singleflight.Group
+	pregen       chan struct{}
+
 	cleanupInterval time.Duration
 	// cache holds ready media rows; nil when disabled.
 	cache *mediaCache
@@ -134,6 +147,15 @@ type RepositoryOptions struct {
 	// PendingCleanupInterval is how often RunPendingExpiry deletes expired
 	// pending media. Default 5 minutes.
 	PendingCleanupInterval time.Duration
+	// Thumbnailer generates thumbnails. Default: none, and the thumbnail
+	// endpoints answer 404 M_UNRECOGNIZED.
+	Thumbnailer Thumbnailer
+	// Thumbnails decides which thumbnail sizes exist. Zero fields take
+	// their defaults.
+	Thumbnails ThumbnailPolicy
+	// ThumbnailMaxSourceBytes is the largest media thumbnailed (larger ones
+	// get 413). Default thumbnails.DefaultMaxSourceBytes (64 MiB).
+	ThumbnailMaxSourceBytes int64
 }
 
 // RedirectPolicy configures presigned download redirects for a datastore.
@@ -186,8 +208,27 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 	}
 	if size > 0 {
 		r.cache = newMediaCache(size)
+		r.thumbCache = newMediaCache(max(size/4, 16))
 	}
 	r.copyBufs.New = func() any { b := make([]byte, copyBufSize); return &b }
+	r.thumbs = opts.Thumbnailer
+	r.thumbPolicy = opts.Thumbnails
+	if len(r.thumbPolicy.Sizes) == 0 {
+		r.thumbPolicy.Sizes = DefaultThumbnailSizes
+	}
+	for _, sz := range r.thumbPolicy.Sizes {
+		if sz.Width < 1 || sz.Height < 1 || (sz.Method != thumbnails.MethodCrop && sz.Method != thumbnails.MethodScale) {
+			return nil, fmt.Errorf("building repository: invalid thumbnail size %dx%d %s", sz.Width, sz.Height, sz.Method)
+		}
+	}
+	if r.thumbPolicy.MaxDynamic <= 0 {
+		r.thumbPolicy.MaxDynamic = DefaultMaxDynamicThumbnail
+	}
+	r.thumbMaxSource = opts.ThumbnailMaxSourceBytes
+	if r.thumbMaxSource <= 0 {
+		r.thumbMaxSource = thumbnails.DefaultMaxSourceBytes
+	}
+	r.pregen = make(chan struct{}, 1)
 	r.waits.init()
 	return r, nil
 }
@@ -358,6 +399,8 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			status = s.serveDownload(w, r, &rt)
 		case epConfig:
 			status = s.serveConfig(w, r)
+		case epThumbnail:
+			status = s.serveThumbnail(w, r, &rt)
 		}
 	}
 	s.repo.metrics.observe(rt.ep, status, start)

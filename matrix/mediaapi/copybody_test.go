@@ -2,12 +2,14 @@ package mediaapi
 
 import (
 	"bytes"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -70,4 +72,67 @@ func TestCopyBodyKeepsBareFileForSendfile(t *testing.T) {
 		}
 	}
 	var _ http.ResponseWriter = (*limitingWriter)(nil)
+}
+
+// chunkyReader returns data in small reads, optionally failing at the end.
+type chunkyReader struct {
+	data   []byte
+	err    error
+	closed atomic.Bool
+}
+
+func (c *chunkyReader) Read(p []byte) (int, error) {
+	if c.closed.Load() {
+		return 0, errors.New("read on closed source")
+	}
+	if len(c.data) == 0 {
+		if c.err != nil {
+			return 0, c.err
+		}
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), 7000)], c.data)
+	c.data = c.data[n:]
+	return n, nil
+}
+
+// failingWriter accepts limit bytes, then fails.
+type failingWriter struct {
+	buf   bytes.Buffer
+	limit int
+}
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	if f.buf.Len()+len(p) > f.limit {
+		return 0, errors.New("client went away")
+	}
+	return f.buf.Write(p)
+}
+
+func TestPipelinedCopy(t *testing.T) {
+	pool := &sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+	// More data than the pipeline's buffers hold: buffers must cycle.
+	data := bytes.Repeat([]byte("0123456789abcdef"), 3*pipelineDepth*copyBufSize/16+777)
+	t.Run("whole", func(t *testing.T) {
+		var out bytes.Buffer
+		n, err := pipelinedCopy(&out, &chunkyReader{data: data}, func() {}, pool)
+		if err != nil || n != int64(len(data)) || !bytes.Equal(out.Bytes(), data) {
+			t.Fatalf("n=%d err=%v equal=%v", n, err, bytes.Equal(out.Bytes(), data))
+		}
+	})
+	t.Run("read error", func(t *testing.T) {
+		var out bytes.Buffer
+		_, err := pipelinedCopy(&out, &chunkyReader{data: data[:1000], err: errors.New("s3 reset")}, func() {}, pool)
+		if err == nil || err.Error() != "s3 reset" || out.Len() != 1000 {
+			t.Fatalf("err=%v wrote %d", err, out.Len())
+		}
+	})
+	t.Run("write error closes the source", func(t *testing.T) {
+		src := &chunkyReader{data: data}
+		w := &failingWriter{limit: copyBufSize + 10}
+		n, err := pipelinedCopy(w, src, func() { src.closed.Store(true) }, pool)
+		if err == nil || n != copyBufSize || !src.closed.Load() {
+			t.Fatalf("n=%d err=%v closed=%v", n, err, src.closed.Load())
+		}
+	})
 }

@@ -571,9 +571,88 @@ func copyBody(w http.ResponseWriter, content io.Reader, toEOF bool, length int64
 	if _, ok := content.(*os.File); ok {
 		return io.CopyN(w, content, length)
 	}
+	if length > pipelineThreshold {
+		closeSrc := func() {}
+		if c, ok := content.(io.Closer); ok {
+			closeSrc = func() { _ = c.Close() }
+		}
+		return pipelinedCopy(w, io.LimitReader(content, length), closeSrc, bufs)
+	}
 	bp := bufs.Get().(*[]byte)
 	defer bufs.Put(bp)
 	return io.CopyBuffer(writerOnly{w}, io.LimitReader(content, length), *bp)
+}
+
+// pipelineThreshold is the body length above which content that is not a
+// file is copied by pipelinedCopy.
+const pipelineThreshold = 2 * copyBufSize
+
+// pipelineDepth is how many buffers pipelinedCopy cycles through.
+const pipelineDepth = 4
+
+// pipelinedCopy copies r to w with a reader goroutine filling buffers while
+// the caller writes the previous ones, so that reading from a remote store
+// and writing to the client overlap instead of taking turns. When writing
+// fails it calls closeSrc, which ends a read in progress, and waits for the
+// reader to stop before the buffers go back to the pool.
+func pipelinedCopy(w io.Writer, r io.Reader, closeSrc func(), bufs *sync.Pool) (int64, error) {
+	type chunk struct {
+		b   *[]byte
+		n   int
+		err error
+	}
+	full := make(chan chunk, pipelineDepth)
+	free := make(chan *[]byte, pipelineDepth)
+	stop := make(chan struct{})
+	for range pipelineDepth {
+		free <- bufs.Get().(*[]byte)
+	}
+	go func() {
+		defer close(full)
+		for {
+			var b *[]byte
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			select {
+			case b = <-free:
+			case <-stop:
+				return
+			}
+			n, err := io.ReadFull(r, *b)
+			if err == io.ErrUnexpectedEOF {
+				err = io.EOF
+			}
+			full <- chunk{b, n, err}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	var written int64
+	var werr error
+	for c := range full {
+		if werr == nil && c.n > 0 {
+			var n int
+			n, werr = w.Write((*c.b)[:c.n])
+			written += int64(n)
+			if werr != nil {
+				close(stop)
+				closeSrc()
+			}
+		}
+		free <- c.b // never blocks: free holds every buffer at most once
+		if werr == nil && c.err != nil && c.err != io.EOF {
+			werr = c.err
+		}
+	}
+	// The reader has returned: every buffer is back in free.
+	for range pipelineDepth {
+		bufs.Put(<-free)
+	}
+	return written, werr
 }
 
 // copyBufSize is the buffer size for copying content that is not a file.

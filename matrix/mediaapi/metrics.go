@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 )
 
 // Metrics holds the Prometheus collectors of the media API. One Metrics lives
@@ -38,6 +40,10 @@ type Metrics struct {
 	storeBytes    *prometheus.CounterVec
 	storeOps      *prometheus.CounterVec
 	storeLatency  *prometheus.HistogramVec
+	thumbLatency  prometheus.Histogram
+	thumbRejected *prometheus.CounterVec
+	thumbRunning  prometheus.Gauge
+	thumbQueued   prometheus.Gauge
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -99,6 +105,23 @@ func NewMetrics() *Metrics {
 			Help:    "Time of object-store requests (for reads: until the body was closed).",
 			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60},
 		}, []string{"datastore", "op"}),
+		thumbLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "thumbnail_generation_seconds",
+			Help:    "Time to generate a thumbnail (decode, resize, encode), waiting for a worker included.",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}),
+		thumbRejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "thumbnail_rejections_total",
+			Help: "Thumbnail requests not answered by a generated thumbnail, by reason: unsupported, too_large, busy, error, original (the source itself was small enough).",
+		}, []string{"reason"}),
+		thumbRunning: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "thumbnail_workers_busy",
+			Help: "Thumbnail generations holding a worker.",
+		}),
+		thumbQueued: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "thumbnail_queue_depth",
+			Help: "Thumbnail generations waiting for a worker.",
+		}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -109,7 +132,21 @@ func NewMetrics() *Metrics {
 // Collectors returns every collector, for registration with a registry.
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
-		m.redirects, m.storeBytes, m.storeOps, m.storeLatency}
+		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
+		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued}
+}
+
+// thumbnailGenerated records one successful generation.
+func (m *Metrics) thumbnailGenerated(d time.Duration) { m.thumbLatency.Observe(d.Seconds()) }
+
+// thumbnailRejected counts a request answered otherwise than by a generated
+// thumbnail.
+func (m *Metrics) thumbnailRejected(reason string) { m.thumbRejected.WithLabelValues(reason).Inc() }
+
+// thumbnailLoad records the generator's load.
+func (m *Metrics) thumbnailLoad(s thumbnails.Stats) {
+	m.thumbRunning.Set(float64(s.Running))
+	m.thumbQueued.Set(float64(s.Queued))
 }
 
 // datastoreBytes is the byte counter of a datastore in one direction.

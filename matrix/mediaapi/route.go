@@ -31,6 +31,7 @@ const (
 	epDownload
 	epConfig
 	epOptions
+	epThumbnail
 	numEndpoints
 )
 
@@ -43,6 +44,7 @@ var endpointNames = [numEndpoints]string{
 	epDownload:  "download",
 	epConfig:    "config",
 	epOptions:   "options",
+	epThumbnail: "thumbnail",
 }
 
 // allowHeaders are the Allow header values of 405 responses, per endpoint.
@@ -52,6 +54,7 @@ var allowHeaders = [numEndpoints][]string{
 	epUploadPut: hdr("PUT, OPTIONS"),
 	epDownload:  hdr("GET, HEAD, OPTIONS"),
 	epConfig:    hdr("GET, HEAD, OPTIONS"),
+	epThumbnail: hdr("GET, HEAD, OPTIONS"),
 }
 
 // route is a parsed request path. Parameters are kept escaped, as they
@@ -76,7 +79,7 @@ func (rt *route) allows(method string) bool {
 		return method == http.MethodPost
 	case epUploadPut:
 		return method == http.MethodPut
-	case epDownload, epConfig:
+	case epDownload, epConfig, epThumbnail:
 		return method == http.MethodGet || method == http.MethodHead
 	}
 	return false
@@ -171,7 +174,7 @@ func parseRoute(p string) route {
 }
 
 // setReadEndpoint recognises the endpoints that the legacy and the
-// authenticated prefixes share: config and download. It reports whether segs
+// authenticated prefixes share: config, download and thumbnail. It reports whether segs
 // named one.
 func (rt *route) setReadEndpoint(segs []string) bool {
 	switch {
@@ -179,6 +182,9 @@ func (rt *route) setReadEndpoint(segs []string) bool {
 		rt.ep = epConfig
 	case (len(segs) == 3 || len(segs) == 4) && segs[0] == "download":
 		rt.setDownload(segs)
+	case len(segs) == 3 && segs[0] == "thumbnail":
+		rt.ep = epThumbnail
+		rt.rawServer, rt.rawMediaID = segs[1], segs[2]
 	default:
 		return false
 	}

@@ -177,6 +177,7 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		s.repo.cache.put(mediaKey{m.ServerName, m.MediaID}, newMediaEntry(m))
 	}
 	s.logUpload(user, m, res.Existed)
+	s.repo.pregenerate(m)
 	return writeJSON(w, []byte(`{"content_uri":"`+s.mxcPrefix+m.MediaID+`"}`))
 }
 
@@ -314,6 +315,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	}
 	s.repo.waits.notify(key)
 	s.logUpload(user, m, res.Existed)
+	s.repo.pregenerate(m)
 	return writeJSON(w, emptyObject)
 }
 

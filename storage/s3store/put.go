@@ -52,7 +52,7 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 	defer cancel()
 	p := &put{
 		s: s, ctx: pctx, opts: opts, hash: sha256.New(), prefix: sha256.New(),
-		w: &partWriter{s: s, ctx: pctx},
+		w: &partWriter{s: s, ctx: pctx, hint: opts.ExpectedSize},
 	}
 	defer func() {
 		if !p.success {
@@ -270,10 +270,16 @@ func (p *put) finish(sum string) error {
 type partWriter struct {
 	s   *Store
 	ctx context.Context
+	// hint is the announced body length, -1 when unknown.
+	hint int64
 	// buf is the part being filled and n how much of it is; buf is nil
-	// before the first byte and after handing a part to an upload.
-	buf *[]byte
-	n   int
+	// before the first byte and after handing a part to an upload. weight
+	// is what buf holds of the store's buffer budget; pooled tells whether
+	// buf is a partSize buffer from the pool (else an exact-size one).
+	buf    *[]byte
+	n      int
+	weight int64
+	pooled bool
 	// tmpKey and uploadID name the multipart upload; empty until one is
 	// started.
 	tmpKey, uploadID string
@@ -308,7 +314,9 @@ func (w *partWriter) Write(p []byte) (int, error) {
 func (w *partWriter) write(p []byte) error {
 	for len(p) > 0 {
 		if w.buf == nil {
-			w.buf, w.n = w.s.getPart(), 0
+			if err := w.take(); err != nil {
+				return err
+			}
 		}
 		if w.n == len(*w.buf) {
 			if err := w.flush(); err != nil {
@@ -338,15 +346,43 @@ func (w *partWriter) flush() error {
 		return fmt.Errorf("body needs more than %d parts of %d bytes: %w", maxParts, w.s.partSize, storage.ErrTooLarge)
 	}
 	num := int32(len(w.parts) + 1)
-	buf, n := w.buf, w.n
+	buf, n, weight, pooled := w.buf, w.n, w.weight, w.pooled
 	w.buf, w.n = nil, 0
 	ch := make(chan partResult, 1)
 	w.inflight = ch
 	go func() {
 		part, err := w.uploadPart(num, (*buf)[:n])
-		w.s.putPart(buf)
+		w.s.releaseBuf(buf, weight, pooled)
 		ch <- partResult{part: part, err: err}
 	}()
+	return nil
+}
+
+// take gets the next buffer within the store's budget. The first buffer of a
+// body whose announced length is below one part is exactly that long; others
+// are part buffers. While a part uploads, a second buffer is taken only if
+// the budget has room; otherwise the upload waits for its own part first, so
+// an upload never waits for budget while holding any.
+func (w *partWriter) take() error {
+	size, pooled := w.s.partSize, true
+	if w.uploadID == "" && w.hint >= 0 && w.hint < w.s.partSize {
+		size, pooled = max(w.hint, 1), false
+	}
+	if w.inflight == nil || !w.s.budget.TryAcquire(size) {
+		if err := w.wait(); err != nil {
+			return err
+		}
+		if err := w.s.budget.Acquire(w.ctx, size); err != nil {
+			return fmt.Errorf("waiting for an upload buffer: %w", err)
+		}
+	}
+	if pooled {
+		w.buf = w.s.getPart()
+	} else {
+		b := make([]byte, size)
+		w.buf = &b
+	}
+	w.n, w.weight, w.pooled = 0, size, pooled
 	return nil
 }
 
@@ -471,12 +507,21 @@ func (w *partWriter) discard() {
 	w.s.cleanup(pendingCleanup{uploadKey: w.tmpKey, uploadID: w.uploadID, deleteKey: w.tmpKey})
 }
 
-// release returns the part buffer being filled, if any, to the pool.
+// release returns the part buffer being filled, if any, to the pool and
+// the budget.
 func (w *partWriter) release() {
 	if w.buf != nil {
-		w.s.putPart(w.buf)
+		w.s.releaseBuf(w.buf, w.weight, w.pooled)
 		w.buf, w.n = nil, 0
 	}
+}
+
+// releaseBuf gives back a buffer taken by partWriter.take.
+func (s *Store) releaseBuf(b *[]byte, weight int64, pooled bool) {
+	if pooled {
+		s.putPart(b)
+	}
+	s.budget.Release(weight)
 }
 
 // copyObject copies src to dst server-side; size is src's size.

@@ -39,6 +39,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
 	"github.com/aws/aws-sdk-go-v2/credentials"
@@ -130,6 +132,13 @@ type Config struct {
 	// StorageClass is the storage class of new objects, e.g. "STANDARD_IA".
 	// Default "" (the bucket's default).
 	StorageClass string
+	// MaxBufferBytes caps the memory that all uploads of this store together
+	// hold in part buffers. An upload needs one buffer (the size of its body
+	// when it is known and at most PartSize, else PartSize) to make progress
+	// and waits for it when the budget is used up; a second one (reading the
+	// next part while one uploads) is taken only when free. Default
+	// 6*PartSize (48 MiB with the default part size); at least PartSize.
+	MaxBufferBytes int64
 	// PartSize is the multipart part size in bytes; bodies up to this size are
 	// written with one PutObject. Each upload holds at most two parts in
 	// memory. Default 8 MiB, minimum 5 MiB. A body may have at most 10000
@@ -173,6 +182,8 @@ type Store struct {
 	// partPool holds *[]byte buffers of partSize bytes; chunkPool holds
 	// *[]byte buffers of chunkSize bytes.
 	partPool, chunkPool sync.Pool
+	// budget bounds the bytes held in part buffers (Config.MaxBufferBytes).
+	budget *semaphore.Weighted
 
 	// cleanupCtx is cancelled by Close to stop background clean-ups, which
 	// cleanups tracks.
@@ -205,6 +216,12 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	}
 	if cfg.PartSize > maxCopySize {
 		return nil, fmt.Errorf("opening s3 store: part size %d over the maximum %d", cfg.PartSize, int64(maxCopySize))
+	}
+	if cfg.MaxBufferBytes == 0 {
+		cfg.MaxBufferBytes = 6 * cfg.PartSize
+	}
+	if cfg.MaxBufferBytes < cfg.PartSize {
+		return nil, fmt.Errorf("opening s3 store: max buffer bytes %d below the part size %d", cfg.MaxBufferBytes, cfg.PartSize)
 	}
 	if cfg.MaxRetries == 0 {
 		cfg.MaxRetries = DefaultMaxRetries
@@ -259,6 +276,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		}
 	})
 	s.presign = s3.NewPresignClient(s.client)
+	s.budget = semaphore.NewWeighted(cfg.MaxBufferBytes)
 	s.partPool.New = func() any {
 		b := make([]byte, s.partSize)
 		return &b

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net/http"
@@ -641,4 +642,74 @@ func TestCandidateNoWrite(t *testing.T) {
 		t.Errorf("diverging body read back as %d bytes, %v", len(got), err)
 	}
 	checkNoLeftovers(t, s, srv, "")
+}
+
+// TestBufferBudget runs more concurrent multipart uploads than the buffer
+// budget holds parts: they all complete (an upload waits for budget only
+// while holding none), small uploads take only their own size, and a Put
+// waiting for budget stops when its context is cancelled.
+func TestBufferBudget(t *testing.T) {
+	s, srv := newTestStore(t, func(c *Config) {
+		c.PartSize = MinPartSize
+		c.MaxBufferBytes = MinPartSize + 1<<20
+	})
+	ctx := context.Background()
+	const n = 4
+	bodies := make([][]byte, n)
+	errs := make(chan error, n+8)
+	var wg sync.WaitGroup
+	for i := range n {
+		bodies[i] = randomBytes(uint64(100+i), 2*MinPartSize+12345)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			res, err := s.Put(ctx, bytes.NewReader(bodies[i]), storage.PutOptions{ExpectedSize: -1})
+			if err == nil && res.SHA256 != sum(bodies[i]) {
+				err = fmt.Errorf("upload %d stored as %s", i, res.SHA256)
+			}
+			errs <- err
+		}()
+	}
+	// Small uploads of known length fit in the 1 MiB left over.
+	for i := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			body := randomBytes(uint64(200+i), 100<<10)
+			_, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: int64(len(body))})
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, b := range bodies {
+		blob, err := s.Open(ctx, sum(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(blob.Content)
+		blob.Content.Close()
+		if err != nil || !bytes.Equal(got, b) {
+			t.Fatalf("read back: %v", err)
+		}
+	}
+	checkNoLeftovers(t, s, srv, "")
+
+	// Hold the whole budget: a Put of unknown length waits, and gives up
+	// with its context.
+	if err := s.budget.Acquire(ctx, s.partSize+1<<20); err != nil {
+		t.Fatal(err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	defer cancel()
+	_, err := s.Put(cctx, bytes.NewReader(randomBytes(7, 1000)), storage.PutOptions{ExpectedSize: -1})
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Put without budget: %v, want the context's deadline", err)
+	}
+	s.budget.Release(s.partSize + 1<<20)
 }

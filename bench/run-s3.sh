@@ -1,0 +1,244 @@
+#!/usr/bin/env bash
+# S3 load benchmark: caddy-matrix-media with one S3 datastore, served by a
+# local fake S3 (bench/s3/s3server: gofakes3, in memory), measured in ONE run,
+# interleaved round by round and reported as ratios (absolute numbers move
+# with the machine's load). Everything binds to 127.0.0.1.
+#
+# Usage: bench/run-s3.sh [--quick]
+#   --quick   one short round (for a smoke run)
+# Env: CADDY (path to a caddy built with ./xcaddy.sh build; default ./caddy),
+#      ROUNDS (default 3), FETCHES (timed 256 MiB fetches per side and round,
+#      default 5), PART_SIZE (part_size of the datastore, e.g. 5MiB; default
+#      unset: the module's default), PPROF=1 (save a heap profile of Caddy,
+#      snapshots of Caddy, taken from the admin endpoint's /debug/pprof every
+#      0.5 s during the uploads, and a CPU profile over extra module
+#      downloads, next to the report), SERVER_OPTS (lines for Caddy's global servers block,
+#      e.g. "timeouts { write_idle -1s }"; default none: Caddy's defaults).
+#
+# Scenarios (S3 issue targets):
+#   1. 256 MiB download of a media stored on S3, one connection, through the
+#      module (legacy endpoint, curl to /dev/null) vs bench/s3/s3get fetching
+#      the same object (blobs/<aa>/<bb>/<sha256>) directly from the same S3
+#      server with the AWS SDK: MB/s ratio (>= 0.8x).
+#      For reference, curl fetching the object straight from the S3 server
+#      (unsigned; the fake S3 does not check signatures) and through Caddy's
+#      plain reverse_proxy (the same extra hop without the module) are
+#      reported too.
+#   2. 8 concurrent 64 MiB uploads to the S3 datastore: peak RSS growth of
+#      Caddy (< 64 MiB in total). The S3 server's own RSS is reported apart
+#      (it keeps every object in memory; it is not part of the target).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CADDY=${CADDY:-$ROOT/caddy}
+ROUNDS=${ROUNDS:-3}
+FETCHES=${FETCHES:-5}
+PART_SIZE=${PART_SIZE:-}
+PPROF=${PPROF:-}
+SERVER_OPTS=${SERVER_OPTS:-}
+if [[ ${1:-} == --quick ]]; then ROUNDS=1; FETCHES=2; fi
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
+need go; need curl; need sha256sum
+[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/mm-bench-s3.XXXXXX)
+CADDY_PID=
+S3_PID=
+cleanup() {
+	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
+	[[ -n $S3_PID ]] && kill "$S3_PID" 2>/dev/null && wait "$S3_PID" 2>/dev/null || true
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+	echo $((20000 + RANDOM % 20000)); }
+
+ADMIN=$(free_port); HS=$(free_port); MM=$(free_port); S3=$(free_port); RP=$(free_port)
+export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
+mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config"
+
+echo "bench: building bench/s3 programs" >&2
+go build -o "$WORK/bin/" ./bench/s3/s3server ./bench/s3/s3get
+
+BUCKET=media
+S3_KEY_ID=bench
+S3_SECRET=bench-secret
+
+# Fake S3: wait for its "ready" line.
+"$WORK/bin/s3server" -port "$S3" -bucket "$BUCKET" >"$WORK/s3.log" 2>&1 &
+S3_PID=$!
+for _ in $(seq 1 100); do
+	grep -q '^ready' "$WORK/s3.log" 2>/dev/null && break
+	kill -0 "$S3_PID" 2>/dev/null || { echo "bench: s3server exited" >&2; cat "$WORK/s3.log" >&2; exit 1; }
+	sleep 0.1
+done
+grep -q '^ready' "$WORK/s3.log" || { echo "bench: s3server did not start" >&2; cat "$WORK/s3.log" >&2; exit 1; }
+
+# Test data.
+head -c $((256 * 1024 * 1024)) /dev/urandom >"$WORK/large.bin"
+head -c $((64 * 1024 * 1024)) /dev/urandom >"$WORK/up64.bin"
+for i in $(seq 1 8); do
+	# distinct bodies: a few changed bytes each, so no dedup shortcut
+	cp "$WORK/up64.bin" "$WORK/up64.$i.bin"
+	printf '%08d' "$i" | dd of="$WORK/up64.$i.bin" bs=1 seek=0 conv=notrunc status=none
+done
+
+part_size_line=
+[[ -n $PART_SIZE ]] && part_size_line="part_size $PART_SIZE"
+cat >"$WORK/Caddyfile" <<EOF
+{
+	admin 127.0.0.1:$ADMIN
+	auto_https off
+	default_bind 127.0.0.1
+	persist_config off
+	servers {
+		$SERVER_OPTS
+	}
+	matrix_media {
+		database sqlite $WORK/media.db
+		datastore s3bench s3 {
+			kinds local
+			endpoint http://127.0.0.1:$S3
+			region us-east-1
+			bucket $BUCKET
+			path_style
+			access_key_id $S3_KEY_ID
+			secret_access_key $S3_SECRET
+			$part_size_line
+		}
+	}
+}
+# Stand-in homeserver: only whoami is needed (uploads are authenticated).
+http://127.0.0.1:$HS {
+	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
+}
+http://127.0.0.1:$MM {
+	matrix_media {
+		server_name localhost
+		homeserver http://127.0.0.1:$HS
+		max_upload_size 1GiB
+	}
+}
+# Reference: Caddy's own reverse_proxy in front of the S3 server (one hop, no
+# module), for the cost of the extra hop on this machine.
+http://127.0.0.1:$RP {
+	reverse_proxy 127.0.0.1:$S3
+}
+EOF
+
+"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
+CADDY_PID=$!
+for _ in $(seq 1 100); do
+	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
+	kill -0 "$CADDY_PID" 2>/dev/null || break
+	sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+
+upload() { # $1 file -> prints media id
+	curl -fsS -X POST -H 'Authorization: Bearer bench' -H 'Content-Type: application/octet-stream' \
+		--data-binary "@$1" "http://127.0.0.1:$MM/_matrix/media/v3/upload?filename=$(basename "$1")" |
+		sed -E 's#.*mxc://[^/]+/([A-Za-z0-9_-]+).*#\1#'
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
+median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b }'; }
+
+REPORT=$WORK/report.txt
+say() { echo "$*" | tee -a "$REPORT"; }
+
+say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default}"
+
+# 1. Large download: module vs direct SDK fetch of the same object.
+LARGE_ID=$(upload "$WORK/large.bin")
+[[ $LARGE_ID =~ ^[A-Za-z0-9_-]+$ ]] || { echo "bench: upload failed: $LARGE_ID" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+SHA=$(sha256sum "$WORK/large.bin" | cut -d' ' -f1)
+KEY=blobs/${SHA:0:2}/${SHA:2:2}/$SHA
+MM_LARGE="http://127.0.0.1:$MM/_matrix/media/v3/download/localhost/$LARGE_ID"
+S3GET=("$WORK/bin/s3get" -endpoint "http://127.0.0.1:$S3" -bucket "$BUCKET" -key "$KEY"
+	-access-key-id "$S3_KEY_ID" -secret-access-key "$S3_SECRET")
+# sanity: the module serves the bytes, and the object is where s3store puts it
+cmp <(curl -fsS "$MM_LARGE") "$WORK/large.bin"
+"${S3GET[@]}" -verify -n 1 >/dev/null
+
+# curl_rate URL: median MB/s of FETCHES sequential downloads with curl
+curl_rate() {
+	local rates=() bps
+	for _ in $(seq 1 "$FETCHES"); do
+		bps=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+		rates+=("$(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1e6 }')")
+	done
+	echo "${rates[*]}" | median
+}
+mm_rate() { curl_rate "$MM_LARGE"; }
+s3_rate() { "${S3GET[@]}" -n "$FETCHES" | cut -d' ' -f1; }
+
+S3_URL="http://127.0.0.1:$S3/$BUCKET/$KEY"
+RP_URL="http://127.0.0.1:$RP/$BUCKET/$KEY"
+cmp <(curl -fsS "$RP_URL") "$WORK/large.bin"
+dl_ratios=(); dl_mm=(); dl_s3=(); dl_curl=(); curl_ratios=(); dl_rp=(); rp_ratios=()
+for round in $(seq 1 "$ROUNDS"); do
+	# alternate which runs first, so drift of the machine's load does not
+	# favour one side
+	if ((round % 2)); then
+		m=$(mm_rate); s=$(s3_rate); c=$(curl_rate "$S3_URL"); r=$(curl_rate "$RP_URL")
+	else
+		r=$(curl_rate "$RP_URL"); c=$(curl_rate "$S3_URL"); s=$(s3_rate); m=$(mm_rate)
+	fi
+	dl_mm+=("$m"); dl_s3+=("$s"); dl_curl+=("$c"); dl_rp+=("$r"); rp_ratios+=("$(ratio "$r" "$s")")
+	dl_ratios+=("$(ratio "$m" "$s")"); curl_ratios+=("$(ratio "$m" "$c")")
+done
+say ""
+say "256 MiB download from S3, c=1: module $(mb "$(echo "${dl_mm[*]}" | median)") MB/s, direct SDK GetObject $(mb "$(echo "${dl_s3[*]}" | median)") MB/s, ratio median $(echo "${dl_ratios[*]}" | median) (rounds: ${dl_ratios[*]}) target >= 0.80"
+say "   reference: curl straight from the S3 server $(mb "$(echo "${dl_curl[*]}" | median)") MB/s; module / that ratio median $(echo "${curl_ratios[*]}" | median) (rounds: ${curl_ratios[*]})"
+say "   reference: Caddy reverse_proxy (no module) in front of the S3 server $(mb "$(echo "${dl_rp[*]}" | median)") MB/s; that / direct SDK ratio median $(echo "${rp_ratios[*]}" | median) (rounds: ${rp_ratios[*]})"
+
+if [[ -n $PPROF ]]; then
+	# CPU profile of Caddy over module downloads (untimed, after the rounds)
+	curl -fsS -o "$WORK/cpu.1.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=4" &
+	prof=$!
+	while kill -0 "$prof" 2>/dev/null; do curl -fsS -o /dev/null "$MM_LARGE"; done
+	wait "$prof" || true
+fi
+
+# 2. Uploads: peak RSS of 8 concurrent 64 MiB uploads. VmHWM is reset through
+# /proc/PID/clear_refs (5) after an idle baseline.
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
+reset_hwm() { echo 5 2>/dev/null >"/proc/$1/clear_refs" || { echo "bench: cannot reset VmHWM of $1; the peak includes earlier work" >&2; return 0; }; }
+sleep 1
+IDLE=$(rss_kib "$CADDY_PID"); S3_IDLE=$(rss_kib "$S3_PID")
+reset_hwm "$CADDY_PID"; reset_hwm "$S3_PID"
+pids=()
+for i in $(seq 1 8); do
+	curl -fsS -o "$WORK/up64.$i.out" -X POST -H 'Authorization: Bearer bench' --data-binary "@$WORK/up64.$i.bin" \
+		"http://127.0.0.1:$MM/_matrix/media/v3/upload" &
+	pids+=($!)
+done
+if [[ -n $PPROF ]]; then
+	# heap snapshots every 0.5 s while the uploads run (each forces a GC, so
+	# the peak measured with PPROF=1 is not comparable with one without)
+	n=0
+	while ((n < 40)) && kill -0 "${pids[0]}" 2>/dev/null; do
+		sleep 0.5; n=$((n + 1))
+		curl -fsS -o "$WORK/heap.$n.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/heap?gc=1" || true
+	done
+fi
+for p in "${pids[@]}"; do wait "$p"; done
+PEAK=$(hwm_kib "$CADDY_PID"); S3_PEAK=$(hwm_kib "$S3_PID")
+for i in $(seq 1 8); do grep -q 'mxc://' "$WORK/up64.$i.out" || { echo "bench: upload $i failed" >&2; cat "$WORK/up64.$i.out" >&2; exit 1; }; done
+say ""
+say "8 concurrent 64 MiB uploads to S3: caddy idle RSS $((IDLE / 1024)) MiB, peak RSS $((PEAK / 1024)) MiB, growth $(((PEAK - IDLE) / 1024)) MiB (target < 64 MiB)"
+say "   s3server (not part of the target; keeps all objects in memory): RSS before $((S3_IDLE / 1024)) MiB, peak $((S3_PEAK / 1024)) MiB"
+
+mkdir -p "$ROOT/bench/results"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+cp "$REPORT" "$ROOT/bench/results/s3-$STAMP.txt"
+for f in "$WORK"/heap.*.pprof "$WORK"/cpu.*.pprof; do
+	[[ -s $f ]] && cp "$f" "$ROOT/bench/results/s3-$STAMP.${f##*/}"
+done
+echo "report saved under bench/results/"

@@ -1,0 +1,486 @@
+package mediaapi
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
+)
+
+// Thumbnailer generates thumbnails; *thumbnails.Generator implements it.
+type Thumbnailer interface {
+	Generate(ctx context.Context, src []byte, req thumbnails.Request) (thumbnails.Result, error)
+	Stats() thumbnails.Stats
+}
+
+// ThumbnailSize is one pre-defined thumbnail size.
+type ThumbnailSize struct {
+	Width, Height int
+	Method        thumbnails.Method
+}
+
+// DefaultThumbnailSizes are the sizes the Matrix spec suggests.
+var DefaultThumbnailSizes = []ThumbnailSize{
+	{32, 32, thumbnails.MethodCrop},
+	{96, 96, thumbnails.MethodCrop},
+	{320, 240, thumbnails.MethodScale},
+	{640, 480, thumbnails.MethodScale},
+	{800, 600, thumbnails.MethodScale},
+}
+
+// DefaultMaxDynamicThumbnail is the default ThumbnailPolicy.MaxDynamic.
+const DefaultMaxDynamicThumbnail = 1600
+
+// ThumbnailPolicy decides which thumbnails exist.
+type ThumbnailPolicy struct {
+	// Sizes are the pre-defined sizes. Default DefaultThumbnailSizes.
+	Sizes []ThumbnailSize
+	// Dynamic generates the requested size itself (rounded up to a coarse
+	// step, at most MaxDynamic per side) instead of the nearest pre-defined
+	// size. Default false.
+	Dynamic bool
+	// MaxDynamic caps each side of dynamic sizes. Default 1600.
+	MaxDynamic int
+	// Formats are extra output formats served to clients whose Accept
+	// header lists them (thumbnails.FormatWebP, thumbnails.FormatAVIF).
+	// Default: none (JPEG or PNG, animated WebP).
+	Formats []thumbnails.Format
+	// Pregenerate makes the pre-defined sizes right after an image upload,
+	// in the background, when the generator has a free worker. Default
+	// false.
+	Pregenerate bool
+}
+
+// normalize maps a requested box to the box that is generated and stored, so
+// that arbitrary requests cannot create unbounded numbers of thumbnails.
+func (p *ThumbnailPolicy) normalize(w, h int, m thumbnails.Method) (int, int, thumbnails.Method) {
+	if p.Dynamic {
+		return roundUpSide(w, p.MaxDynamic), roundUpSide(h, p.MaxDynamic), m
+	}
+	// The smallest pre-defined size of the same method that is at least as
+	// large as the request; else the smallest large enough of any method;
+	// else the largest of the same method; else the largest.
+	var best, largest *ThumbnailSize
+	for i := range p.Sizes {
+		c := &p.Sizes[i]
+		if c.Method != m {
+			continue
+		}
+		if c.Width >= w && c.Height >= h && (best == nil || c.Width*c.Height < best.Width*best.Height) {
+			best = c
+		}
+		if largest == nil || c.Width*c.Height > largest.Width*largest.Height {
+			largest = c
+		}
+	}
+	if best == nil {
+		// No size of this method is large enough: a larger one of the other
+		// method beats a smaller one (never smaller than asked, where
+		// possible).
+		for i := range p.Sizes {
+			c := &p.Sizes[i]
+			if c.Width >= w && c.Height >= h && (best == nil || c.Width*c.Height < best.Width*best.Height) {
+				best = c
+			}
+		}
+	}
+	if best == nil {
+		best = largest
+	}
+	if best == nil {
+		best = &p.Sizes[len(p.Sizes)-1]
+		for i := range p.Sizes {
+			if c := &p.Sizes[i]; c.Width*c.Height > best.Width*best.Height {
+				best = c
+			}
+		}
+	}
+	return best.Width, best.Height, best.Method
+}
+
+// roundUpSide rounds a requested side up to a coarse step (32 px up to 256,
+// 64 up to 1024, 128 above), capped at max: every dynamic request maps to one
+// of about forty values per side.
+func roundUpSide(v, limit int) int {
+	step := 128
+	switch {
+	case v <= 256:
+		step = 32
+	case v <= 1024:
+		step = 64
+	}
+	v = (v + step - 1) / step * step
+	return min(v, limit)
+}
+
+// thumbnailParams are the parsed query parameters of a thumbnail request.
+type thumbnailParams struct {
+	width, height int
+	method        thumbnails.Method
+	animated      bool
+}
+
+// parseThumbnailParams reads width, height (required, ≥ 1), method (crop or
+// scale, default scale) and animated (true or false, default false).
+func parseThumbnailParams(rawQuery string) (thumbnailParams, *matrix.Error) {
+	p := thumbnailParams{method: thumbnails.MethodScale}
+	for _, dim := range []struct {
+		name string
+		dst  *int
+	}{{"width", &p.width}, {"height", &p.height}} {
+		v, found, ok := matrix.QueryParam(rawQuery, dim.name)
+		if !found {
+			return p, matrix.MissingParam("Missing " + dim.name + " parameter")
+		}
+		n, err := strconv.Atoi(v)
+		if !ok || err != nil || n < 1 {
+			return p, matrix.InvalidParam(dim.name + " must be a positive integer")
+		}
+		*dim.dst = min(n, 1<<16)
+	}
+	if v, found, ok := matrix.QueryParam(rawQuery, "method"); found {
+		switch {
+		case ok && v == "crop":
+			p.method = thumbnails.MethodCrop
+		case ok && v == "scale":
+		default:
+			return p, matrix.InvalidParam("method must be crop or scale")
+		}
+	}
+	if v, found, ok := matrix.QueryParam(rawQuery, "animated"); found {
+		switch {
+		case ok && v == "true":
+			p.animated = true
+		case ok && v == "false":
+		default:
+			return p, matrix.InvalidParam("animated must be true or false")
+		}
+	}
+	return p, nil
+}
+
+// serveThumbnail handles GET and HEAD of .../thumbnail/{serverName}/{mediaId}.
+func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route) int {
+	if s.repo.thumbs == nil {
+		return writeErr(w, matrix.Unrecognized("Thumbnails are not enabled on this server"))
+	}
+	if !rt.legacy {
+		// Guests may thumbnail (MSC4189).
+		if _, st := s.authenticate(w, r, true); st != 0 {
+			return st
+		}
+	}
+	server, id, merr := rt.mediaRef()
+	if merr != nil {
+		return writeErr(w, merr)
+	}
+	params, merr := parseThumbnailParams(r.URL.RawQuery)
+	if merr != nil {
+		return writeErr(w, merr)
+	}
+	timeout, merr := s.downloadTimeout(r.URL.RawQuery)
+	if merr != nil {
+		return writeErr(w, merr)
+	}
+	if server != s.cfg.ServerName {
+		return writeErr(w, matrix.NotFound("Media not found"))
+	}
+	key := mediaKey{server, id}
+	e, m, err := s.repo.lookup(r.Context(), key)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return writeErr(w, matrix.NotFound("Media not found"))
+	case err != nil:
+		return s.internalError(w, "looking up media", err)
+	}
+	if rt.legacy && s.frozen(m.CreatedAt) {
+		return writeErr(w, matrix.NotFound("Media not found"))
+	}
+	if e == nil {
+		var st int
+		e, st = s.waitForUpload(w, r, key, m, timeout)
+		if st != 0 {
+			return st
+		}
+	}
+	tk := s.repo.thumbnailKey(e.m, params, r.Header.Get("Accept"))
+	te, err := s.repo.thumbnail(r.Context(), e, tk, params.animated)
+	if err != nil {
+		return s.thumbnailError(w, r, err)
+	}
+	return s.sendMedia(w, r, te, "", rt.legacy)
+}
+
+// thumbnailKey is the stored key of the thumbnail answering params.
+func (r *Repository) thumbnailKey(m storage.Media, params thumbnailParams, accept string) storage.ThumbnailKey {
+	w, h, method := r.thumbPolicy.normalize(params.width, params.height, params.method)
+	k := storage.ThumbnailKey{
+		ServerName: m.ServerName, MediaID: m.MediaID,
+		Width: w, Height: h, Method: string(method), Animated: params.animated,
+	}
+	for _, f := range r.thumbPolicy.Formats {
+		if acceptsType(accept, f.ContentType()) {
+			k.Format = string(f)
+			break
+		}
+	}
+	return k
+}
+
+// acceptsType reports whether an Accept header lists contentType explicitly
+// (wildcards do not count: every browser sends */*).
+func acceptsType(accept, contentType string) bool {
+	for accept != "" {
+		var item string
+		item, accept, _ = strings.Cut(accept, ",")
+		mt, params, _ := strings.Cut(item, ";")
+		if !strings.EqualFold(strings.TrimSpace(mt), contentType) {
+			continue
+		}
+		if q, ok := strings.CutPrefix(strings.TrimSpace(params), "q="); ok {
+			if v, err := strconv.ParseFloat(q, 64); err == nil && v == 0 {
+				return false
+			}
+		}
+		return true
+	}
+	return false
+}
+
+// thumbnailCacheKey is the in-memory cache key of a thumbnail row.
+func thumbnailCacheKey(k storage.ThumbnailKey) mediaKey {
+	anim := "s"
+	if k.Animated {
+		anim = "a"
+	}
+	return mediaKey{k.ServerName, k.MediaID + "/" + strconv.Itoa(k.Width) + "x" + strconv.Itoa(k.Height) + "/" + k.Method + "/" + anim + "/" + k.Format}
+}
+
+// thumbnail returns the entry of the stored thumbnail k of the media e,
+// generating and storing it first when it does not exist. Concurrent requests
+// for one thumbnail make one generation.
+func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey, animated bool) (*mediaEntry, error) {
+	ck := thumbnailCacheKey(k)
+	if r.thumbCache != nil {
+		if te := r.thumbCache.get(ck); te != nil {
+			return te, nil
+		}
+	}
+	t, err := r.meta.GetThumbnail(ctx, k)
+	switch {
+	case err == nil:
+		return r.cacheThumbnail(ck, t), nil
+	case !errors.Is(err, storage.ErrNotFound):
+		return nil, fmt.Errorf("looking up thumbnail: %w", err)
+	}
+	ch := r.thumbFlights.DoChan(ck.server+"\x00"+ck.id, func() (any, error) {
+		// Detached from the first caller: others may be waiting.
+		return r.generateThumbnail(context.WithoutCancel(ctx), e, k)
+	})
+	select {
+	case res := <-ch:
+		if res.Err != nil {
+			return nil, res.Err
+		}
+		return r.cacheThumbnail(ck, res.Val.(storage.Thumbnail)), nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// cacheThumbnail makes the entry of a stored thumbnail and caches it.
+func (r *Repository) cacheThumbnail(ck mediaKey, t storage.Thumbnail) *mediaEntry {
+	te := newMediaEntry(storage.Media{
+		ServerName: t.ServerName, MediaID: t.MediaID, State: storage.StateReady,
+		SHA256: t.SHA256, Size: t.Size, ContentType: t.ContentType,
+		Filename: thumbnailFileName(t.ContentType), Datastore: t.Datastore,
+		CreatedAt: t.CreatedAt, UploadedAt: t.CreatedAt,
+	})
+	if r.thumbCache != nil {
+		r.thumbCache.put(ck, te)
+	}
+	return te
+}
+
+// thumbnailFileName is the file name of a thumbnail in Content-Disposition.
+func thumbnailFileName(contentType string) string {
+	ext := strings.TrimPrefix(contentType, "image/")
+	if ext == "jpeg" {
+		ext = "jpg"
+	}
+	return "thumbnail." + ext
+}
+
+// generateThumbnail reads the source, generates thumbnail k, stores it (or,
+// when the source is already small enough, records the source itself as the
+// thumbnail) and returns the record.
+func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey) (storage.Thumbnail, error) {
+	if e.m.Size > r.thumbMaxSource {
+		r.metrics.thumbnailRejected("too_large")
+		return storage.Thumbnail{}, fmt.Errorf("thumbnailing %d-byte source: %w", e.m.Size, thumbnails.ErrTooLarge)
+	}
+	if !thumbnailableType(e.m.ContentType) {
+		r.metrics.thumbnailRejected("unsupported")
+		return storage.Thumbnail{}, fmt.Errorf("thumbnailing %q: %w", e.m.ContentType, thumbnails.ErrUnsupported)
+	}
+	src, err := r.readContent(ctx, e)
+	if err != nil {
+		return storage.Thumbnail{}, err
+	}
+	start := time.Now()
+	r.metrics.thumbnailLoad(r.thumbs.Stats())
+	res, err := r.thumbs.Generate(ctx, src, thumbnails.Request{
+		Width: k.Width, Height: k.Height, Method: thumbnails.Method(k.Method),
+		Animated: k.Animated, Output: thumbnails.Format(k.Format),
+	})
+	r.metrics.thumbnailLoad(r.thumbs.Stats())
+	now := r.now()
+	t := storage.Thumbnail{ThumbnailKey: k, CreatedAt: now}
+	switch {
+	case errors.Is(err, thumbnails.ErrSmallerThanRequest):
+		// Never upscale: the source itself answers this request.
+		r.metrics.thumbnailRejected("original")
+		info, perr := thumbnails.Probe(src)
+		if perr != nil {
+			return storage.Thumbnail{}, fmt.Errorf("probing small source: %w", perr)
+		}
+		t.ContentType, t.SHA256, t.Size = info.Format.ContentType(), e.m.SHA256, e.m.Size
+		t.ActualWidth, t.ActualHeight = info.Width, info.Height
+	case err != nil:
+		r.metrics.thumbnailRejected(thumbnailErrorReason(err))
+		return storage.Thumbnail{}, err
+	default:
+		r.metrics.thumbnailGenerated(time.Since(start))
+		stored, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindThumbnails, bytes.NewReader(res.Data),
+			storage.PutOptions{ExpectedSize: int64(len(res.Data))})
+		if err != nil {
+			return storage.Thumbnail{}, fmt.Errorf("storing thumbnail: %w", err)
+		}
+		t.ContentType, t.SHA256, t.Size = res.ContentType, stored.SHA256, stored.Size
+		t.ActualWidth, t.ActualHeight = res.Width, res.Height
+	}
+	err = r.meta.InsertThumbnail(ctx, t)
+	switch {
+	case errors.Is(err, storage.ErrConflict):
+		// Generated meanwhile by another instance: use its record.
+		return r.meta.GetThumbnail(ctx, k)
+	case err != nil:
+		return storage.Thumbnail{}, fmt.Errorf("recording thumbnail: %w", err)
+	}
+	return r.meta.GetThumbnail(ctx, k)
+}
+
+// thumbnailableType reports whether media of this declared type is worth
+// reading to thumbnail: images only (the generator still checks the bytes).
+func thumbnailableType(contentType string) bool {
+	return strings.HasPrefix(strings.ToLower(contentType), "image/") || contentType == "" || contentType == "application/octet-stream"
+}
+
+// thumbnailErrorReason is the metric label of a generation failure.
+func thumbnailErrorReason(err error) string {
+	switch {
+	case errors.Is(err, thumbnails.ErrUnsupported):
+		return "unsupported"
+	case errors.Is(err, thumbnails.ErrTooLarge):
+		return "too_large"
+	case errors.Is(err, thumbnails.ErrBusy):
+		return "busy"
+	default:
+		return "error"
+	}
+}
+
+// readContent reads the whole content of a media item (a thumbnail source,
+// bounded by the caller) from its datastore.
+func (r *Repository) readContent(ctx context.Context, e *mediaEntry) ([]byte, error) {
+	store, ok := r.stores.Get(e.m.Datastore)
+	if !ok {
+		return nil, fmt.Errorf("reading thumbnail source: datastore %q not configured: %w", e.m.Datastore, storage.ErrNotFound)
+	}
+	var rc io.ReadCloser
+	if ro, ok := store.(storage.RangeOpener); ok {
+		var err error
+		if rc, err = ro.OpenRange(ctx, e.m.SHA256, 0, e.m.Size); err != nil {
+			return nil, fmt.Errorf("reading thumbnail source: %w", err)
+		}
+	} else {
+		b, err := store.Open(ctx, e.m.SHA256)
+		if err != nil {
+			return nil, fmt.Errorf("reading thumbnail source: %w", err)
+		}
+		rc = b.Content
+	}
+	defer rc.Close()
+	buf := make([]byte, e.m.Size)
+	if _, err := io.ReadFull(rc, buf); err != nil {
+		return nil, fmt.Errorf("reading thumbnail source: %w", err)
+	}
+	return buf, nil
+}
+
+// thumbnailError answers a failure to produce a thumbnail.
+func (s *Site) thumbnailError(w http.ResponseWriter, r *http.Request, err error) int {
+	switch {
+	case r.Context().Err() != nil:
+		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
+		return statusClientGone
+	case errors.Is(err, thumbnails.ErrUnsupported), errors.Is(err, thumbnails.ErrInvalidRequest):
+		return writeErr(w, matrix.Unknown(http.StatusBadRequest, "Cannot generate a thumbnail for this media"))
+	case errors.Is(err, thumbnails.ErrTooLarge):
+		return writeErr(w, matrix.TooLarge("Media is too large to thumbnail"))
+	case errors.Is(err, thumbnails.ErrBusy):
+		return writeErr(w, matrix.LimitExceeded("Too many thumbnails are being generated, retry shortly", 2*time.Second))
+	case errors.Is(err, storage.ErrUnavailable):
+		s.repo.logger.Error("media storage unavailable while thumbnailing", zap.Error(err))
+		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
+	case errors.Is(err, storage.ErrNotFound):
+		s.repo.logger.Error("thumbnail source content missing", zap.Error(err))
+		return writeErr(w, matrix.NotFound("Media content not found"))
+	default:
+		return s.internalError(w, "generating thumbnail", err)
+	}
+}
+
+// pregenerate makes the pre-defined thumbnails of a freshly uploaded image in
+// the background, skipping any size when the generator has no free worker:
+// requests always come first.
+func (r *Repository) pregenerate(m storage.Media) {
+	if r.thumbs == nil || !r.thumbPolicy.Pregenerate || !strings.HasPrefix(m.ContentType, "image/") || m.Size > r.thumbMaxSource {
+		return
+	}
+	select {
+	case r.pregen <- struct{}{}:
+	default:
+		return // one pre-generation at a time; this upload goes without
+	}
+	go func() {
+		defer func() { <-r.pregen }()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		e := newMediaEntry(m)
+		for _, size := range r.thumbPolicy.Sizes {
+			if st := r.thumbs.Stats(); st.Queued > 0 {
+				return
+			}
+			k := storage.ThumbnailKey{ServerName: m.ServerName, MediaID: m.MediaID,
+				Width: size.Width, Height: size.Height, Method: string(size.Method)}
+			if _, err := r.thumbnail(ctx, e, k, false); err != nil {
+				if !errors.Is(err, thumbnails.ErrUnsupported) {
+					r.logger.Debug("pre-generating a thumbnail failed", zap.String("media_id", m.MediaID), zap.Error(err))
+				}
+				return
+			}
+		}
+	}()
+}
