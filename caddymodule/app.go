@@ -122,6 +122,10 @@ type App struct {
 	// probe call is let through. Default 10s.
 	BreakerCooldown caddy.Duration `json:"breaker_cooldown,omitempty"`
 
+	// Thumbnails configures thumbnail generation. Default: on, with the
+	// spec's suggested sizes.
+	Thumbnails *ThumbnailsConfig `json:"thumbnails,omitempty"`
+
 	res       *resources
 	auth      *authState
 	poolKey   string
@@ -271,6 +275,9 @@ func (a *App) resolveSettings(repl *caddy.Replacer) (storeSettings, error) {
 	}
 	s.dsn = resolved
 
+	if s.thumbnails, err = resolveThumbnails(a.Thumbnails); err != nil {
+		return s, err
+	}
 	if len(a.Datastores) > 0 {
 		if a.StoragePath != "" {
 			return s, errors.New("storage_path and datastores cannot be combined: declare the directory as a file datastore")

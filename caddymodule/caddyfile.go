@@ -58,8 +58,21 @@ func init() {
 //			}
 //		}
 //	}
+//		thumbnails off
+//		thumbnails {
+//			size <width> <height> crop|scale
+//			dynamic [<max side>]
+//			formats webp|avif...
+//			pregenerate
+//			max_pixels <n>
+//			max_source_size <size>
+//			allow_heif
+//			max_frames <n>
+//			workers <n>
+//			queue <n>
+//		}
 //
-// datastore may be repeated.
+// datastore may be repeated, and size inside thumbnails.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
 	if existing != nil {
 		return nil, d.Err("the matrix_media global option may appear only once")
@@ -140,6 +153,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.BreakerThreshold = n
+		case "thumbnails":
+			t, err := parseThumbnails(d)
+			if err != nil {
+				return err
+			}
+			a.Thumbnails = t
 		case "datastore":
 			ds, err := parseDatastore(d)
 			if err != nil {
@@ -153,6 +172,78 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[sub] = true
 	}
 	return nil
+}
+
+// parseThumbnails parses "thumbnails off" or a thumbnails block.
+func parseThumbnails(d *caddyfile.Dispenser) (*ThumbnailsConfig, error) {
+	t := &ThumbnailsConfig{}
+	if d.NextArg() {
+		if d.Val() != "off" || d.NextArg() {
+			return nil, d.Err("matrix_media: thumbnails takes a block, or 'off'")
+		}
+		t.Disabled = true
+		return t, nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch sub := d.Val(); sub {
+		case "size":
+			args := d.RemainingArgs()
+			if len(args) != 3 {
+				return nil, d.Err("matrix_media: thumbnails: size <width> <height> crop|scale")
+			}
+			w, werr := strconv.Atoi(args[0])
+			h, herr := strconv.Atoi(args[1])
+			if werr != nil || herr != nil || w < 1 || h < 1 || (args[2] != "crop" && args[2] != "scale") {
+				return nil, d.Errf("matrix_media: thumbnails: invalid size '%s %s %s'", args[0], args[1], args[2])
+			}
+			t.Sizes = append(t.Sizes, ThumbnailSizeConfig{Width: w, Height: h, Method: args[2]})
+		case "dynamic":
+			t.Dynamic = true
+			if d.NextArg() {
+				n, aerr := strconv.Atoi(d.Val())
+				if aerr != nil || n < 1 {
+					return nil, d.Errf("matrix_media: thumbnails: dynamic max side must be a positive integer, got '%s'", d.Val())
+				}
+				t.MaxDynamic = n
+				if d.NextArg() {
+					return nil, d.ArgErr()
+				}
+			}
+		case "formats":
+			t.Formats = d.RemainingArgs()
+			if len(t.Formats) == 0 {
+				return nil, d.ArgErr()
+			}
+		case "pregenerate", "allow_heif":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			if sub == "pregenerate" {
+				t.Pregenerate = true
+			} else {
+				t.AllowHEIF = true
+			}
+		case "max_pixels":
+			var n int
+			n, err = positiveInt(d)
+			t.MaxPixels = int64(n)
+		case "max_source_size":
+			t.MaxSourceBytes, err = byteSize(d)
+		case "max_frames":
+			t.MaxFrames, err = positiveInt(d)
+		case "workers":
+			t.Workers, err = positiveInt(d)
+		case "queue":
+			t.Queue, err = positiveInt(d)
+		default:
+			return nil, d.Errf("matrix_media: thumbnails: unrecognized subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return t, nil
 }
 
 // parseDatastore parses one "datastore <name> <type> ..." block.

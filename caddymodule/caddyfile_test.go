@@ -315,6 +315,39 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 				{Name: "s3env", Type: "s3", S3: &S3Config{Bucket: "other", UseEnvCredentials: true, Redirect: &RedirectConfig{}}},
 			}},
 		},
+		{
+			input: `matrix_media {
+				thumbnails {
+					size 64 64 crop
+					size 1024 768 scale
+					dynamic 2048
+					formats webp avif
+					pregenerate
+					max_pixels 50000000
+					max_source_size 20MiB
+					allow_heif
+					max_frames 50
+					workers 3
+					queue 9
+				}
+			}`,
+			want: App{Thumbnails: &ThumbnailsConfig{
+				Sizes: []ThumbnailSizeConfig{{64, 64, "crop"}, {1024, 768, "scale"}}, Dynamic: true, MaxDynamic: 2048,
+				Formats: []string{"webp", "avif"}, Pregenerate: true, MaxPixels: 50000000, MaxSourceBytes: 20 << 20,
+				AllowHEIF: true, MaxFrames: 50, Workers: 3, Queue: 9,
+			}},
+		},
+		{input: `matrix_media {
+				thumbnails off
+			}`, want: App{Thumbnails: &ThumbnailsConfig{Disabled: true}}},
+		{input: `matrix_media {
+				thumbnails {
+					size 64 64 zoom
+				}
+			}`, wantErr: "invalid size"},
+		{input: `matrix_media {
+				thumbnails maybe
+			}`, wantErr: "takes a block, or 'off'"},
 		{input: `matrix_media {
 				datastore x ftp /a
 			}`, wantErr: "unknown type 'ftp'"},

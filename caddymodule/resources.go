@@ -15,6 +15,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
+	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -41,13 +42,16 @@ type storeSettings struct {
 	datastores []resolvedDatastore
 	// mediaCacheSize is the number of media rows cached in memory.
 	mediaCacheSize int
+	// thumbnails are the thumbnail settings.
+	thumbnails thumbnailSettings
 }
 
 // key identifies the pooled resources. The media cache size is part of it
 // because it is fixed when the repository is built: changing it and reloading
 // builds a new repository rather than silently keeping the old size.
 func (s storeSettings) key() string {
-	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize)
+	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
+		"\x00" + s.thumbnails.key()
 }
 
 // datastoreNames lists the datastores' names, for logs.
@@ -111,11 +115,24 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 			redirects[d.Name] = mediaapi.RedirectPolicy{Lifetime: d.Redirect.Lifetime, CDNBaseURL: d.Redirect.CDN}
 		}
 	}
+	var thumbnailer mediaapi.Thumbnailer
+	if !s.thumbnails.disabled {
+		g, err := thumbnails.New(s.thumbnails.generator)
+		if err != nil {
+			_ = meta.Close()
+			_ = stores.Close()
+			return nil, fmt.Errorf("starting the thumbnail generator: %w", err)
+		}
+		thumbnailer = g
+	}
 	repo, err := mediaapi.NewRepository(stores, meta, mediaapi.RepositoryOptions{
-		Redirects:      redirects,
-		MediaCacheSize: s.mediaCacheSize,
-		Logger:         logger,
-		Metrics:        metrics,
+		Thumbnailer:             thumbnailer,
+		Thumbnails:              s.thumbnails.policy,
+		ThumbnailMaxSourceBytes: s.thumbnails.maxSource,
+		Redirects:               redirects,
+		MediaCacheSize:          s.mediaCacheSize,
+		Logger:                  logger,
+		Metrics:                 metrics,
 	})
 	if err != nil {
 		_ = meta.Close()

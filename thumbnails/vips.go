@@ -5,10 +5,15 @@ package thumbnails
 #include <stdlib.h>
 #include <string.h>
 #include <vips/vips.h>
+#include <malloc.h>
 
 // cmm_configure applies the process-wide libvips settings this package
 // relies on. libvips itself was initialised by bimg's init().
 static void cmm_configure(void) {
+	// glibc gives every thread that mallocs its own arena; libvips worker
+	// threads would each keep one (tens of MB) alive. Two arenas keep RSS
+	// flat (what MALLOC_ARENA_MAX=2 does, without asking operators for it).
+	mallopt(M_ARENA_MAX, 2);
 	vips_cache_set_max(0);
 	vips_cache_set_max_mem(0);
 	vips_concurrency_set(1);

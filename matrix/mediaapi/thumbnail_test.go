@@ -329,3 +329,20 @@ func waitFor(t *testing.T, cond func() bool) {
 }
 
 func runtimeGosched() { time.Sleep(time.Millisecond) }
+
+func TestThumbnailOfOpaquePNGIsPNG(t *testing.T) {
+	e, _ := thumbEnv(t, ThumbnailPolicy{})
+	img := image.NewRGBA(image.Rect(0, 0, 500, 400))
+	for i := range img.Pix {
+		img.Pix[i] = 255
+	}
+	var b bytes.Buffer
+	if err := png.Encode(&b, img); err != nil {
+		t.Fatal(err)
+	}
+	id := e.upload("alice", b.Bytes(), "image/png", "")
+	rec := e.do(req{method: "GET", path: "/_matrix/client/v1/media/thumbnail/test/" + id + "?width=32&height=32&method=scale", token: "alice"})
+	if _, _, format := decodedSize(t, rec); rec.Code != 200 || format != "png" || rec.Header().Get("Content-Type") != "image/png" {
+		t.Fatalf("%d %s %s", rec.Code, format, rec.Header().Get("Content-Type"))
+	}
+}

@@ -1,0 +1,135 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
+	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
+)
+
+// ThumbnailsConfig configures thumbnail generation (libvips), shared by every
+// site. Thumbnails are on by default with the spec's suggested sizes.
+type ThumbnailsConfig struct {
+	// Disabled turns the thumbnail endpoints off (they answer 404
+	// M_UNRECOGNIZED). Default false.
+	Disabled bool `json:"disabled,omitempty"`
+
+	// Sizes are the pre-defined sizes; a request gets the smallest one at
+	// least as large (same method first). Default: 32x32 crop, 96x96 crop,
+	// 320x240 scale, 640x480 scale, 800x600 scale.
+	Sizes []ThumbnailSizeConfig `json:"sizes,omitempty"`
+
+	// Dynamic generates the requested size itself, rounded up to a coarse
+	// step (32 px up to 256, 64 up to 1024, 128 above) so that requests for
+	// 600, 601, 602… share one thumbnail. Default false (pre-defined sizes).
+	Dynamic bool `json:"dynamic,omitempty"`
+
+	// MaxDynamic caps each side of dynamic sizes. Default 1600.
+	MaxDynamic int `json:"max_dynamic,omitempty"`
+
+	// Formats are extra output formats ("webp", "avif") served to clients
+	// whose Accept header lists them. Default: none (JPEG, PNG for
+	// PNG/GIF sources, animated WebP).
+	Formats []string `json:"formats,omitempty"`
+
+	// Pregenerate makes the pre-defined sizes right after an image upload,
+	// in the background, one upload at a time and only while the generator
+	// has no queue. Default false.
+	Pregenerate bool `json:"pregenerate,omitempty"`
+
+	// MaxPixels is the largest image decoded (width × height × frames);
+	// larger ones get 413 M_TOO_LARGE, checked on the header before any
+	// decoding. Default 32000000.
+	MaxPixels int64 `json:"max_pixels,omitempty"`
+
+	// MaxSourceBytes is the largest media thumbnailed. Default 64 MiB.
+	MaxSourceBytes int64 `json:"max_source_bytes,omitempty"`
+
+	// AllowHEIF accepts HEIC and AVIF sources. Default false.
+	AllowHEIF bool `json:"allow_heif,omitempty"`
+
+	// MaxFrames caps the frames of animated thumbnails. Default 100.
+	MaxFrames int `json:"max_frames,omitempty"`
+
+	// Workers is how many thumbnails are generated at once. Default: the
+	// number of CPUs.
+	Workers int `json:"workers,omitempty"`
+
+	// Queue is how many generations may wait for a worker; beyond it
+	// clients get 429 M_LIMIT_EXCEEDED with Retry-After. Default 4 × Workers.
+	Queue int `json:"queue,omitempty"`
+}
+
+// ThumbnailSizeConfig is one pre-defined thumbnail size.
+type ThumbnailSizeConfig struct {
+	Width  int    `json:"width"`
+	Height int    `json:"height"`
+	Method string `json:"method"`
+}
+
+// thumbnailSettings are the validated thumbnail settings: the generator's
+// options and the repository's policy.
+type thumbnailSettings struct {
+	disabled  bool
+	generator thumbnails.Options
+	policy    mediaapi.ThumbnailPolicy
+	maxSource int64
+}
+
+// resolveThumbnails validates c (nil: defaults).
+func resolveThumbnails(c *ThumbnailsConfig) (thumbnailSettings, error) {
+	if c == nil {
+		c = &ThumbnailsConfig{}
+	}
+	var s thumbnailSettings
+	if c.Disabled {
+		s.disabled = true
+		return s, nil
+	}
+	for _, v := range []struct {
+		name string
+		val  int64
+	}{{"max_dynamic", int64(c.MaxDynamic)}, {"max_pixels", c.MaxPixels}, {"max_source_bytes", c.MaxSourceBytes},
+		{"max_frames", int64(c.MaxFrames)}, {"workers", int64(c.Workers)}, {"queue", int64(c.Queue)}} {
+		if v.val < 0 {
+			return s, fmt.Errorf("thumbnails: %s must not be negative", v.name)
+		}
+	}
+	for _, sz := range c.Sizes {
+		m := thumbnails.Method(sz.Method)
+		if sz.Width < 1 || sz.Height < 1 || (m != thumbnails.MethodCrop && m != thumbnails.MethodScale) {
+			return s, fmt.Errorf("thumbnails: invalid size %dx%d %q (want positive sides and crop or scale)", sz.Width, sz.Height, sz.Method)
+		}
+		s.policy.Sizes = append(s.policy.Sizes, mediaapi.ThumbnailSize{Width: sz.Width, Height: sz.Height, Method: m})
+	}
+	for _, f := range c.Formats {
+		switch thumbnails.Format(f) {
+		case thumbnails.FormatWebP, thumbnails.FormatAVIF:
+			s.policy.Formats = append(s.policy.Formats, thumbnails.Format(f))
+		default:
+			return s, fmt.Errorf("thumbnails: unknown output format %q (want webp or avif)", f)
+		}
+	}
+	s.policy.Dynamic, s.policy.MaxDynamic, s.policy.Pregenerate = c.Dynamic, c.MaxDynamic, c.Pregenerate
+	s.generator = thumbnails.Options{
+		MaxPixels: c.MaxPixels, MaxSourceBytes: c.MaxSourceBytes, AllowHEIF: c.AllowHEIF,
+		MaxFrames: c.MaxFrames, Workers: c.Workers, Queue: c.Queue,
+	}
+	s.maxSource = c.MaxSourceBytes
+	return s, nil
+}
+
+// key is the part of the resources' pool key that thumbnails decide.
+func (s thumbnailSettings) key() string {
+	b, err := json.Marshal(struct {
+		D bool
+		G thumbnails.Options
+		P mediaapi.ThumbnailPolicy
+		M int64
+	}{s.disabled, s.generator, s.policy, s.maxSource})
+	if err != nil {
+		panic(fmt.Sprintf("encoding thumbnail settings: %v", err))
+	}
+	return string(b)
+}

@@ -1,0 +1,78 @@
+package caddymodule
+
+import (
+	"bytes"
+	"encoding/json"
+	"image"
+	"image/color"
+	"image/jpeg"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+)
+
+func TestResolveThumbnails(t *testing.T) {
+	for _, tc := range []struct {
+		cfg     ThumbnailsConfig
+		wantErr string
+	}{
+		{ThumbnailsConfig{}, ""},
+		{ThumbnailsConfig{Formats: []string{"webp", "avif"}, Dynamic: true}, ""},
+		{ThumbnailsConfig{Formats: []string{"gif"}}, "unknown output format"},
+		{ThumbnailsConfig{Sizes: []ThumbnailSizeConfig{{0, 10, "crop"}}}, "invalid size"},
+		{ThumbnailsConfig{Workers: -1}, "workers must not be negative"},
+	} {
+		_, err := resolveThumbnails(&tc.cfg)
+		if (tc.wantErr == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
+			t.Errorf("%+v: err = %v, want %q", tc.cfg, err, tc.wantErr)
+		}
+	}
+}
+
+func TestHandlerThumbnails(t *testing.T) {
+	hs := fakeHomeserver(t, map[string]string{"tok": "@alice:example.org"})
+	img := image.NewRGBA(image.Rect(0, 0, 640, 480))
+	for i := range img.Pix {
+		img.Pix[i] = uint8(i)
+	}
+	img.Set(0, 0, color.RGBA{1, 2, 3, 255})
+	var src bytes.Buffer
+	if err := jpeg.Encode(&src, img, nil); err != nil {
+		t.Fatal(err)
+	}
+	for _, disabled := range []bool{false, true} {
+		appCfg := testAppConfig(t)
+		if disabled {
+			appCfg.Thumbnails = &ThumbnailsConfig{Disabled: true}
+		}
+		ctx, cancel := newCaddyContext(t, map[string]any{"matrix_media": appCfg})
+		h := &Handler{ServerName: "example.org", Homeserver: hs.URL}
+		if err := h.Provision(ctx); err != nil {
+			t.Fatal(err)
+		}
+		up := httptest.NewRequest(http.MethodPost, "/_matrix/media/v3/upload", bytes.NewReader(src.Bytes()))
+		up.Header.Set("Authorization", "Bearer tok")
+		up.Header.Set("Content-Type", "image/jpeg")
+		rec, _ := serve(t, h, up)
+		var body struct {
+			ContentURI string `json:"content_uri"`
+		}
+		if rec.Code != 200 || json.Unmarshal(rec.Body.Bytes(), &body) != nil {
+			t.Fatalf("upload: %d %s", rec.Code, rec.Body)
+		}
+		id := body.ContentURI[strings.LastIndexByte(body.ContentURI, '/')+1:]
+		rec, _ = serve(t, h, httptest.NewRequest(http.MethodGet, "/_matrix/media/v3/thumbnail/example.org/"+id+"?width=96&height=96&method=crop", nil))
+		if disabled {
+			if rec.Code != 404 || !strings.Contains(rec.Body.String(), "M_UNRECOGNIZED") {
+				t.Fatalf("disabled: %d %s", rec.Code, rec.Body)
+			}
+		} else {
+			cfg, format, err := image.DecodeConfig(bytes.NewReader(rec.Body.Bytes()))
+			if rec.Code != 200 || err != nil || format != "jpeg" || cfg.Width != 96 || cfg.Height != 96 {
+				t.Fatalf("thumbnail: %d %v %s %+v", rec.Code, err, format, cfg)
+			}
+		}
+		cancel()
+	}
+}
