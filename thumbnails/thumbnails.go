@@ -263,9 +263,12 @@ func (g *Generator) acquire(ctx context.Context) error {
 	}
 }
 
-// release gives a worker slot back.
+// release gives a worker slot back. The last worker to finish trims the C
+// heap, so that RSS falls back after a burst instead of staying at its peak.
 func (g *Generator) release() {
-	g.running.Add(-1)
+	if g.running.Add(-1) == 0 {
+		trimMalloc()
+	}
 	<-g.slots
 }
 

@@ -9,11 +9,21 @@ package thumbnails
 
 // cmm_configure applies the process-wide libvips settings this package
 // relies on. libvips itself was initialised by bimg's init().
-static void cmm_configure(void) {
-	// glibc gives every thread that mallocs its own arena; libvips worker
-	// threads would each keep one (tens of MB) alive. Two arenas keep RSS
-	// flat (what MALLOC_ARENA_MAX=2 does, without asking operators for it).
+// cmm_arena_max runs when the program is loaded, before any thread exists:
+// glibc gives threads that malloc their own arenas (64 MiB regions that keep
+// freed memory), and fixes the arena limit when the second arena is made, so
+// it must be set first. Two arenas is what MALLOC_ARENA_MAX=2 gives, without
+// asking operators for it.
+__attribute__((constructor)) static void cmm_arena_max(void) {
 	mallopt(M_ARENA_MAX, 2);
+}
+
+// cmm_trim returns freed heap memory of every arena to the system.
+static void cmm_trim(void) {
+	malloc_trim(0);
+}
+
+static void cmm_configure(void) {
 	vips_cache_set_max(0);
 	vips_cache_set_max_mem(0);
 	vips_concurrency_set(1);
@@ -137,6 +147,12 @@ import (
 // state. vips_init itself already ran in bimg's package init().
 func configureVips() {
 	C.cmm_configure()
+}
+
+// trimMalloc gives freed C heap memory back to the system (libvips frees its
+// decode buffers, but glibc keeps them mapped otherwise).
+func trimMalloc() {
+	C.cmm_trim()
 }
 
 // vipsError turns a C error string from cmm_error into a Go error and frees
