@@ -72,6 +72,10 @@ type SiteConfig struct {
 	ServerName string
 	// MaxUploadSize is the largest upload in bytes. Default 100 MiB.
 	MaxUploadSize int64
+	// Federation enables the federation media endpoints. Default: off
+	// (they answer 404 M_UNRECOGNIZED).
+	Federation *FederationConfig
+
 	// Admins decides who is a media admin; admins are not held to
 	// MaxPendingUploads. Default: nobody (except tokens that are admin
 	// secrets).
@@ -401,6 +405,8 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			status = s.serveConfig(w, r)
 		case epThumbnail:
 			status = s.serveThumbnail(w, r, &rt)
+		case epFedDownload, epFedThumbnail:
+			status = s.serveFederation(w, r, &rt)
 		}
 	}
 	s.repo.metrics.observe(rt.ep, status, start)

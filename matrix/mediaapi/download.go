@@ -367,8 +367,7 @@ func (s *Site) contentError(w http.ResponseWriter, r *http.Request, e *mediaEntr
 // sent allow_redirect=true (as the spec requires). done reports that the
 // response was written.
 func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, disposition string, legacy bool) (int, bool) {
-	policy, ok := s.repo.redirects[e.m.Datastore]
-	if !ok || r.Method != http.MethodGet {
+	if r.Method != http.MethodGet {
 		return 0, false
 	}
 	if legacy {
@@ -376,25 +375,9 @@ func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, d
 			return 0, false
 		}
 	}
-	store, ok := s.repo.stores.Get(e.m.Datastore)
+	u, ok := s.presignedURL(r, e, disposition)
 	if !ok {
 		return 0, false
-	}
-	ps, ok := store.(storage.Presigner)
-	if !ok {
-		return 0, false
-	}
-	u, err := ps.PresignGet(r.Context(), e.m.SHA256, policy.Lifetime, e.contentType[0], disposition)
-	if err != nil {
-		// Serving the bytes ourselves still works.
-		s.repo.logger.Warn("presigning a download redirect failed; serving directly", zap.Error(err))
-		return 0, false
-	}
-	if policy.CDNBaseURL != nil {
-		if u, err = rebase(u, policy.CDNBaseURL); err != nil {
-			s.repo.logger.Warn("rewriting a presigned URL for the CDN failed; serving directly", zap.Error(err))
-			return 0, false
-		}
 	}
 	h := w.Header()
 	setMediaSecurity(h, legacy)
@@ -404,6 +387,36 @@ func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, d
 	w.WriteHeader(http.StatusTemporaryRedirect)
 	s.repo.metrics.redirects.Inc()
 	return http.StatusTemporaryRedirect, true
+}
+
+// presignedURL returns a presigned URL of e's content when its datastore has
+// a redirect policy and can presign.
+func (s *Site) presignedURL(r *http.Request, e *mediaEntry, disposition string) (string, bool) {
+	policy, ok := s.repo.redirects[e.m.Datastore]
+	if !ok {
+		return "", false
+	}
+	store, ok := s.repo.stores.Get(e.m.Datastore)
+	if !ok {
+		return "", false
+	}
+	ps, ok := store.(storage.Presigner)
+	if !ok {
+		return "", false
+	}
+	u, err := ps.PresignGet(r.Context(), e.m.SHA256, policy.Lifetime, e.contentType[0], disposition)
+	if err != nil {
+		// Serving the bytes ourselves still works.
+		s.repo.logger.Warn("presigning a download redirect failed; serving directly", zap.Error(err))
+		return "", false
+	}
+	if policy.CDNBaseURL != nil {
+		if u, err = rebase(u, policy.CDNBaseURL); err != nil {
+			s.repo.logger.Warn("rewriting a presigned URL for the CDN failed; serving directly", zap.Error(err))
+			return "", false
+		}
+	}
+	return u, true
 }
 
 // rebase replaces the scheme and host of the URL raw with base's, and puts

@@ -60,7 +60,11 @@ func TestParseRoute(t *testing.T) {
 		{"/_matrix/media/v3/upload/s", epUnknown, false, "", "", ""},
 		{"/_matrix/media/v3/config/", epUnknown, false, "", "", ""},
 		{"/_matrix/media/unstable/fi.mau.msc2246/upload/s", epUnknown, false, "", "", ""},
-		{"/_matrix/federation/v1/media/download/i", epUnknown, false, "", "", ""},
+		{"/_matrix/federation/v1/media/download/i", epFedDownload, false, "", "i", ""},
+		{"/_matrix/federation/v1/media/thumbnail/i", epFedThumbnail, false, "", "i", ""},
+		{"/_matrix/federation/unstable/org.matrix.msc3916.v2/media/download/i", epFedDownload, false, "", "i", ""},
+		{"/_matrix/federation/v1/media/download/s/i", epUnknown, false, "", "", ""},
+		{"/_matrix/federation/v1/media/upload", epUnknown, false, "", "", ""},
 		{"/other", epUnknown, false, "", "", ""},
 	}
 	for _, tc := range tests {

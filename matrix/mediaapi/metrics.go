@@ -44,6 +44,7 @@ type Metrics struct {
 	thumbRejected *prometheus.CounterVec
 	thumbRunning  prometheus.Gauge
 	thumbQueued   prometheus.Gauge
+	fedVerify     *prometheus.CounterVec
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -122,6 +123,10 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "thumbnail_queue_depth",
 			Help: "Thumbnail generations waiting for a worker.",
 		}),
+		fedVerify: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "federation_verification_failures_total",
+			Help: "Inbound federation media requests refused, by reason: missing, malformed, wrong_destination, no_key, bad_signature, error.",
+		}, []string{"reason"}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -133,8 +138,11 @@ func NewMetrics() *Metrics {
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
-		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued}
+		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify}
 }
+
+// federationVerifyFailed counts a refused inbound federation request.
+func (m *Metrics) federationVerifyFailed(reason string) { m.fedVerify.WithLabelValues(reason).Inc() }
 
 // thumbnailGenerated records one successful generation.
 func (m *Metrics) thumbnailGenerated(d time.Duration) { m.thumbLatency.Observe(d.Seconds()) }

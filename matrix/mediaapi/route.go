@@ -32,29 +32,35 @@ const (
 	epConfig
 	epOptions
 	epThumbnail
+	epFedDownload
+	epFedThumbnail
 	numEndpoints
 )
 
 // endpointNames are the metric label values of the endpoints.
 var endpointNames = [numEndpoints]string{
-	epUnknown:   "unknown",
-	epUpload:    "upload",
-	epCreate:    "create",
-	epUploadPut: "upload_put",
-	epDownload:  "download",
-	epConfig:    "config",
-	epOptions:   "options",
-	epThumbnail: "thumbnail",
+	epUnknown:      "unknown",
+	epUpload:       "upload",
+	epCreate:       "create",
+	epUploadPut:    "upload_put",
+	epDownload:     "download",
+	epConfig:       "config",
+	epOptions:      "options",
+	epThumbnail:    "thumbnail",
+	epFedDownload:  "federation_download",
+	epFedThumbnail: "federation_thumbnail",
 }
 
 // allowHeaders are the Allow header values of 405 responses, per endpoint.
 var allowHeaders = [numEndpoints][]string{
-	epUpload:    hdr("POST, OPTIONS"),
-	epCreate:    hdr("POST, OPTIONS"),
-	epUploadPut: hdr("PUT, OPTIONS"),
-	epDownload:  hdr("GET, HEAD, OPTIONS"),
-	epConfig:    hdr("GET, HEAD, OPTIONS"),
-	epThumbnail: hdr("GET, HEAD, OPTIONS"),
+	epUpload:       hdr("POST, OPTIONS"),
+	epCreate:       hdr("POST, OPTIONS"),
+	epUploadPut:    hdr("PUT, OPTIONS"),
+	epDownload:     hdr("GET, HEAD, OPTIONS"),
+	epConfig:       hdr("GET, HEAD, OPTIONS"),
+	epThumbnail:    hdr("GET, HEAD, OPTIONS"),
+	epFedDownload:  hdr("GET, OPTIONS"),
+	epFedThumbnail: hdr("GET, OPTIONS"),
 }
 
 // route is a parsed request path. Parameters are kept escaped, as they
@@ -81,6 +87,8 @@ func (rt *route) allows(method string) bool {
 		return method == http.MethodPut
 	case epDownload, epConfig, epThumbnail:
 		return method == http.MethodGet || method == http.MethodHead
+	case epFedDownload, epFedThumbnail:
+		return method == http.MethodGet
 	}
 	return false
 }
@@ -162,12 +170,35 @@ func parseRoute(p string) route {
 		rest = p[len(prefixClientV1):]
 	case strings.HasPrefix(p, prefixClientUnstable):
 		rest = p[len(prefixClientUnstable):]
+	case strings.HasPrefix(p, prefixFederationV1):
+		return parseFederationRoute(p[len(prefixFederationV1):])
+	case strings.HasPrefix(p, prefixFederationUnstable):
+		return parseFederationRoute(p[len(prefixFederationUnstable):])
 	default:
-		// Federation media and anything else: not implemented here.
 		return route{}
 	}
 	n := splitSegments(rest, &segs)
 	if n > maxSegments || !rt.setReadEndpoint(segs[:n]) {
+		return route{}
+	}
+	return rt
+}
+
+// parseFederationRoute recognises download/{mediaId} and thumbnail/{mediaId}
+// of the federation media API (the server name is implied: ours).
+func parseFederationRoute(rest string) route {
+	var segs [maxSegments]string
+	n := splitSegments(rest, &segs)
+	if n != 2 {
+		return route{}
+	}
+	rt := route{rawMediaID: segs[1]}
+	switch segs[0] {
+	case "download":
+		rt.ep = epFedDownload
+	case "thumbnail":
+		rt.ep = epFedThumbnail
+	default:
 		return route{}
 	}
 	return rt

@@ -346,3 +346,8 @@ func TestThumbnailOfOpaquePNGIsPNG(t *testing.T) {
 		t.Fatalf("%d %s %s", rec.Code, format, rec.Header().Get("Content-Type"))
 	}
 }
+
+// newTestGenerator is a thumbnail generator for tests.
+func newTestGenerator() (*thumbnails.Generator, error) {
+	return thumbnails.New(thumbnails.Options{Workers: 2})
+}
