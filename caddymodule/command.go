@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -14,6 +15,8 @@ import (
 
 	"github.com/dustin/go-humanize"
 	"github.com/spf13/cobra"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 )
@@ -30,6 +33,16 @@ localhost:2019):
 
   caddy matrix-media datastores
       lists the datastores with their blob counts and sizes
+
+  caddy matrix-media generate-key --out <file> [--format synapse|dendrite]
+      creates a new ed25519 federation signing key for the module (refuses
+      to overwrite an existing file)
+
+  caddy matrix-media merge-key --key <module key file> --into <homeserver key file>
+      adds the module's key to the homeserver's signing-key file (Synapse
+      or Dendrite format, detected), after writing a backup; running it
+      again changes nothing. Restart the homeserver so that it publishes the
+      key in /_matrix/key/v2/server.
 
   caddy matrix-media migrate --from <datastore> --to <datastore>
       moves every blob of one datastore to another in the background,
@@ -52,6 +65,22 @@ localhost:2019):
 			migrate.Flags().Bool("detach", false, "Start the migration and return without waiting")
 			migrate.Flags().String("cancel", "", "Cancel the migration with this id instead of starting one")
 			cmd.AddCommand(migrate)
+			gen := &cobra.Command{
+				Use:   "generate-key --out <file>",
+				Short: "Create a federation signing key for the module",
+				RunE:  runGenerateKey,
+			}
+			gen.Flags().String("out", "", "File to write the key to (must not exist)")
+			gen.Flags().String("format", "synapse", "Key file format: synapse or dendrite")
+			cmd.AddCommand(gen)
+			merge := &cobra.Command{
+				Use:   "merge-key --key <file> --into <homeserver key file>",
+				Short: "Add the module's signing key to a homeserver's signing-key file",
+				RunE:  runMergeKey,
+			}
+			merge.Flags().String("key", "", "The module's key file (from generate-key)")
+			merge.Flags().String("into", "", "The homeserver's signing-key file (Synapse or Dendrite format)")
+			cmd.AddCommand(merge)
 			cmd.AddCommand(&cobra.Command{
 				Use:   "datastores",
 				Short: "List the datastores with their blob counts and sizes",
@@ -211,4 +240,62 @@ func (b *progressBar) finish() {
 	if b.terminal {
 		fmt.Fprintln(b.w)
 	}
+}
+
+func runGenerateKey(cmd *cobra.Command, _ []string) error {
+	out, _ := cmd.Flags().GetString("out")
+	format, _ := cmd.Flags().GetString("format")
+	if out == "" {
+		return errors.New("--out is required")
+	}
+	key, err := xmatrix.GenerateSigningKey(rand.Reader)
+	if err != nil {
+		return err
+	}
+	var data []byte
+	switch format {
+	case "synapse":
+		data = xmatrix.FormatSynapse(key)
+	case "dendrite":
+		data = xmatrix.FormatDendrite(key)
+	default:
+		return fmt.Errorf("unknown --format %q (want synapse or dendrite)", format)
+	}
+	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("creating key file: %w", err)
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return fmt.Errorf("writing key file: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing key file: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "wrote %s key %s (public key %s) to %s\n", format, key.ID, key.PublicBase64(), out)
+	return nil
+}
+
+func runMergeKey(cmd *cobra.Command, _ []string) error {
+	keyPath, _ := cmd.Flags().GetString("key")
+	into, _ := cmd.Flags().GetString("into")
+	if keyPath == "" || into == "" {
+		return errors.New("--key and --into are required")
+	}
+	keys, err := xmatrix.LoadSigningKeys(keyPath)
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		changed, err := xmatrix.MergeKeyFile(into, k)
+		if err != nil {
+			return err
+		}
+		if changed {
+			fmt.Fprintf(os.Stderr, "added %s to %s (a backup of the old file was written next to it); restart the homeserver\n", k.ID, into)
+		} else {
+			fmt.Fprintf(os.Stderr, "%s already holds %s: nothing to do\n", into, k.ID)
+		}
+	}
+	return nil
 }
