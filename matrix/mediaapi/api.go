@@ -76,6 +76,10 @@ type SiteConfig struct {
 	// (they answer 404 M_UNRECOGNIZED).
 	Federation *FederationConfig
 
+	// Remote fetches media of other servers for this site's users (signed
+	// as this site). Default: none (remote media is 404 M_NOT_FOUND).
+	Remote RemoteFetcher
+
 	// Admins decides who is a media admin; admins are not held to
 	// MaxPendingUploads. Default: nobody (except tokens that are admin
 	// secrets).
@@ -121,6 +125,11 @@ type Repository struct {
 	thumbFlights singleflight.Group
 	pregen       chan struct{}
 
+	// remoteFlights coalesces fetches of one remote media item;
+	// remoteMaxSize bounds what is stored of one.
+	remoteFlights singleflight.Group
+	remoteMaxSize int64
+
 	cleanupInterval time.Duration
 	// cache holds ready media rows; nil when disabled.
 	cache *mediaCache
@@ -160,6 +169,9 @@ type RepositoryOptions struct {
 	// ThumbnailMaxSourceBytes is the largest media thumbnailed (larger ones
 	// get 413). Default thumbnails.DefaultMaxSourceBytes (64 MiB).
 	ThumbnailMaxSourceBytes int64
+	// MaxRemoteSize is the largest remote media cached (larger ones get
+	// 502 M_TOO_LARGE). Default DefaultMaxUploadSize (100 MiB).
+	MaxRemoteSize int64
 }
 
 // RedirectPolicy configures presigned download redirects for a datastore.
@@ -233,6 +245,10 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.thumbMaxSource = thumbnails.DefaultMaxSourceBytes
 	}
 	r.pregen = make(chan struct{}, 1)
+	r.remoteMaxSize = opts.MaxRemoteSize
+	if r.remoteMaxSize <= 0 {
+		r.remoteMaxSize = DefaultMaxUploadSize
+	}
 	r.waits.init()
 	return r, nil
 }

@@ -70,8 +70,17 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		return writeErr(w, merr)
 	}
 	if server != s.cfg.ServerName {
-		// Remote media needs federation, which comes later.
-		return writeErr(w, matrix.NotFound("Media not found"))
+		if rt.legacy && !allowRemote(r.URL.RawQuery) {
+			return writeErr(w, matrix.NotFound("Media not found"))
+		}
+		e, st := s.remoteEntry(w, r, server, id, timeout)
+		if st != 0 {
+			return st
+		}
+		if rt.legacy && s.frozen(e.m.CreatedAt) {
+			return writeErr(w, matrix.NotFound("Media not found"))
+		}
+		return s.sendMedia(w, r, e, fileName, rt.legacy)
 	}
 
 	key := mediaKey{server, id}
@@ -93,6 +102,12 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		}
 	}
 	return s.sendMedia(w, r, e, fileName, rt.legacy)
+}
+
+// allowRemote reads the legacy allow_remote parameter (default true).
+func allowRemote(rawQuery string) bool {
+	v, found, _ := matrix.QueryParam(rawQuery, "allow_remote")
+	return !found || v != "false"
 }
 
 // frozen reports whether media created at created is hidden from the

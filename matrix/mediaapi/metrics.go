@@ -45,6 +45,9 @@ type Metrics struct {
 	thumbRunning  prometheus.Gauge
 	thumbQueued   prometheus.Gauge
 	fedVerify     *prometheus.CounterVec
+	remoteFetches *prometheus.CounterVec
+	remoteBytes   prometheus.Counter
+	remoteLatency prometheus.Histogram
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -127,6 +130,19 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "federation_verification_failures_total",
 			Help: "Inbound federation media requests refused, by reason: missing, malformed, wrong_destination, no_key, bad_signature, error.",
 		}, []string{"reason"}),
+		remoteFetches: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetches_total",
+			Help: "Fetches of remote media over federation, by result: ok, not_found, not_yet_uploaded, too_large, unavailable, error.",
+		}, []string{"result"}),
+		remoteBytes: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetch_bytes_total",
+			Help: "Bytes of remote media fetched over federation.",
+		}),
+		remoteLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetch_duration_seconds",
+			Help:    "Time to fetch and store remote media.",
+			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300},
+		}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -138,7 +154,15 @@ func NewMetrics() *Metrics {
 func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
-		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify}
+		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
+		m.remoteFetches, m.remoteBytes, m.remoteLatency}
+}
+
+// remoteFetch records one remote fetch.
+func (m *Metrics) remoteFetch(result string, n int64, d time.Duration) {
+	m.remoteFetches.WithLabelValues(result).Inc()
+	m.remoteBytes.Add(float64(n))
+	m.remoteLatency.Observe(d.Seconds())
 }
 
 // federationVerifyFailed counts a refused inbound federation request.

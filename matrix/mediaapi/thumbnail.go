@@ -193,30 +193,47 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	if merr != nil {
 		return writeErr(w, merr)
 	}
+	var e *mediaEntry
 	if server != s.cfg.ServerName {
-		return writeErr(w, matrix.NotFound("Media not found"))
-	}
-	key := mediaKey{server, id}
-	e, m, err := s.repo.lookup(r.Context(), key)
-	switch {
-	case errors.Is(err, storage.ErrNotFound):
-		return writeErr(w, matrix.NotFound("Media not found"))
-	case err != nil:
-		return s.internalError(w, "looking up media", err)
-	}
-	if rt.legacy && s.frozen(m.CreatedAt) {
-		return writeErr(w, matrix.NotFound("Media not found"))
-	}
-	if e == nil {
+		// Remote media: thumbnailed here from the cached original.
+		if rt.legacy && !allowRemote(r.URL.RawQuery) {
+			return writeErr(w, matrix.NotFound("Media not found"))
+		}
 		var st int
-		e, st = s.waitForUpload(w, r, key, m, timeout)
-		if st != 0 {
+		if e, st = s.remoteEntry(w, r, server, id, timeout); st != 0 {
 			return st
+		}
+		if rt.legacy && s.frozen(e.m.CreatedAt) {
+			return writeErr(w, matrix.NotFound("Media not found"))
+		}
+	} else {
+		key := mediaKey{server, id}
+		var m storage.Media
+		var err error
+		e, m, err = s.repo.lookup(r.Context(), key)
+		switch {
+		case errors.Is(err, storage.ErrNotFound):
+			return writeErr(w, matrix.NotFound("Media not found"))
+		case err != nil:
+			return s.internalError(w, "looking up media", err)
+		}
+		if rt.legacy && s.frozen(m.CreatedAt) {
+			return writeErr(w, matrix.NotFound("Media not found"))
+		}
+		if e == nil {
+			var st int
+			if e, st = s.waitForUpload(w, r, key, m, timeout); st != 0 {
+				return st
+			}
 		}
 	}
 	tk := s.repo.thumbnailKey(e.m, params, r.Header.Get("Accept"))
 	te, err := s.repo.thumbnail(r.Context(), e, tk, params.animated)
 	if err != nil {
+		if e.m.Remote && errors.Is(err, thumbnails.ErrTooLarge) {
+			// The spec's answer for remote media too large to thumbnail.
+			return writeErr(w, matrix.NewError(http.StatusBadGateway, matrix.CodeTooLarge, "Remote media is too large to thumbnail"))
+		}
 		return s.thumbnailError(w, r, err)
 	}
 	return s.sendMedia(w, r, te, "", rt.legacy)

@@ -1,0 +1,140 @@
+package mediaapi
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// fakeRemote serves remote media from a map, counting fetches.
+type fakeRemote struct {
+	mu    sync.Mutex
+	media map[string][]byte // "server/id" -> bytes
+	err   error
+	calls atomic.Int64
+	gate  chan struct{}
+}
+
+func (f *fakeRemote) Download(_ context.Context, server, id string, _ time.Duration) (RemoteMedia, error) {
+	f.calls.Add(1)
+	if f.gate != nil {
+		<-f.gate
+	}
+	if f.err != nil {
+		return RemoteMedia{}, f.err
+	}
+	f.mu.Lock()
+	b, ok := f.media[server+"/"+id]
+	f.mu.Unlock()
+	if !ok {
+		return RemoteMedia{}, fmt.Errorf("remote said 404: %w", ErrRemoteNotFound)
+	}
+	return RemoteMedia{ContentType: "image/jpeg", ContentDisposition: `inline; filename="remote.jpg"`, Size: int64(len(b)),
+		Body: io.NopCloser(bytes.NewReader(b))}, nil
+}
+
+func remoteEnv(t *testing.T) (*env, *fakeRemote) {
+	t.Helper()
+	fr := &fakeRemote{media: map[string][]byte{}}
+	g, err := newTestGenerator()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, func(c *SiteConfig, o *RepositoryOptions) {
+		c.Remote = fr
+		o.Thumbnailer = g
+		o.MaxRemoteSize = 1 << 20
+	})
+	return e, fr
+}
+
+func TestRemoteDownloadCachedOnce(t *testing.T) {
+	e, fr := remoteEnv(t)
+	photo := testJPEG(t, 640, 480)
+	fr.media["other.test/abc"] = photo
+	fr.gate = make(chan struct{})
+	const n = 20
+	var wg sync.WaitGroup
+	codes := make([]int, n)
+	bodies := make([][]byte, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rec := e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/abc", token: "alice"})
+			codes[i], bodies[i] = rec.Code, rec.Body.Bytes()
+		}()
+	}
+	for fr.calls.Load() == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	time.Sleep(20 * time.Millisecond)
+	close(fr.gate)
+	wg.Wait()
+	for i := range codes {
+		if codes[i] != 200 || !bytes.Equal(bodies[i], photo) {
+			t.Fatalf("request %d: %d, %d bytes", i, codes[i], len(bodies[i]))
+		}
+	}
+	if c := fr.calls.Load(); c != 1 {
+		t.Fatalf("%d fetches for %d concurrent first requests, want 1", c, n)
+	}
+	// Later requests, the legacy endpoint and a thumbnail need no fetch.
+	rec := e.do(req{method: "GET", path: "/_matrix/media/v3/download/other.test/abc"})
+	if rec.Code != 200 || rec.Header().Get("Content-Disposition") != "inline; filename=remote.jpg" {
+		t.Fatalf("legacy: %d %q", rec.Code, rec.Header().Get("Content-Disposition"))
+	}
+	rec = e.do(req{method: "GET", path: "/_matrix/client/v1/media/thumbnail/other.test/abc?width=96&height=96&method=crop", token: "alice"})
+	if w, h, _ := decodedSize(t, rec); rec.Code != 200 || w != 96 || h != 96 {
+		t.Fatalf("remote thumbnail: %d %dx%d", rec.Code, w, h)
+	}
+	if c := fr.calls.Load(); c != 1 {
+		t.Fatalf("%d fetches, want still 1", c)
+	}
+	m, err := e.meta.GetMedia(context.Background(), "other.test", "abc")
+	if err != nil || !m.Remote || m.Filename != "remote.jpg" || m.ContentType != "image/jpeg" || m.UserID != "" {
+		t.Fatalf("remote row %+v %v", m, err)
+	}
+	// The same bytes uploaded locally share the blob.
+	e.upload("alice", photo, "image/jpeg", "")
+	refs, err := e.meta.CountBlobReferences(context.Background(), m.SHA256)
+	if err != nil || refs != 2 {
+		t.Fatalf("references to the shared blob: %d %v, want 2 (remote + local media)", refs, err)
+	}
+}
+
+func TestRemoteErrors(t *testing.T) {
+	e, fr := remoteEnv(t)
+	fr.media["other.test/big"] = bytes.Repeat([]byte("x"), 2<<20)
+	tests := []struct {
+		name, path string
+		err        error
+		status     int
+		code       string
+	}{
+		{"not found", "/_matrix/client/v1/media/download/other.test/nope", nil, 404, "M_NOT_FOUND"},
+		{"too large", "/_matrix/client/v1/media/download/other.test/big", nil, 502, "M_TOO_LARGE"},
+		{"unavailable", "/_matrix/client/v1/media/download/other.test/x", fmt.Errorf("dial: %w", ErrRemoteUnavailable), 502, "M_UNKNOWN"},
+		{"not yet uploaded", "/_matrix/client/v1/media/download/other.test/x", fmt.Errorf("504: %w", ErrRemoteNotYetUploaded), 504, "M_NOT_YET_UPLOADED"},
+		{"legacy allow_remote=false", "/_matrix/media/v3/download/other.test/x?allow_remote=false", nil, 404, "M_NOT_FOUND"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			fr.err = tc.err
+			before := fr.calls.Load()
+			expectError(t, e.do(req{method: "GET", path: tc.path, token: "alice"}), tc.status, tc.code)
+			if tc.name == "legacy allow_remote=false" && fr.calls.Load() != before {
+				t.Fatal("allow_remote=false fetched")
+			}
+		})
+	}
+	// Nothing was recorded for failed fetches.
+	if _, err := e.meta.GetMedia(context.Background(), "other.test", "big"); err == nil {
+		t.Fatal("a too-large remote media was recorded")
+	}
+}
