@@ -126,6 +126,11 @@ type App struct {
 	// spec's suggested sizes.
 	Thumbnails *ThumbnailsConfig `json:"thumbnails,omitempty"`
 
+	// Federation holds the app-wide federation settings (trusted CAs,
+	// allowed private networks, remote size limit). Sites federate when
+	// their handler has a signing_key.
+	Federation *FederationConfig `json:"federation,omitempty"`
+
 	res       *resources
 	auth      *authState
 	poolKey   string
@@ -170,6 +175,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("max_upload_size must not be negative, got %d", a.MaxUploadSize)
 	}
 
+	if a.Federation != nil && a.Federation.MaxRemoteSize < 0 {
+		return fmt.Errorf("federation: max_remote_size must not be negative, got %d", a.Federation.MaxRemoteSize)
+	}
+	settings.maxRemoteSize = a.remoteMaxSize()
 	key := settings.key()
 	val, reused, err := resourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return openResources(ctx, settings, a.logger)

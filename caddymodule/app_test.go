@@ -124,7 +124,7 @@ func TestAppDefaults(t *testing.T) {
 	}
 	wantDB := filepath.Join(data, "caddy", "matrix_media", "media.db")
 	wantBlobs := filepath.Join(data, "caddy", "matrix_media", "media")
-	wantKey := storeSettings{driver: DriverSQLite, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize}.key()
+	wantKey := storeSettings{driver: DriverSQLite, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize, maxRemoteSize: DefaultMaxUploadSize}.key()
 	if a.poolKey != wantKey {
 		t.Errorf("pool key = %q, want %q", a.poolKey, wantKey)
 	}
@@ -153,6 +153,7 @@ func TestAppResolvesPlaceholders(t *testing.T) {
 		storagePath:    filepath.Join(dir, "blobs"),
 		datastores:     defaultDatastores(filepath.Join(dir, "blobs")),
 		mediaCacheSize: DefaultMediaCacheSize,
+		maxRemoteSize:  DefaultMaxUploadSize,
 	}.key()
 	if a.poolKey != want {
 		t.Errorf("pool key = %q, want %q", a.poolKey, want)

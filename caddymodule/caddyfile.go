@@ -58,6 +58,12 @@ func init() {
 //			}
 //		}
 //	}
+//		federation {
+//			trusted_ca_file <pem file>
+//			insecure_skip_verify
+//			allowed_networks <cidr>...
+//			max_remote_size <size>
+//		}
 //		thumbnails off
 //		thumbnails {
 //			size <width> <height> crop|scale
@@ -153,6 +159,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.BreakerThreshold = n
+		case "federation":
+			f, err := parseFederation(d)
+			if err != nil {
+				return err
+			}
+			a.Federation = f
 		case "thumbnails":
 			t, err := parseThumbnails(d)
 			if err != nil {
@@ -172,6 +184,40 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[sub] = true
 	}
 	return nil
+}
+
+// parseFederation parses the federation block of the global option.
+func parseFederation(d *caddyfile.Dispenser) (*FederationConfig, error) {
+	f := &FederationConfig{}
+	if d.NextArg() {
+		return nil, d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch sub := d.Val(); sub {
+		case "trusted_ca_file":
+			f.TrustedCAFile, err = singleArg(d)
+		case "insecure_skip_verify":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			f.InsecureSkipVerify = true
+		case "allowed_networks":
+			nets := d.RemainingArgs()
+			if len(nets) == 0 {
+				return nil, d.ArgErr()
+			}
+			f.AllowedNetworks = append(f.AllowedNetworks, nets...)
+		case "max_remote_size":
+			f.MaxRemoteSize, err = byteSize(d)
+		default:
+			return nil, d.Errf("matrix_media: federation: unrecognized subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return f, nil
 }
 
 // parseThumbnails parses "thumbnails off" or a thumbnails block.
@@ -395,6 +441,7 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //		admins <user_id>...
 //		detect_homeserver_admins
 //		admin_token <secret> [<user_id>]
+//		signing_key <path>
 //	}
 //
 // server_name and homeserver are required. appservice_registration,
@@ -445,6 +492,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.DetectHomeserverAdmins = true
+		case "signing_key":
+			h.SigningKey, err = singleArg(d)
 		case "admin_token":
 			args := d.RemainingArgs()
 			if len(args) < 1 || len(args) > 2 {

@@ -65,6 +65,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 				detect_homeserver_admins
 				admin_token {env.MEDIA_ADMIN_TOKEN}
 				admin_token {file./run/secrets/media} @automation:example.org
+				signing_key /etc/matrix-media/signing.key
 			}`,
 			want: Handler{
 				ServerName:              "example.org",
@@ -76,6 +77,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 				DetectHomeserverAdmins: true,
 				AdminTokens: []AdminTokenConfig{{Token: "{env.MEDIA_ADMIN_TOKEN}"},
 					{Token: "{file./run/secrets/media}", UserID: "@automation:example.org"}},
+				SigningKey: "/etc/matrix-media/signing.key",
 			},
 		},
 		{input: `matrix_media {
@@ -340,6 +342,23 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 		{input: `matrix_media {
 				thumbnails off
 			}`, want: App{Thumbnails: &ThumbnailsConfig{Disabled: true}}},
+		{
+			input: `matrix_media {
+				federation {
+					trusted_ca_file /etc/ssl/private-ca.pem
+					insecure_skip_verify
+					allowed_networks 10.0.0.0/8 fd00::/8
+					max_remote_size 50MiB
+				}
+			}`,
+			want: App{Federation: &FederationConfig{TrustedCAFile: "/etc/ssl/private-ca.pem", InsecureSkipVerify: true,
+				AllowedNetworks: []string{"10.0.0.0/8", "fd00::/8"}, MaxRemoteSize: 50 << 20}},
+		},
+		{input: `matrix_media {
+				federation {
+					trust_everyone
+				}
+			}`, wantErr: "unrecognized subdirective 'trust_everyone'"},
 		{input: `matrix_media {
 				thumbnails {
 					size 64 64 zoom

@@ -9,6 +9,7 @@ import (
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 
 	"github.com/caddyserver/caddy/v2"
@@ -118,9 +119,20 @@ type Handler struct {
 	// Default: none.
 	AdminTokens []AdminTokenConfig `json:"admin_tokens,omitempty"`
 
+	// SigningKey is the path of this site's federation signing key file
+	// (Synapse format "ed25519 <id> <seed>", or Dendrite's PEM; create one
+	// with "caddy matrix-media generate-key" and add it to the homeserver's
+	// key file with "caddy matrix-media merge-key" so that the homeserver
+	// publishes it). With it, the site fetches remote media over federation
+	// (signed as server_name) and serves its media to other servers on
+	// /_matrix/federation/v1/media/*. Default: none (no federation).
+	// Placeholders {env.*} and {file.*} are resolved.
+	SigningKey string `json:"signing_key,omitempty"`
+
 	site   *mediaapi.Site
 	logout *auth.LogoutProxy
 	res    *resources
+	fed    *federation.MediaClient
 }
 
 // AppserviceConfig is one appservice registration given in the config.
@@ -217,6 +229,11 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("homeserver: %w", err)
 	}
+	fedCfg, remote, fedClient, err := h.provisionFederation(app, ctx.Logger())
+	if err != nil {
+		return err
+	}
+	h.fed = fedClient
 	maxUpload := h.MaxUploadSize
 	if maxUpload == 0 {
 		maxUpload = app.MaxUploadSize
@@ -230,6 +247,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		FreezeLegacy:       h.FreezeLegacy,
 		FreezeSince:        h.FreezeSince,
 		Admins:             admins,
+		Federation:         fedCfg,
+		Remote:             remote,
 	}, app.res.repo, authn)
 	if err != nil {
 		return fmt.Errorf("configuring media site %s: %w", h.ServerName, err)
@@ -335,12 +354,27 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return nil
 	}
 	defer h.res.release()
+	if strings.HasPrefix(r.URL.Path, "/_matrix/federation/") {
+		// X-Matrix signs the request-target as sent: undo rewrites.
+		if orig, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && orig.RequestURI != "" {
+			r.RequestURI = orig.RequestURI
+		}
+	}
 	h.site.ServeHTTP(w, r)
+	return nil
+}
+
+// Cleanup closes the site's idle federation connections.
+func (h *Handler) Cleanup() error {
+	if h.fed != nil {
+		h.fed.CloseIdleConnections()
+	}
 	return nil
 }
 
 // Interface guards.
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )

@@ -44,6 +44,8 @@ type storeSettings struct {
 	mediaCacheSize int
 	// thumbnails are the thumbnail settings.
 	thumbnails thumbnailSettings
+	// maxRemoteSize bounds cached remote media.
+	maxRemoteSize int64
 }
 
 // key identifies the pooled resources. The media cache size is part of it
@@ -51,7 +53,7 @@ type storeSettings struct {
 // builds a new repository rather than silently keeping the old size.
 func (s storeSettings) key() string {
 	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
-		"\x00" + s.thumbnails.key()
+		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10)
 }
 
 // datastoreNames lists the datastores' names, for logs.
@@ -129,6 +131,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		Thumbnailer:             thumbnailer,
 		Thumbnails:              s.thumbnails.policy,
 		ThumbnailMaxSourceBytes: s.thumbnails.maxSource,
+		MaxRemoteSize:           s.maxRemoteSize,
 		Redirects:               redirects,
 		MediaCacheSize:          s.mediaCacheSize,
 		Logger:                  logger,

@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
@@ -190,4 +191,45 @@ func (s *Site) remoteError(w http.ResponseWriter, r *http.Request, err error) in
 	default:
 		return s.internalError(w, "fetching remote media", err)
 	}
+}
+
+// FederationFetcher adapts a federation.MediaClient to RemoteFetcher.
+type FederationFetcher struct {
+	Client *federation.MediaClient
+}
+
+// Download implements RemoteFetcher.
+func (f FederationFetcher) Download(ctx context.Context, server, mediaID string, timeout time.Duration) (RemoteMedia, error) {
+	m, err := f.Client.Download(ctx, server, mediaID, timeout)
+	if err != nil {
+		switch {
+		case errors.Is(err, federation.ErrNotFound):
+			err = fmt.Errorf("%w: %w", ErrRemoteNotFound, err)
+		case errors.Is(err, federation.ErrNotYetUploaded):
+			err = fmt.Errorf("%w: %w", ErrRemoteNotYetUploaded, err)
+		case errors.Is(err, federation.ErrRemoteTooLarge):
+			err = fmt.Errorf("%w: %w", ErrRemoteTooLarge, err)
+		default:
+			err = fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+		}
+		return RemoteMedia{}, err
+	}
+	return RemoteMedia{ContentType: m.ContentType, ContentDisposition: m.ContentDisposition, Size: m.Size,
+		Body: remoteBody{m.Body}}, nil
+}
+
+// remoteBody maps read errors of a federation body to the RemoteFetcher
+// errors (a body over the size limit, a connection cut short).
+type remoteBody struct{ io.ReadCloser }
+
+func (b remoteBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	switch {
+	case err == nil || err == io.EOF:
+	case errors.Is(err, federation.ErrRemoteTooLarge) || errors.Is(err, federation.ErrTooLarge):
+		err = fmt.Errorf("%w: %w", ErrRemoteTooLarge, err)
+	default:
+		err = fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+	}
+	return n, err
 }
