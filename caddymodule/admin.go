@@ -46,17 +46,22 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 	}
 }
 
-// currentResources returns the resources of the running config's app.
+// currentResources returns the resources of the running config's app,
+// acquired: the caller must call release when done.
 func currentResources() (*resources, error) {
 	appIface, err := caddy.ActiveContext().AppIfConfigured("matrix_media")
 	if err != nil {
 		return nil, apiError(http.StatusNotFound, fmt.Errorf("no matrix_media app is running: %w", err))
 	}
 	app, ok := appIface.(*App)
-	if !ok || app.res == nil {
-		return nil, apiError(http.StatusServiceUnavailable, errors.New("the matrix_media app is not ready"))
+	var res *resources
+	if ok && app.live != nil {
+		res = app.live.Load()
 	}
-	return app.res, nil
+	if res == nil || !res.acquire() {
+		return nil, apiError(http.StatusServiceUnavailable, errors.New("the matrix_media app is not ready or is stopping"))
+	}
+	return res, nil
 }
 
 // datastoreInfo describes one datastore in GET /matrix_media/datastores.
@@ -74,6 +79,7 @@ func (AdminAPI) handleDatastores(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	defer res.release()
 	var out []datastoreInfo
 	for _, name := range res.stores.Names() {
 		n, b, err := res.meta.CountBlobs(r.Context(), name)
@@ -96,6 +102,7 @@ func (AdminAPI) handleMigrations(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	defer res.release()
 	switch r.Method {
 	case http.MethodGet:
 		return writeAdminJSON(w, http.StatusOK, res.migrations.list())
@@ -129,6 +136,7 @@ func (AdminAPI) handleMigration(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	defer res.release()
 	switch r.Method {
 	case http.MethodGet:
 		job, ok := res.migrations.get(id)

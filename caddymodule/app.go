@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/http"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -131,7 +132,11 @@ type App struct {
 	// their handler has a signing_key.
 	Federation *FederationConfig `json:"federation,omitempty"`
 
-	res       *resources
+	res *resources
+	// live is res while this config holds it, for readers on other
+	// goroutines (the admin API) that may run while Cleanup releases it.
+	// A pointer, set once in Provision, because the App struct is copied.
+	live      *atomic.Pointer[resources]
 	auth      *authState
 	poolKey   string
 	transport *http.Transport
@@ -187,6 +192,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("opening matrix_media stores: %w", err)
 	}
 	a.res = val.(*resources)
+	a.live = new(atomic.Pointer[resources])
+	a.live.Store(a.res)
 	a.poolKey = key
 	a.logger.Info("matrix_media storage ready",
 		zap.String("database_driver", settings.driver),
@@ -349,6 +356,9 @@ func (a *App) Cleanup() error {
 	}
 	if a.res == nil {
 		return authErr
+	}
+	if a.live != nil {
+		a.live.Store(nil)
 	}
 	a.res = nil
 	if _, err := resourcePool.Delete(a.poolKey); err != nil {
