@@ -250,10 +250,18 @@ type config struct {
 	appExtra   []string
 	homeserver *homeserver
 	sites      []site
+	// text, when not empty, is the whole Caddyfile, used as is instead of
+	// one rendered from the fields above (adminPort, httpPort and dataDir
+	// must still be set: startCaddy waits for an answer on the admin port
+	// and a listener on httpPort).
+	text string
 }
 
 // caddyfile renders the configuration.
 func (c config) caddyfile() string {
+	if c.text != "" {
+		return c.text
+	}
 	var b strings.Builder
 	storageLine := "storage_path " + c.storagePath
 	if c.noStoragePath {
