@@ -8,6 +8,11 @@
 // perspectives. Registration is closed; accounts are made with the shared
 // secret admin API (CreateUser). Rate limiting is off.
 //
+// Federation can be turned on (Options.Federation): Dendrite then also
+// serves HTTPS on a second loopback port, its server name defaults to
+// "127.0.0.1:<that port>", and it federates over TLS with the peers the test
+// makes it talk to (Dendrite's outbound federation is HTTPS only).
+//
 // The binaries dendrite and generate-keys must be installed (see
 // InstallCommand); when they are missing the test fails, it never skips.
 package testdendrite
@@ -18,6 +23,7 @@ import (
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha1"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -56,17 +62,51 @@ const (
 // Options configure Start. The zero value is valid.
 type Options struct {
 	// ServerName is the homeserver's server name, the domain part of its
-	// user IDs. Default "localhost".
+	// user IDs. Default "localhost", or "127.0.0.1:<https port>" with
+	// Federation.
 	ServerName string
 	// SharedSecret is client_api.registration_shared_secret, used by
 	// CreateUser. Default: 32 random bytes, hex-encoded.
 	SharedSecret string
+	// Federation, when not nil, turns federation on. Default nil: federation
+	// is disabled and only the plain HTTP client listener runs.
+	Federation *FederationOptions
+	// Metrics turns on global.metrics: Dendrite's Prometheus metrics are
+	// served without authentication at /metrics on the HTTP listener
+	// (URL()+"/metrics"). Default false.
+	Metrics bool
+}
+
+// FederationOptions turn federation on. Dendrite then serves its client and
+// federation APIs over HTTPS too, on a free loopback port (FederationURL),
+// and, unless Options.ServerName is set, its server name is
+// "127.0.0.1:<https port>", so that peers reach it without well-known or SRV
+// lookups.
+type FederationOptions struct {
+	// CertFile is the PEM certificate chain of the HTTPS listener (dendrite
+	// -tls-cert). Required.
+	CertFile string
+	// KeyFile is the PEM private key of CertFile (dendrite -tls-key).
+	// Required.
+	KeyFile string
+	// DisableTLSValidation is federation_api.disable_tls_validation: Dendrite
+	// accepts any certificate from the servers it federates with. Default
+	// false.
+	DisableTLSValidation bool
+	// RootCAFile, when set, is a PEM file of the certificate authorities
+	// Dendrite trusts for outbound TLS, instead of the system's (passed as
+	// SSL_CERT_FILE). Default "": the system's roots.
+	RootCAFile string
+	// KeyValidityPeriod is global.key_validity_period, how long the keys
+	// Dendrite publishes are valid. Default 168h.
+	KeyValidityPeriod time.Duration
 }
 
 // Dendrite is a running Dendrite process. It is stopped when the test that
 // started it ends.
 type Dendrite struct {
 	url          string
+	fedURL       string // "" when federation is off
 	serverName   string
 	sharedSecret string
 	dir          string
@@ -83,11 +123,19 @@ type Dendrite struct {
 // up; the log file is printed when the test fails.
 func Start(t testing.TB, opts Options) *Dendrite {
 	t.Helper()
-	if opts.ServerName == "" {
+	if opts.ServerName == "" && opts.Federation == nil {
 		opts.ServerName = "localhost"
 	}
 	if opts.SharedSecret == "" {
 		opts.SharedSecret = randomHex(32)
+	}
+	if f := opts.Federation; f != nil {
+		if f.CertFile == "" || f.KeyFile == "" {
+			t.Fatal("testdendrite: Options.Federation needs CertFile and KeyFile")
+		}
+		if f.KeyValidityPeriod == 0 {
+			f.KeyValidityPeriod = 168 * time.Hour
+		}
 	}
 	dendriteBin := findBinary(t, "dendrite")
 	keysBin := findBinary(t, "generate-keys")
@@ -98,9 +146,11 @@ func Start(t testing.TB, opts Options) *Dendrite {
 		t.Fatalf("generating the dendrite signing key: %v\n%s", err, out)
 	}
 	configPath := filepath.Join(dir, "dendrite.yaml")
-	if err := os.WriteFile(configPath, []byte(configYAML(dir, keyPath, opts)), 0o600); err != nil {
-		t.Fatalf("writing the dendrite config: %v", err)
-	}
+	if opts.Federation == nil {
+		if err := os.WriteFile(configPath, []byte(configYAML(dir, keyPath, opts)), 0o600); err != nil {
+			t.Fatalf("writing the dendrite config: %v", err)
+		}
+	} // else written by start, once the HTTPS port (maybe the server name) is known
 
 	d := &Dendrite{
 		serverName:   opts.ServerName,
@@ -114,7 +164,7 @@ func Start(t testing.TB, opts Options) *Dendrite {
 	}
 	began := time.Now()
 	for attempt := 1; ; attempt++ {
-		err := d.start(t, dendriteBin, configPath)
+		err := d.start(t, dendriteBin, configPath, keyPath, opts)
 		if err == nil {
 			break
 		}
@@ -124,6 +174,10 @@ func Start(t testing.TB, opts Options) *Dendrite {
 		}
 		t.Fatalf("starting dendrite: %v\n%s", err, d.logTail(60))
 	}
+	if d.fedURL != "" {
+		t.Logf("dendrite %s serving %s at %s and %s, ready in %v", Version, d.serverName, d.url, d.fedURL, time.Since(began).Round(time.Millisecond))
+		return d
+	}
 	t.Logf("dendrite %s serving %s at %s, ready in %v", Version, d.serverName, d.url, time.Since(began).Round(time.Millisecond))
 	return d
 }
@@ -131,13 +185,31 @@ func Start(t testing.TB, opts Options) *Dendrite {
 // errPortTaken is a start that failed because its port was taken.
 var errPortTaken = errors.New("http port taken")
 
-// start runs one Dendrite process on a fresh port and waits for it. On
-// success it registers the cleanup that stops it; on failure the process has
-// exited.
-func (d *Dendrite) start(t testing.TB, bin, configPath string) error {
+// start runs one Dendrite process on a fresh port (two with federation) and
+// waits for it. With federation it first writes the config, whose server
+// name may depend on the HTTPS port. On success it registers the cleanup
+// that stops it; on failure the process has exited.
+func (d *Dendrite) start(t testing.TB, bin, configPath, keyPath string, opts Options) error {
 	port, err := freePort()
 	if err != nil {
 		return err
+	}
+	var fedArgs []string
+	if f := opts.Federation; f != nil {
+		httpsPort, err := freePort()
+		if err != nil {
+			return err
+		}
+		httpsAddr := fmt.Sprintf("127.0.0.1:%d", httpsPort)
+		d.fedURL = "https://" + httpsAddr
+		if opts.ServerName == "" {
+			opts.ServerName = httpsAddr
+		}
+		d.serverName = opts.ServerName
+		if err := os.WriteFile(configPath, []byte(configYAML(d.dir, keyPath, opts)), 0o600); err != nil {
+			return fmt.Errorf("writing the config: %w", err)
+		}
+		fedArgs = []string{"-https-bind-address", httpsAddr, "-tls-cert", f.CertFile, "-tls-key", f.KeyFile}
 	}
 	logFile, err := os.OpenFile(d.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -147,9 +219,12 @@ func (d *Dendrite) start(t testing.TB, bin, configPath string) error {
 	defer logFile.Close()
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
 	d.url = "http://" + addr
-	d.cmd = exec.Command(bin, "-config", configPath, "-http-bind-address", addr)
+	d.cmd = exec.Command(bin, append([]string{"-config", configPath, "-http-bind-address", addr}, fedArgs...)...)
 	d.cmd.Dir = d.dir
 	d.cmd.Env = append(os.Environ(), "HOME="+d.dir, "PPROFLISTEN=")
+	if f := opts.Federation; f != nil && f.RootCAFile != "" {
+		d.cmd.Env = append(d.cmd.Env, "SSL_CERT_FILE="+f.RootCAFile, "SSL_CERT_DIR=")
+	}
 	d.cmd.Stdout = logFile
 	d.cmd.Stderr = logFile
 	if err := d.cmd.Start(); err != nil {
@@ -163,7 +238,7 @@ func (d *Dendrite) start(t testing.TB, bin, configPath string) error {
 	if err := d.waitReady(); err != nil {
 		d.kill()
 		if strings.Contains(d.logTail(20), "address already in use") {
-			return fmt.Errorf("%w: %s: %w", errPortTaken, addr, err)
+			return fmt.Errorf("%w: %s %s: %w", errPortTaken, addr, d.fedURL, err)
 		}
 		return err
 	}
@@ -171,29 +246,42 @@ func (d *Dendrite) start(t testing.TB, bin, configPath string) error {
 	return nil
 }
 
-// waitReady polls GET /_matrix/client/versions until it answers 200.
+// waitReady polls GET /_matrix/client/versions until it answers 200, and
+// with federation then GET /_matrix/key/v2/server on the HTTPS listener
+// (whose certificate is not checked here: only its readiness is).
 func (d *Dendrite) waitReady() error {
 	deadline := time.Now().Add(startTimeout)
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
-	for {
-		select {
-		case <-d.exited:
-			return fmt.Errorf("dendrite exited during startup: %v", d.waitErr)
-		default:
-		}
-		resp, err := client.Get(d.url + "/_matrix/client/versions")
-		if err == nil {
-			_, _ = io.Copy(io.Discard, resp.Body)
-			_ = resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("GET /_matrix/client/versions did not answer 200 within %v (last error: %v)", startTimeout, err)
-		}
-		time.Sleep(10 * time.Millisecond)
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{
+		Proxy:             nil,
+		DisableKeepAlives: true,
+		TLSClientConfig:   &tls.Config{InsecureSkipVerify: true}, //nolint:gosec // readiness probe only
+	}}
+	urls := []string{d.url + "/_matrix/client/versions"}
+	if d.fedURL != "" {
+		urls = append(urls, d.fedURL+"/_matrix/key/v2/server")
 	}
+	for _, u := range urls {
+		for {
+			select {
+			case <-d.exited:
+				return fmt.Errorf("dendrite exited during startup: %v", d.waitErr)
+			default:
+			}
+			resp, err := client.Get(u)
+			if err == nil {
+				_, _ = io.Copy(io.Discard, resp.Body)
+				_ = resp.Body.Close()
+				if resp.StatusCode == http.StatusOK {
+					break
+				}
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("GET %s did not answer 200 within %v (last error: %v)", u, startTimeout, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
 }
 
 // kill ends the process at once and waits for it.
@@ -241,6 +329,11 @@ func (d *Dendrite) URL() string { return d.url }
 
 // HostPort is the client API's address, 127.0.0.1:port.
 func (d *Dendrite) HostPort() string { return strings.TrimPrefix(d.url, "http://") }
+
+// FederationURL is the base URL of the HTTPS listener serving the
+// federation (and client) APIs, https://127.0.0.1:port; "" when federation
+// is off.
+func (d *Dendrite) FederationURL() string { return d.fedURL }
 
 // ServerName is the homeserver's server name.
 func (d *Dendrite) ServerName() string { return d.serverName }
@@ -377,14 +470,21 @@ func randomHex(n int) string {
 // configYAML renders the Dendrite configuration: SQLite files in dir, nothing
 // that reaches beyond loopback, closed registration with a shared secret, no
 // rate limits. Logging goes to stderr only (captured into the log file).
+// Options.Federation turns federation on; Options.Metrics the metrics.
 func configYAML(dir, keyPath string, opts Options) string {
 	db := func(name string) string { return fmt.Sprintf("%q", "file:"+filepath.Join(dir, name+".db")) }
+	keyValidity := "168h0m0s"
+	disableFederation, disableTLSValidation := true, false
+	if f := opts.Federation; f != nil {
+		keyValidity = f.KeyValidityPeriod.String()
+		disableFederation, disableTLSValidation = false, f.DisableTLSValidation
+	}
 	return fmt.Sprintf(`version: 2
 global:
   server_name: %[1]q
   private_key: %[2]q
-  key_validity_period: 168h0m0s
-  disable_federation: true
+  key_validity_period: %[14]s
+  disable_federation: %[15]t
   presence:
     enable_inbound: false
     enable_outbound: false
@@ -394,7 +494,7 @@ global:
     in_memory: true
     topic_prefix: Dendrite
   metrics:
-    enabled: false
+    enabled: %[17]t
   sentry:
     enabled: false
   dns_cache:
@@ -422,6 +522,7 @@ federation_api:
     connection_string: %[5]s
   key_perspectives: []
   send_max_retries: 1
+  disable_tls_validation: %[16]t
 key_server:
   database:
     connection_string: %[6]s
@@ -456,5 +557,6 @@ logging: []
 `,
 		opts.ServerName, keyPath, filepath.Join(dir, "jetstream"), opts.SharedSecret,
 		db("federationapi"), db("keyserver"), db("mediaapi"), filepath.Join(dir, "media"),
-		db("roomserver"), db("syncapi"), db("userapi"), db("relayapi"), db("mscs"))
+		db("roomserver"), db("syncapi"), db("userapi"), db("relayapi"), db("mscs"),
+		keyValidity, disableFederation, disableTLSValidation, opts.Metrics)
 }
