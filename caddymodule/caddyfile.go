@@ -63,6 +63,7 @@ func init() {
 //			insecure_skip_verify
 //			allowed_networks <cidr>...
 //			max_remote_size <size>
+//			notary <server_name> <key_id> <public_key>
 //		}
 //		thumbnails off
 //		thumbnails {
@@ -210,6 +211,12 @@ func parseFederation(d *caddyfile.Dispenser) (*FederationConfig, error) {
 			f.AllowedNetworks = append(f.AllowedNetworks, nets...)
 		case "max_remote_size":
 			f.MaxRemoteSize, err = byteSize(d)
+		case "notary":
+			args := d.RemainingArgs()
+			if len(args) != 3 {
+				return nil, d.Err("matrix_media: federation: notary <server_name> <key_id> <public_key>")
+			}
+			f.Notaries = append(f.Notaries, NotaryConfig{ServerName: args[0], KeyID: args[1], PublicKey: args[2]})
 		default:
 			return nil, d.Errf("matrix_media: federation: unrecognized subdirective '%s'", sub)
 		}

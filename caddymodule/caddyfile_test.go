@@ -349,10 +349,12 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					insecure_skip_verify
 					allowed_networks 10.0.0.0/8 fd00::/8
 					max_remote_size 50MiB
+					notary matrix.org ed25519:auto Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP9uYw
 				}
 			}`,
 			want: App{Federation: &FederationConfig{TrustedCAFile: "/etc/ssl/private-ca.pem", InsecureSkipVerify: true,
-				AllowedNetworks: []string{"10.0.0.0/8", "fd00::/8"}, MaxRemoteSize: 50 << 20}},
+				AllowedNetworks: []string{"10.0.0.0/8", "fd00::/8"}, MaxRemoteSize: 50 << 20,
+				Notaries: []NotaryConfig{{"matrix.org", "ed25519:auto", "Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP9uYw"}}}},
 		},
 		{input: `matrix_media {
 				federation {

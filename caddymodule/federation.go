@@ -1,9 +1,12 @@
 package caddymodule
 
 import (
+	"crypto/ed25519"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"go.uber.org/zap"
 
@@ -36,6 +39,21 @@ type FederationConfig struct {
 	// MaxRemoteSize is the largest remote media fetched and cached; larger
 	// gets 502 M_TOO_LARGE. Default: the app's max_upload_size.
 	MaxRemoteSize int64 `json:"max_remote_size,omitempty"`
+
+	// Notaries are trusted key servers (perspectives), asked for the keys
+	// of servers whose requests are verified before asking those servers
+	// directly, e.g. matrix.org. Default: none (keys fetched directly).
+	Notaries []NotaryConfig `json:"notaries,omitempty"`
+}
+
+// NotaryConfig is one trusted notary key server.
+type NotaryConfig struct {
+	// ServerName of the notary, e.g. "matrix.org".
+	ServerName string `json:"server_name"`
+	// KeyID of the notary's signing key, e.g. "ed25519:auto".
+	KeyID string `json:"key_id"`
+	// PublicKey is the key's unpadded base64 public key.
+	PublicKey string `json:"public_key"`
 }
 
 // federationClientOptions are the app-wide parts of a site's federation
@@ -100,7 +118,22 @@ func (h *Handler) provisionFederation(app *App, logger *zap.Logger) (*mediaapi.F
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("federation client: %w", err)
 	}
-	verifier, err := xmatrix.NewVerifier(xmatrix.VerifierOptions{Names: []string{h.ServerName}, Fetcher: client})
+	var fetcher xmatrix.KeyFetcher = client
+	if app.Federation != nil && len(app.Federation.Notaries) > 0 {
+		// Synapse's order: trusted notaries first, then the server itself.
+		chain := &xmatrix.ChainFetcher{}
+		for i, n := range app.Federation.Notaries {
+			pub, err := base64.RawStdEncoding.DecodeString(strings.TrimRight(n.PublicKey, "="))
+			if err != nil || len(pub) != ed25519.PublicKeySize || !strings.HasPrefix(n.KeyID, "ed25519:") || n.ServerName == "" {
+				client.CloseIdleConnections()
+				return nil, nil, nil, fmt.Errorf("federation: notary %d: need a server name, an ed25519 key id and a base64 ed25519 public key", i+1)
+			}
+			chain.Fetchers = append(chain.Fetchers, client.NotaryFetcher(xmatrix.Notary{ServerName: n.ServerName, KeyID: n.KeyID, Public: pub}))
+		}
+		chain.Fetchers = append(chain.Fetchers, client)
+		fetcher = chain
+	}
+	verifier, err := xmatrix.NewVerifier(xmatrix.VerifierOptions{Names: []string{h.ServerName}, Fetcher: fetcher})
 	if err != nil {
 		client.CloseIdleConnections()
 		return nil, nil, nil, fmt.Errorf("federation verifier: %w", err)
