@@ -125,9 +125,11 @@ type Repository struct {
 	thumbFlights singleflight.Group
 	pregen       chan struct{}
 
-	// remoteFlights coalesces fetches of one remote media item;
-	// remoteMaxSize bounds what is stored of one.
-	remoteFlights singleflight.Group
+	// remoteFlights are the fetches of remote media in progress, keyed by
+	// server/id: one fetch per item, others wait for it. remoteMaxSize
+	// bounds what is stored of one.
+	remoteMu      sync.Mutex
+	remoteFlights map[string]*remoteFlight
 	remoteMaxSize int64
 
 	cleanupInterval time.Duration
@@ -245,6 +247,7 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.thumbMaxSource = thumbnails.DefaultMaxSourceBytes
 	}
 	r.pregen = make(chan struct{}, 1)
+	r.remoteFlights = make(map[string]*remoteFlight)
 	r.remoteMaxSize = opts.MaxRemoteSize
 	if r.remoteMaxSize <= 0 {
 		r.remoteMaxSize = DefaultMaxUploadSize

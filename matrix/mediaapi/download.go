@@ -73,14 +73,7 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		if rt.legacy && !allowRemote(r.URL.RawQuery) {
 			return writeErr(w, matrix.NotFound("Media not found"))
 		}
-		e, st := s.remoteEntry(w, r, server, id, timeout)
-		if st != 0 {
-			return st
-		}
-		if rt.legacy && s.frozen(e.m.CreatedAt) {
-			return writeErr(w, matrix.NotFound("Media not found"))
-		}
-		return s.sendMedia(w, r, e, fileName, rt.legacy)
+		return s.serveRemoteDownload(w, r, server, id, fileName, timeout, rt.legacy)
 	}
 
 	key := mediaKey{server, id}

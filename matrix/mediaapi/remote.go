@@ -7,6 +7,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strconv"
 	"time"
 
 	"go.uber.org/zap"
@@ -49,16 +50,40 @@ type RemoteFetcher interface {
 // remoteTimeout bounds one remote fetch, whatever the client's timeout_ms.
 const remoteTimeout = 5 * time.Minute
 
-// remoteEntry returns the cached remote media item (server, id), fetching it
-// from its server first when it is not cached. Concurrent requests for one
-// item make one fetch. On failure it writes the error and returns its
-// status.
-func (s *Site) remoteEntry(w http.ResponseWriter, r *http.Request, server, id string, timeout time.Duration) (*mediaEntry, int) {
-	if s.cfg.Remote == nil {
-		return nil, writeErr(w, matrix.NotFound("Media not found"))
+// remoteFlight is one fetch of a remote media item in progress.
+type remoteFlight struct {
+	done chan struct{}
+	// e and err are the outcome, valid once done is closed.
+	e   *mediaEntry
+	err error
+}
+
+// joinRemote returns the flight of key, and whether the caller leads it
+// (and must finish it with finishRemote).
+func (r *Repository) joinRemote(key string) (*remoteFlight, bool) {
+	r.remoteMu.Lock()
+	defer r.remoteMu.Unlock()
+	if f, ok := r.remoteFlights[key]; ok {
+		return f, false
 	}
-	key := mediaKey{server, id}
-	e, m, err := s.repo.lookup(r.Context(), key)
+	f := &remoteFlight{done: make(chan struct{})}
+	r.remoteFlights[key] = f
+	return f, true
+}
+
+// finishRemote ends a flight led by the caller.
+func (r *Repository) finishRemote(key string, f *remoteFlight, e *mediaEntry, err error) {
+	r.remoteMu.Lock()
+	delete(r.remoteFlights, key)
+	r.remoteMu.Unlock()
+	f.e, f.err = e, err
+	close(f.done)
+}
+
+// cachedRemote returns the cached copy of a remote item: (nil, 0) when there
+// is none yet; on failure the error is written and its status returned.
+func (s *Site) cachedRemote(w http.ResponseWriter, r *http.Request, server, id string) (*mediaEntry, int) {
+	e, m, err := s.repo.lookup(r.Context(), mediaKey{server, id})
 	switch {
 	case err == nil && e != nil && m.Remote:
 		return e, 0
@@ -69,21 +94,153 @@ func (s *Site) remoteEntry(w http.ResponseWriter, r *http.Request, server, id st
 	case !errors.Is(err, storage.ErrNotFound):
 		return nil, s.internalError(w, "looking up remote media", err)
 	}
-	ch := s.repo.remoteFlights.DoChan(server+"/"+id, func() (any, error) {
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
-		defer cancel()
-		return s.repo.fetchRemote(ctx, s.cfg.Remote, server, id, timeout)
-	})
+	return nil, 0
+}
+
+// remoteEntry returns the cached remote media item (server, id), fetching it
+// from its server first when it is not cached. Concurrent requests for one
+// item make one fetch. On failure it writes the error and returns its
+// status.
+func (s *Site) remoteEntry(w http.ResponseWriter, r *http.Request, server, id string, timeout time.Duration) (*mediaEntry, int) {
+	if s.cfg.Remote == nil {
+		return nil, writeErr(w, matrix.NotFound("Media not found"))
+	}
+	if e, st := s.cachedRemote(w, r, server, id); e != nil || st != 0 {
+		return e, st
+	}
+	key := server + "/" + id
+	f, leader := s.repo.joinRemote(key)
+	if leader {
+		go func() {
+			// Detached from this request: others may be waiting.
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
+			defer cancel()
+			e, err := s.repo.fetchRemote(ctx, s.cfg.Remote, server, id, timeout)
+			s.repo.finishRemote(key, f, e, err)
+		}()
+	}
+	return s.awaitRemote(w, r, f)
+}
+
+// awaitRemote waits for a flight's outcome.
+func (s *Site) awaitRemote(w http.ResponseWriter, r *http.Request, f *remoteFlight) (*mediaEntry, int) {
 	select {
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, s.remoteError(w, r, res.Err)
+	case <-f.done:
+		if f.err != nil {
+			return nil, s.remoteError(w, r, f.err)
 		}
-		return res.Val.(*mediaEntry), 0
+		return f.e, 0
 	case <-r.Context().Done():
 		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
 		return nil, statusClientGone
 	}
+}
+
+// serveRemoteDownload answers a download of remote media. A whole GET that
+// finds the item neither cached nor being fetched leads the fetch and
+// streams the bytes to its client while they are stored (the client does not
+// wait for the whole file to be stored first); every other request waits for
+// the cached copy and is served from it.
+func (s *Site) serveRemoteDownload(w http.ResponseWriter, r *http.Request, server, id, fileName string, timeout time.Duration, legacy bool) int {
+	if s.cfg.Remote == nil {
+		return writeErr(w, matrix.NotFound("Media not found"))
+	}
+	e, st := s.cachedRemote(w, r, server, id)
+	if st != 0 {
+		return st
+	}
+	if e == nil {
+		key := server + "/" + id
+		f, leader := s.repo.joinRemote(key)
+		streamable := r.Method == http.MethodGet && r.Header.Get("Range") == "" && !legacy
+		switch {
+		case leader && streamable:
+			return s.streamRemote(w, r, key, f, server, id, fileName, timeout)
+		case leader:
+			go func() {
+				ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
+				defer cancel()
+				e, err := s.repo.fetchRemote(ctx, s.cfg.Remote, server, id, timeout)
+				s.repo.finishRemote(key, f, e, err)
+			}()
+		}
+		if e, st = s.awaitRemote(w, r, f); st != 0 {
+			return st
+		}
+	}
+	if legacy && s.frozen(e.m.CreatedAt) {
+		return writeErr(w, matrix.NotFound("Media not found"))
+	}
+	return s.sendMedia(w, r, e, fileName, legacy)
+}
+
+// streamRemote fetches remote media for the flight it leads and sends the
+// bytes to the client as they are stored. The fetch and the storing go on
+// if the client goes away; a failure after the response started cuts the
+// connection, so the client never takes a truncated body for a whole one.
+func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, f *remoteFlight, server, id, fileName string, timeout time.Duration) int {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
+	defer cancel()
+	start := time.Now()
+	rm, err := s.cfg.Remote.Download(ctx, server, id, timeout)
+	if err != nil {
+		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+		s.repo.finishRemote(key, f, nil, err)
+		return s.remoteError(w, r, err)
+	}
+	defer rm.Body.Close()
+	if rm.Size > s.repo.remoteMaxSize {
+		err := fmt.Errorf("fetching %s/%s: announced %d bytes, limit %d: %w", server, id, rm.Size, s.repo.remoteMaxSize, ErrRemoteTooLarge)
+		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+		s.repo.finishRemote(key, f, nil, err)
+		return s.remoteError(w, r, err)
+	}
+
+	ct := rm.ContentType
+	if ct == "" {
+		ct = "application/octet-stream"
+	}
+	name := fileName
+	if name == "" {
+		name = dispositionFileName(rm.ContentDisposition)
+	}
+	h := w.Header()
+	setMediaSecurity(h, false)
+	h["Content-Type"] = []string{ct}
+	h["Content-Disposition"] = []string{matrix.ContentDisposition(ct, name, false)}
+	if rm.Size >= 0 {
+		h["Content-Length"] = []string{strconv.FormatInt(rm.Size, 10)}
+	}
+	w.WriteHeader(http.StatusOK)
+	tee := &clientTee{w: w}
+	e, err := s.repo.storeRemote(ctx, server, id, rm, io.TeeReader(rm.Body, tee), start)
+	s.repo.finishRemote(key, f, e, err)
+	s.repo.metrics.downloadBytes.Add(float64(tee.n))
+	if err != nil {
+		s.repo.logger.Warn("fetching remote media failed while streaming it", zap.String("server_name", server),
+			zap.String("media_id", id), zap.Int64("sent", tee.n), zap.Error(err))
+		panic(http.ErrAbortHandler)
+	}
+	return http.StatusOK
+}
+
+// clientTee writes to the client until the first failure and then drops
+// the rest, so that a client going away does not stop the storing.
+type clientTee struct {
+	w      io.Writer
+	n      int64
+	failed bool
+}
+
+func (t *clientTee) Write(p []byte) (int, error) {
+	if !t.failed {
+		n, err := t.w.Write(p)
+		t.n += int64(n)
+		if err != nil {
+			t.failed = true
+		}
+	}
+	return len(p), nil
 }
 
 // fetchRemote downloads remote media, stores it content-addressed (kind
@@ -96,7 +253,12 @@ func (r *Repository) fetchRemote(ctx context.Context, f RemoteFetcher, server, i
 		return nil, err
 	}
 	defer rm.Body.Close()
-	res, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindRemote, rm.Body, storage.PutOptions{
+	return r.storeRemote(ctx, server, id, rm, rm.Body, start)
+}
+
+// storeRemote stores the body of fetched remote media and records it.
+func (r *Repository) storeRemote(ctx context.Context, server, id string, rm RemoteMedia, body io.Reader, start time.Time) (*mediaEntry, error) {
+	res, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindRemote, body, storage.PutOptions{
 		MaxSize: r.remoteMaxSize, ExpectedSize: rm.Size,
 	})
 	if err != nil {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net/http"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -137,4 +138,49 @@ func TestRemoteErrors(t *testing.T) {
 	if _, err := e.meta.GetMedia(context.Background(), "other.test", "big"); err == nil {
 		t.Fatal("a too-large remote media was recorded")
 	}
+}
+
+func TestRemoteFirstDownloadStreams(t *testing.T) {
+	e, fr := remoteEnv(t)
+	body := bytes.Repeat([]byte("streamed "), 50000)
+	fr.media["other.test/s"] = body
+	// The first request streams; a concurrent one waits for the stored copy.
+	rec := e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/s", token: "alice"})
+	if rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), body) || rec.Header().Get("Content-Length") != fmt.Sprint(len(body)) ||
+		rec.Header().Get("Content-Disposition") != "inline; filename=remote.jpg" || rec.Header().Get("Content-Security-Policy") == "" {
+		t.Fatalf("streamed: %d, %d bytes, headers %v", rec.Code, rec.Body.Len(), rec.Header())
+	}
+	m, err := e.meta.GetMedia(context.Background(), "other.test", "s")
+	if err != nil || m.Size != int64(len(body)) {
+		t.Fatalf("not stored: %+v %v", m, err)
+	}
+	// Served from the cache now, with an ETag.
+	rec = e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/s", token: "alice"})
+	if rec.Code != 200 || rec.Header().Get("Etag") == "" || fr.calls.Load() != 1 {
+		t.Fatalf("cached: %d etag %q, %d fetches", rec.Code, rec.Header().Get("Etag"), fr.calls.Load())
+	}
+}
+
+// unsizedRemote serves a body of unknown length.
+type unsizedRemote struct{ body []byte }
+
+func (u unsizedRemote) Download(context.Context, string, string, time.Duration) (RemoteMedia, error) {
+	return RemoteMedia{ContentType: "application/octet-stream", Size: -1, Body: io.NopCloser(bytes.NewReader(u.body))}, nil
+}
+
+func TestRemoteStreamTooLargeCutsTheConnection(t *testing.T) {
+	e := newEnv(t, func(c *SiteConfig, o *RepositoryOptions) {
+		c.Remote = unsizedRemote{body: bytes.Repeat([]byte("x"), 3<<20)}
+		o.MaxRemoteSize = 1 << 20
+	})
+	defer func() {
+		if v := recover(); v != http.ErrAbortHandler {
+			t.Fatalf("recovered %v, want http.ErrAbortHandler (the response must be cut, not completed)", v)
+		}
+		if _, err := e.meta.GetMedia(context.Background(), "other.test", "big"); err == nil {
+			t.Fatal("a too-large remote media was recorded")
+		}
+	}()
+	e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/big", token: "alice"})
+	t.Fatal("the handler returned normally")
 }
