@@ -70,7 +70,10 @@ func checkRemoteDownload(t *testing.T, origin, remote *fedNode) {
 		if got := resp.header.Get("Content-Disposition"); !strings.Contains(got, "report.pdf") {
 			t.Errorf("download %d: Content-Disposition = %q, want the uploaded file name report.pdf", i, got)
 		}
-		if got := resp.header.Get("Content-Length"); got != fmt.Sprint(len(content)) {
+		// The first download streams while the remote copy is stored, with
+		// no length when the remote's multipart part announced none; later
+		// ones are served from the cache with their length.
+		if got := resp.header.Get("Content-Length"); (i > 0 || got != "") && got != fmt.Sprint(len(content)) {
 			t.Errorf("download %d: Content-Length = %q, want %d", i, got, len(content))
 		}
 	}
