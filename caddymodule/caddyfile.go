@@ -71,6 +71,7 @@ func init() {
 //			dynamic [<max side>]
 //			formats webp|avif...
 //			pregenerate
+//			remote generate|fetch
 //			max_pixels <n>
 //			max_source_size <size>
 //			allow_heif
@@ -277,6 +278,8 @@ func parseThumbnails(d *caddyfile.Dispenser) (*ThumbnailsConfig, error) {
 			} else {
 				t.AllowHEIF = true
 			}
+		case "remote":
+			t.Remote, err = singleArg(d)
 		case "max_pixels":
 			var n int
 			n, err = positiveInt(d)

@@ -325,6 +325,7 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					dynamic 2048
 					formats webp avif
 					pregenerate
+					remote fetch
 					max_pixels 50000000
 					max_source_size 20MiB
 					allow_heif
@@ -335,7 +336,7 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 			}`,
 			want: App{Thumbnails: &ThumbnailsConfig{
 				Sizes: []ThumbnailSizeConfig{{64, 64, "crop"}, {1024, 768, "scale"}}, Dynamic: true, MaxDynamic: 2048,
-				Formats: []string{"webp", "avif"}, Pregenerate: true, MaxPixels: 50000000, MaxSourceBytes: 20 << 20,
+				Formats: []string{"webp", "avif"}, Pregenerate: true, Remote: "fetch", MaxPixels: 50000000, MaxSourceBytes: 20 << 20,
 				AllowHEIF: true, MaxFrames: 50, Workers: 3, Queue: 9,
 			}},
 		},

@@ -38,6 +38,12 @@ type ThumbnailsConfig struct {
 	// has no queue. Default false.
 	Pregenerate bool `json:"pregenerate,omitempty"`
 
+	// Remote is "generate" (fetch the original of remote media and
+	// thumbnail it here) or "fetch" (ask the remote server for its
+	// thumbnail; the original is used when it cannot make one). Default
+	// "generate".
+	Remote string `json:"remote,omitempty"`
+
 	// MaxPixels is the largest image decoded (width × height × frames);
 	// larger ones get 413 M_TOO_LARGE, checked on the header before any
 	// decoding. Default 32000000.
@@ -112,6 +118,13 @@ func resolveThumbnails(c *ThumbnailsConfig) (thumbnailSettings, error) {
 		}
 	}
 	s.policy.Dynamic, s.policy.MaxDynamic, s.policy.Pregenerate = c.Dynamic, c.MaxDynamic, c.Pregenerate
+	switch c.Remote {
+	case "", "generate":
+	case "fetch":
+		s.policy.FetchRemote = true
+	default:
+		return s, fmt.Errorf("thumbnails: remote must be generate or fetch, got %q", c.Remote)
+	}
 	s.generator = thumbnails.Options{
 		MaxPixels: c.MaxPixels, MaxSourceBytes: c.MaxSourceBytes, AllowHEIF: c.AllowHEIF,
 		MaxFrames: c.MaxFrames, Workers: c.Workers, Queue: c.Queue,

@@ -22,6 +22,8 @@ func TestResolveThumbnails(t *testing.T) {
 		{ThumbnailsConfig{Formats: []string{"gif"}}, "unknown output format"},
 		{ThumbnailsConfig{Sizes: []ThumbnailSizeConfig{{0, 10, "crop"}}}, "invalid size"},
 		{ThumbnailsConfig{Workers: -1}, "workers must not be negative"},
+		{ThumbnailsConfig{Remote: "fetch"}, ""},
+		{ThumbnailsConfig{Remote: "proxy"}, "remote must be generate or fetch"},
 	} {
 		_, err := resolveThumbnails(&tc.cfg)
 		if (tc.wantErr == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {

@@ -8,6 +8,7 @@ import (
 	"mime"
 	"net/http"
 	"strconv"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -45,6 +46,12 @@ var (
 // as the site's server.
 type RemoteFetcher interface {
 	Download(ctx context.Context, server, mediaID string, timeout time.Duration) (RemoteMedia, error)
+}
+
+// RemoteThumbnailer fetches thumbnails made by other servers
+// (FederationFetcher implements it).
+type RemoteThumbnailer interface {
+	Thumbnail(ctx context.Context, server, mediaID string, width, height int, method string, animated bool, timeout time.Duration) (RemoteMedia, error)
 }
 
 // remoteTimeout bounds one remote fetch, whatever the client's timeout_ms.
@@ -364,20 +371,74 @@ type FederationFetcher struct {
 func (f FederationFetcher) Download(ctx context.Context, server, mediaID string, timeout time.Duration) (RemoteMedia, error) {
 	m, err := f.Client.Download(ctx, server, mediaID, timeout)
 	if err != nil {
-		switch {
-		case errors.Is(err, federation.ErrNotFound):
-			err = fmt.Errorf("%w: %w", ErrRemoteNotFound, err)
-		case errors.Is(err, federation.ErrNotYetUploaded):
-			err = fmt.Errorf("%w: %w", ErrRemoteNotYetUploaded, err)
-		case errors.Is(err, federation.ErrRemoteTooLarge):
-			err = fmt.Errorf("%w: %w", ErrRemoteTooLarge, err)
-		default:
-			err = fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
-		}
-		return RemoteMedia{}, err
+		return RemoteMedia{}, mapFederationError(err)
 	}
 	return RemoteMedia{ContentType: m.ContentType, ContentDisposition: m.ContentDisposition, Size: m.Size,
 		Body: remoteBody{m.Body}}, nil
+}
+
+// Thumbnail implements RemoteThumbnailer.
+func (f FederationFetcher) Thumbnail(ctx context.Context, server, mediaID string, width, height int, method string, animated bool, timeout time.Duration) (RemoteMedia, error) {
+	m, err := f.Client.Thumbnail(ctx, server, mediaID, width, height, method, animated, timeout)
+	if err != nil {
+		return RemoteMedia{}, mapFederationError(err)
+	}
+	return RemoteMedia{ContentType: m.ContentType, ContentDisposition: m.ContentDisposition, Size: m.Size,
+		Body: remoteBody{m.Body}}, nil
+}
+
+// mapFederationError maps federation client errors to the RemoteFetcher
+// errors.
+func mapFederationError(err error) error {
+	switch {
+	case errors.Is(err, federation.ErrNotFound):
+		return fmt.Errorf("%w: %w", ErrRemoteNotFound, err)
+	case errors.Is(err, federation.ErrNotYetUploaded):
+		return fmt.Errorf("%w: %w", ErrRemoteNotYetUploaded, err)
+	case errors.Is(err, federation.ErrRemoteTooLarge):
+		return fmt.Errorf("%w: %w", ErrRemoteTooLarge, err)
+	default:
+		return fmt.Errorf("%w: %w", ErrRemoteUnavailable, err)
+	}
+}
+
+// remoteThumbnailEntry returns the remote server's own thumbnail k of a
+// remote media item, fetched once and cached content-addressed like remote
+// media, under an internal media ID that no request can name ('~' is not
+// allowed in media IDs).
+func (s *Site) remoteThumbnailEntry(w http.ResponseWriter, r *http.Request, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration) (*mediaEntry, int) {
+	anim := "s"
+	if k.Animated {
+		anim = "a"
+	}
+	internalID := k.MediaID + "~" + strconv.Itoa(k.Width) + "x" + strconv.Itoa(k.Height) + "~" + k.Method + "~" + anim
+	if e, st := s.cachedRemote(w, r, k.ServerName, internalID); e != nil || st != 0 {
+		return e, st
+	}
+	key := k.ServerName + "/" + internalID
+	f, leader := s.repo.joinRemote(key)
+	if leader {
+		go func() {
+			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
+			defer cancel()
+			start := time.Now()
+			rm, err := rt.Thumbnail(ctx, k.ServerName, k.MediaID, k.Width, k.Height, k.Method, k.Animated, timeout)
+			if err != nil {
+				s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+				s.repo.finishRemote(key, f, nil, err)
+				return
+			}
+			defer rm.Body.Close()
+			if !strings.HasPrefix(rm.ContentType, "image/") {
+				err := fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
+				s.repo.finishRemote(key, f, nil, err)
+				return
+			}
+			e, err := s.repo.storeRemote(ctx, k.ServerName, internalID, rm, rm.Body, start)
+			s.repo.finishRemote(key, f, e, err)
+		}()
+	}
+	return s.awaitRemote(w, r, f)
 }
 
 // remoteBody maps read errors of a federation body to the RemoteFetcher

@@ -184,3 +184,54 @@ func TestRemoteStreamTooLargeCutsTheConnection(t *testing.T) {
 	e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/big", token: "alice"})
 	t.Fatal("the handler returned normally")
 }
+
+// thumbRemote is a fakeRemote that also makes thumbnails.
+type thumbRemote struct {
+	*fakeRemote
+	thumb      []byte
+	thumbErr   error
+	thumbCalls atomic.Int64
+	lastParams string
+}
+
+func (t *thumbRemote) Thumbnail(_ context.Context, server, id string, w, h int, method string, animated bool, _ time.Duration) (RemoteMedia, error) {
+	t.thumbCalls.Add(1)
+	t.lastParams = fmt.Sprintf("%s/%s %dx%d %s %v", server, id, w, h, method, animated)
+	if t.thumbErr != nil {
+		return RemoteMedia{}, t.thumbErr
+	}
+	return RemoteMedia{ContentType: "image/jpeg", Size: int64(len(t.thumb)), Body: io.NopCloser(bytes.NewReader(t.thumb))}, nil
+}
+
+func TestRemoteThumbnailsFetchedFromTheRemote(t *testing.T) {
+	tr := &thumbRemote{fakeRemote: &fakeRemote{media: map[string][]byte{}}, thumb: testJPEG(t, 96, 96)}
+	tr.media["other.test/pic"] = testJPEG(t, 800, 600)
+	g, err := newTestGenerator()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, func(c *SiteConfig, o *RepositoryOptions) {
+		c.Remote = tr
+		o.Thumbnailer = g
+		o.Thumbnails = ThumbnailPolicy{FetchRemote: true}
+	})
+	path := "/_matrix/client/v1/media/thumbnail/other.test/pic?width=90&height=90&method=crop"
+	for i := 0; i < 2; i++ {
+		rec := e.do(req{method: "GET", path: path, token: "alice"})
+		if rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), tr.thumb) || rec.Header().Get("Content-Type") != "image/jpeg" {
+			t.Fatalf("request %d: %d, %d bytes", i, rec.Code, rec.Body.Len())
+		}
+	}
+	if tr.thumbCalls.Load() != 1 || tr.calls.Load() != 0 || tr.lastParams != "other.test/pic 96x96 crop false" {
+		t.Fatalf("%d thumbnail fetches (%s), %d original fetches; want 1 (normalised to 96x96 crop) and 0", tr.thumbCalls.Load(), tr.lastParams, tr.calls.Load())
+	}
+	// The internal cache row cannot be named by a request.
+	expectError(t, e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/pic~96x96~crop~s", token: "alice"}), 400, "M_INVALID_PARAM")
+
+	// A remote that cannot thumbnail: the original is fetched and thumbnailed here.
+	tr.thumbErr = fmt.Errorf("400: %w", ErrRemoteUnavailable)
+	rec := e.do(req{method: "GET", path: "/_matrix/client/v1/media/thumbnail/other.test/pic?width=320&height=240", token: "alice"})
+	if w, h, _ := decodedSize(t, rec); rec.Code != 200 || w != 320 || h != 240 || tr.calls.Load() != 1 {
+		t.Fatalf("fallback: %d %dx%d, %d original fetches", rec.Code, w, h, tr.calls.Load())
+	}
+}

@@ -56,6 +56,11 @@ type ThumbnailPolicy struct {
 	// header lists them (thumbnails.FormatWebP, thumbnails.FormatAVIF).
 	// Default: none (JPEG or PNG, animated WebP).
 	Formats []thumbnails.Format
+	// FetchRemote asks the remote server for thumbnails of its media (its
+	// federation thumbnail endpoint) instead of fetching the original and
+	// thumbnailing it here; the original is still used when the remote
+	// cannot make the thumbnail. Default false (generate here).
+	FetchRemote bool
 	// Pregenerate makes the pre-defined sizes right after an image upload,
 	// in the background, when the generator has a free worker. Default
 	// false.
@@ -195,10 +200,23 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	}
 	var e *mediaEntry
 	if server != s.cfg.ServerName {
-		// Remote media: thumbnailed here from the cached original.
 		if rt.legacy && !allowRemote(r.URL.RawQuery) {
 			return writeErr(w, matrix.NotFound("Media not found"))
 		}
+		if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && s.repo.thumbPolicy.FetchRemote {
+			// The remote's own thumbnail, unless it cannot make one: then
+			// the original, thumbnailed here.
+			w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
+			k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
+			te, st := s.remoteThumbnailEntry(discardErrors{w}, r, rth, k, timeout)
+			if st == 0 {
+				return s.sendMedia(w, r, te, "", rt.legacy)
+			}
+			if st == statusClientGone {
+				return st
+			}
+		}
+		// Remote media: thumbnailed here from the cached original.
 		var st int
 		if e, st = s.remoteEntry(w, r, server, id, timeout); st != 0 {
 			return st
@@ -238,6 +256,14 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	}
 	return s.sendMedia(w, r, te, "", rt.legacy)
 }
+
+// discardErrors is a ResponseWriter whose error responses are dropped: a
+// first attempt whose failure leads to a second one.
+type discardErrors struct{ http.ResponseWriter }
+
+func (d discardErrors) Header() http.Header         { return http.Header{} }
+func (d discardErrors) WriteHeader(int)             {}
+func (d discardErrors) Write(p []byte) (int, error) { return len(p), nil }
 
 // thumbnailKey is the stored key of the thumbnail answering params.
 func (r *Repository) thumbnailKey(m storage.Media, params thumbnailParams, accept string) storage.ThumbnailKey {
