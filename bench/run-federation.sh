@@ -65,8 +65,13 @@ export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config" "$WORK/a" "$WORK/b"
 
 caddy_ok() {
-	[[ -x $1 ]] && "$1" list-modules 2>/dev/null | grep -qx 'matrix_media' &&
-		"$1" matrix-media generate-key --help 2>&1 | grep -q -- '--out'
+	# Outputs are captured first: with pipefail, grep -q closing the pipe
+	# early would fail the check through SIGPIPE.
+	local mods help
+	[[ -x $1 ]] || return 1
+	mods=$("$1" list-modules 2>/dev/null) || return 1
+	help=$("$1" matrix-media generate-key --help 2>&1) || return 1
+	grep -qx 'matrix_media' <<<"$mods" && grep -q -- '--out' <<<"$help"
 }
 if ! caddy_ok "$CADDY"; then
 	echo "bench: $CADDY is missing or lacks matrix_media / generate-key; building one into $WORK/bin" >&2

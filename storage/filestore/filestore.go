@@ -16,10 +16,8 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"io/fs"
 	"os"
@@ -193,7 +191,7 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 			opts.ExpectedSize, opts.MaxSize, storage.ErrTooLarge)
 	}
 
-	p := &put{s: s, opts: opts, hash: sha256.New(), prefix: sha256.New()}
+	p := &put{s: s, opts: opts, digest: storage.NewDigest(opts)}
 	defer func() {
 		if !p.success {
 			p.discard()
@@ -213,36 +211,12 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 	bufp := s.getBuf()
 	defer s.putBuf(bufp)
 	buf := *bufp
-	for {
-		if err := ctx.Err(); err != nil {
-			return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-		}
-		n, rerr := io.ReadFull(r, buf)
-		eof := rerr == io.EOF || rerr == io.ErrUnexpectedEOF
-		if rerr != nil && !eof {
-			return storage.PutResult{}, fmt.Errorf("storing blob: reading body: %w", rerr)
-		}
-		if n > 0 {
-			if err := p.consume(buf[:n]); err != nil {
-				return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-			}
-		}
-		if eof {
-			break
-		}
-	}
-	if opts.ExpectedSize >= 0 && p.size != opts.ExpectedSize {
-		return storage.PutResult{}, fmt.Errorf("storing blob: got %d bytes, announced %d: %w",
-			p.size, opts.ExpectedSize, storage.ErrSizeMismatch)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := storage.ReadChunks(ctx, r, buf, p.consume); err != nil {
 		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
 	}
-
-	res := storage.PutResult{
-		SHA256:       hex.EncodeToString(p.hash.Sum(nil)),
-		Size:         p.size,
-		PrefixSHA256: hex.EncodeToString(p.prefix.Sum(nil)),
+	res, err := p.digest.Finish()
+	if err != nil {
+		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
 	}
 	if err := p.finish(res.SHA256); err != nil {
 		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
@@ -256,10 +230,8 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 type put struct {
 	s    *Store
 	opts storage.PutOptions
-	// hash hashes the whole body; prefix hashes its first PrefixSize bytes.
-	hash, prefix hash.Hash
-	// size is how many body bytes were consumed so far.
-	size int64
+	// digest hashes the body and checks its length.
+	digest *storage.Digest
 	// tmp is the temp file being written; nil while comparing with cand.
 	tmp *os.File
 	// cand is the open candidate blob while the body still matches it; nil
@@ -328,17 +300,9 @@ func (p *put) discard() {
 // consume hashes one chunk of the body, enforces the size limits, and either
 // compares it with the candidate or writes it to the temp file.
 func (p *put) consume(chunk []byte) error {
-	offset := p.size
-	p.size += int64(len(chunk))
-	if p.opts.MaxSize > 0 && p.size > p.opts.MaxSize {
-		return fmt.Errorf("body over limit %d: %w", p.opts.MaxSize, storage.ErrTooLarge)
-	}
-	if p.opts.ExpectedSize >= 0 && p.size > p.opts.ExpectedSize {
-		return fmt.Errorf("body longer than announced %d: %w", p.opts.ExpectedSize, storage.ErrSizeMismatch)
-	}
-	p.hash.Write(chunk)
-	if offset < storage.PrefixSize {
-		p.prefix.Write(chunk[:min(int64(len(chunk)), storage.PrefixSize-offset)])
+	offset, err := p.digest.Add(chunk)
+	if err != nil {
+		return err
 	}
 
 	if p.cand != nil {
@@ -399,10 +363,10 @@ func (p *put) finish(sum string) error {
 	}
 
 	if p.cand != nil {
-		// The body equals the candidate's first p.size bytes, but no blob is
+		// The body equals the candidate's first p.digest.Size() bytes, but no blob is
 		// stored under its hash: the candidate is longer than the body (or
 		// was removed meanwhile). Materialise the body from the candidate.
-		if err := p.divergeAt(p.size); err != nil {
+		if err := p.divergeAt(p.digest.Size()); err != nil {
 			return err
 		}
 	}

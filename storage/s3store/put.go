@@ -3,11 +3,8 @@ package s3store
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"hash"
 	"io"
 	"net/http"
 	"time"
@@ -51,7 +48,7 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 	pctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	p := &put{
-		s: s, ctx: pctx, opts: opts, hash: sha256.New(), prefix: sha256.New(),
+		s: s, ctx: pctx, opts: opts, digest: storage.NewDigest(opts),
 		w: &partWriter{s: s, ctx: pctx, hint: opts.ExpectedSize},
 	}
 	defer func() {
@@ -71,36 +68,12 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 	bufp := s.getChunk()
 	defer s.putChunk(bufp)
 	buf := *bufp
-	for {
-		if err := ctx.Err(); err != nil {
-			return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-		}
-		n, rerr := io.ReadFull(r, buf)
-		eof := rerr == io.EOF || rerr == io.ErrUnexpectedEOF
-		if rerr != nil && !eof {
-			return storage.PutResult{}, fmt.Errorf("storing blob: reading body: %w", rerr)
-		}
-		if n > 0 {
-			if err := p.consume(buf[:n]); err != nil {
-				return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-			}
-		}
-		if eof {
-			break
-		}
-	}
-	if opts.ExpectedSize >= 0 && p.size != opts.ExpectedSize {
-		return storage.PutResult{}, fmt.Errorf("storing blob: got %d bytes, announced %d: %w",
-			p.size, opts.ExpectedSize, storage.ErrSizeMismatch)
-	}
-	if err := ctx.Err(); err != nil {
+	if err := storage.ReadChunks(ctx, r, buf, p.consume); err != nil {
 		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
 	}
-
-	res := storage.PutResult{
-		SHA256:       hex.EncodeToString(p.hash.Sum(nil)),
-		Size:         p.size,
-		PrefixSHA256: hex.EncodeToString(p.prefix.Sum(nil)),
+	res, err := p.digest.Finish()
+	if err != nil {
+		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
 	}
 	if err := p.finish(res.SHA256); err != nil {
 		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
@@ -116,10 +89,8 @@ type put struct {
 	// ctx is the Put's context, cancelled when Put returns.
 	ctx  context.Context
 	opts storage.PutOptions
-	// hash hashes the whole body; prefix hashes its first PrefixSize bytes.
-	hash, prefix hash.Hash
-	// size is how many body bytes were consumed so far.
-	size int64
+	// digest hashes the body and checks its length.
+	digest *storage.Digest
 	// w buffers and uploads the bytes to store.
 	w *partWriter
 	// cand streams the candidate blob while the body still matches it; nil
@@ -174,17 +145,9 @@ func (p *put) releaseCandidate() {
 // consume hashes one chunk of the body, enforces the size limits, and either
 // compares it with the candidate or hands it to the part writer.
 func (p *put) consume(chunk []byte) error {
-	offset := p.size
-	p.size += int64(len(chunk))
-	if p.opts.MaxSize > 0 && p.size > p.opts.MaxSize {
-		return fmt.Errorf("body over limit %d: %w", p.opts.MaxSize, storage.ErrTooLarge)
-	}
-	if p.opts.ExpectedSize >= 0 && p.size > p.opts.ExpectedSize {
-		return fmt.Errorf("body longer than announced %d: %w", p.opts.ExpectedSize, storage.ErrSizeMismatch)
-	}
-	p.hash.Write(chunk)
-	if offset < storage.PrefixSize {
-		p.prefix.Write(chunk[:min(int64(len(chunk)), storage.PrefixSize-offset)])
+	offset, err := p.digest.Add(chunk)
+	if err != nil {
+		return err
 	}
 
 	if p.cand != nil {
@@ -252,14 +215,14 @@ func (p *put) finish(sum string) error {
 		return nil
 	}
 	if p.cand != nil {
-		// The body equals the candidate's first p.size bytes, but no blob is
+		// The body equals the candidate's first p.digest.Size() bytes, but no blob is
 		// stored under its hash: the candidate is longer than the body (or
 		// was removed meanwhile). Materialise the body from the candidate.
-		if err := p.divergeAt(p.size); err != nil {
+		if err := p.divergeAt(p.digest.Size()); err != nil {
 			return err
 		}
 	}
-	return p.w.commit(final, p.size)
+	return p.w.commit(final, p.digest.Size())
 }
 
 // partWriter collects the bytes to store in part buffers. It writes nothing

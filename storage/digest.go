@@ -1,0 +1,84 @@
+package storage
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+)
+
+// Digest tracks what a blob store must know of a body while it streams in:
+// its length, checked against the PutOptions limits, its SHA-256 and the
+// hash of its first PrefixSize bytes.
+type Digest struct {
+	opts         PutOptions
+	size         int64
+	hash, prefix hash.Hash
+}
+
+// NewDigest starts the digest of a body stored with opts.
+func NewDigest(opts PutOptions) *Digest {
+	return &Digest{opts: opts, hash: sha256.New(), prefix: sha256.New()}
+}
+
+// Add accounts for the next chunk of the body and returns its offset. It
+// fails, wrapping ErrTooLarge or ErrSizeMismatch, as soon as the body is
+// longer than MaxSize or than ExpectedSize.
+func (d *Digest) Add(chunk []byte) (offset int64, err error) {
+	offset = d.size
+	d.size += int64(len(chunk))
+	if d.opts.MaxSize > 0 && d.size > d.opts.MaxSize {
+		return offset, fmt.Errorf("body over limit %d: %w", d.opts.MaxSize, ErrTooLarge)
+	}
+	if d.opts.ExpectedSize >= 0 && d.size > d.opts.ExpectedSize {
+		return offset, fmt.Errorf("body longer than announced %d: %w", d.opts.ExpectedSize, ErrSizeMismatch)
+	}
+	d.hash.Write(chunk)
+	if offset < PrefixSize {
+		d.prefix.Write(chunk[:min(int64(len(chunk)), PrefixSize-offset)])
+	}
+	return offset, nil
+}
+
+// Size is the length of the body so far.
+func (d *Digest) Size() int64 { return d.size }
+
+// Finish checks that the body had its announced length and returns its
+// hashes and size (Existed is left to the store).
+func (d *Digest) Finish() (PutResult, error) {
+	if d.opts.ExpectedSize >= 0 && d.size != d.opts.ExpectedSize {
+		return PutResult{}, fmt.Errorf("got %d bytes, announced %d: %w", d.size, d.opts.ExpectedSize, ErrSizeMismatch)
+	}
+	return PutResult{
+		SHA256:       hex.EncodeToString(d.hash.Sum(nil)),
+		Size:         d.size,
+		PrefixSHA256: hex.EncodeToString(d.prefix.Sum(nil)),
+	}, nil
+}
+
+// ReadChunks reads r to its end in chunks of up to len(buf) bytes and hands
+// each to fn, checking ctx between chunks. Errors of r are wrapped "reading
+// body"; errors of fn and of ctx are returned as they are.
+func ReadChunks(ctx context.Context, r io.Reader, buf []byte, fn func(chunk []byte) error) error {
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n, err := io.ReadFull(r, buf)
+		eof := errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF)
+		if err != nil && !eof {
+			return fmt.Errorf("reading body: %w", err)
+		}
+		if n > 0 {
+			if err := fn(buf[:n]); err != nil {
+				return err
+			}
+		}
+		if eof {
+			return ctx.Err()
+		}
+	}
+}
