@@ -187,7 +187,13 @@ func (s *Site) serveRemoteDownload(w http.ResponseWriter, r *http.Request, serve
 // connection, so the client never takes a truncated body for a whole one.
 func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, f *remoteFlight, server, id, fileName string, timeout time.Duration) int {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
-	defer cancel()
+	// Once the store runs in its goroutine, it owns ctx (and the body).
+	detached := false
+	defer func() {
+		if !detached {
+			cancel()
+		}
+	}()
 	start := time.Now()
 	rm, err := s.cfg.Remote.Download(ctx, server, id, timeout)
 	if err != nil {
@@ -219,13 +225,32 @@ func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, 
 		h["Content-Length"] = []string{strconv.FormatInt(rm.Size, 10)}
 	}
 	w.WriteHeader(http.StatusOK)
+
+	// The bytes go to the client and, through a pipe, to a goroutine that
+	// stores them: once the last byte is sent the response ends, while the
+	// store finishes (flushes to disk, records the row) on its own and then
+	// completes the flight for the requests waiting on it.
+	pr, pw := io.Pipe()
+	go func() {
+		defer cancel()
+		e, err := s.repo.storeRemote(ctx, server, id, rm, pr, start)
+		pr.CloseWithError(err) // unblocks the copy below if storing failed early
+		s.repo.finishRemote(key, f, e, err)
+		if err != nil {
+			s.repo.logger.Warn("storing remote media failed while streaming it", zap.String("server_name", server),
+				zap.String("media_id", id), zap.Error(err))
+		}
+	}()
+	detached = true
 	tee := &clientTee{w: w}
-	e, err := s.repo.storeRemote(ctx, server, id, rm, io.TeeReader(rm.Body, tee), start)
-	s.repo.finishRemote(key, f, e, err)
+	bp := s.repo.copyBufs.Get().(*[]byte)
+	defer s.repo.copyBufs.Put(bp)
+	_, err = io.CopyBuffer(io.MultiWriter(pw, tee), rm.Body, *bp)
+	pw.CloseWithError(err) // nil: EOF for the store
 	s.repo.metrics.downloadBytes.Add(float64(tee.n))
 	if err != nil {
-		s.repo.logger.Warn("fetching remote media failed while streaming it", zap.String("server_name", server),
-			zap.String("media_id", id), zap.Int64("sent", tee.n), zap.Error(err))
+		// The fetch or the store failed midway: cut the response so the
+		// client does not take a truncated body for a whole one.
 		panic(http.ErrAbortHandler)
 	}
 	return http.StatusOK

@@ -150,10 +150,11 @@ func TestRemoteFirstDownloadStreams(t *testing.T) {
 		rec.Header().Get("Content-Disposition") != "inline; filename=remote.jpg" || rec.Header().Get("Content-Security-Policy") == "" {
 		t.Fatalf("streamed: %d, %d bytes, headers %v", rec.Code, rec.Body.Len(), rec.Header())
 	}
-	m, err := e.meta.GetMedia(context.Background(), "other.test", "s")
-	if err != nil || m.Size != int64(len(body)) {
-		t.Fatalf("not stored: %+v %v", m, err)
-	}
+	// The store finishes on its own after the response (flush, row).
+	waitFor(t, func() bool {
+		m, err := e.meta.GetMedia(context.Background(), "other.test", "s")
+		return err == nil && m.Size == int64(len(body))
+	})
 	// Served from the cache now, with an ETag.
 	rec = e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/s", token: "alice"})
 	if rec.Code != 200 || rec.Header().Get("Etag") == "" || fr.calls.Load() != 1 {
