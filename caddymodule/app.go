@@ -27,6 +27,7 @@ import (
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/preview"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -127,6 +128,10 @@ type App struct {
 	// spec's suggested sizes.
 	Thumbnails *ThumbnailsConfig `json:"thumbnails,omitempty"`
 
+	// Previews configures URL previews (preview_url). Default: on, through
+	// an SSRF guard.
+	Previews *PreviewsConfig `json:"previews,omitempty"`
+
 	// Federation holds the app-wide federation settings (trusted CAs,
 	// allowed private networks, remote size limit). Sites federate when
 	// their handler has a signing_key.
@@ -139,6 +144,7 @@ type App struct {
 	live      *atomic.Pointer[resources]
 	auth      *authState
 	poolKey   string
+	previewer *preview.Previewer
 	transport *http.Transport
 	logger    *zap.Logger
 }
@@ -208,6 +214,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.auth.metrics.Collectors()); err != nil {
+		return err
+	}
+	if a.previewer, err = newPreviewer(a.Previews); err != nil {
 		return err
 	}
 	a.transport = newHomeserverTransport()

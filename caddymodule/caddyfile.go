@@ -58,6 +58,14 @@ func init() {
 //			}
 //		}
 //	}
+//		previews off
+//		previews {
+//			allowed_networks <cidr>...
+//			https_only
+//			max_page_size <size>
+//			max_image_size <size>
+//			timeout <duration>
+//		}
 //		federation {
 //			trusted_ca_file <pem file>
 //			insecure_skip_verify
@@ -161,6 +169,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			a.BreakerThreshold = n
+		case "previews":
+			p, err := parsePreviews(d)
+			if err != nil {
+				return err
+			}
+			a.Previews = p
 		case "federation":
 			f, err := parseFederation(d)
 			if err != nil {
@@ -186,6 +200,47 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[sub] = true
 	}
 	return nil
+}
+
+// parsePreviews parses "previews off" or a previews block.
+func parsePreviews(d *caddyfile.Dispenser) (*PreviewsConfig, error) {
+	p := &PreviewsConfig{}
+	if d.NextArg() {
+		if d.Val() != "off" || d.NextArg() {
+			return nil, d.Err("matrix_media: previews takes a block, or 'off'")
+		}
+		p.Disabled = true
+		return p, nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch sub := d.Val(); sub {
+		case "allowed_networks":
+			nets := d.RemainingArgs()
+			if len(nets) == 0 {
+				return nil, d.ArgErr()
+			}
+			p.AllowedNetworks = append(p.AllowedNetworks, nets...)
+		case "https_only":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			no := false
+			p.AllowHTTP = &no
+		case "max_page_size":
+			p.MaxPageSize, err = byteSize(d)
+		case "max_image_size":
+			p.MaxImageSize, err = byteSize(d)
+		case "timeout":
+			p.Timeout, err = positiveDuration(d)
+		default:
+			return nil, d.Errf("matrix_media: previews: unrecognized subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
 }
 
 // parseFederation parses the federation block of the global option.

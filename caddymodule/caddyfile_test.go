@@ -343,6 +343,22 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 		{input: `matrix_media {
 				thumbnails off
 			}`, want: App{Thumbnails: &ThumbnailsConfig{Disabled: true}}},
+		{input: `matrix_media {
+				previews off
+			}`, want: App{Previews: &PreviewsConfig{Disabled: true}}},
+		{
+			input: `matrix_media {
+				previews {
+					allowed_networks 10.1.0.0/16
+					https_only
+					max_page_size 512KiB
+					max_image_size 5MiB
+					timeout 5s
+				}
+			}`,
+			want: App{Previews: &PreviewsConfig{AllowedNetworks: []string{"10.1.0.0/16"}, AllowHTTP: new(bool),
+				MaxPageSize: 512 << 10, MaxImageSize: 5 << 20, Timeout: caddy.Duration(5 * time.Second)}},
+		},
 		{
 			input: `matrix_media {
 				federation {

@@ -249,6 +249,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Admins:             admins,
 		Federation:         fedCfg,
 		Remote:             remote,
+		Previews:           previewerOf(app),
 	}, app.res.repo, authn)
 	if err != nil {
 		return fmt.Errorf("configuring media site %s: %w", h.ServerName, err)
@@ -362,6 +363,15 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	h.site.ServeHTTP(w, r)
 	return nil
+}
+
+// previewerOf is the app's previewer as a mediaapi.Previewer (a nil
+// interface, not a typed nil, when previews are off).
+func previewerOf(app *App) mediaapi.Previewer {
+	if app.previewer == nil {
+		return nil
+	}
+	return app.previewer
 }
 
 // Cleanup closes the site's idle federation connections.

@@ -80,6 +80,10 @@ type SiteConfig struct {
 	// as this site). Default: none (remote media is 404 M_NOT_FOUND).
 	Remote RemoteFetcher
 
+	// Previews makes URL previews (preview_url). Default: none (the
+	// endpoint answers 404 M_UNRECOGNIZED).
+	Previews Previewer
+
 	// Admins decides who is a media admin; admins are not held to
 	// MaxPendingUploads. Default: nobody (except tokens that are admin
 	// secrets).
@@ -128,6 +132,10 @@ type Repository struct {
 	// remoteFlights are the fetches of remote media in progress, keyed by
 	// server/id: one fetch per item, others wait for it. remoteMaxSize
 	// bounds what is stored of one.
+	// previews caches URL previews; previewFlights coalesces them.
+	previews       previewCache
+	previewFlights singleflight.Group
+
 	remoteMu      sync.Mutex
 	remoteFlights map[string]*remoteFlight
 	remoteMaxSize int64
@@ -426,6 +434,8 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			status = s.serveThumbnail(w, r, &rt)
 		case epFedDownload, epFedThumbnail:
 			status = s.serveFederation(w, r, &rt)
+		case epPreview:
+			status = s.servePreview(w, r)
 		}
 	}
 	s.repo.metrics.observe(rt.ep, status, start)

@@ -34,6 +34,7 @@ const (
 	epThumbnail
 	epFedDownload
 	epFedThumbnail
+	epPreview
 	numEndpoints
 )
 
@@ -49,6 +50,7 @@ var endpointNames = [numEndpoints]string{
 	epThumbnail:    "thumbnail",
 	epFedDownload:  "federation_download",
 	epFedThumbnail: "federation_thumbnail",
+	epPreview:      "preview_url",
 }
 
 // allowHeaders are the Allow header values of 405 responses, per endpoint.
@@ -61,6 +63,7 @@ var allowHeaders = [numEndpoints][]string{
 	epThumbnail:    hdr("GET, HEAD, OPTIONS"),
 	epFedDownload:  hdr("GET, OPTIONS"),
 	epFedThumbnail: hdr("GET, OPTIONS"),
+	epPreview:      hdr("GET, OPTIONS"),
 }
 
 // route is a parsed request path. Parameters are kept escaped, as they
@@ -87,7 +90,7 @@ func (rt *route) allows(method string) bool {
 		return method == http.MethodPut
 	case epDownload, epConfig, epThumbnail:
 		return method == http.MethodGet || method == http.MethodHead
-	case epFedDownload, epFedThumbnail:
+	case epFedDownload, epFedThumbnail, epPreview:
 		return method == http.MethodGet
 	}
 	return false
@@ -211,6 +214,8 @@ func (rt *route) setReadEndpoint(segs []string) bool {
 	switch {
 	case len(segs) == 1 && segs[0] == "config":
 		rt.ep = epConfig
+	case len(segs) == 1 && segs[0] == "preview_url":
+		rt.ep = epPreview
 	case (len(segs) == 3 || len(segs) == 4) && segs[0] == "download":
 		rt.setDownload(segs)
 	case len(segs) == 3 && segs[0] == "thumbnail":
