@@ -69,8 +69,11 @@ type ThumbnailsConfig struct {
 
 // ThumbnailSizeConfig is one pre-defined thumbnail size.
 type ThumbnailSizeConfig struct {
-	Width  int    `json:"width"`
-	Height int    `json:"height"`
+	// Width of the box in pixels. Required.
+	Width int `json:"width"`
+	// Height of the box in pixels. Required.
+	Height int `json:"height"`
+	// Method is "crop" or "scale". Required.
 	Method string `json:"method"`
 }
 

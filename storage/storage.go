@@ -102,10 +102,12 @@ type BlobStore interface {
 // size, by which method, animated or not, in which requested format. Width and
 // Height are the (normalised) requested box, not the thumbnail's own size.
 type ThumbnailKey struct {
+	// ServerName and MediaID name the media item.
 	ServerName string
 	MediaID    string
-	Width      int
-	Height     int
+	// Width and Height are the requested box, after normalisation.
+	Width  int
+	Height int
 	// Method is "crop" or "scale".
 	Method string
 	// Animated tells whether an animated thumbnail was asked for.
@@ -126,8 +128,7 @@ type Thumbnail struct {
 	// Size is the thumbnail's length in bytes.
 	Size int64
 	// ActualWidth and ActualHeight are the thumbnail's own dimensions.
-	ActualWidth  int
-	ActualHeight int
+	ActualWidth, ActualHeight int
 	// Datastore holds the blob (set by GetThumbnail; ignored on writes).
 	Datastore string
 	// CreatedAt is when it was generated.

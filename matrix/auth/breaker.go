@@ -124,6 +124,7 @@ type CircuitOpenError struct {
 	RetryAfter time.Duration
 }
 
+// Error describes the refusal.
 func (e *CircuitOpenError) Error() string {
 	return fmt.Sprintf("checking access token: %v: %v (retry in %s)", ErrHomeserverUnavailable, ErrCircuitOpen, e.RetryAfter.Round(time.Second))
 }

@@ -264,6 +264,8 @@ type clientTee struct {
 	failed bool
 }
 
+// Write sends p to the client unless an earlier write failed, and always
+// reports success.
 func (t *clientTee) Write(p []byte) (int, error) {
 	if !t.failed {
 		n, err := t.w.Write(p)
@@ -389,6 +391,7 @@ func (s *Site) remoteError(w http.ResponseWriter, r *http.Request, err error) in
 
 // FederationFetcher adapts a federation.MediaClient to RemoteFetcher.
 type FederationFetcher struct {
+	// Client fetches over federation, signed as the site. Required.
 	Client *federation.MediaClient
 }
 
@@ -470,6 +473,7 @@ func (s *Site) remoteThumbnailEntry(w http.ResponseWriter, r *http.Request, rt R
 // errors (a body over the size limit, a connection cut short).
 type remoteBody struct{ io.ReadCloser }
 
+// Read reads the body, mapping its errors.
 func (b remoteBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	switch {

@@ -26,8 +26,10 @@ type Thumbnailer interface {
 
 // ThumbnailSize is one pre-defined thumbnail size.
 type ThumbnailSize struct {
+	// Width and Height are the box in pixels.
 	Width, Height int
-	Method        thumbnails.Method
+	// Method is thumbnails.MethodCrop or thumbnails.MethodScale.
+	Method thumbnails.Method
 }
 
 // DefaultThumbnailSizes are the sizes the Matrix spec suggests.
@@ -261,8 +263,13 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 // first attempt whose failure leads to a second one.
 type discardErrors struct{ http.ResponseWriter }
 
-func (d discardErrors) Header() http.Header         { return http.Header{} }
-func (d discardErrors) WriteHeader(int)             {}
+// Header returns a throwaway header map.
+func (d discardErrors) Header() http.Header { return http.Header{} }
+
+// WriteHeader does nothing.
+func (d discardErrors) WriteHeader(int) {}
+
+// Write drops p.
 func (d discardErrors) Write(p []byte) (int, error) { return len(p), nil }
 
 // thumbnailKey is the stored key of the thumbnail answering params.
