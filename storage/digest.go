@@ -59,10 +59,29 @@ func (d *Digest) Finish() (PutResult, error) {
 	}, nil
 }
 
-// ReadChunks reads r to its end in chunks of up to len(buf) bytes and hands
+// Stream is the common course of a store's Put: it reads r in chunks of up
+// to len(buf) bytes into consume (which calls d.Add and stores or compares
+// the chunk), completes the digest, and hands the content's hash to commit,
+// which puts the blob in place and reports whether it already existed.
+func Stream(ctx context.Context, r io.Reader, buf []byte, d *Digest, consume func(chunk []byte) error,
+	commit func(sha256 string) (existed bool, err error)) (PutResult, error) {
+	if err := readChunks(ctx, r, buf, consume); err != nil {
+		return PutResult{}, fmt.Errorf("storing blob: %w", err)
+	}
+	res, err := d.Finish()
+	if err != nil {
+		return PutResult{}, fmt.Errorf("storing blob: %w", err)
+	}
+	if res.Existed, err = commit(res.SHA256); err != nil {
+		return PutResult{}, fmt.Errorf("storing blob: %w", err)
+	}
+	return res, nil
+}
+
+// readChunks reads r to its end in chunks of up to len(buf) bytes and hands
 // each to fn, checking ctx between chunks. Errors of r are wrapped "reading
 // body"; errors of fn and of ctx are returned as they are.
-func ReadChunks(ctx context.Context, r io.Reader, buf []byte, fn func(chunk []byte) error) error {
+func readChunks(ctx context.Context, r io.Reader, buf []byte, fn func(chunk []byte) error) error {
 	for {
 		if err := ctx.Err(); err != nil {
 			return err

@@ -3,13 +3,10 @@ package storage_test
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"sync"
@@ -17,6 +14,7 @@ import (
 	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/blobtest"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
 )
@@ -136,16 +134,11 @@ func forEachMeta(t *testing.T, f func(t *testing.T, fx *fixture)) {
 	}
 }
 
-func randomBytes(seed byte, n int) []byte {
-	b := make([]byte, n)
-	rand.NewChaCha8([32]byte{seed}).Read(b)
-	return b
-}
+// randomBytes returns n pseudo-random bytes determined by seed.
+func randomBytes(seed byte, n int) []byte { return blobtest.RandomBytes(uint64(seed), n) }
 
-func hexSum(b []byte) string {
-	h := sha256.Sum256(b)
-	return hex.EncodeToString(h[:])
-}
+// hexSum is the address of b.
+func hexSum(b []byte) string { return blobtest.SHA256Hex(b) }
 
 // ingest runs Ingest with the body's length announced (or not).
 func (fx *fixture) ingest(t *testing.T, body []byte, known bool) (storage.PutResult, error) {

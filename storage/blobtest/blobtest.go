@@ -61,8 +61,9 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.BlobStore) {
 // opener returns a fresh store for one sub-test.
 type opener func(t *testing.T) storage.BlobStore
 
-// randomBytes returns n pseudo-random bytes determined by seed.
-func randomBytes(seed uint64, n int) []byte {
+// RandomBytes returns n pseudo-random bytes determined by seed, for tests
+// of blob stores.
+func RandomBytes(seed uint64, n int) []byte {
 	var key [32]byte
 	for i := range 8 {
 		key[i] = byte(seed >> (8 * i))
@@ -72,15 +73,16 @@ func randomBytes(seed uint64, n int) []byte {
 	return b
 }
 
-// sum returns the lowercase hex SHA-256 of b.
-func sum(b []byte) string {
+// SHA256Hex returns the lowercase hex SHA-256 of b: the address a blob
+// store gives b.
+func SHA256Hex(b []byte) string {
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:])
 }
 
 // prefixSum returns the expected PrefixSHA256 of b.
 func prefixSum(b []byte) string {
-	return sum(b[:min(len(b), storage.PrefixSize)])
+	return SHA256Hex(b[:min(len(b), storage.PrefixSize)])
 }
 
 // concat returns a new slice holding the given slices one after another.
@@ -113,7 +115,7 @@ func mustPut(t *testing.T, s storage.BlobStore, body []byte, opts storage.PutOpt
 // checkResult checks a PutResult against the body that was stored.
 func checkResult(t *testing.T, res storage.PutResult, body []byte, wantExisted bool) {
 	t.Helper()
-	if want := sum(body); res.SHA256 != want {
+	if want := SHA256Hex(body); res.SHA256 != want {
 		t.Errorf("PutResult.SHA256 = %q, want %q", res.SHA256, want)
 	}
 	if res.Size != int64(len(body)) {
@@ -131,7 +133,7 @@ func checkResult(t *testing.T, res storage.PutResult, body []byte, wantExisted b
 func mustHave(t *testing.T, s storage.BlobStore, want []byte) {
 	t.Helper()
 	ctx := context.Background()
-	h := sum(want)
+	h := SHA256Hex(want)
 	size, err := s.Stat(ctx, h)
 	if err != nil {
 		t.Fatalf("Stat(%s): %v", h, err)
@@ -152,7 +154,7 @@ func mustHave(t *testing.T, s storage.BlobStore, want []byte) {
 		t.Fatalf("reading blob %s: %v", h, err)
 	}
 	if !bytes.Equal(got, want) {
-		t.Errorf("blob %s holds %d bytes (sha256 %s), want %d bytes", h, len(got), sum(got), len(want))
+		t.Errorf("blob %s holds %d bytes (sha256 %s), want %d bytes", h, len(got), SHA256Hex(got), len(want))
 	}
 }
 
@@ -216,7 +218,7 @@ func testRoundTrip(t *testing.T, open opener) {
 		for _, known := range []bool{true, false} {
 			t.Run(fmt.Sprintf("size=%d/knownLength=%v", size, known), func(t *testing.T) {
 				s := open(t)
-				body := randomBytes(uint64(100+i), size)
+				body := RandomBytes(uint64(100+i), size)
 				opts := storage.PutOptions{ExpectedSize: -1}
 				if known {
 					opts.ExpectedSize = int64(size)
@@ -228,7 +230,7 @@ func testRoundTrip(t *testing.T, open opener) {
 	}
 	t.Run("DistinctBlobsStayApart", func(t *testing.T) {
 		s := open(t)
-		a, b := randomBytes(1, 5000), randomBytes(2, 5000)
+		a, b := RandomBytes(1, 5000), RandomBytes(2, 5000)
 		mustPut(t, s, a, storage.PutOptions{ExpectedSize: -1}, false)
 		mustPut(t, s, b, storage.PutOptions{ExpectedSize: -1}, false)
 		mustHave(t, s, a)
@@ -256,7 +258,7 @@ func testDedup(t *testing.T, open opener) {
 	for _, size := range []int{1000, multiChunk} {
 		t.Run(fmt.Sprintf("size=%d", size), func(t *testing.T) {
 			s := open(t)
-			body := randomBytes(7, size)
+			body := RandomBytes(7, size)
 			first := mustPut(t, s, body, storage.PutOptions{ExpectedSize: int64(size)}, false)
 			second := mustPut(t, s, body, storage.PutOptions{ExpectedSize: int64(size)}, true)
 			third := mustPut(t, s, body, storage.PutOptions{ExpectedSize: -1}, true)
@@ -269,7 +271,7 @@ func testDedup(t *testing.T, open opener) {
 }
 
 func testSmallReads(t *testing.T, open opener) {
-	body := randomBytes(9, 5000)
+	body := RandomBytes(9, 5000)
 	readers := map[string]func() io.Reader{
 		"OneByte": func() io.Reader { return iotest.OneByteReader(bytes.NewReader(body)) },
 		"Half":    func() io.Reader { return iotest.HalfReader(bytes.NewReader(body)) },
@@ -308,7 +310,7 @@ func testMaxSize(t *testing.T, open opener) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := open(t)
-			body := randomBytes(uint64(200+i), tt.size)
+			body := RandomBytes(uint64(200+i), tt.size)
 			opts := storage.PutOptions{MaxSize: tt.max, ExpectedSize: tt.expected}
 			res, err := s.Put(context.Background(), bytes.NewReader(body), opts)
 			if tt.wantErr == nil {
@@ -322,8 +324,8 @@ func testMaxSize(t *testing.T, open opener) {
 			if !errors.Is(err, tt.wantErr) {
 				t.Fatalf("Put error = %v, want %v", err, tt.wantErr)
 			}
-			mustMissing(t, s, sum(body))
-			mustMissing(t, s, sum(body[:tt.max]))
+			mustMissing(t, s, SHA256Hex(body))
+			mustMissing(t, s, SHA256Hex(body[:tt.max]))
 		})
 	}
 }
@@ -346,14 +348,14 @@ func testExpectedSize(t *testing.T, open opener) {
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			s := open(t)
-			body := randomBytes(uint64(300+i), tt.size)
+			body := RandomBytes(uint64(300+i), tt.size)
 			_, err := s.Put(context.Background(), bytes.NewReader(body), storage.PutOptions{ExpectedSize: tt.expected})
 			if !errors.Is(err, storage.ErrSizeMismatch) {
 				t.Fatalf("Put error = %v, want ErrSizeMismatch", err)
 			}
-			mustMissing(t, s, sum(body))
+			mustMissing(t, s, SHA256Hex(body))
 			if tt.expected < int64(len(body)) {
-				mustMissing(t, s, sum(body[:tt.expected]))
+				mustMissing(t, s, SHA256Hex(body[:tt.expected]))
 			}
 		})
 	}
@@ -361,7 +363,7 @@ func testExpectedSize(t *testing.T, open opener) {
 
 func testReaderError(t *testing.T, open opener) {
 	errBroken := errors.New("connection reset by test")
-	body := randomBytes(400, multiChunk)
+	body := RandomBytes(400, multiChunk)
 	for _, failAt := range []int{0, 1, storage.PrefixSize, 300_000, multiChunk - 1} {
 		for _, known := range []bool{true, false} {
 			t.Run(fmt.Sprintf("failAt=%d/knownLength=%v", failAt, known), func(t *testing.T) {
@@ -375,8 +377,8 @@ func testReaderError(t *testing.T, open opener) {
 				if !errors.Is(err, errBroken) {
 					t.Fatalf("Put error = %v, want one wrapping the reader's error", err)
 				}
-				mustMissing(t, s, sum(body))
-				mustMissing(t, s, sum(body[:failAt]))
+				mustMissing(t, s, SHA256Hex(body))
+				mustMissing(t, s, SHA256Hex(body[:failAt]))
 			})
 		}
 	}
@@ -389,8 +391,8 @@ func testReaderError(t *testing.T, open opener) {
 		if !errors.Is(err, errBroken) {
 			t.Fatalf("Put error = %v, want one wrapping the reader's error", err)
 		}
-		mustMissing(t, s, sum(other))
-		mustMissing(t, s, sum(other[:300_000]))
+		mustMissing(t, s, SHA256Hex(other))
+		mustMissing(t, s, SHA256Hex(other[:300_000]))
 		mustHave(t, s, body)
 	})
 	t.Run("AfterDivergingFromCandidate", func(t *testing.T) {
@@ -402,14 +404,14 @@ func testReaderError(t *testing.T, open opener) {
 		if !errors.Is(err, errBroken) {
 			t.Fatalf("Put error = %v, want one wrapping the reader's error", err)
 		}
-		mustMissing(t, s, sum(other))
-		mustMissing(t, s, sum(other[:500_000]))
+		mustMissing(t, s, SHA256Hex(other))
+		mustMissing(t, s, SHA256Hex(other[:500_000]))
 		mustHave(t, s, body)
 	})
 }
 
 func testContextCancelled(t *testing.T, open opener) {
-	body := randomBytes(500, 4<<20)
+	body := RandomBytes(500, 4<<20)
 	t.Run("BeforePut", func(t *testing.T) {
 		s := open(t)
 		ctx, cancel := context.WithCancel(context.Background())
@@ -418,7 +420,7 @@ func testContextCancelled(t *testing.T, open opener) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("Put error = %v, want context.Canceled", err)
 		}
-		mustMissing(t, s, sum(body))
+		mustMissing(t, s, SHA256Hex(body))
 	})
 	t.Run("Midway", func(t *testing.T) {
 		s := open(t)
@@ -429,7 +431,7 @@ func testContextCancelled(t *testing.T, open opener) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("Put error = %v, want context.Canceled", err)
 		}
-		mustMissing(t, s, sum(body))
+		mustMissing(t, s, SHA256Hex(body))
 	})
 	t.Run("MidwayWhileComparingWithCandidate", func(t *testing.T) {
 		s := open(t)
@@ -442,14 +444,14 @@ func testContextCancelled(t *testing.T, open opener) {
 		if !errors.Is(err, context.Canceled) {
 			t.Fatalf("Put error = %v, want context.Canceled", err)
 		}
-		mustMissing(t, s, sum(other))
+		mustMissing(t, s, SHA256Hex(other))
 		mustHave(t, s, body)
 	})
 }
 
 func testCandidate(t *testing.T, open opener) {
-	base := randomBytes(600, multiChunk)
-	tail := randomBytes(601, 500_000)
+	base := RandomBytes(600, multiChunk)
+	tail := RandomBytes(601, 500_000)
 	tests := []struct {
 		name string
 		body []byte
@@ -486,18 +488,18 @@ func testCandidate(t *testing.T, open opener) {
 	}
 	t.Run("Missing", func(t *testing.T) {
 		s := open(t)
-		body := randomBytes(602, multiChunk)
-		mustPut(t, s, body, storage.PutOptions{ExpectedSize: int64(len(body)), Candidate: sum(base)}, false)
+		body := RandomBytes(602, multiChunk)
+		mustPut(t, s, body, storage.PutOptions{ExpectedSize: int64(len(body)), Candidate: SHA256Hex(base)}, false)
 		mustHave(t, s, body)
-		mustMissing(t, s, sum(base))
+		mustMissing(t, s, SHA256Hex(base))
 	})
 	t.Run("MissingEqualHash", func(t *testing.T) {
 		// The candidate is the very hash of the body but is not stored.
 		s := open(t)
-		mustPut(t, s, base, storage.PutOptions{ExpectedSize: int64(len(base)), Candidate: sum(base)}, false)
+		mustPut(t, s, base, storage.PutOptions{ExpectedSize: int64(len(base)), Candidate: SHA256Hex(base)}, false)
 		mustHave(t, s, base)
 	})
-	for _, bad := range []string{"not-a-hash", strings.ToUpper(sum(base)), "../../../../etc/passwd"} {
+	for _, bad := range []string{"not-a-hash", strings.ToUpper(SHA256Hex(base)), "../../../../etc/passwd"} {
 		t.Run("Malformed/"+strings.ReplaceAll(bad, "/", "_"), func(t *testing.T) {
 			s := open(t)
 			mustPut(t, s, base, storage.PutOptions{ExpectedSize: -1, Candidate: bad}, false)
@@ -537,13 +539,13 @@ func testCandidate(t *testing.T, open opener) {
 			}
 		}
 		mustHave(t, s, base)
-		mustMissing(t, s, sum(base[:len(base)-1]))
+		mustMissing(t, s, SHA256Hex(base[:len(base)-1]))
 	})
 }
 
 // malformedHashes are strings that can never name a blob.
 func malformedHashes() []string {
-	valid := sum([]byte("x"))
+	valid := SHA256Hex([]byte("x"))
 	return []string{
 		"",
 		"abc",
@@ -560,10 +562,10 @@ func malformedHashes() []string {
 
 func testNotFound(t *testing.T, open opener) {
 	s := open(t)
-	stored := randomBytes(700, 100)
+	stored := RandomBytes(700, 100)
 	mustPut(t, s, stored, storage.PutOptions{ExpectedSize: -1}, false)
 	t.Run("Missing", func(t *testing.T) {
-		mustMissing(t, s, sum([]byte("never stored")))
+		mustMissing(t, s, SHA256Hex([]byte("never stored")))
 	})
 	for i, h := range malformedHashes() {
 		t.Run(fmt.Sprintf("Malformed%d", i), func(t *testing.T) {
@@ -571,41 +573,41 @@ func testNotFound(t *testing.T, open opener) {
 		})
 	}
 	t.Run("UppercaseOfStored", func(t *testing.T) {
-		mustMissing(t, s, strings.ToUpper(sum(stored)))
+		mustMissing(t, s, strings.ToUpper(SHA256Hex(stored)))
 	})
 }
 
 func testDelete(t *testing.T, open opener) {
 	ctx := context.Background()
 	s := open(t)
-	a, b := randomBytes(800, 3000), randomBytes(801, multiChunk)
+	a, b := RandomBytes(800, 3000), RandomBytes(801, multiChunk)
 	mustPut(t, s, a, storage.PutOptions{ExpectedSize: -1}, false)
 	mustPut(t, s, b, storage.PutOptions{ExpectedSize: -1}, false)
-	if err := s.Delete(ctx, sum(a)); err != nil {
+	if err := s.Delete(ctx, SHA256Hex(a)); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
-	mustMissing(t, s, sum(a))
+	mustMissing(t, s, SHA256Hex(a))
 	mustHave(t, s, b)
-	if err := s.Delete(ctx, sum(a)); err != nil {
+	if err := s.Delete(ctx, SHA256Hex(a)); err != nil {
 		t.Errorf("Delete of an already deleted blob: %v", err)
 	}
-	if err := s.Delete(ctx, sum([]byte("never stored"))); err != nil {
+	if err := s.Delete(ctx, SHA256Hex([]byte("never stored"))); err != nil {
 		t.Errorf("Delete of a never stored blob: %v", err)
 	}
 	// Storing the bytes again brings the blob back, as new.
 	mustPut(t, s, a, storage.PutOptions{ExpectedSize: -1}, false)
 	mustHave(t, s, a)
 	// A deleted blob is no longer a usable candidate, but naming it is harmless.
-	if err := s.Delete(ctx, sum(b)); err != nil {
+	if err := s.Delete(ctx, SHA256Hex(b)); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
-	mustPut(t, s, b, storage.PutOptions{ExpectedSize: int64(len(b)), Candidate: sum(b)}, false)
+	mustPut(t, s, b, storage.PutOptions{ExpectedSize: int64(len(b)), Candidate: SHA256Hex(b)}, false)
 	mustHave(t, s, b)
 }
 
 func testConcurrentSame(t *testing.T, open opener) {
 	s := open(t)
-	body := randomBytes(900, multiChunk)
+	body := RandomBytes(900, multiChunk)
 	const workers = 16
 	results := make([]storage.PutResult, workers)
 	errs := make([]error, workers)
@@ -625,8 +627,8 @@ func testConcurrentSame(t *testing.T, open opener) {
 			t.Errorf("Put #%d: %v", i, errs[i])
 			continue
 		}
-		if results[i].SHA256 != sum(body) || results[i].Size != int64(len(body)) {
-			t.Errorf("Put #%d = %+v, want sha256 %s size %d", i, results[i], sum(body), len(body))
+		if results[i].SHA256 != SHA256Hex(body) || results[i].Size != int64(len(body)) {
+			t.Errorf("Put #%d = %+v, want sha256 %s size %d", i, results[i], SHA256Hex(body), len(body))
 		}
 	}
 	mustHave(t, s, body)
@@ -639,7 +641,7 @@ func testConcurrentDistinct(t *testing.T, open opener) {
 	const workers = 8
 	bodies := make([][]byte, workers)
 	for i := range bodies {
-		bodies[i] = randomBytes(uint64(1000+i), 100_000+i*37_000)
+		bodies[i] = RandomBytes(uint64(1000+i), 100_000+i*37_000)
 	}
 	errs := make([]error, workers)
 	var wg sync.WaitGroup
@@ -662,10 +664,10 @@ func testConcurrentDistinct(t *testing.T, open opener) {
 func testLargeSeek(t *testing.T, open opener) {
 	s := open(t)
 	const size = 8 << 20
-	body := randomBytes(1100, size)
+	body := RandomBytes(1100, size)
 	mustPut(t, s, body, storage.PutOptions{ExpectedSize: size}, false)
 	mustHave(t, s, body)
-	blob, err := s.Open(context.Background(), sum(body))
+	blob, err := s.Open(context.Background(), SHA256Hex(body))
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -718,15 +720,15 @@ func testLargeSeek(t *testing.T, open opener) {
 
 func testIndependentReaders(t *testing.T, open opener) {
 	s := open(t)
-	body := randomBytes(1200, multiChunk)
+	body := RandomBytes(1200, multiChunk)
 	mustPut(t, s, body, storage.PutOptions{ExpectedSize: -1}, false)
 	ctx := context.Background()
-	b1, err := s.Open(ctx, sum(body))
+	b1, err := s.Open(ctx, SHA256Hex(body))
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	defer b1.Content.Close()
-	b2, err := s.Open(ctx, sum(body))
+	b2, err := s.Open(ctx, SHA256Hex(body))
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}

@@ -3,12 +3,9 @@ package filestore
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"io"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -32,16 +29,10 @@ func newStore(t testing.TB) *Store {
 }
 
 // randomBytes returns n pseudo-random bytes determined by seed.
-func randomBytes(seed byte, n int) []byte {
-	b := make([]byte, n)
-	rand.NewChaCha8([32]byte{seed}).Read(b)
-	return b
-}
+func randomBytes(seed byte, n int) []byte { return blobtest.RandomBytes(uint64(seed), n) }
 
-func hexSum(b []byte) string {
-	h := sha256.Sum256(b)
-	return hex.EncodeToString(h[:])
-}
+// hexSum is the address of b.
+func hexSum(b []byte) string { return blobtest.SHA256Hex(b) }
 
 // files lists the regular files under dir, relative to it, sorted.
 func files(t *testing.T, dir string) []string {

@@ -10,6 +10,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/blobtest"
 )
 
 // BenchmarkOpenRead256MiB reads a 256 MiB object from the fake S3 server on
@@ -22,7 +23,7 @@ func BenchmarkOpenRead256MiB(b *testing.B) {
 	s, _ := newTestStore(b, nil)
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(42, size)
+	body := blobtest.RandomBytes(42, size)
 	res, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: size})
 	if err != nil {
 		b.Fatalf("Put: %v", err)

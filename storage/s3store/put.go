@@ -68,19 +68,12 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 	bufp := s.getChunk()
 	defer s.putChunk(bufp)
 	buf := *bufp
-	if err := storage.ReadChunks(ctx, r, buf, p.consume); err != nil {
-		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-	}
-	res, err := p.digest.Finish()
-	if err != nil {
-		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-	}
-	if err := p.finish(res.SHA256); err != nil {
-		return storage.PutResult{}, fmt.Errorf("storing blob: %w", err)
-	}
-	res.Existed = p.existed
-	p.success = true
-	return res, nil
+	res, err := storage.Stream(ctx, r, buf, p.digest, p.consume, func(sum string) (bool, error) {
+		err := p.finish(sum)
+		return p.existed, err
+	})
+	p.success = err == nil
+	return res, err
 }
 
 // put is the state of one Put call.

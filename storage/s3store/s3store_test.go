@@ -3,12 +3,9 @@ package s3store
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync"
@@ -116,23 +113,6 @@ func TestConformanceSmallParts(t *testing.T) {
 	})
 }
 
-// randomBytes returns n pseudo-random bytes determined by seed.
-func randomBytes(seed uint64, n int) []byte {
-	var key [32]byte
-	for i := range 8 {
-		key[i] = byte(seed >> (8 * i))
-	}
-	b := make([]byte, n)
-	rand.NewChaCha8(key).Read(b)
-	return b
-}
-
-// sum returns the lowercase hex SHA-256 of b.
-func sum(b []byte) string {
-	h := sha256.Sum256(b)
-	return hex.EncodeToString(h[:])
-}
-
 // checkNoLeftovers waits for background clean-ups and checks that the bucket
 // holds no tmp object, no multipart upload, and only keys of the blob layout.
 func checkNoLeftovers(t testing.TB, s *Store, srv *tests3.Server, prefix string) {
@@ -157,7 +137,7 @@ func TestLayout(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Put: %v", err)
 	}
-	h := sum(body)
+	h := blobtest.SHA256Hex(body)
 	want := []string{"p/blobs/" + h[0:2] + "/" + h[2:4] + "/" + h}
 	if got := srv.Objects(t); len(got) != 1 || got[0] != want[0] || res.SHA256 != h {
 		t.Errorf("objects = %q, want %q", got, want)
@@ -169,7 +149,7 @@ func TestMultipartRoundTrip(t *testing.T) {
 	s, srv := newTestStore(t, func(c *Config) { c.PartSize = testPartSize; c.Observer = rec })
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(1, 3*testPartSize+1)
+	body := blobtest.RandomBytes(1, 3*testPartSize+1)
 	for _, known := range []bool{true, false} {
 		opts := storage.PutOptions{ExpectedSize: -1}
 		if known {
@@ -179,7 +159,7 @@ func TestMultipartRoundTrip(t *testing.T) {
 		if err != nil {
 			t.Fatalf("Put(known=%v): %v", known, err)
 		}
-		if res.SHA256 != sum(body) || res.Size != int64(len(body)) || res.Existed != !known {
+		if res.SHA256 != blobtest.SHA256Hex(body) || res.Size != int64(len(body)) || res.Existed != !known {
 			t.Errorf("Put(known=%v) = %+v", known, res)
 		}
 	}
@@ -197,7 +177,7 @@ func TestMultipartRoundTrip(t *testing.T) {
 	if got := rec.count("CopyObject"); got != 1 {
 		t.Errorf("CopyObject calls = %d, want 1", got)
 	}
-	blob, err := s.Open(ctx, sum(body))
+	blob, err := s.Open(ctx, blobtest.SHA256Hex(body))
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
@@ -221,7 +201,7 @@ func TestSinglePartBoundary(t *testing.T) {
 	}{{testPartSize, 0}, {testPartSize + 1, 2}} {
 		rec := &recorder{}
 		s, srv := newTestStore(t, func(c *Config) { c.PartSize = testPartSize; c.Observer = rec })
-		body := randomBytes(uint64(tt.size), tt.size)
+		body := blobtest.RandomBytes(uint64(tt.size), tt.size)
 		if _, err := s.Put(context.Background(), bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1}); err != nil {
 			t.Fatalf("Put(%d): %v", tt.size, err)
 		}
@@ -255,7 +235,7 @@ func (r *failingReader) Read(p []byte) (int, error) {
 
 func TestMultipartReaderErrorLeavesNothing(t *testing.T) {
 	errBroken := errors.New("client went away")
-	body := randomBytes(2, 3*testPartSize+1)
+	body := blobtest.RandomBytes(2, 3*testPartSize+1)
 	for _, failAt := range []int{testPartSize + 1, 2*testPartSize + 100, len(body) - 1} {
 		s, srv := newTestStore(t, func(c *Config) { c.PartSize = testPartSize })
 		_, err := s.Put(context.Background(), &failingReader{data: body, failAt: failAt, err: errBroken},
@@ -274,7 +254,7 @@ func TestMultipartReaderErrorLeavesNothing(t *testing.T) {
 func TestMultipartCancelLeavesNothing(t *testing.T) {
 	s, srv := newTestStore(t, func(c *Config) { c.PartSize = testPartSize })
 	defer s.Close()
-	body := randomBytes(3, 3*testPartSize)
+	body := blobtest.RandomBytes(3, 3*testPartSize)
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &hookReader{data: body, at: 2*testPartSize + 10, hook: cancel}
 	_, err := s.Put(ctx, r, storage.PutOptions{ExpectedSize: int64(len(body))})
@@ -321,7 +301,7 @@ func TestServerDiesMidPut(t *testing.T) {
 		c.Observer = rec
 	})
 	defer s.Close()
-	body := randomBytes(4, 4*testPartSize)
+	body := blobtest.RandomBytes(4, 4*testPartSize)
 	// Stop the server once a part upload has had time to start: the part
 	// upload in flight (or the next one) fails.
 	r := &hookReader{data: body, at: 2*testPartSize + 1, hook: func() {
@@ -347,7 +327,7 @@ func TestServerDiesMidPut(t *testing.T) {
 	}
 	// The store works again.
 	res, err := s.Put(context.Background(), bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1})
-	if err != nil || res.SHA256 != sum(body) || res.Existed {
+	if err != nil || res.SHA256 != blobtest.SHA256Hex(body) || res.Existed {
 		t.Fatalf("Put after restart = %+v, %v", res, err)
 	}
 	checkNoLeftovers(t, s, srv, "")
@@ -357,11 +337,11 @@ func TestUnavailable(t *testing.T) {
 	s, srv := newTestStore(t, func(c *Config) { c.MaxRetries = 1 })
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(5, 1000)
+	body := blobtest.RandomBytes(5, 1000)
 	if _, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1}); err != nil {
 		t.Fatalf("Put: %v", err)
 	}
-	h := sum(body)
+	h := blobtest.SHA256Hex(body)
 	blob, err := s.Open(ctx, h)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
@@ -405,7 +385,7 @@ func TestUnavailable(t *testing.T) {
 	}
 	// Not found stays not found, not unavailable.
 	srv.Restart(t)
-	if _, err := s.Stat(ctx, sum([]byte("missing"))); !errors.Is(err, storage.ErrNotFound) || errors.Is(err, ErrUnavailable) {
+	if _, err := s.Stat(ctx, blobtest.SHA256Hex([]byte("missing"))); !errors.Is(err, storage.ErrNotFound) || errors.Is(err, ErrUnavailable) {
 		t.Errorf("Stat of a missing blob = %v, want ErrNotFound only", err)
 	}
 }
@@ -456,8 +436,8 @@ func TestOpenRangeAndSeek(t *testing.T) {
 	s, _ := newTestStore(t, nil)
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(6, 1<<20+333)
-	h := sum(body)
+	body := blobtest.RandomBytes(6, 1<<20+333)
+	h := blobtest.SHA256Hex(body)
 	if _, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1}); err != nil {
 		t.Fatalf("Put: %v", err)
 	}
@@ -473,7 +453,7 @@ func TestOpenRangeAndSeek(t *testing.T) {
 			t.Errorf("OpenRange(%d, %d) = %d bytes, %v; want the stored bytes", rg.off, rg.n, len(got), err)
 		}
 	}
-	if _, err := s.OpenRange(ctx, sum([]byte("missing")), 0, 10); !errors.Is(err, storage.ErrNotFound) {
+	if _, err := s.OpenRange(ctx, blobtest.SHA256Hex([]byte("missing")), 0, 10); !errors.Is(err, storage.ErrNotFound) {
 		t.Errorf("OpenRange of a missing blob = %v, want ErrNotFound", err)
 	}
 	if _, err := s.OpenRange(ctx, "nope", 0, 10); !errors.Is(err, storage.ErrNotFound) {
@@ -520,8 +500,8 @@ func TestPresignGet(t *testing.T) {
 	s, _ := newTestStore(t, nil)
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(7, 70_000)
-	h := sum(body)
+	body := blobtest.RandomBytes(7, 70_000)
+	h := blobtest.SHA256Hex(body)
 	if _, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1}); err != nil {
 		t.Fatalf("Put: %v", err)
 	}
@@ -572,8 +552,8 @@ func TestWriterTo(t *testing.T) {
 	s, _ := newTestStore(t, nil)
 	defer s.Close()
 	ctx := context.Background()
-	body := randomBytes(8, 3<<20+5)
-	h := sum(body)
+	body := blobtest.RandomBytes(8, 3<<20+5)
+	h := blobtest.SHA256Hex(body)
 	if _, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: -1}); err != nil {
 		t.Fatalf("Put: %v", err)
 	}
@@ -609,7 +589,7 @@ func TestCandidateNoWrite(t *testing.T) {
 	s, srv := newTestStore(t, func(c *Config) { c.PartSize = testPartSize; c.Observer = rec })
 	defer s.Close()
 	ctx := context.Background()
-	base := randomBytes(9, 2*testPartSize+12345)
+	base := blobtest.RandomBytes(9, 2*testPartSize+12345)
 	cand, err := s.Put(ctx, bytes.NewReader(base), storage.PutOptions{ExpectedSize: -1})
 	if err != nil {
 		t.Fatalf("Put: %v", err)
@@ -629,7 +609,7 @@ func TestCandidateNoWrite(t *testing.T) {
 	other := bytes.Clone(base)
 	other[len(other)-3] ^= 1
 	res, err = s.Put(ctx, bytes.NewReader(other), storage.PutOptions{ExpectedSize: int64(len(other)), Candidate: cand.SHA256})
-	if err != nil || res.Existed || res.SHA256 != sum(other) {
+	if err != nil || res.Existed || res.SHA256 != blobtest.SHA256Hex(other) {
 		t.Fatalf("Put of a diverging body = %+v, %v", res, err)
 	}
 	blob, err := s.Open(ctx, res.SHA256)
@@ -659,12 +639,12 @@ func TestBufferBudget(t *testing.T) {
 	errs := make(chan error, n+8)
 	var wg sync.WaitGroup
 	for i := range n {
-		bodies[i] = randomBytes(uint64(100+i), 2*MinPartSize+12345)
+		bodies[i] = blobtest.RandomBytes(uint64(100+i), 2*MinPartSize+12345)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			res, err := s.Put(ctx, bytes.NewReader(bodies[i]), storage.PutOptions{ExpectedSize: -1})
-			if err == nil && res.SHA256 != sum(bodies[i]) {
+			if err == nil && res.SHA256 != blobtest.SHA256Hex(bodies[i]) {
 				err = fmt.Errorf("upload %d stored as %s", i, res.SHA256)
 			}
 			errs <- err
@@ -675,7 +655,7 @@ func TestBufferBudget(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			body := randomBytes(uint64(200+i), 100<<10)
+			body := blobtest.RandomBytes(uint64(200+i), 100<<10)
 			_, err := s.Put(ctx, bytes.NewReader(body), storage.PutOptions{ExpectedSize: int64(len(body))})
 			errs <- err
 		}()
@@ -688,7 +668,7 @@ func TestBufferBudget(t *testing.T) {
 		}
 	}
 	for _, b := range bodies {
-		blob, err := s.Open(ctx, sum(b))
+		blob, err := s.Open(ctx, blobtest.SHA256Hex(b))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -707,7 +687,7 @@ func TestBufferBudget(t *testing.T) {
 	}
 	cctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
 	defer cancel()
-	_, err := s.Put(cctx, bytes.NewReader(randomBytes(7, 1000)), storage.PutOptions{ExpectedSize: -1})
+	_, err := s.Put(cctx, bytes.NewReader(blobtest.RandomBytes(7, 1000)), storage.PutOptions{ExpectedSize: -1})
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Put without budget: %v, want the context's deadline", err)
 	}
