@@ -113,89 +113,46 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		if seen[sub] {
 			return d.Errf("matrix_media: %s specified more than once", sub)
 		}
+		var err error
 		switch sub {
 		case "database":
-			db, err := parseDatabase(d)
-			if err != nil {
-				return err
-			}
-			a.Database = db
+			a.Database, err = parseDatabase(d)
 		case "storage_path":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			a.StoragePath = v
+			a.StoragePath, err = singleArg(d)
 		case "media_cache_size":
-			n, err := positiveInt(d)
-			if err != nil {
-				return err
-			}
-			a.MediaCacheSize = n
+			a.MediaCacheSize, err = positiveInt(d)
 		case "max_upload_size":
-			n, err := byteSize(d)
-			if err != nil {
-				return err
-			}
-			a.MaxUploadSize = n
+			a.MaxUploadSize, err = byteSize(d)
 		case "token_cache_size":
-			n, err := positiveInt(d)
-			if err != nil {
-				return err
-			}
-			a.TokenCacheSize = n
-		case "token_cache_ttl", "token_negative_ttl", "breaker_cooldown":
-			dur, err := positiveDuration(d)
-			if err != nil {
-				return err
-			}
-			switch sub {
-			case "token_cache_ttl":
-				a.TokenCacheTTL = dur
-			case "token_negative_ttl":
-				a.TokenNegativeTTL = dur
-			default:
-				a.BreakerCooldown = dur
-			}
+			a.TokenCacheSize, err = positiveInt(d)
+		case "token_cache_ttl":
+			a.TokenCacheTTL, err = positiveDuration(d)
+		case "token_negative_ttl":
+			a.TokenNegativeTTL, err = positiveDuration(d)
+		case "breaker_cooldown":
+			a.BreakerCooldown, err = positiveDuration(d)
 		case "redis":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			a.Redis = v
+			a.Redis, err = singleArg(d)
 		case "breaker_threshold":
-			n, err := positiveInt(d)
-			if err != nil {
-				return err
-			}
-			a.BreakerThreshold = n
+			a.BreakerThreshold, err = positiveInt(d)
 		case "previews":
-			p, err := parsePreviews(d)
-			if err != nil {
-				return err
-			}
-			a.Previews = p
+			a.Previews, err = parsePreviews(d)
 		case "federation":
-			f, err := parseFederation(d)
-			if err != nil {
-				return err
-			}
-			a.Federation = f
+			a.Federation, err = parseFederation(d)
 		case "thumbnails":
-			t, err := parseThumbnails(d)
-			if err != nil {
-				return err
-			}
-			a.Thumbnails = t
+			a.Thumbnails, err = parseThumbnails(d)
 		case "datastore":
-			ds, err := parseDatastore(d)
-			if err != nil {
-				return err
-			}
+			var ds DatastoreConfig
+			ds, err = parseDatastore(d)
 			a.Datastores = append(a.Datastores, ds)
-			continue
 		default:
 			return d.Errf("matrix_media: unrecognized global option subdirective '%s'", sub)
+		}
+		if err != nil {
+			return err
+		}
+		if sub == "datastore" {
+			continue // repeatable
 		}
 		seen[sub] = true
 	}
