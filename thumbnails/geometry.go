@@ -53,7 +53,9 @@ func plan(info Info, req Request) thumbPlan {
 		p.output = req.Output
 	case p.animated:
 		p.output = FormatWebP
-	case info.HasAlpha:
+	case info.HasAlpha, info.Format == FormatPNG, info.Format == FormatGIF:
+		// Lossless sources (drawings, screenshots, logos) stay lossless, as
+		// Synapse does (and Complement expects of a PNG); photos are JPEG.
 		p.output = FormatPNG
 	default:
 		p.output = FormatJPEG

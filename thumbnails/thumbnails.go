@@ -115,8 +115,8 @@ type Request struct {
 	// Animated asks for an animated thumbnail (animated WebP) when the
 	// source is an animated GIF or WebP; on still sources it is ignored.
 	Animated bool
-	// Output is the output format. "" is automatic: JPEG for opaque
-	// sources, PNG when the source has transparency, animated WebP for
+	// Output is the output format. "" is automatic: PNG for PNG and GIF
+	// sources or any source with transparency, JPEG otherwise, animated WebP for
 	// animated output. Callers may ask for FormatJPEG, FormatPNG, FormatWebP
 	// or FormatAVIF (when the client's Accept header allows); an explicit
 	// JPEG or PNG makes the output still.

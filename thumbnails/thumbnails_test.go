@@ -53,7 +53,7 @@ func TestGenerateStill(t *testing.T) {
 		{"jpeg crop larger than source in one dimension", photo, Request{Width: 6000, Height: 1000, Method: MethodCrop}, 4000, 667, "image/jpeg", "jpeg"},
 		{"png alpha scale stays png", alpha, Request{Width: 100, Height: 100, Method: MethodScale}, 100, 75, "image/png", "png"},
 		{"png alpha crop stays png", alpha, Request{Width: 32, Height: 32, Method: MethodCrop}, 32, 32, "image/png", "png"},
-		{"opaque png becomes jpeg", opaquePNG, Request{Width: 100, Height: 100, Method: MethodScale}, 100, 75, "image/jpeg", "jpeg"},
+		{"opaque png stays png", opaquePNG, Request{Width: 100, Height: 100, Method: MethodScale}, 100, 75, "image/png", "png"},
 		{"explicit png output", photo, Request{Width: 64, Height: 64, Method: MethodCrop, Output: FormatPNG}, 64, 64, "image/png", "png"},
 		{"explicit webp output", photo, Request{Width: 64, Height: 48, Method: MethodScale, Output: FormatWebP}, 64, 48, "image/webp", "webp"},
 	}
@@ -253,7 +253,7 @@ func TestAnimated(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.Animated || res.Frames != 1 || res.ContentType != "image/jpeg" {
+	if res.Animated || res.Frames != 1 || res.ContentType != "image/png" {
 		t.Errorf("still from gif: %q animated=%v frames=%d", res.ContentType, res.Animated, res.Frames)
 	}
 	if img, _ := decode(t, res.Data); img.Bounds().Dx() != 60 || img.Bounds().Dy() != 45 {

@@ -388,19 +388,11 @@ func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k sto
 	if err != nil {
 		return storage.Thumbnail{}, err
 	}
-	output := thumbnails.Format(k.Format)
-	if output == "" && !k.Animated {
-		// PNG and GIF sources keep a lossless format, as Synapse does (and
-		// Complement expects of a PNG); photos become JPEG.
-		if info, perr := thumbnails.Probe(src); perr == nil && (info.Format == thumbnails.FormatPNG || info.Format == thumbnails.FormatGIF) {
-			output = thumbnails.FormatPNG
-		}
-	}
 	start := time.Now()
 	r.metrics.thumbnailLoad(r.thumbs.Stats())
 	res, err := r.thumbs.Generate(ctx, src, thumbnails.Request{
 		Width: k.Width, Height: k.Height, Method: thumbnails.Method(k.Method),
-		Animated: k.Animated, Output: output,
+		Animated: k.Animated, Output: thumbnails.Format(k.Format),
 	})
 	r.metrics.thumbnailLoad(r.thumbs.Stats())
 	now := r.now()
