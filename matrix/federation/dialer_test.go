@@ -132,7 +132,7 @@ func newAcceptCounter(t *testing.T, addr string) *acceptCounter {
 	t.Helper()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		t.Skipf("cannot listen on %s: %v", addr, err)
+		t.Fatalf("cannot listen on %s: %v", addr, err)
 	}
 	a := &acceptCounter{ln: ln}
 	go func() {
@@ -250,7 +250,7 @@ func startTLSOn(t *testing.T, addr string, h http.Handler) *httptest.Server {
 	t.Helper()
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		t.Skipf("cannot listen on %s: %v", addr, err)
+		t.Fatalf("cannot listen on %s: %v", addr, err)
 	}
 	srv := httptest.NewUnstartedServer(h)
 	srv.Config.ErrorLog = log.New(io.Discard, "", 0)

@@ -14,11 +14,16 @@
 //	GET  /_matrix/media/{v3,r0,v1}/download/{serverName}/{mediaId}[/{fileName}]   (no auth)
 //	GET  /_matrix/client/v1/media/download/{serverName}/{mediaId}[/{fileName}]     (auth, guests ok)
 //	GET  /_matrix/media/{v3,r0,v1}/config, /_matrix/client/v1/media/config
+//	GET  /_matrix/media/{v3,r0,v1}/thumbnail/{serverName}/{mediaId}            (no auth)
+//	GET  /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}              (auth, guests ok)
+//	GET  /_matrix/media/{v3,r0,v1}/preview_url, /_matrix/client/v1/media/preview_url (auth)
+//	GET  /_matrix/federation/v1/media/{download,thumbnail}/{mediaId}            (X-Matrix)
 //
-// (HEAD is accepted wherever GET is; the MSC3916 unstable client prefix is an
-// alias of /_matrix/client/v1/media.) Thumbnails, URL previews and the
-// federation media endpoints are not implemented yet and answer
-// 404 M_UNRECOGNIZED, like any unknown media path.
+// (HEAD is accepted wherever GET is on client endpoints; the MSC3916 unstable
+// prefixes are aliases.) Media of other server names is fetched over
+// federation when the site has a RemoteFetcher. Thumbnails, previews and the
+// federation endpoints answer 404 M_UNRECOGNIZED when their part is not
+// configured, like any unknown media path.
 package mediaapi
 
 import (
