@@ -12,51 +12,6 @@ import (
 	"time"
 )
 
-// Ingest stores the body r in blobs and records the blob in meta under the
-// datastore name, using the metadata to deduplicate cheaply.
-//
-// When the body's length is known (opts.ExpectedSize >= 0), Ingest first reads
-// its head (the first PrefixSize bytes, or the whole body when shorter),
-// hashes it and asks meta for a stored blob of the same size and prefix; if
-// there is one it becomes opts.Candidate, so that a duplicate upload is
-// compared with the stored blob instead of being written again. A body that
-// ends before its head is complete fails with ErrSizeMismatch; an announced
-// length over opts.MaxSize fails with ErrTooLarge before anything is read.
-// A Candidate already set in opts is kept when the lookup finds none.
-//
-// The blob record is written only after the blob is durable, and also when
-// the blob already existed, so that a blob stored by a run that crashed before
-// recording it gets its record.
-func Ingest(ctx context.Context, blobs BlobStore, meta MetadataStore, datastore string, r io.Reader, opts PutOptions) (PutResult, error) {
-	if opts.MaxSize > 0 && opts.ExpectedSize > opts.MaxSize {
-		return PutResult{}, fmt.Errorf("ingesting body: announced length %d over limit %d: %w",
-			opts.ExpectedSize, opts.MaxSize, ErrTooLarge)
-	}
-	body, cand, found, err := readHead(ctx, meta, r, opts)
-	if err != nil {
-		return PutResult{}, fmt.Errorf("ingesting body: %w", err)
-	}
-	if found {
-		opts.Candidate = cand.SHA256
-	}
-
-	res, err := blobs.Put(ctx, body, opts)
-	if err != nil {
-		return PutResult{}, fmt.Errorf("ingesting body: %w", err)
-	}
-	err = meta.RecordBlob(ctx, BlobRecord{
-		SHA256:       res.SHA256,
-		Size:         res.Size,
-		PrefixSHA256: res.PrefixSHA256,
-		Datastore:    datastore,
-		CreatedAt:    time.Now(),
-	})
-	if err != nil {
-		return PutResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
-	}
-	return res, nil
-}
-
 // readHead reads the head of a body of known length (opts.ExpectedSize >= 0),
 // hashes it and looks up a stored blob of the same size and prefix. It
 // returns a reader of the whole body (head included) and the candidate's
@@ -101,8 +56,15 @@ type IngestResult struct {
 const compareChunk = 64 << 10
 
 // IngestTo stores the body r in the datastore of kind and records the blob in
-// meta, deduplicating across all datastores. Limits and the head lookup work
-// as in Ingest.
+// meta, deduplicating across all datastores.
+//
+// When the body's length is known (opts.ExpectedSize >= 0), IngestTo first
+// reads its head (the first PrefixSize bytes, or the whole body when
+// shorter), hashes it and asks meta for a stored blob of the same size and
+// prefix: a likely duplicate. A body that ends before its head is complete
+// fails with ErrSizeMismatch; an announced length over opts.MaxSize fails
+// with ErrTooLarge before anything is read. A Candidate already set in opts
+// is kept when the lookup finds none.
 //
 // When the lookup finds a likely duplicate in the kind's datastore, that store
 // compares the bytes itself (PutOptions.Candidate). When the duplicate lives

@@ -147,7 +147,7 @@ func (fx *fixture) ingest(t *testing.T, body []byte, known bool) (storage.PutRes
 	if known {
 		opts.ExpectedSize = int64(len(body))
 	}
-	return storage.Ingest(context.Background(), fx.blobs, fx.meta, "local", bytes.NewReader(body), opts)
+	return ingest(fx, bytes.NewReader(body), opts)
 }
 
 // lastCandidate returns the Candidate given to the last Put.
@@ -371,7 +371,7 @@ func TestIngestErrors(t *testing.T) {
 				if tt.reader != nil {
 					r = tt.reader(tt.body)
 				}
-				res, err := storage.Ingest(context.Background(), fx.blobs, fx.meta, "local", r, tt.opts)
+				res, err := ingest(fx, r, tt.opts)
 				if tt.wantErr == nil && err != nil {
 					t.Fatalf("Ingest: %v", err)
 				}
@@ -401,7 +401,7 @@ func (r errReader) Read([]byte) (int, error) { return 0, r.err }
 func TestIngestKeepsGivenCandidateWhenNoneFound(t *testing.T) {
 	forEachMeta(t, func(t *testing.T, fx *fixture) {
 		body := randomBytes(4, 1000)
-		_, err := storage.Ingest(context.Background(), fx.blobs, fx.meta, "local", bytes.NewReader(body),
+		_, err := ingest(fx, bytes.NewReader(body),
 			storage.PutOptions{ExpectedSize: 1000, Candidate: hexSum([]byte("hint"))})
 		if err != nil {
 			t.Fatalf("Ingest: %v", err)
@@ -411,4 +411,15 @@ func TestIngestKeepsGivenCandidateWhenNoneFound(t *testing.T) {
 		}
 		fx.checkStored(t, body, time.Now().Add(-time.Minute))
 	})
+}
+
+// ingest stores r with IngestTo into a single datastore "local" holding the
+// fixture's blob store.
+func ingest(fx *fixture, r io.Reader, opts storage.PutOptions) (storage.PutResult, error) {
+	stores, err := storage.NewDatastores(storage.Datastore{Name: "local", Store: fx.blobs, Kinds: []storage.Kind{storage.KindLocal}})
+	if err != nil {
+		return storage.PutResult{}, err
+	}
+	res, err := storage.IngestTo(context.Background(), stores, fx.meta, storage.KindLocal, r, opts)
+	return res.PutResult, err
 }

@@ -141,7 +141,7 @@ func TestWaiterFindsUploadByAnotherInstance(t *testing.T) {
 	}
 	// Complete the item directly in the stores, as another instance would:
 	// no in-process notification.
-	res, err := storage.Ingest(context.Background(), e.blobs, e.meta, "default", bytes.NewReader([]byte("other instance")),
+	res, err := storage.IngestTo(context.Background(), e.repo.stores, e.meta, storage.KindLocal, bytes.NewReader([]byte("other instance")),
 		storage.PutOptions{ExpectedSize: 14})
 	if err != nil {
 		t.Fatal(err)
