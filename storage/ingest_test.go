@@ -21,7 +21,7 @@ import (
 
 // memBlobMeta keeps blob records in memory. Only the blob methods are
 // implemented; the media methods of the embedded (nil) interface are never
-// called by Ingest.
+// called by IngestTo.
 type memBlobMeta struct {
 	storage.MetadataStore
 	mu    sync.Mutex
@@ -106,7 +106,7 @@ type fixture struct {
 	meta  *spyMeta
 }
 
-// metaStores are the metadata stores Ingest is tested with.
+// metaStores are the metadata stores IngestTo is tested with.
 var metaStores = map[string]func(t *testing.T) storage.MetadataStore{
 	"memory": func(*testing.T) storage.MetadataStore { return newMemBlobMeta() },
 	"sqlite": func(t *testing.T) storage.MetadataStore {
@@ -140,7 +140,7 @@ func randomBytes(seed byte, n int) []byte { return blobtest.RandomBytes(uint64(s
 // hexSum is the address of b.
 func hexSum(b []byte) string { return blobtest.SHA256Hex(b) }
 
-// ingest runs Ingest with the body's length announced (or not).
+// ingest runs IngestTo with the body's length announced (or not).
 func (fx *fixture) ingest(t *testing.T, body []byte, known bool) (storage.PutResult, error) {
 	t.Helper()
 	opts := storage.PutOptions{ExpectedSize: -1}
@@ -218,10 +218,10 @@ func TestIngestDedup(t *testing.T) {
 				// First upload: stored and recorded, no candidate.
 				first, err := fx.ingest(t, body, true)
 				if err != nil {
-					t.Fatalf("first Ingest: %v", err)
+					t.Fatalf("first IngestTo: %v", err)
 				}
 				if first.Existed || first.SHA256 != hexSum(body) || first.Size != int64(size) {
-					t.Errorf("first Ingest = %+v", first)
+					t.Errorf("first IngestTo = %+v", first)
 				}
 				if c := fx.lastCandidate(t); c != "" {
 					t.Errorf("first Put got candidate %q, want none", c)
@@ -240,10 +240,10 @@ func TestIngestDedup(t *testing.T) {
 				}
 				second, err := fx.ingest(t, body, true)
 				if err != nil {
-					t.Fatalf("second Ingest (must not write): %v", err)
+					t.Fatalf("second IngestTo (must not write): %v", err)
 				}
 				if !second.Existed || second.SHA256 != first.SHA256 {
-					t.Errorf("second Ingest = %+v, want Existed with %s", second, first.SHA256)
+					t.Errorf("second IngestTo = %+v, want Existed with %s", second, first.SHA256)
 				}
 				if c := fx.lastCandidate(t); c != first.SHA256 {
 					t.Errorf("second Put got candidate %q, want %q", c, first.SHA256)
@@ -264,10 +264,10 @@ func TestIngestDedup(t *testing.T) {
 				other[len(other)-1] ^= 0xff
 				third, err := fx.ingest(t, other, true)
 				if err != nil {
-					t.Fatalf("third Ingest: %v", err)
+					t.Fatalf("third IngestTo: %v", err)
 				}
 				if third.Existed || third.SHA256 != hexSum(other) {
-					t.Errorf("third Ingest = %+v, want new blob %s", third, hexSum(other))
+					t.Errorf("third IngestTo = %+v, want new blob %s", third, hexSum(other))
 				}
 				wantCand := first.SHA256
 				if size <= storage.PrefixSize {
@@ -293,14 +293,14 @@ func TestIngestUnknownLength(t *testing.T) {
 		start := time.Now()
 		body := randomBytes(2, 200_000)
 		if _, err := fx.ingest(t, body, false); err != nil {
-			t.Fatalf("Ingest: %v", err)
+			t.Fatalf("IngestTo: %v", err)
 		}
 		res, err := fx.ingest(t, body, false)
 		if err != nil {
-			t.Fatalf("Ingest: %v", err)
+			t.Fatalf("IngestTo: %v", err)
 		}
 		if !res.Existed {
-			t.Errorf("repeated Ingest = %+v, want Existed", res)
+			t.Errorf("repeated IngestTo = %+v, want Existed", res)
 		}
 		if fx.meta.lookups != 0 {
 			t.Errorf("%d prefix lookups for bodies of unknown length, want 0", fx.meta.lookups)
@@ -313,14 +313,14 @@ func TestIngestEmpty(t *testing.T) {
 	forEachMeta(t, func(t *testing.T, fx *fixture) {
 		start := time.Now()
 		if _, err := fx.ingest(t, nil, true); err != nil {
-			t.Fatalf("Ingest: %v", err)
+			t.Fatalf("IngestTo: %v", err)
 		}
 		res, err := fx.ingest(t, nil, true)
 		if err != nil {
-			t.Fatalf("Ingest: %v", err)
+			t.Fatalf("IngestTo: %v", err)
 		}
 		if !res.Existed || res.Size != 0 || fx.lastCandidate(t) != hexSum(nil) {
-			t.Errorf("repeated empty Ingest = %+v with candidate %q", res, fx.lastCandidate(t))
+			t.Errorf("repeated empty IngestTo = %+v with candidate %q", res, fx.lastCandidate(t))
 		}
 		fx.checkStored(t, nil, start)
 	})
@@ -373,10 +373,10 @@ func TestIngestErrors(t *testing.T) {
 				}
 				res, err := ingest(fx, r, tt.opts)
 				if tt.wantErr == nil && err != nil {
-					t.Fatalf("Ingest: %v", err)
+					t.Fatalf("IngestTo: %v", err)
 				}
 				if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
-					t.Fatalf("Ingest = %+v, %v; want error %v", res, err, tt.wantErr)
+					t.Fatalf("IngestTo = %+v, %v; want error %v", res, err, tt.wantErr)
 				}
 				if got := len(fx.blobs.puts) > 0; got != tt.wantPut {
 					t.Errorf("Put called: %v, want %v", got, tt.wantPut)
@@ -404,7 +404,7 @@ func TestIngestKeepsGivenCandidateWhenNoneFound(t *testing.T) {
 		_, err := ingest(fx, bytes.NewReader(body),
 			storage.PutOptions{ExpectedSize: 1000, Candidate: hexSum([]byte("hint"))})
 		if err != nil {
-			t.Fatalf("Ingest: %v", err)
+			t.Fatalf("IngestTo: %v", err)
 		}
 		if c := fx.lastCandidate(t); c != hexSum([]byte("hint")) {
 			t.Errorf("Put got candidate %q, want the given one", c)
