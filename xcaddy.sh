@@ -15,7 +15,9 @@ readonly CADDY_VERSION=v2.11.9
 readonly XCADDY_VERSION=v0.4.5
 # Dendrite is the real homeserver of the end-to-end tests (login, logout).
 readonly DENDRITE_VERSION=v0.13.8
-readonly DENDRITE_CMDS=(dendrite generate-keys generate-config create-account)
+readonly DENDRITE_CMDS=(dendrite generate-keys)
+# staticcheck runs in the test command (static analysis, must be clean).
+readonly STATICCHECK_VERSION=v0.8.2
 readonly MODULE=github.com/caddy-matrix-media/caddy-matrix-media
 # Debian packages: cgo toolchain and libvips headers for the build, PostgreSQL
 # server binaries for throwaway test clusters, redis-server and wrk for
@@ -71,11 +73,16 @@ deps() {
 	fi
 }
 
-# test_deps installs what only the tests need: Dendrite's binaries.
+# test_deps installs what only the tests need: Dendrite's binaries and
+# staticcheck.
 test_deps() {
 	local gobin cmd missing=()
 	gobin=$(go env GOBIN)
 	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	if [[ ! -x $gobin/staticcheck ]] || ! go version -m "$gobin/staticcheck" 2>/dev/null | grep -q "honnef.co/go/tools.*$STATICCHECK_VERSION"; then
+		log "installing staticcheck $STATICCHECK_VERSION"
+		(cd "${TMPDIR:-/tmp}" && GOFLAGS= go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION")
+	fi
 	for cmd in "${DENDRITE_CMDS[@]}"; do
 		if [[ ! -x $gobin/$cmd ]] || ! go version -m "$gobin/$cmd" 2>/dev/null | grep -q "dendrite.*$DENDRITE_VERSION"; then
 			missing+=("github.com/matrix-org/dendrite/cmd/$cmd@$DENDRITE_VERSION")
@@ -118,6 +125,11 @@ run_tests() {
 	fi
 	log "go vet"
 	CGO_ENABLED=1 go vet ./...
+	log "staticcheck"
+	local gobin
+	gobin=$(go env GOBIN)
+	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	CGO_ENABLED=1 "$gobin/staticcheck" ./...
 	# Tests that run Caddy must not touch the real ~/.local/share/caddy or
 	# ~/.config/caddy.
 	TEST_XDG=$(mktemp -d "${TMPDIR:-/tmp}/matrix-media-test.XXXXXX")

@@ -99,6 +99,13 @@ func buildCaddy() (string, error) {
 	if raceEnabled {
 		cmd.Env = append(cmd.Env, "XCADDY_RACE_DETECTOR=1")
 	}
+	// xcaddy builds with -trimpath unless build flags are given; -trimpath
+	// changes every package's build ID, so nothing that "go test" already
+	// compiled (Caddy's core, this module's dependencies) would be reused
+	// from Go's build cache. Same flags as go test, minus debug symbols,
+	// plus the tags xcaddy sets by default (they leave unused database
+	// drivers out of Caddy's PKI storage).
+	cmd.Env = append(cmd.Env, "XCADDY_GO_BUILD_FLAGS=-ldflags='-w -s' -tags=nobadger,nomysql,nopgx")
 	logs, err := cmd.CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("%s: %w\n%s", strings.Join(cmd.Args, " "), err, lastLines(logs, 40))

@@ -43,9 +43,10 @@ import (
 // Version is the Dendrite release this package is written for.
 const Version = "v0.13.8"
 
-// InstallCommand installs the Dendrite binaries this package runs (and the
-// companion tools) into $(go env GOPATH)/bin. It needs cgo (SQLite).
-const InstallCommand = "go install github.com/matrix-org/dendrite/cmd/{dendrite,generate-keys,generate-config,create-account}@" + Version
+// InstallCommand installs the two Dendrite binaries this package runs
+// (dendrite and generate-keys) into $(go env GOPATH)/bin. It needs cgo
+// (SQLite).
+const InstallCommand = "go install github.com/matrix-org/dendrite/cmd/{dendrite,generate-keys}@" + Version
 
 // Timeouts.
 const (
