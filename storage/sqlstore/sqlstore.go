@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"time"
 
 	// Registers the "pgx" database/sql driver.
@@ -34,6 +35,18 @@ import (
 // single-key migration lock.
 const pendingLockClass = 0x6d6d7270 // "mmrp"
 
+// collectorLockKey is the PostgreSQL session advisory lock (single bigint key
+// space, like the migration lock) held by the one running garbage collector.
+// Its value is the ASCII of "mmrgc".
+const collectorLockKey = 0x6d6d726763
+
+// unreferencedBefore is the condition on a blobs row b (the first placeholder
+// is the cutoff) under which the garbage collector may delete it: last
+// claimed before the cutoff and referenced by no media row nor thumbnail.
+const unreferencedBefore = `COALESCE(b.touched_ts, b.created_ts, 0) < ?
+	AND NOT EXISTS (SELECT 1 FROM media m WHERE m.sha256 = b.sha256)
+	AND NOT EXISTS (SELECT 1 FROM thumbnails t WHERE t.sha256 = b.sha256)`
+
 // Store is a storage.MetadataStore backed by SQLite or PostgreSQL. It is safe
 // for concurrent use.
 type Store struct {
@@ -47,6 +60,8 @@ type Store struct {
 	// the same pool as write.
 	read *sql.DB
 	q    queries
+	// collectorMu is the collector lock of a SQLite store (LockCollector).
+	collectorMu sync.Mutex
 }
 
 var _ storage.MetadataStore = (*Store)(nil)
@@ -55,6 +70,10 @@ var _ storage.MetadataStore = (*Store)(nil)
 type queries struct {
 	recordBlob, getBlob, findBlobByPrefix, countBlobRefs string
 	listBlobs, countBlobs, moveBlob                      string
+
+	touchBlob, listUnreferenced, deleteUnreferenced string
+	insertTombstone, deleteTombstone, lockCollector string
+	unlockCollector                                 string
 
 	insertMedia, getMedia                                string
 	lockUser, countPending, oldestPending                string
@@ -71,8 +90,9 @@ const mediaColumnsJoined = `m.server_name, m.media_id, m.state, m.user_id, m.sha
 
 func newQueries(d dialect) queries {
 	q := queries{
-		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES (?, ?, ?, ?, ?)
-			ON CONFLICT (sha256) DO NOTHING`,
+		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, ?, ?, ?, ?, ?)
+			ON CONFLICT (sha256) DO UPDATE SET touched_ts = excluded.touched_ts
+			WHERE blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts`,
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
 		countBlobRefs:    `SELECT (SELECT COUNT(*) FROM media WHERE sha256 = ?) + (SELECT COUNT(*) FROM thumbnails WHERE sha256 = ?)`,
@@ -80,6 +100,16 @@ func newQueries(d dialect) queries {
 			WHERE datastore = ? AND sha256 > ? ORDER BY sha256 LIMIT ?`,
 		countBlobs: `SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs WHERE datastore = ?`,
 		moveBlob:   `UPDATE blobs SET datastore = ? WHERE sha256 = ? AND datastore = ?`,
+
+		touchBlob: `UPDATE blobs SET touched_ts = CASE WHEN touched_ts IS NULL OR touched_ts < ? THEN ? ELSE touched_ts END
+			WHERE sha256 = ?`,
+		listUnreferenced: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs b
+			WHERE b.sha256 > ? AND ` + unreferencedBefore + ` ORDER BY b.sha256 LIMIT ?`,
+		deleteUnreferenced: `DELETE FROM blobs AS b WHERE b.sha256 = ? AND ` + unreferencedBefore + `
+			RETURNING sha256, size, prefix_sha256, datastore, created_ts`,
+		insertTombstone: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, 0, '', '', NULL, 0)
+			ON CONFLICT (sha256) DO NOTHING`,
+		deleteTombstone: `DELETE FROM blobs WHERE sha256 = ?`,
 
 		insertMedia: `INSERT INTO media (` + mediaColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT (server_name, media_id) DO NOTHING`,
@@ -107,10 +137,13 @@ func newQueries(d dialect) queries {
 	}
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
+		q.lockCollector = fmt.Sprintf(`SELECT pg_try_advisory_lock(%d)`, collectorLockKey)
+		q.unlockCollector = fmt.Sprintf(`SELECT pg_advisory_unlock(%d)`, collectorLockKey)
 	}
 	for _, p := range []*string{
 		&q.recordBlob, &q.getBlob, &q.findBlobByPrefix, &q.countBlobRefs,
 		&q.listBlobs, &q.countBlobs, &q.moveBlob,
+		&q.touchBlob, &q.listUnreferenced, &q.deleteUnreferenced, &q.insertTombstone, &q.deleteTombstone,
 		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
 		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
 		&q.insertThumbnail, &q.getThumbnail,
@@ -289,14 +322,19 @@ func nullString(s string) sql.NullString {
 	return sql.NullString{String: s, Valid: s != ""}
 }
 
-// RecordBlob records a blob; recording an already known hash is a no-op that
-// keeps the first record.
+// RecordBlob records a blob; recording an already known hash keeps the first
+// record and only moves its last claim (see TouchBlob) forward to
+// b.CreatedAt (the current time when zero).
 func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
 	if b.SHA256 == "" {
 		return errors.New("recording blob: empty hash")
 	}
+	claim := b.CreatedAt
+	if claim.IsZero() {
+		claim = time.Now()
+	}
 	if _, err := s.write.ExecContext(ctx, s.q.recordBlob,
-		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt)); err != nil {
+		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()); err != nil {
 		return fmt.Errorf("recording blob %s: %w", b.SHA256, err)
 	}
 	return nil
