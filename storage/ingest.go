@@ -80,6 +80,15 @@ const compareChunk = 64 << 10
 // its record: the copy just written is deleted again (unless the target held
 // it before), Existed is set and the result names the recorded datastore. A
 // new hash is recorded under the kind's datastore once the blob is durable.
+//
+// Claims keep the garbage collector (storage/gc) away from the blob until the
+// caller's media row references it: a likely duplicate is claimed
+// (BlobCollector.TouchBlob) before its bytes are relied on, and one whose
+// record was collected since the lookup is ignored, so the body is written in
+// full; the result is claimed by RecordBlob. A result that relies on bytes
+// this call did not write is checked after that claim: bytes collected in
+// between fail the ingest with ErrUnavailable (retry) rather than letting a
+// row point at them.
 func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind Kind, r io.Reader, opts PutOptions) (IngestResult, error) {
 	if opts.MaxSize > 0 && opts.ExpectedSize > opts.MaxSize {
 		return IngestResult{}, fmt.Errorf("ingesting body: announced length %d over limit %d: %w",
