@@ -22,11 +22,11 @@ func (s *Store) TouchBlob(ctx context.Context, sha256 string, at time.Time) (boo
 	ms := at.UnixMilli()
 	res, err := s.write.ExecContext(ctx, s.q.touchBlob, ms, ms, sha256)
 	if err != nil {
-		return false, fmt.Errorf("claiming blob %s: %w", sha256, err)
+		return false, fmt.Errorf("claiming blob %s: %w", sha256, classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return false, fmt.Errorf("claiming blob %s: reading affected rows: %w", sha256, err)
+		return false, fmt.Errorf("claiming blob %s: reading affected rows: %w", sha256, classify(err))
 	}
 	return n > 0, nil
 }
@@ -39,7 +39,7 @@ func (s *Store) ListUnreferencedBlobs(ctx context.Context, cutoff time.Time, aft
 	}
 	rows, err := s.read.QueryContext(ctx, s.q.listUnreferenced, afterSHA256, cutoff.UnixMilli(), limit)
 	if err != nil {
-		return nil, fmt.Errorf("listing unreferenced blobs: %w", err)
+		return nil, fmt.Errorf("listing unreferenced blobs: %w", classify(err))
 	}
 	defer rows.Close()
 	var out []storage.BlobRecord
@@ -49,13 +49,13 @@ func (s *Store) ListUnreferencedBlobs(ctx context.Context, cutoff time.Time, aft
 			created sql.NullInt64
 		)
 		if err := rows.Scan(&b.SHA256, &b.Size, &b.PrefixSHA256, &b.Datastore, &created); err != nil {
-			return nil, fmt.Errorf("listing unreferenced blobs: reading row: %w", err)
+			return nil, fmt.Errorf("listing unreferenced blobs: reading row: %w", classify(err))
 		}
 		b.CreatedAt = fromMillis(created)
 		out = append(out, b)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("listing unreferenced blobs: %w", err)
+		return nil, fmt.Errorf("listing unreferenced blobs: %w", classify(err))
 	}
 	return out, nil
 }
@@ -71,7 +71,7 @@ func (s *Store) ListUnreferencedBlobs(ctx context.Context, cutoff time.Time, aft
 func (s *Store) DeleteUnreferencedBlob(ctx context.Context, sha256 string, cutoff time.Time, deleteBytes func(context.Context, storage.BlobRecord) error) (deleted bool, err error) {
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
-		return false, fmt.Errorf("collecting blob %s: beginning transaction: %w", sha256, err)
+		return false, fmt.Errorf("collecting blob %s: beginning transaction: %w", sha256, classify(err))
 	}
 	defer func() {
 		if !deleted {
@@ -88,20 +88,20 @@ func (s *Store) DeleteUnreferencedBlob(ctx context.Context, sha256 string, cutof
 	case errors.Is(err, sql.ErrNoRows), isForeignKeyViolation(err):
 		return false, nil
 	case err != nil:
-		return false, fmt.Errorf("collecting blob %s: deleting record: %w", sha256, err)
+		return false, fmt.Errorf("collecting blob %s: deleting record: %w", sha256, classify(err))
 	}
 	b.CreatedAt = fromMillis(created)
 	if err := deleteBytes(ctx, b); err != nil {
-		return false, fmt.Errorf("collecting blob %s: %w", sha256, err)
+		return false, fmt.Errorf("collecting blob %s: %w", sha256, classify(err))
 	}
 	if err := tx.Commit(); err != nil {
 		if isForeignKeyViolation(err) {
 			// Deferred check (not used by this schema, but harmless): the
 			// record stays; its bytes are gone, which the next run's
 			// DeleteUnreferencedBlob cannot repair. Report it loudly.
-			return false, fmt.Errorf("collecting blob %s: bytes deleted but record still referenced: %w", sha256, err)
+			return false, fmt.Errorf("collecting blob %s: bytes deleted but record still referenced: %w", sha256, classify(err))
 		}
-		return false, fmt.Errorf("collecting blob %s: committing: %w", sha256, err)
+		return false, fmt.Errorf("collecting blob %s: committing: %w", sha256, classify(err))
 	}
 	return true, nil
 }
@@ -114,7 +114,7 @@ func (s *Store) DeleteUnreferencedBlob(ctx context.Context, sha256 string, cutof
 func (s *Store) DeleteUnrecordedBlob(ctx context.Context, sha256 string, deleteBytes func(context.Context) error) (done bool, err error) {
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: beginning transaction: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: beginning transaction: %w", sha256, classify(err))
 	}
 	defer func() {
 		if !done {
@@ -123,23 +123,23 @@ func (s *Store) DeleteUnrecordedBlob(ctx context.Context, sha256 string, deleteB
 	}()
 	res, err := tx.ExecContext(ctx, s.q.insertTombstone, sha256)
 	if err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: locking hash: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: locking hash: %w", sha256, classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: reading affected rows: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: reading affected rows: %w", sha256, classify(err))
 	}
 	if n == 0 {
 		return false, nil
 	}
 	if err := deleteBytes(ctx); err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: %w", sha256, classify(err))
 	}
 	if _, err := tx.ExecContext(ctx, s.q.deleteTombstone, sha256); err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: removing placeholder: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: removing placeholder: %w", sha256, classify(err))
 	}
 	if err := tx.Commit(); err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: committing: %w", sha256, err)
+		return false, fmt.Errorf("collecting unrecorded blob %s: committing: %w", sha256, classify(err))
 	}
 	return true, nil
 }
@@ -156,12 +156,12 @@ func (s *Store) LockCollector(ctx context.Context) (release func(), acquired boo
 	}
 	conn, err := s.write.Conn(ctx)
 	if err != nil {
-		return nil, false, fmt.Errorf("taking the collector lock: %w", err)
+		return nil, false, fmt.Errorf("taking the collector lock: %w", classify(err))
 	}
 	var ok bool
 	if err := conn.QueryRowContext(ctx, s.q.lockCollector).Scan(&ok); err != nil {
 		_ = conn.Close()
-		return nil, false, fmt.Errorf("taking the collector lock: %w", err)
+		return nil, false, fmt.Errorf("taking the collector lock: %w", classify(err))
 	}
 	if !ok {
 		_ = conn.Close()
