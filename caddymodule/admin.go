@@ -25,6 +25,7 @@ const adminPrefix = "/matrix_media/"
 //	GET    /matrix_media/migrations          every migration job and its progress
 //	GET    /matrix_media/migrations/<id>     one job
 //	DELETE /matrix_media/migrations/<id>     cancel a job (what moved stays moved; start again to resume)
+//	POST   /matrix_media/gc                  {"dry_run":true,"grace":"10m"} (both optional): collect orphan blobs now
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -43,6 +44,7 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "datastores", Handler: caddy.AdminHandlerFunc(a.handleDatastores)},
 		{Pattern: adminPrefix + "migrations", Handler: caddy.AdminHandlerFunc(a.handleMigrations)},
 		{Pattern: adminPrefix + "migrations/", Handler: caddy.AdminHandlerFunc(a.handleMigration)},
+		{Pattern: adminPrefix + "gc", Handler: caddy.AdminHandlerFunc(a.handleGC)},
 	}
 }
 

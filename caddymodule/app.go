@@ -137,6 +137,10 @@ type App struct {
 	// their handler has a signing_key.
 	Federation *FederationConfig `json:"federation,omitempty"`
 
+	// GC configures the background collector of orphan blobs. Default: every
+	// hour, blobs unreferenced for an hour.
+	GC *GCConfig `json:"gc,omitempty"`
+
 	res *resources
 	// live is res while this config holds it, for readers on other
 	// goroutines (the admin API) that may run while Cleanup releases it.
@@ -190,6 +194,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("federation: max_remote_size must not be negative, got %d", a.Federation.MaxRemoteSize)
 	}
 	settings.maxRemoteSize = a.remoteMaxSize()
+	gcPolicy, err := gcPolicyOf(a.GC)
+	if err != nil {
+		return err
+	}
 	key := settings.key()
 	val, reused, err := resourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return openResources(ctx, settings, a.logger)
@@ -207,6 +215,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 		zap.Bool("reused", reused))
 
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.metrics.Collectors()); err != nil {
+		return err
+	}
+	a.res.gc.configure(gcPolicy)
+	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.gc.metrics.collectors()); err != nil {
 		return err
 	}
 

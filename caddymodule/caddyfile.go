@@ -87,6 +87,12 @@ func init() {
 //			workers <n>
 //			queue <n>
 //		}
+//		gc off
+//		gc {
+//			interval <duration>
+//			grace <duration>
+//			off
+//		}
 //
 // datastore may be repeated, and size inside thumbnails.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -141,6 +147,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Federation, err = parseFederation(d)
 		case "thumbnails":
 			a.Thumbnails, err = parseThumbnails(d)
+		case "gc":
+			a.GC, err = parseGC(d)
 		case "datastore":
 			var ds DatastoreConfig
 			ds, err = parseDatastore(d)
@@ -157,6 +165,38 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		seen[sub] = true
 	}
 	return nil
+}
+
+// parseGC parses "gc off" or a gc block with interval, grace and off.
+func parseGC(d *caddyfile.Dispenser) (*GCConfig, error) {
+	c := &GCConfig{}
+	if d.NextArg() {
+		if d.Val() != "off" || d.NextArg() {
+			return nil, d.Err("matrix_media: gc takes a block, or 'off'")
+		}
+		c.Off = true
+		return c, nil
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		var err error
+		switch sub := d.Val(); sub {
+		case "interval":
+			c.Interval, err = positiveDuration(d)
+		case "grace":
+			c.Grace, err = positiveDuration(d)
+		case "off":
+			if d.NextArg() {
+				return nil, d.ArgErr()
+			}
+			c.Off = true
+		default:
+			return nil, d.Errf("matrix_media: gc: unrecognized subdirective '%s'", sub)
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
 }
 
 // parsePreviews parses "previews off" or a previews block.

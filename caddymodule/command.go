@@ -50,6 +50,11 @@ localhost:2019):
       the metadata points at the new copy; shows progress until it ends
       (Ctrl-C stops watching, the migration goes on; --cancel <id> stops
       it; running it again resumes with what is left)
+
+  caddy matrix-media gc [--dry-run] [--grace <duration>]
+      removes orphan blobs now: blob records nothing references and bytes
+      no record names, unused for longer than the grace period (default:
+      the configured one); --dry-run only counts them
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.PersistentFlags().String("address", "", "The address of Caddy's admin API")
@@ -81,6 +86,14 @@ localhost:2019):
 			merge.Flags().String("key", "", "The module's key file (from generate-key)")
 			merge.Flags().String("into", "", "The homeserver's signing-key file (Synapse or Dendrite format)")
 			cmd.AddCommand(merge)
+			gcCmd := &cobra.Command{
+				Use:   "gc [--dry-run] [--grace <duration>]",
+				Short: "Remove orphan blobs now",
+				RunE:  runGC,
+			}
+			gcCmd.Flags().Bool("dry-run", false, "Only count what would be removed")
+			gcCmd.Flags().String("grace", "", "Grace period instead of the configured one (e.g. 10m; 0s only while no upload runs)")
+			cmd.AddCommand(gcCmd)
 			cmd.AddCommand(&cobra.Command{
 				Use:   "datastores",
 				Short: "List the datastores with their blob counts and sizes",

@@ -76,10 +76,13 @@ type resources struct {
 	stores *storage.Datastores
 	// migrations runs blob migrations between the datastores (admin API).
 	migrations *migrations
-	meta       *sqlstore.Store
-	repo       *mediaapi.Repository
-	metrics    *mediaapi.Metrics
-	logger     *zap.Logger
+	// gc collects orphan blobs in the background and on demand (admin API),
+	// with the gc policy of the config provisioned last.
+	gc      *gcJob
+	meta    *sqlstore.Store
+	repo    *mediaapi.Repository
+	metrics *mediaapi.Metrics
+	logger  *zap.Logger
 
 	// stopExpiry stops the expiry loop; expiryDone is closed when it returned.
 	stopExpiry context.CancelFunc
@@ -142,10 +145,17 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("building media repository: %w", err)
 	}
+	gcJob, err := newGCJob(meta, stores, logger)
+	if err != nil {
+		_ = meta.Close()
+		_ = stores.Close()
+		return nil, fmt.Errorf("starting the orphan collector: %w", err)
+	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
 		migrations: newMigrations(meta, stores, logger),
+		gc:         gcJob,
 		meta:       meta,
 		repo:       repo,
 		metrics:    metrics,
@@ -192,6 +202,7 @@ func (r *resources) release() {
 // may be after Destruct has returned.
 func (r *resources) Destruct() error {
 	r.migrations.stop()
+	r.gc.close()
 	r.stopExpiry()
 	<-r.expiryDone
 	r.closing.Store(true)

@@ -80,6 +80,15 @@ const compareChunk = 64 << 10
 // its record: the copy just written is deleted again (unless the target held
 // it before), Existed is set and the result names the recorded datastore. A
 // new hash is recorded under the kind's datastore once the blob is durable.
+//
+// Claims keep the garbage collector (storage/gc) away from the blob until the
+// caller's media row references it: a likely duplicate is claimed
+// (BlobCollector.TouchBlob) before its bytes are relied on, and one whose
+// record was collected since the lookup is ignored, so the body is written in
+// full; the result is claimed by RecordBlob. A result that relies on bytes
+// this call did not write is checked after that claim: bytes collected in
+// between fail the ingest with ErrUnavailable (retry) rather than letting a
+// row point at them.
 func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind Kind, r io.Reader, opts PutOptions) (IngestResult, error) {
 	if opts.MaxSize > 0 && opts.ExpectedSize > opts.MaxSize {
 		return IngestResult{}, fmt.Errorf("ingesting body: announced length %d over limit %d: %w",
@@ -90,8 +99,24 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 	if err != nil {
 		return IngestResult{}, fmt.Errorf("ingesting body: %w", err)
 	}
+	if found {
+		// Claim the candidate before relying on its bytes: once claimed, the
+		// collector leaves it alone for its grace period. A candidate whose
+		// record was collected since the lookup is no candidate: the body is
+		// then written in full.
+		if c, ok := meta.(BlobCollector); ok {
+			alive, err := c.TouchBlob(ctx, cand.SHA256, time.Now())
+			if err != nil {
+				return IngestResult{}, fmt.Errorf("ingesting body: claiming duplicate candidate: %w", err)
+			}
+			if !alive {
+				found, cand = false, BlobRecord{}
+			}
+		}
+	}
 
 	var res PutResult
+	recordIn := target
 	candStore, candKnown := stores.Get(cand.Datastore)
 	switch {
 	case found && cand.Datastore == target:
@@ -101,8 +126,8 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 		opts.Candidate = ""
 		var same bool
 		res, same, err = putComparing(ctx, candStore, cand, body, store, opts)
-		if err == nil && same {
-			return IngestResult{PutResult: res, Datastore: cand.Datastore}, nil
+		if same {
+			recordIn = cand.Datastore
 		}
 	default:
 		res, err = store.Put(ctx, body, opts)
@@ -110,35 +135,61 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 	if err != nil {
 		return IngestResult{}, fmt.Errorf("ingesting body into datastore %s: %w", target, err)
 	}
+	wroteTarget := !res.Existed
 
-	rec, err := meta.GetBlob(ctx, res.SHA256)
-	if errors.Is(err, ErrNotFound) {
-		err = meta.RecordBlob(ctx, BlobRecord{
-			SHA256:       res.SHA256,
-			Size:         res.Size,
-			PrefixSHA256: res.PrefixSHA256,
-			Datastore:    target,
-			CreatedAt:    time.Now(),
-		})
-		if err != nil {
-			return IngestResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
-		}
-		// Read back: a concurrent ingest of the same bytes may have recorded
-		// them in another datastore first, and that record wins.
-		rec, err = meta.GetBlob(ctx, res.SHA256)
+	// Record the blob, or claim the existing record: either way the
+	// collector now leaves it alone for its grace period. A concurrent
+	// ingest of the same bytes may have recorded them in another datastore
+	// first, and that record wins.
+	if err := meta.RecordBlob(ctx, BlobRecord{
+		SHA256:       res.SHA256,
+		Size:         res.Size,
+		PrefixSHA256: res.PrefixSHA256,
+		Datastore:    recordIn,
+		CreatedAt:    time.Now(),
+	}); err != nil {
+		return IngestResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
 	}
+	rec, err := meta.GetBlob(ctx, res.SHA256)
 	if err != nil {
 		return IngestResult{}, fmt.Errorf("ingesting body: reading blob record: %w", err)
 	}
-	if rec.Datastore != target {
-		if !res.Existed {
-			// The recorded datastore holds the bytes; this copy is unreferenced.
-			// A failed delete only leaves an orphan, so the upload still succeeds.
+	if rec.Datastore == target && wroteTarget {
+		return IngestResult{PutResult: res, Datastore: rec.Datastore}, nil
+	}
+
+	// The result relies on bytes this call did not write. They were there
+	// before the claim, but the collector may have deleted them (and their
+	// record) in between; the claim waited for such a deletion to commit, so
+	// checking now is conclusive.
+	holder, ok := stores.Get(rec.Datastore)
+	if !ok {
+		return IngestResult{}, fmt.Errorf("ingesting body: blob %s is recorded in unknown datastore %q", res.SHA256, rec.Datastore)
+	}
+	_, serr := holder.Stat(ctx, res.SHA256)
+	switch {
+	case serr == nil:
+		if rec.Datastore != target && wroteTarget {
+			// The recorded datastore holds the bytes; this copy is
+			// unreferenced. A failed delete only leaves an orphan for the
+			// collector, so the upload still succeeds.
 			_ = store.Delete(context.WithoutCancel(ctx), res.SHA256)
 		}
 		res.Existed = true
+		return IngestResult{PutResult: res, Datastore: rec.Datastore}, nil
+	case errors.Is(serr, ErrNotFound) && wroteTarget:
+		// Collected elsewhere meanwhile, but this call wrote a copy: point
+		// the record at it.
+		if err := meta.MoveBlob(ctx, res.SHA256, rec.Datastore, target); err != nil {
+			return IngestResult{}, fmt.Errorf("ingesting body: repointing collected blob %s: %w", res.SHA256, err)
+		}
+		return IngestResult{PutResult: res, Datastore: target}, nil
+	case errors.Is(serr, ErrNotFound):
+		return IngestResult{}, fmt.Errorf("ingesting body: the stored copy of blob %s was garbage-collected while being reused (retry): %w",
+			res.SHA256, ErrUnavailable)
+	default:
+		return IngestResult{}, fmt.Errorf("ingesting body: checking stored copy of blob %s: %w", res.SHA256, serr)
 	}
-	return IngestResult{PutResult: res, Datastore: rec.Datastore}, nil
 }
 
 // putComparing compares body with the candidate blob held by candStore. When

@@ -8,6 +8,14 @@
 // durable (fsync + atomic rename, or a completed object) before any metadata
 // row points at it. A crash between the two leaves at most an unreferenced
 // blob, never a row without its bytes.
+//
+// Unreferenced blobs are removed by the garbage collector in storage/gc, in
+// the reverse order (record, then bytes, in one transaction of the metadata
+// store; see BlobCollector). Every blob an upload is about to reference is
+// claimed first (IngestTo: TouchBlob of a deduplication candidate, then
+// RecordBlob of the result), and the collector only takes blobs whose last
+// claim is older than its grace period; the package doc of storage/gc states
+// the whole protocol.
 package storage
 
 import (
@@ -199,7 +207,9 @@ type BlobRecord struct {
 // concurrent use and keep their schema up to date themselves (migrations run
 // when the store is opened).
 type MetadataStore interface {
-	// RecordBlob records a blob; recording an already known hash is a no-op.
+	// RecordBlob records a blob; recording an already known hash keeps the
+	// first record and only claims it anew (see BlobCollector.TouchBlob) at
+	// b.CreatedAt, or now when that is zero.
 	RecordBlob(ctx context.Context, b BlobRecord) error
 	// GetBlob returns the record of a blob, or ErrNotFound.
 	GetBlob(ctx context.Context, sha256 string) (BlobRecord, error)

@@ -212,3 +212,27 @@ func TestFindServerFromEnvironment(t *testing.T) {
 		t.Fatalf("error %q does not name %s", err, EnvDSN)
 	}
 }
+
+// TestClusterStopStart checks that an owned cluster refuses connections
+// while stopped and keeps its data across a restart on the same port.
+func TestClusterStopStart(t *testing.T) {
+	c := NewCluster(t)
+	ctx := context.Background()
+	db, err := sql.Open("pgx", c.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.ExecContext(ctx, `CREATE TABLE kept (v INT); INSERT INTO kept VALUES (42)`); err != nil {
+		t.Fatal(err)
+	}
+	c.Stop(t)
+	if err := ping(ctx, c.DSN()); err == nil {
+		t.Fatal("stopped cluster accepted a connection")
+	}
+	c.Start(t)
+	var v int
+	if err := db.QueryRowContext(ctx, `SELECT v FROM kept`).Scan(&v); err != nil || v != 42 {
+		t.Fatalf("after restart: %d, %v; want 42", v, err)
+	}
+}

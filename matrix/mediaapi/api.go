@@ -470,10 +470,23 @@ func writeJSON(w http.ResponseWriter, body []byte) int {
 	return http.StatusOK
 }
 
-// internalError logs err and answers 500 M_UNKNOWN without exposing it.
+// internalError logs err and answers 500 M_UNKNOWN without exposing it; an
+// error wrapping storage.ErrUnavailable (a database or datastore that cannot
+// be reached) answers 503 with Retry-After instead, since the request may
+// succeed later.
 func (s *Site) internalError(w http.ResponseWriter, msg string, err error) int {
 	s.repo.logger.Error(msg, zap.String("server_name", s.cfg.ServerName), zap.Error(err))
+	if errors.Is(err, storage.ErrUnavailable) {
+		return writeErr(w, storageUnavailable(w))
+	}
 	return writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Internal server error"))
+}
+
+// storageUnavailable sets Retry-After and returns the 503 error of a request
+// that failed because a store was unreachable.
+func storageUnavailable(w http.ResponseWriter) *matrix.Error {
+	w.Header().Set("Retry-After", "5")
+	return matrix.Unknown(http.StatusServiceUnavailable, "Media storage is unavailable, try again later")
 }
 
 // authenticate checks the request's access token. On failure it writes the

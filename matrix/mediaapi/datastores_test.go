@@ -213,7 +213,7 @@ func TestDatastoreUnavailable(t *testing.T) {
 		t.Error("no Retry-After on 503")
 	}
 	rec = e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/test/" + id, token: "alice"})
-	expectError(t, rec, 502, "M_UNKNOWN")
+	expectError(t, rec, 503, "M_UNKNOWN")
 
 	// Nothing was recorded for the failed upload.
 	db, err := sql.Open("sqlite3", "file:"+filepath.Join(e.dir, "meta.db")+"?mode=ro")

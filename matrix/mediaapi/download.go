@@ -363,7 +363,7 @@ func (s *Site) contentError(w http.ResponseWriter, r *http.Request, e *mediaEntr
 	case errors.Is(err, storage.ErrUnavailable):
 		s.repo.logger.Error("media storage unavailable during a download",
 			zap.String("datastore", e.m.Datastore), zap.Error(err))
-		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
+		return writeErr(w, storageUnavailable(w))
 	default:
 		return s.internalError(w, "opening media content", err)
 	}

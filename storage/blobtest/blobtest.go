@@ -17,6 +17,7 @@ import (
 	"sync"
 	"testing"
 	"testing/iotest"
+	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
@@ -56,6 +57,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.BlobStore) {
 	t.Run("ConcurrentDistinct", func(t *testing.T) { testConcurrentDistinct(t, open) })
 	t.Run("LargeSeek", func(t *testing.T) { testLargeSeek(t, open) })
 	t.Run("IndependentReaders", func(t *testing.T) { testIndependentReaders(t, open) })
+	t.Run("List", func(t *testing.T) { testList(t, open) })
 }
 
 // opener returns a fresh store for one sub-test.
@@ -749,5 +751,71 @@ func testIndependentReaders(t *testing.T, open opener) {
 	}
 	if !bytes.Equal(got1.Bytes(), body) || !bytes.Equal(got2.Bytes(), body) {
 		t.Errorf("interleaved readers got %d and %d bytes, want %d equal bytes", got1.Len(), got2.Len(), len(body))
+	}
+}
+
+// testList checks the optional storage.Lister capability: every stored blob
+// is listed once with its size and a plausible modification time, deleted
+// blobs are not, and an error from the callback stops the walk. A store that
+// does not implement storage.Lister fails: every store of this module must
+// (the garbage collector needs it).
+func testList(t *testing.T, open opener) {
+	ctx := context.Background()
+	s := open(t)
+	l, ok := s.(storage.Lister)
+	if !ok {
+		t.Fatalf("%T does not implement storage.Lister", s)
+	}
+	list := func() map[string]storage.StoredBlob {
+		t.Helper()
+		got := map[string]storage.StoredBlob{}
+		if err := l.List(ctx, func(b storage.StoredBlob) error {
+			if _, dup := got[b.SHA256]; dup {
+				t.Errorf("List gave %s twice", b.SHA256)
+			}
+			got[b.SHA256] = b
+			return nil
+		}); err != nil {
+			t.Fatalf("List: %v", err)
+		}
+		return got
+	}
+	if got := list(); len(got) != 0 {
+		t.Fatalf("List of an empty store gave %d blobs", len(got))
+	}
+	// Clocks of object stores have second precision.
+	before := time.Now().Add(-2 * time.Second)
+	bodies := [][]byte{RandomBytes(71, 10), RandomBytes(72, multiChunk), RandomBytes(73, 0)}
+	for _, b := range bodies {
+		mustPut(t, s, b, storage.PutOptions{ExpectedSize: -1}, false)
+	}
+	after := time.Now().Add(2 * time.Second)
+	got := list()
+	if len(got) != len(bodies) {
+		t.Errorf("List gave %d blobs, want %d", len(got), len(bodies))
+	}
+	for _, b := range bodies {
+		sb, ok := got[SHA256Hex(b)]
+		switch {
+		case !ok:
+			t.Errorf("blob of %d bytes not listed", len(b))
+		case sb.Size != int64(len(b)):
+			t.Errorf("listed size of %s = %d, want %d", sb.SHA256, sb.Size, len(b))
+		case sb.ModTime.Before(before) || sb.ModTime.After(after):
+			t.Errorf("listed ModTime of %s = %v, want between %v and %v", sb.SHA256, sb.ModTime, before, after)
+		}
+	}
+	gone := SHA256Hex(bodies[0])
+	if err := s.Delete(ctx, gone); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if _, ok := list()[gone]; ok {
+		t.Errorf("deleted blob %s still listed", gone)
+	}
+	stop := errors.New("stop")
+	calls := 0
+	err := l.List(ctx, func(storage.StoredBlob) error { calls++; return stop })
+	if !errors.Is(err, stop) || calls != 1 {
+		t.Errorf("List with a failing callback = %v after %d calls, want the callback's error after 1", err, calls)
 	}
 }

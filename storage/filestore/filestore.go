@@ -498,3 +498,38 @@ func (s *Store) Close() error { return nil }
 func (s *Store) String() string {
 	return "file blob store at " + s.root
 }
+
+// List calls fn for every blob file under root/blobs (temp files under
+// root/tmp are not blobs), walking the shard directories in lexical order.
+// Files whose name is not a blob hash are skipped.
+func (s *Store) List(ctx context.Context, fn func(storage.StoredBlob) error) error {
+	err := filepath.WalkDir(s.blobDir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				// Removed during the walk (an emptied shard, a deleted blob).
+				return nil
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if d.IsDir() || !d.Type().IsRegular() || !validHash(d.Name()) {
+			return nil
+		}
+		info, err := d.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return fn(storage.StoredBlob{SHA256: d.Name(), Size: info.Size(), ModTime: info.ModTime()})
+	})
+	if err != nil {
+		return fmt.Errorf("listing blobs: %w", err)
+	}
+	return nil
+}
+
+var _ storage.Lister = (*Store)(nil)

@@ -62,6 +62,10 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"MoveBlob", testMoveBlob},
 		{"MediaDatastore", testMediaDatastore},
 		{"Thumbnails", testThumbnails},
+		{"BlobClaims", testBlobClaims},
+		{"DeleteUnreferencedBlob", testDeleteUnreferencedBlob},
+		{"CollectorExcludesWriters", testCollectorExcludesWriters},
+		{"LockCollector", testLockCollector},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -170,6 +170,23 @@ var migrations = []migration{
 			`CREATE INDEX thumbnails_sha256 ON thumbnails (sha256)`,
 		},
 	},
+	{
+		// touched_ts is a blob's last claim: when it was recorded, or last
+		// reused by an upload that deduplicated onto it (RecordBlob,
+		// TouchBlob). The garbage collector never deletes a blob claimed
+		// within its grace period (see storage/gc). Existing blobs count as
+		// claimed when they were created.
+		version: 4,
+		name:    "blob claims",
+		sqlite: []string{
+			`ALTER TABLE blobs ADD COLUMN touched_ts INTEGER`,
+			`UPDATE blobs SET touched_ts = created_ts`,
+		},
+		postgres: []string{
+			`ALTER TABLE blobs ADD COLUMN touched_ts BIGINT`,
+			`UPDATE blobs SET touched_ts = created_ts`,
+		},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

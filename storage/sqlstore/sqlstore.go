@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"time"
 
 	// Registers the "pgx" database/sql driver.
@@ -34,6 +35,18 @@ import (
 // single-key migration lock.
 const pendingLockClass = 0x6d6d7270 // "mmrp"
 
+// collectorLockKey is the PostgreSQL session advisory lock (single bigint key
+// space, like the migration lock) held by the one running garbage collector.
+// Its value is the ASCII of "mmrgc".
+const collectorLockKey = 0x6d6d726763
+
+// unreferencedBefore is the condition on a blobs row b (the first placeholder
+// is the cutoff) under which the garbage collector may delete it: last
+// claimed before the cutoff and referenced by no media row nor thumbnail.
+const unreferencedBefore = `COALESCE(b.touched_ts, b.created_ts, 0) < ?
+	AND NOT EXISTS (SELECT 1 FROM media m WHERE m.sha256 = b.sha256)
+	AND NOT EXISTS (SELECT 1 FROM thumbnails t WHERE t.sha256 = b.sha256)`
+
 // Store is a storage.MetadataStore backed by SQLite or PostgreSQL. It is safe
 // for concurrent use.
 type Store struct {
@@ -47,6 +60,8 @@ type Store struct {
 	// the same pool as write.
 	read *sql.DB
 	q    queries
+	// collectorMu is the collector lock of a SQLite store (LockCollector).
+	collectorMu sync.Mutex
 }
 
 var _ storage.MetadataStore = (*Store)(nil)
@@ -55,6 +70,10 @@ var _ storage.MetadataStore = (*Store)(nil)
 type queries struct {
 	recordBlob, getBlob, findBlobByPrefix, countBlobRefs string
 	listBlobs, countBlobs, moveBlob                      string
+
+	touchBlob, listUnreferenced, deleteUnreferenced string
+	insertTombstone, deleteTombstone, lockCollector string
+	unlockCollector                                 string
 
 	insertMedia, getMedia                                string
 	lockUser, countPending, oldestPending                string
@@ -71,8 +90,9 @@ const mediaColumnsJoined = `m.server_name, m.media_id, m.state, m.user_id, m.sha
 
 func newQueries(d dialect) queries {
 	q := queries{
-		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES (?, ?, ?, ?, ?)
-			ON CONFLICT (sha256) DO NOTHING`,
+		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, ?, ?, ?, ?, ?)
+			ON CONFLICT (sha256) DO UPDATE SET touched_ts = excluded.touched_ts
+			WHERE blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts`,
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
 		countBlobRefs:    `SELECT (SELECT COUNT(*) FROM media WHERE sha256 = ?) + (SELECT COUNT(*) FROM thumbnails WHERE sha256 = ?)`,
@@ -80,6 +100,16 @@ func newQueries(d dialect) queries {
 			WHERE datastore = ? AND sha256 > ? ORDER BY sha256 LIMIT ?`,
 		countBlobs: `SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM blobs WHERE datastore = ?`,
 		moveBlob:   `UPDATE blobs SET datastore = ? WHERE sha256 = ? AND datastore = ?`,
+
+		touchBlob: `UPDATE blobs SET touched_ts = CASE WHEN touched_ts IS NULL OR touched_ts < ? THEN ? ELSE touched_ts END
+			WHERE sha256 = ?`,
+		listUnreferenced: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs b
+			WHERE b.sha256 > ? AND ` + unreferencedBefore + ` ORDER BY b.sha256 LIMIT ?`,
+		deleteUnreferenced: `DELETE FROM blobs AS b WHERE b.sha256 = ? AND ` + unreferencedBefore + `
+			RETURNING sha256, size, prefix_sha256, datastore, created_ts`,
+		insertTombstone: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, 0, '', '', NULL, 0)
+			ON CONFLICT (sha256) DO NOTHING`,
+		deleteTombstone: `DELETE FROM blobs WHERE sha256 = ?`,
 
 		insertMedia: `INSERT INTO media (` + mediaColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 			ON CONFLICT (server_name, media_id) DO NOTHING`,
@@ -107,10 +137,13 @@ func newQueries(d dialect) queries {
 	}
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
+		q.lockCollector = fmt.Sprintf(`SELECT pg_try_advisory_lock(%d)`, collectorLockKey)
+		q.unlockCollector = fmt.Sprintf(`SELECT pg_advisory_unlock(%d)`, collectorLockKey)
 	}
 	for _, p := range []*string{
 		&q.recordBlob, &q.getBlob, &q.findBlobByPrefix, &q.countBlobRefs,
 		&q.listBlobs, &q.countBlobs, &q.moveBlob,
+		&q.touchBlob, &q.listUnreferenced, &q.deleteUnreferenced, &q.insertTombstone, &q.deleteTombstone,
 		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
 		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
 		&q.insertThumbnail, &q.getThumbnail,
@@ -147,10 +180,10 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	}
 	abs, err := filepath.Abs(path)
 	if err != nil {
-		return nil, fmt.Errorf("opening sqlite database: resolving %q: %w", path, err)
+		return nil, fmt.Errorf("opening sqlite database: resolving %q: %w", path, classify(err))
 	}
 	if err := os.MkdirAll(filepath.Dir(abs), 0o750); err != nil {
-		return nil, fmt.Errorf("opening sqlite database: creating directory: %w", err)
+		return nil, fmt.Errorf("opening sqlite database: creating directory: %w", classify(err))
 	}
 	common := url.Values{}
 	common.Set("_busy_timeout", "10000")
@@ -166,7 +199,7 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	wp.Set("_txlock", "immediate")
 	write, err := sql.Open("sqlite3", sqliteDSN(abs, wp))
 	if err != nil {
-		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, err)
+		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, classify(err))
 	}
 	write.SetMaxOpenConns(1)
 	write.SetMaxIdleConns(1)
@@ -174,11 +207,11 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	write.SetConnMaxIdleTime(0)
 	if err := pingSQLite(ctx, write); err != nil {
 		_ = write.Close()
-		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, err)
+		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, classify(err))
 	}
 	if err := migrate(ctx, write, dialectSQLite); err != nil {
 		_ = write.Close()
-		return nil, fmt.Errorf("migrating sqlite database %s: %w", abs, err)
+		return nil, fmt.Errorf("migrating sqlite database %s: %w", abs, classify(err))
 	}
 
 	rp := url.Values{}
@@ -189,7 +222,7 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	read, err := sql.Open("sqlite3", sqliteDSN(abs, rp))
 	if err != nil {
 		_ = write.Close()
-		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, err)
+		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, classify(err))
 	}
 	readers := max(4, runtime.GOMAXPROCS(0))
 	read.SetMaxOpenConns(readers)
@@ -199,7 +232,7 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	if err := pingSQLite(ctx, read); err != nil {
 		_ = write.Close()
 		_ = read.Close()
-		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, err)
+		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, classify(err))
 	}
 	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite)}, nil
 }
@@ -240,18 +273,18 @@ func sqliteDSN(abs string, params url.Values) string {
 func OpenPostgres(ctx context.Context, dsn string) (*Store, error) {
 	db, err := sql.Open("pgx", dsn)
 	if err != nil {
-		return nil, fmt.Errorf("opening postgres database: %w", err)
+		return nil, fmt.Errorf("opening postgres database: %w", classify(err))
 	}
 	db.SetMaxOpenConns(32)
 	db.SetMaxIdleConns(16)
 	db.SetConnMaxIdleTime(5 * time.Minute)
 	if err := db.PingContext(ctx); err != nil {
 		_ = db.Close()
-		return nil, fmt.Errorf("connecting to postgres: %w", err)
+		return nil, fmt.Errorf("connecting to postgres: %w", classify(err))
 	}
 	if err := migrate(ctx, db, dialectPostgres); err != nil {
 		_ = db.Close()
-		return nil, fmt.Errorf("migrating postgres database: %w", err)
+		return nil, fmt.Errorf("migrating postgres database: %w", classify(err))
 	}
 	return &Store{dialect: dialectPostgres, write: db, read: db, q: newQueries(dialectPostgres)}, nil
 }
@@ -263,7 +296,7 @@ func (s *Store) Close() error {
 		err = errors.Join(err, s.read.Close())
 	}
 	if err != nil {
-		return fmt.Errorf("closing %s metadata store: %w", s.dialect, err)
+		return fmt.Errorf("closing %s metadata store: %w", s.dialect, classify(err))
 	}
 	return nil
 }
@@ -289,15 +322,20 @@ func nullString(s string) sql.NullString {
 	return sql.NullString{String: s, Valid: s != ""}
 }
 
-// RecordBlob records a blob; recording an already known hash is a no-op that
-// keeps the first record.
+// RecordBlob records a blob; recording an already known hash keeps the first
+// record and only moves its last claim (see TouchBlob) forward to
+// b.CreatedAt (the current time when zero).
 func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
 	if b.SHA256 == "" {
 		return errors.New("recording blob: empty hash")
 	}
+	claim := b.CreatedAt
+	if claim.IsZero() {
+		claim = time.Now()
+	}
 	if _, err := s.write.ExecContext(ctx, s.q.recordBlob,
-		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt)); err != nil {
-		return fmt.Errorf("recording blob %s: %w", b.SHA256, err)
+		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()); err != nil {
+		return fmt.Errorf("recording blob %s: %w", b.SHA256, classify(err))
 	}
 	return nil
 }
@@ -321,7 +359,7 @@ func (s *Store) GetBlob(ctx context.Context, sha256 string) (storage.BlobRecord,
 		return storage.BlobRecord{}, fmt.Errorf("getting blob %s: %w", sha256, storage.ErrNotFound)
 	}
 	if err != nil {
-		return storage.BlobRecord{}, fmt.Errorf("getting blob %s: %w", sha256, err)
+		return storage.BlobRecord{}, fmt.Errorf("getting blob %s: %w", sha256, classify(err))
 	}
 	return b, nil
 }
@@ -334,7 +372,7 @@ func (s *Store) FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 s
 		return storage.BlobRecord{}, fmt.Errorf("finding blob by prefix %s (size %d): %w", prefixSHA256, size, storage.ErrNotFound)
 	}
 	if err != nil {
-		return storage.BlobRecord{}, fmt.Errorf("finding blob by prefix %s (size %d): %w", prefixSHA256, size, err)
+		return storage.BlobRecord{}, fmt.Errorf("finding blob by prefix %s (size %d): %w", prefixSHA256, size, classify(err))
 	}
 	return b, nil
 }
@@ -344,7 +382,7 @@ func (s *Store) FindBlobByPrefix(ctx context.Context, size int64, prefixSHA256 s
 func (s *Store) CountBlobReferences(ctx context.Context, sha256 string) (int64, error) {
 	var n int64
 	if err := s.read.QueryRowContext(ctx, s.q.countBlobRefs, sha256, sha256).Scan(&n); err != nil {
-		return 0, fmt.Errorf("counting references to blob %s: %w", sha256, err)
+		return 0, fmt.Errorf("counting references to blob %s: %w", sha256, classify(err))
 	}
 	return n, nil
 }
@@ -358,7 +396,7 @@ func (s *Store) ListBlobs(ctx context.Context, datastore, afterSHA256 string, li
 	}
 	rows, err := s.read.QueryContext(ctx, s.q.listBlobs, datastore, afterSHA256, limit)
 	if err != nil {
-		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, err)
+		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, classify(err))
 	}
 	defer rows.Close()
 	out := make([]storage.BlobRecord, 0, min(limit, 1024))
@@ -368,13 +406,13 @@ func (s *Store) ListBlobs(ctx context.Context, datastore, afterSHA256 string, li
 			created sql.NullInt64
 		)
 		if err := rows.Scan(&b.SHA256, &b.Size, &b.PrefixSHA256, &b.Datastore, &created); err != nil {
-			return nil, fmt.Errorf("listing blobs of datastore %s: reading row: %w", datastore, err)
+			return nil, fmt.Errorf("listing blobs of datastore %s: reading row: %w", datastore, classify(err))
 		}
 		b.CreatedAt = fromMillis(created)
 		out = append(out, b)
 	}
 	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, err)
+		return nil, fmt.Errorf("listing blobs of datastore %s: %w", datastore, classify(err))
 	}
 	return out, nil
 }
@@ -382,7 +420,7 @@ func (s *Store) ListBlobs(ctx context.Context, datastore, afterSHA256 string, li
 // CountBlobs returns how many blobs datastore holds and their total size.
 func (s *Store) CountBlobs(ctx context.Context, datastore string) (count, bytes int64, err error) {
 	if err := s.read.QueryRowContext(ctx, s.q.countBlobs, datastore).Scan(&count, &bytes); err != nil {
-		return 0, 0, fmt.Errorf("counting blobs of datastore %s: %w", datastore, err)
+		return 0, 0, fmt.Errorf("counting blobs of datastore %s: %w", datastore, classify(err))
 	}
 	return count, bytes, nil
 }
@@ -396,11 +434,11 @@ func (s *Store) MoveBlob(ctx context.Context, sha256, from, to string) error {
 	}
 	res, err := s.write.ExecContext(ctx, s.q.moveBlob, to, sha256, from)
 	if err != nil {
-		return fmt.Errorf("moving blob %s from %s to %s: %w", sha256, from, to, err)
+		return fmt.Errorf("moving blob %s from %s to %s: %w", sha256, from, to, classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return fmt.Errorf("moving blob %s from %s to %s: reading affected rows: %w", sha256, from, to, err)
+		return fmt.Errorf("moving blob %s from %s to %s: reading affected rows: %w", sha256, from, to, classify(err))
 	}
 	if n == 0 {
 		return fmt.Errorf("moving blob %s from %s to %s: no such record in %s: %w", sha256, from, to, from, storage.ErrNotFound)
@@ -417,11 +455,11 @@ func (s *Store) InsertThumbnail(ctx context.Context, t storage.Thumbnail) error 
 	res, err := s.write.ExecContext(ctx, s.q.insertThumbnail, t.ServerName, t.MediaID, t.Width, t.Height, t.Method,
 		t.Animated, t.Format, t.ContentType, t.SHA256, t.Size, t.ActualWidth, t.ActualHeight, millis(t.CreatedAt))
 	if err != nil {
-		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, err)
+		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return fmt.Errorf("recording thumbnail of %s/%s: reading affected rows: %w", t.ServerName, t.MediaID, err)
+		return fmt.Errorf("recording thumbnail of %s/%s: reading affected rows: %w", t.ServerName, t.MediaID, classify(err))
 	}
 	if n == 0 {
 		return fmt.Errorf("recording thumbnail of %s/%s: %w", t.ServerName, t.MediaID, storage.ErrConflict)
@@ -440,7 +478,7 @@ func (s *Store) GetThumbnail(ctx context.Context, k storage.ThumbnailKey) (stora
 		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, storage.ErrNotFound)
 	}
 	if err != nil {
-		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, err)
+		return storage.Thumbnail{}, fmt.Errorf("getting thumbnail of %s/%s: %w", k.ServerName, k.MediaID, classify(err))
 	}
 	t.CreatedAt = fromMillis(created)
 	return t, nil
@@ -461,13 +499,13 @@ func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, 
 	case isUniqueViolation(err):
 		return storage.ErrConflict
 	case isForeignKeyViolation(err):
-		return fmt.Errorf("blob %s is not recorded (RecordBlob must come first): %w", m.SHA256, err)
+		return fmt.Errorf("blob %s is not recorded (RecordBlob must come first): %w", m.SHA256, classify(err))
 	case err != nil:
 		return err
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return fmt.Errorf("reading affected rows: %w", err)
+		return fmt.Errorf("reading affected rows: %w", classify(err))
 	}
 	if n == 0 {
 		return storage.ErrConflict
@@ -486,7 +524,7 @@ func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 		return fmt.Errorf("inserting media %s/%s: a ready item needs a blob hash", m.ServerName, m.MediaID)
 	}
 	if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
-		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	return nil
 }
@@ -508,7 +546,7 @@ func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (stora
 		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, storage.ErrNotFound)
 	}
 	if err != nil {
-		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, err)
+		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, classify(err))
 	}
 	m.State = storage.MediaState(state)
 	m.SHA256 = sha.String
@@ -539,7 +577,7 @@ func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending i
 
 	tx, err := s.write.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("creating pending media %s/%s: beginning transaction: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("creating pending media %s/%s: beginning transaction: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	defer func() {
 		if err != nil {
@@ -549,12 +587,12 @@ func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending i
 	if maxPending > 0 {
 		if s.dialect == dialectPostgres {
 			if _, err := tx.ExecContext(ctx, s.q.lockUser, m.ServerName+"\x1f"+m.UserID); err != nil {
-				return fmt.Errorf("creating pending media %s/%s: locking user: %w", m.ServerName, m.MediaID, err)
+				return fmt.Errorf("creating pending media %s/%s: locking user: %w", m.ServerName, m.MediaID, classify(err))
 			}
 		}
 		var n int64
 		if err := tx.QueryRowContext(ctx, s.q.countPending, m.ServerName, m.UserID, now.UnixMilli()).Scan(&n); err != nil {
-			return fmt.Errorf("creating pending media %s/%s: counting pending items: %w", m.ServerName, m.MediaID, err)
+			return fmt.Errorf("creating pending media %s/%s: counting pending items: %w", m.ServerName, m.MediaID, classify(err))
 		}
 		if n >= int64(maxPending) {
 			return fmt.Errorf("creating pending media %s/%s: user %s holds %d pending items: %w",
@@ -562,10 +600,10 @@ func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending i
 		}
 	}
 	if err := s.insertMediaRow(ctx, tx, m, storage.StatePending); err != nil {
-		return fmt.Errorf("creating pending media %s/%s: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("creating pending media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	if err := tx.Commit(); err != nil {
-		return fmt.Errorf("creating pending media %s/%s: committing: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("creating pending media %s/%s: committing: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	return nil
 }
@@ -575,7 +613,7 @@ func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending i
 func (s *Store) OldestPendingExpiry(ctx context.Context, serverName, userID string, now time.Time) (time.Time, error) {
 	var ms sql.NullInt64
 	if err := s.read.QueryRowContext(ctx, s.q.oldestPending, serverName, userID, now.UnixMilli()).Scan(&ms); err != nil {
-		return time.Time{}, fmt.Errorf("finding oldest pending expiry of %s on %s: %w", userID, serverName, err)
+		return time.Time{}, fmt.Errorf("finding oldest pending expiry of %s on %s: %w", userID, serverName, classify(err))
 	}
 	if !ms.Valid {
 		return time.Time{}, fmt.Errorf("finding oldest pending expiry of %s on %s: %w", userID, serverName, storage.ErrNotFound)
@@ -608,11 +646,11 @@ func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 			m.ServerName, m.MediaID, m.SHA256, err)
 	}
 	if err != nil {
-		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return fmt.Errorf("completing pending media %s/%s: reading affected rows: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("completing pending media %s/%s: reading affected rows: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	if n == 1 {
 		return nil
@@ -629,7 +667,7 @@ func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, storage.ErrNotFound)
 	}
 	if err != nil {
-		return fmt.Errorf("completing pending media %s/%s: checking state: %w", m.ServerName, m.MediaID, err)
+		return fmt.Errorf("completing pending media %s/%s: checking state: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	switch {
 	case state != string(storage.StatePending):
@@ -650,11 +688,11 @@ func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 func (s *Store) DeleteExpiredPending(ctx context.Context, now time.Time) (int64, error) {
 	res, err := s.write.ExecContext(ctx, s.q.deleteExpiredPending, now.UnixMilli())
 	if err != nil {
-		return 0, fmt.Errorf("deleting expired pending media: %w", err)
+		return 0, fmt.Errorf("deleting expired pending media: %w", classify(err))
 	}
 	n, err := res.RowsAffected()
 	if err != nil {
-		return 0, fmt.Errorf("deleting expired pending media: reading affected rows: %w", err)
+		return 0, fmt.Errorf("deleting expired pending media: reading affected rows: %w", classify(err))
 	}
 	return n, nil
 }
