@@ -2,6 +2,11 @@ package matrix
 
 import (
 	"crypto/rand"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
 )
 
 // MaxMediaIDLength is the longest media ID accepted.
@@ -14,7 +19,9 @@ const mediaIDLength = 24
 const mediaIDAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 // ValidMediaID reports whether s is a media ID we accept: 1 to 255 characters
-// from [A-Za-z0-9_-], as the spec requires.
+// from [A-Za-z0-9_-], as the spec requires. It is the one media ID check of
+// the module (routes, federation requests and the federation client use it;
+// Dendrite also accepts '=', the spec does not).
 func ValidMediaID(s string) bool {
 	if len(s) == 0 || len(s) > MaxMediaIDLength {
 		return false
@@ -54,78 +61,117 @@ func NewMediaID() string {
 	return string(out[:])
 }
 
-// ValidServerName reports whether s matches the server name grammar of the
-// spec appendix:
+// ErrInvalidServerName is returned (wrapped) by ParseServerName for a
+// string that is not a server name.
+var ErrInvalidServerName = errors.New("invalid server name")
+
+// ServerName is a parsed, valid server name.
+type ServerName struct {
+	// Host is the DNS name as written, or the IP address of an IP literal
+	// in its canonical form without brackets.
+	Host string
+	// IP is valid when the host is an IP literal: a dotted-quad IPv4
+	// address or a bracketed IPv6 address.
+	IP netip.Addr
+	// Port is the explicit port in decimal without leading zeros (1–65535),
+	// or "" when absent.
+	Port string
+}
+
+// ParseServerName parses s against the server name grammar of the spec
+// appendix:
 //
 //	server_name = hostname [ ":" port ]
 //	port        = 1*5DIGIT
 //	hostname    = IPv4address / "[" IPv6address "]" / dns-name
-//	IPv4address = 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT "." 1*3DIGIT
-//	IPv6address = 2*45IPv6char
-//	IPv6char    = DIGIT / %x41-46 / %x61-66 / ":" / "."
 //	dns-name    = 1*255dns-char
 //	dns-char    = DIGIT / ALPHA / "-" / "."
 //
-// (An IPv4 address is also a dns-name, so it needs no separate rule here.)
-func ValidServerName(s string) bool {
-	host := s
+// The port must be in 1–65535, a bracketed IPv6 address must parse as one
+// (no zone, not IPv4), and a dns-name must have a character other than '.'. An IPv4 address is also a dns-name; one that
+// parses as an address sets IP. Errors wrap ErrInvalidServerName.
+//
+// It is the one server name check of the module: ValidServerName, the
+// routes and server discovery all use it.
+func ParseServerName(s string) (ServerName, error) {
+	var sn ServerName
+	rest := s
 	if len(s) > 0 && s[0] == '[' {
-		end := -1
-		for i := 1; i < len(s); i++ {
-			if s[i] == ']' {
-				end = i
-				break
-			}
-		}
+		end := strings.IndexByte(s, ']')
 		if end < 0 {
-			return false
+			return sn, fmt.Errorf("parsing server name %q: %w: unterminated IPv6 literal", s, ErrInvalidServerName)
 		}
-		ip := s[1:end]
-		if len(ip) < 2 || len(ip) > 45 {
-			return false
+		lit := s[1:end]
+		if len(lit) < 2 || len(lit) > 45 || !ipv6Chars(lit) {
+			return sn, fmt.Errorf("parsing server name %q: %w: bad IPv6 literal", s, ErrInvalidServerName)
 		}
-		for i := 0; i < len(ip); i++ {
-			c := ip[i]
-			if !isDigit(c) && !(c >= 'A' && c <= 'F') && !(c >= 'a' && c <= 'f') && c != ':' && c != '.' {
-				return false
+		ip, err := netip.ParseAddr(lit)
+		if err != nil || !ip.Is6() || ip.Zone() != "" {
+			return sn, fmt.Errorf("parsing server name %q: %w: bad IPv6 literal", s, ErrInvalidServerName)
+		}
+		sn.Host, sn.IP, rest = ip.String(), ip, s[end+1:]
+		if rest != "" && rest[0] != ':' {
+			return sn, fmt.Errorf("parsing server name %q: %w: junk after IPv6 literal", s, ErrInvalidServerName)
+		}
+	} else {
+		host := s
+		if i := strings.IndexByte(s, ':'); i >= 0 {
+			host, rest = s[:i], s[i:]
+		} else {
+			rest = ""
+		}
+		if len(host) == 0 || len(host) > 255 {
+			return sn, fmt.Errorf("parsing server name %q: %w: bad host length", s, ErrInvalidServerName)
+		}
+		for i := 0; i < len(host); i++ {
+			c := host[i]
+			if !isAlnum(c) && c != '-' && c != '.' {
+				return sn, fmt.Errorf("parsing server name %q: %w: bad character in host", s, ErrInvalidServerName)
 			}
 		}
-		rest := s[end+1:]
-		if rest == "" {
-			return true
+		if strings.Trim(host, ".") == "" {
+			// "." and ".." match dns-name but name no host, and as path
+			// segments they are dot segments that no route can carry.
+			return sn, fmt.Errorf("parsing server name %q: %w: no label in host", s, ErrInvalidServerName)
 		}
-		if rest[0] != ':' {
-			return false
+		sn.Host = host
+		if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+			sn.IP = ip
 		}
-		return validPort(rest[1:])
 	}
-	for i := 0; i < len(s); i++ {
-		if s[i] == ':' {
-			host = s[:i]
-			if !validPort(s[i+1:]) {
-				return false
+	if rest != "" {
+		p := rest[1:]
+		if len(p) == 0 || len(p) > 5 {
+			return sn, fmt.Errorf("parsing server name %q: %w: bad port", s, ErrInvalidServerName)
+		}
+		n := 0
+		for i := 0; i < len(p); i++ {
+			if !isDigit(p[i]) {
+				return sn, fmt.Errorf("parsing server name %q: %w: bad port", s, ErrInvalidServerName)
 			}
-			break
+			n = n*10 + int(p[i]-'0')
 		}
-	}
-	if len(host) == 0 || len(host) > 255 {
-		return false
-	}
-	for i := 0; i < len(host); i++ {
-		c := host[i]
-		if !isAlnum(c) && c != '-' && c != '.' {
-			return false
+		if n < 1 || n > 65535 {
+			return sn, fmt.Errorf("parsing server name %q: %w: port out of range", s, ErrInvalidServerName)
 		}
+		sn.Port = strconv.Itoa(n)
 	}
-	return true
+	return sn, nil
 }
 
-func validPort(p string) bool {
-	if len(p) == 0 || len(p) > 5 {
-		return false
-	}
-	for i := 0; i < len(p); i++ {
-		if !isDigit(p[i]) {
+// ValidServerName reports whether s is a server name (see
+// ParseServerName).
+func ValidServerName(s string) bool {
+	_, err := ParseServerName(s)
+	return err == nil
+}
+
+// ipv6Chars reports whether s has only IPv6char characters (DIGIT, A-F,
+// a-f, ":" and ".").
+func ipv6Chars(s string) bool {
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !isDigit(c) && !(c >= 'A' && c <= 'F') && !(c >= 'a' && c <= 'f') && c != ':' && c != '.' {
 			return false
 		}
 	}

@@ -2,6 +2,7 @@ package matrix
 
 import (
 	"encoding/json"
+	"errors"
 	"mime"
 	"net/http"
 	"net/http/httptest"
@@ -89,15 +90,16 @@ func TestErrorImplementsError(t *testing.T) {
 
 func TestValidServerName(t *testing.T) {
 	valid := []string{
-		"example.org", "example.org:8448", "localhost", "localhost:1", "1.2.3.4", "1.2.3.4:99999",
-		"[::1]", "[::1]:8448", "[1234:5678::abcd]", "[1.2.3.4.5]", "a-b.c", "hs1", "EXAMPLE.org",
+		"example.org", "example.org:8448", "localhost", "localhost:1", "1.2.3.4", "1.2.3.4:65535",
+		"[::1]", "[::1]:8448", "[1234:5678::abcd]", "[::ffff:1.2.3.4]", "a-b.c", "999.1.1.1", "example.org:08448", "hs1", "EXAMPLE.org",
 		strings.Repeat("a", 255), strings.Repeat("a", 255) + ":1",
 	}
 	invalid := []string{
 		"", ":8448", "example.org:", "example.org:123456", "example.org:abc", "exa mple.org",
 		"example.org/x", "ex_ample.org", "[::1", "[]", "[:]:", "[::1]x", "[::1]:", "[g::1]",
 		"[" + strings.Repeat("1", 46) + "]", strings.Repeat("a", 256), "example.org:80:80",
-		"example..org\x00", "üñí.org", "a@b",
+		"example..org\x00", "üñí.org", "a@b", "1.2.3.4:99999", "example.org:0", "example.org:00000",
+		"example.org:65536", "[1.2.3.4.5]", "[192.0.2.1]", "[example.org]", "[fe80::1%eth0]", "2001:db8::1", ".", "..", "...:80",
 	}
 	for _, s := range valid {
 		if !ValidServerName(s) {
@@ -108,6 +110,37 @@ func TestValidServerName(t *testing.T) {
 		if ValidServerName(s) {
 			t.Errorf("ValidServerName(%q) = true, want false", s)
 		}
+	}
+}
+
+func TestParseServerName(t *testing.T) {
+	tests := []struct {
+		in             string
+		host, ip, port string
+	}{
+		{"example.org", "example.org", "", ""},
+		{"example.org:08448", "example.org", "", "8448"},
+		{"1.2.3.4", "1.2.3.4", "1.2.3.4", ""},
+		{"01.2.3.4:1", "01.2.3.4", "", "1"}, // not an address: a dns-name
+		{"[2001:DB8::1]:443", "2001:db8::1", "2001:db8::1", "443"},
+		{"[::ffff:1.2.3.4]", "::ffff:1.2.3.4", "::ffff:1.2.3.4", ""},
+	}
+	for _, tc := range tests {
+		sn, err := ParseServerName(tc.in)
+		if err != nil {
+			t.Errorf("ParseServerName(%q): %v", tc.in, err)
+			continue
+		}
+		ip := ""
+		if sn.IP.IsValid() {
+			ip = sn.IP.String()
+		}
+		if sn.Host != tc.host || ip != tc.ip || sn.Port != tc.port {
+			t.Errorf("ParseServerName(%q) = %q %q %q, want %q %q %q", tc.in, sn.Host, ip, sn.Port, tc.host, tc.ip, tc.port)
+		}
+	}
+	if _, err := ParseServerName("a:0"); !errors.Is(err, ErrInvalidServerName) {
+		t.Errorf("ParseServerName(a:0) error %v, want ErrInvalidServerName", err)
 	}
 }
 

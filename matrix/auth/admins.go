@@ -1,7 +1,6 @@
 package auth
 
 import (
-	"container/list"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +15,8 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 )
 
 // Defaults of AdminOptions.
@@ -70,43 +71,34 @@ type AdminOptions struct {
 // secret (User.IsAdmin), the configured Admins, and optionally homeserver
 // admins. It is safe for concurrent use.
 type AdminPolicy struct {
-	static     map[string]bool
-	detect     bool
-	baseURL    string
-	client     *http.Client
-	ttl        time.Duration
-	now        func() time.Time
-	logger     *zap.Logger
-	maxEntries int
+	static  map[string]bool
+	detect  bool
+	baseURL string
+	client  *http.Client
+	ttl     time.Duration
+	now     func() time.Time
+	logger  *zap.Logger
 
 	group singleflight.Group
 
+	// answers caches whether a user is a homeserver admin, for ttl, at
+	// most maxAdminCacheEntries, least recently used evicted.
+	answers *capped.Map[string, bool]
+
 	mu          sync.Mutex
-	entries     map[string]*list.Element // values are *adminEntry
-	order       *list.List               // oldest answer first
 	noAPIUntil  time.Time
 	loggedNoAPI bool
-}
-
-// adminEntry is one cached answer.
-type adminEntry struct {
-	userID  string
-	admin   bool
-	expires time.Time
 }
 
 // NewAdminPolicy checks opts and returns the policy.
 func NewAdminPolicy(opts AdminOptions) (*AdminPolicy, error) {
 	p := &AdminPolicy{
-		static:     make(map[string]bool, len(opts.Admins)),
-		detect:     opts.DetectHomeserverAdmins,
-		client:     opts.Client,
-		ttl:        opts.CacheTTL,
-		now:        opts.Now,
-		logger:     opts.Logger,
-		maxEntries: maxAdminCacheEntries,
-		entries:    make(map[string]*list.Element),
-		order:      list.New(),
+		static: make(map[string]bool, len(opts.Admins)),
+		detect: opts.DetectHomeserverAdmins,
+		client: opts.Client,
+		ttl:    opts.CacheTTL,
+		now:    opts.Now,
+		logger: opts.Logger,
 	}
 	for _, id := range opts.Admins {
 		if _, _, ok := splitUserID(id); !ok {
@@ -123,6 +115,7 @@ func NewAdminPolicy(opts AdminOptions) (*AdminPolicy, error) {
 	if p.now == nil {
 		p.now = time.Now
 	}
+	p.answers = capped.New(capped.Options[string, bool]{Max: maxAdminCacheEntries, Now: p.now})
 	if p.logger == nil {
 		p.logger = zap.NewNop()
 	}
@@ -208,43 +201,22 @@ func (p *AdminPolicy) IsAdmin(ctx context.Context, user User, token string) (boo
 // none: nothing cached, expired, or the homeserver is known to lack the
 // admin API (then the answer is false, ok true).
 func (p *AdminPolicy) cached(userID string) (admin, ok bool) {
+	if admin, found := p.answers.Get(userID); found {
+		return admin, true
+	}
 	now := p.now()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if el, found := p.entries[userID]; found {
-		e := el.Value.(*adminEntry)
-		if now.Before(e.expires) {
-			return e.admin, true
-		}
-		p.order.Remove(el)
-		delete(p.entries, userID)
-	}
 	if now.Before(p.noAPIUntil) {
 		return false, true
 	}
 	return false, false
 }
 
-// store caches an answer about userID, dropping the oldest answers when the
-// cache is full.
+// store caches an answer about userID for the cache TTL, dropping the least
+// recently used answer when the cache is full.
 func (p *AdminPolicy) store(userID string, admin bool) {
-	now := p.now()
-	e := &adminEntry{userID: userID, admin: admin, expires: now.Add(p.ttl)}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if el, found := p.entries[userID]; found {
-		el.Value = e
-		p.order.MoveToBack(el)
-		return
-	}
-	// Entries are in insertion order and share one TTL, so the front is the
-	// oldest and the first to expire.
-	for p.order.Len() >= p.maxEntries {
-		front := p.order.Front()
-		p.order.Remove(front)
-		delete(p.entries, front.Value.(*adminEntry).userID)
-	}
-	p.entries[userID] = p.order.PushBack(e)
+	p.answers.PutTTL(userID, admin, p.ttl)
 }
 
 // markNoAPI remembers for one TTL that the homeserver has no admin API and

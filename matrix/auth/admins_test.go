@@ -15,6 +15,8 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 )
 
 const adminTestToken = "syt_YWxpY2U_secrettokenvalue_0123"
@@ -462,7 +464,7 @@ func TestAdminCallerCancelDoesNotAbortLookup(t *testing.T) {
 func TestAdminCacheBounded(t *testing.T) {
 	hs := newAdminHS(t, adminJSON(200, `{"admin":false}`))
 	p := newAdminTestPolicy(t, AdminOptions{DetectHomeserverAdmins: true, HomeserverURL: hs.srv.URL})
-	p.maxEntries = 3
+	p.answers = capped.New(capped.Options[string, bool]{Max: 3, Now: p.now})
 	ctx := context.Background()
 	ask := func(name string) {
 		t.Helper()
@@ -473,12 +475,10 @@ func TestAdminCacheBounded(t *testing.T) {
 	for _, name := range []string{"u1", "u2", "u3", "u4"} {
 		ask(name)
 	}
-	p.mu.Lock()
-	size, listSize := len(p.entries), p.order.Len()
-	_, hasOldest := p.entries["@u1:example.org"]
-	p.mu.Unlock()
-	if size != 3 || listSize != 3 {
-		t.Errorf("cache size = %d (list %d), want 3", size, listSize)
+	size := p.answers.Len()
+	_, hasOldest := p.answers.Get("@u1:example.org")
+	if size != 3 {
+		t.Errorf("cache size = %d, want 3", size)
 	}
 	if hasOldest {
 		t.Error("oldest entry @u1 was not evicted")

@@ -78,6 +78,15 @@ type flight struct {
 // homeserver), concurrent checks of one token make a single homeserver call,
 // and it keeps a circuit breaker per homeserver.
 //
+// Its LRU list is its own rather than an internal/capped.Map (the module's
+// bounded-cache type): every entry that enters or leaves it (eviction and
+// replacement included) also updates the per-user index used by
+// Invalidate, under the same lock as the in-flight checks and the
+// invalidation epoch. A capped.Map has a lock of its own, so the hit path
+// (219 ns, one allocation, measured by BenchmarkTokenCacheHit) would take
+// two locks and the index would be kept consistent through callbacks run
+// under the inner one.
+//
 // Tokens are held only as TokenHash. Invalidate drops tokens (after a logout)
 // and hands the invalidation to the Publisher, if any, so that other instances
 // drop them too; Apply takes invalidations from such instances.

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 )
 
@@ -187,22 +189,20 @@ type MediaClient struct {
 	// already spent).
 	legacyRedirect *http.Client
 
-	mu       sync.Mutex
-	targets  map[string]*http.Client
-	breakers map[string]*breaker
-	failures map[string]failureEntry
-}
-
-// failureEntry is a remembered failed fetch.
-type failureEntry struct {
-	err     error
-	expires time.Time
+	mu      sync.Mutex
+	targets map[string]*http.Client
+	// breakers holds the breakers of servers with recent failures (guarded
+	// by mu as well, for read-modify-write), least recently used evicted.
+	breakers *capped.Map[string, *breaker]
+	// failures remembers failed fetches by mediaRequest.key until
+	// FailureTTL.
+	failures *capped.Map[string, error]
 }
 
 // NewMediaClient builds a MediaClient, applying the defaults documented on
 // ClientOptions. Origin and Key are required.
 func NewMediaClient(opts ClientOptions) (*MediaClient, error) {
-	if !ValidServerName(opts.Origin) {
+	if !matrix.ValidServerName(opts.Origin) {
 		return nil, fmt.Errorf("creating media client: origin %q is not a valid server name", opts.Origin)
 	}
 	if opts.Key.ID == "" || len(opts.Key.Private) == 0 {
@@ -233,8 +233,8 @@ func NewMediaClient(opts ClientOptions) (*MediaClient, error) {
 		opts:     opts,
 		resolver: opts.Resolver,
 		targets:  map[string]*http.Client{},
-		breakers: map[string]*breaker{},
-		failures: map[string]failureEntry{},
+		breakers: capped.New(capped.Options[string, *breaker]{Max: maxFailureEntries, Now: opts.Now}),
+		failures: capped.New(capped.Options[string, error]{Max: maxFailureEntries, Now: opts.Now}),
 	}
 	if opts.TLSConfig != nil {
 		c.tlsBase = opts.TLSConfig.Clone()
@@ -332,21 +332,6 @@ func (r mediaRequest) legacyURI() string {
 		"?allow_remote=false&timeout_ms=" + r.timeoutMS() + "&allow_redirect=true"
 }
 
-// validMediaID reports whether id is a non-empty [A-Za-z0-9_=-]+ string
-// (the spec's set plus '=', which Dendrite accepts), safe to put in a path.
-func validMediaID(id string) bool {
-	if id == "" || len(id) > 255 {
-		return false
-	}
-	for i := 0; i < len(id); i++ {
-		c := id[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '=') {
-			return false
-		}
-	}
-	return true
-}
-
 // Download fetches mediaID from server. timeout is how long the remote may
 // wait for a pending asynchronous upload (sent as timeout_ms; <= 0 means
 // DefaultRemoteWait).
@@ -394,11 +379,11 @@ func (c *MediaClient) fetch(ctx context.Context, r mediaRequest) (Media, error) 
 	if r.wait <= 0 {
 		r.wait = DefaultRemoteWait
 	}
-	if !ValidServerName(r.server) {
+	if !matrix.ValidServerName(r.server) {
 		c.observe(ResultNotFound, 0, start)
 		return Media{}, fmt.Errorf("fetching %s: %w: %w", r.what(), ErrNotFound, ErrInvalidServerName)
 	}
-	if !validMediaID(r.mediaID) {
+	if !matrix.ValidMediaID(r.mediaID) {
 		c.observe(ResultNotFound, 0, start)
 		return Media{}, fmt.Errorf("fetching %s: %w: invalid media ID", r.what(), ErrNotFound)
 	}
@@ -842,17 +827,8 @@ func (c *MediaClient) cachedFailure(key string) error {
 	if c.opts.FailureTTL < 0 {
 		return nil
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	e, ok := c.failures[key]
-	if !ok {
-		return nil
-	}
-	if !c.opts.Now().Before(e.expires) {
-		delete(c.failures, key)
-		return nil
-	}
-	return e.err
+	err, _ := c.failures.Get(key)
+	return err
 }
 
 // rememberFailure stores err for key for FailureTTL.
@@ -860,23 +836,7 @@ func (c *MediaClient) rememberFailure(key string, err error) {
 	if c.opts.FailureTTL < 0 {
 		return
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	now := c.opts.Now()
-	if len(c.failures) >= maxFailureEntries {
-		for k, e := range c.failures {
-			if !now.Before(e.expires) {
-				delete(c.failures, k)
-			}
-		}
-		for k := range c.failures {
-			if len(c.failures) < maxFailureEntries {
-				break
-			}
-			delete(c.failures, k)
-		}
-	}
-	c.failures[key] = failureEntry{err: err, expires: now.Add(c.opts.FailureTTL)}
+	c.failures.PutTTL(key, err, c.opts.FailureTTL)
 }
 
 // breaker is the circuit breaker of one remote server: it opens after
@@ -903,7 +863,7 @@ const (
 func (c *MediaClient) breakerAllow(server string) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	b, ok := c.breakers[server]
+	b, ok := c.breakers.Get(server)
 	if !ok || b.failures < c.opts.BreakerThreshold {
 		return true
 	}
@@ -919,26 +879,18 @@ func (c *MediaClient) breakerAllow(server string) bool {
 func (c *MediaClient) breakerDone(server string, o outcome) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	b, ok := c.breakers[server]
+	b, ok := c.breakers.Get(server)
 	switch o {
 	case outcomeSuccess:
-		delete(c.breakers, server)
+		c.breakers.Delete(server)
 	case outcomeNeutral:
 		if ok {
 			b.probing = false
 		}
 	case outcomeFailure:
 		if !ok {
-			if len(c.breakers) >= maxFailureEntries {
-				now := c.opts.Now()
-				for k, e := range c.breakers {
-					if !now.Before(e.openUntil) && !e.probing {
-						delete(c.breakers, k)
-					}
-				}
-			}
 			b = &breaker{}
-			c.breakers[server] = b
+			c.breakers.Put(server, b)
 		}
 		b.failures++
 		b.probing = false

@@ -8,6 +8,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 )
 
@@ -22,7 +23,7 @@ const keyFetchTimeout = 15 * time.Second
 // through the same SSRF guard as media fetches, and checks them
 // (server_name, self-signature, validity) with xmatrix.ParseServerKeys.
 func (c *MediaClient) FetchKeys(ctx context.Context, origin string, _ []string) (map[string]xmatrix.ServerKey, error) {
-	if !ValidServerName(origin) {
+	if !matrix.ValidServerName(origin) {
 		return nil, fmt.Errorf("fetching keys of %q: %w", origin, ErrInvalidServerName)
 	}
 	ctx, cancel := context.WithTimeout(ctx, keyFetchTimeout)

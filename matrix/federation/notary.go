@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 )
 
@@ -43,10 +44,10 @@ type notaryCriteria struct {
 
 // FetchKeys implements xmatrix.KeyFetcher.
 func (f *notaryFetcher) FetchKeys(ctx context.Context, origin string, keyIDs []string) (map[string]xmatrix.ServerKey, error) {
-	if !ValidServerName(origin) {
+	if !matrix.ValidServerName(origin) {
 		return nil, fmt.Errorf("fetching keys of %q from notary: %w", origin, ErrInvalidServerName)
 	}
-	if !ValidServerName(f.n.ServerName) {
+	if !matrix.ValidServerName(f.n.ServerName) {
 		return nil, fmt.Errorf("fetching keys of %s from notary %q: %w", origin, f.n.ServerName, ErrInvalidServerName)
 	}
 	now := time.Now

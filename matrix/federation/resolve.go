@@ -14,6 +14,9 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
 
 // Server discovery defaults (spec "Resolving server names").
@@ -38,8 +41,8 @@ const (
 )
 
 // ErrInvalidServerName is returned (wrapped) for server names that do not
-// match the spec grammar.
-var ErrInvalidServerName = errors.New("invalid server name")
+// match the spec grammar. It is matrix.ErrInvalidServerName.
+var ErrInvalidServerName = matrix.ErrInvalidServerName
 
 // LookupFuncs are the DNS lookups the Resolver uses. Nil fields default to
 // the methods of net.DefaultResolver.
@@ -84,18 +87,19 @@ type Resolver struct {
 	// DefaultWellKnownTimeout (10s).
 	WellKnownTimeout time.Duration
 
-	mu            sync.Mutex
-	cache         map[string]wellKnownEntry
+	mu sync.Mutex
+	// cache holds well-known outcomes by host name; created on first use
+	// (under mu), with r.now as its clock.
+	cache         *capped.Map[string, wellKnownEntry]
 	inflight      map[string]*wellKnownCall
 	defaultClient *http.Client
 }
 
 // wellKnownEntry is a cached well-known outcome: the delegated server name
-// or the error, valid until expires.
+// or the error.
 type wellKnownEntry struct {
-	server  string
-	err     error
-	expires time.Time
+	server string
+	err    error
 }
 
 // wellKnownCall is one in-flight well-known fetch shared by concurrent
@@ -106,77 +110,10 @@ type wellKnownCall struct {
 	err    error
 }
 
-// serverName is a parsed, validated Matrix server name.
-type serverName struct {
-	host string     // DNS name, or the IP without brackets
-	ip   netip.Addr // valid when host is an IP literal
-	port string     // "" when absent
-}
-
-// parseServerName validates s against the server name grammar
-// (hostname [":" port], hostname = IPv4 / "[" IPv6 "]" / dns-name with
-// 1–255 characters of [0-9A-Za-z.-], port 1–65535).
-func parseServerName(s string) (serverName, error) {
-	var sn serverName
-	rest := s
-	if strings.HasPrefix(s, "[") {
-		end := strings.IndexByte(s, ']')
-		if end < 0 {
-			return sn, fmt.Errorf("parsing server name %q: %w: unterminated IPv6 literal", s, ErrInvalidServerName)
-		}
-		ip, err := netip.ParseAddr(s[1:end])
-		if err != nil || !ip.Is6() || ip.Zone() != "" {
-			return sn, fmt.Errorf("parsing server name %q: %w: bad IPv6 literal", s, ErrInvalidServerName)
-		}
-		sn.host, sn.ip, rest = ip.String(), ip, s[end+1:]
-		if rest != "" && rest[0] != ':' {
-			return sn, fmt.Errorf("parsing server name %q: %w: junk after IPv6 literal", s, ErrInvalidServerName)
-		}
-	} else {
-		host := s
-		if i := strings.IndexByte(s, ':'); i >= 0 {
-			host, rest = s[:i], s[i:]
-		} else {
-			rest = ""
-		}
-		if len(host) == 0 || len(host) > 255 {
-			return sn, fmt.Errorf("parsing server name %q: %w: bad host length", s, ErrInvalidServerName)
-		}
-		for i := 0; i < len(host); i++ {
-			c := host[i]
-			if !(c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c == '-' || c == '.') {
-				return sn, fmt.Errorf("parsing server name %q: %w: bad character in host", s, ErrInvalidServerName)
-			}
-		}
-		sn.host = host
-		if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
-			sn.ip = ip
-		}
-	}
-	if rest != "" {
-		p := rest[1:]
-		if len(p) == 0 || len(p) > 5 {
-			return sn, fmt.Errorf("parsing server name %q: %w: bad port", s, ErrInvalidServerName)
-		}
-		for i := 0; i < len(p); i++ {
-			if p[i] < '0' || p[i] > '9' {
-				return sn, fmt.Errorf("parsing server name %q: %w: bad port", s, ErrInvalidServerName)
-			}
-		}
-		n, _ := strconv.Atoi(p)
-		if n < 1 || n > 65535 {
-			return sn, fmt.Errorf("parsing server name %q: %w: port out of range", s, ErrInvalidServerName)
-		}
-		sn.port = strconv.Itoa(n)
-	}
-	return sn, nil
-}
-
-// ValidServerName reports whether s is a syntactically valid Matrix server
-// name with a port, if any, in 1–65535.
-func ValidServerName(s string) bool {
-	_, err := parseServerName(s)
-	return err == nil
+// parseServerName is matrix.ParseServerName (the module's one server name
+// check); its errors wrap ErrInvalidServerName.
+func parseServerName(s string) (matrix.ServerName, error) {
+	return matrix.ParseServerName(s)
 }
 
 // Resolve finds where to reach the Matrix server serverName, following the
@@ -202,17 +139,17 @@ func (r *Resolver) Resolve(ctx context.Context, name string) (Target, error) {
 	if err != nil {
 		return Target{}, fmt.Errorf("resolving server name: %w", err)
 	}
-	if sn.ip.IsValid() { // step 1
+	if sn.IP.IsValid() { // step 1
 		return ipTarget(sn, name), nil
 	}
-	if sn.port != "" { // step 2
-		addrs, err := r.lookupHost(ctx, sn.host, sn.port)
+	if sn.Port != "" { // step 2
+		addrs, err := r.lookupHost(ctx, sn.Host, sn.Port)
 		if err != nil {
 			return Target{}, fmt.Errorf("resolving server name %s: %w", name, err)
 		}
-		return Target{Addrs: addrs, Host: name, TLSServerName: sn.host}, nil
+		return Target{Addrs: addrs, Host: name, TLSServerName: sn.Host}, nil
 	}
-	delegated, wkErr := r.wellKnown(ctx, sn.host) // step 3
+	delegated, wkErr := r.wellKnown(ctx, sn.Host) // step 3
 	if wkErr == nil {
 		t, err := r.resolveDelegated(ctx, delegated)
 		if err != nil {
@@ -224,11 +161,11 @@ func (r *Resolver) Resolve(ctx context.Context, name string) (Target, error) {
 		return Target{}, fmt.Errorf("resolving server name %s: %w", name, ctx.Err())
 	}
 	// Steps 4–6.
-	addrs, err := r.srvOrHost(ctx, sn.host)
+	addrs, err := r.srvOrHost(ctx, sn.Host)
 	if err != nil {
 		return Target{}, fmt.Errorf("resolving server name %s: %w", name, err)
 	}
-	return Target{Addrs: addrs, Host: sn.host, TLSServerName: sn.host}, nil
+	return Target{Addrs: addrs, Host: sn.Host, TLSServerName: sn.Host}, nil
 }
 
 // resolveDelegated applies steps 3.1–3.5 to a validated m.server value.
@@ -237,32 +174,32 @@ func (r *Resolver) resolveDelegated(ctx context.Context, delegated string) (Targ
 	if err != nil {
 		return Target{}, err
 	}
-	if dn.ip.IsValid() { // 3.1
+	if dn.IP.IsValid() { // 3.1
 		return ipTarget(dn, delegated), nil
 	}
-	if dn.port != "" { // 3.2
-		addrs, err := r.lookupHost(ctx, dn.host, dn.port)
+	if dn.Port != "" { // 3.2
+		addrs, err := r.lookupHost(ctx, dn.Host, dn.Port)
 		if err != nil {
 			return Target{}, err
 		}
-		return Target{Addrs: addrs, Host: delegated, TLSServerName: dn.host}, nil
+		return Target{Addrs: addrs, Host: delegated, TLSServerName: dn.Host}, nil
 	}
-	addrs, err := r.srvOrHost(ctx, dn.host) // 3.3–3.5
+	addrs, err := r.srvOrHost(ctx, dn.Host) // 3.3–3.5
 	if err != nil {
 		return Target{}, err
 	}
-	return Target{Addrs: addrs, Host: dn.host, TLSServerName: dn.host}, nil
+	return Target{Addrs: addrs, Host: dn.Host, TLSServerName: dn.Host}, nil
 }
 
 // ipTarget builds the Target of an IP-literal server name; hostHeader is the
 // name as given (including any port).
-func ipTarget(sn serverName, hostHeader string) Target {
-	port := sn.port
+func ipTarget(sn matrix.ServerName, hostHeader string) Target {
+	port := sn.Port
 	if port == "" {
 		port = DefaultFederationPort
 	}
 	return Target{
-		Addrs: []string{net.JoinHostPort(sn.ip.String(), port)},
+		Addrs: []string{net.JoinHostPort(sn.IP.String(), port)},
 		Host:  hostHeader,
 	}
 }
@@ -363,7 +300,10 @@ func (r *Resolver) now() time.Time {
 // everybody.
 func (r *Resolver) wellKnown(ctx context.Context, host string) (string, error) {
 	r.mu.Lock()
-	if e, ok := r.cache[host]; ok && r.now().Before(e.expires) {
+	if r.cache == nil {
+		r.cache = capped.New(capped.Options[string, wellKnownEntry]{Max: wellKnownCacheMax, Now: r.now})
+	}
+	if e, ok := r.cache.Get(host); ok {
 		r.mu.Unlock()
 		return e.server, e.err
 	}
@@ -410,24 +350,7 @@ func (r *Resolver) fetchAndStore(ctx context.Context, client *http.Client, host 
 	r.mu.Lock()
 	delete(r.inflight, host)
 	if ttl > 0 {
-		if r.cache == nil {
-			r.cache = make(map[string]wellKnownEntry)
-		}
-		now := r.now()
-		if len(r.cache) >= wellKnownCacheMax {
-			for k, e := range r.cache {
-				if !now.Before(e.expires) {
-					delete(r.cache, k)
-				}
-			}
-			for k := range r.cache {
-				if len(r.cache) < wellKnownCacheMax {
-					break
-				}
-				delete(r.cache, k)
-			}
-		}
-		r.cache[host] = wellKnownEntry{server: server, err: err, expires: now.Add(ttl)}
+		r.cache.PutTTL(host, wellKnownEntry{server: server, err: err}, ttl)
 	}
 	c.server, c.err = server, err
 	r.mu.Unlock()

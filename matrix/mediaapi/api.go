@@ -40,6 +40,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/singleflight"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
@@ -138,7 +139,7 @@ type Repository struct {
 	// server/id: one fetch per item, others wait for it. remoteMaxSize
 	// bounds what is stored of one.
 	// previews caches URL previews; previewFlights coalesces them.
-	previews       previewCache
+	previews       *capped.Map[string, []byte]
 	previewFlights singleflight.Group
 
 	remoteMu      sync.Mutex
@@ -224,6 +225,8 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		now:             time.Now,
 		pollInterval:    pendingPollInterval,
 	}
+	// The clock is read through r.now, which tests replace.
+	r.previews = newPreviewCache(func() time.Time { return r.now() })
 	if r.metrics == nil {
 		r.metrics = NewMetrics()
 	}

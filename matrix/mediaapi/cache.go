@@ -60,6 +60,13 @@ func newMediaEntry(m storage.Media) *mediaEntry {
 // (second-chance) eviction, an approximation of LRU whose hits only take a
 // read lock and set a flag: entries used since the clock hand last passed
 // survive one more round.
+//
+// It is deliberately not an internal/capped.Map (the module's bounded-cache
+// type): it sits on the download hot path, where concurrent hits of the same
+// popular media must not serialize. A capped.Map hit takes an exclusive lock
+// to move the entry to the front of its LRU list; a hit here takes only the
+// read lock. Entries never expire (a row leaves by remove), so the Map's
+// per-entry expiry would buy nothing either.
 type mediaCache struct {
 	mu    sync.RWMutex
 	items map[mediaKey]int // index into slots

@@ -7,11 +7,11 @@ import (
 	"errors"
 	"net/http"
 	"strconv"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/preview"
@@ -31,44 +31,11 @@ const previewTTL = time.Hour
 // maxCachedPreviews bounds the in-memory preview cache.
 const maxCachedPreviews = 4096
 
-// previewCache remembers recent previews by URL, with their expiry.
-type previewCache struct {
-	mu      sync.Mutex
-	entries map[string]cachedPreview
-}
-
-type cachedPreview struct {
-	body    []byte
-	expires time.Time
-}
-
-func (c *previewCache) get(url string, now time.Time) []byte {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	e, ok := c.entries[url]
-	if !ok || now.After(e.expires) {
-		return nil
-	}
-	return e.body
-}
-
-func (c *previewCache) put(url string, body []byte, now time.Time) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.entries == nil {
-		c.entries = make(map[string]cachedPreview)
-	}
-	if len(c.entries) >= maxCachedPreviews {
-		for k, e := range c.entries {
-			if now.After(e.expires) || len(c.entries) >= maxCachedPreviews {
-				delete(c.entries, k)
-			}
-			if len(c.entries) < maxCachedPreviews*3/4 {
-				break
-			}
-		}
-	}
-	c.entries[url] = cachedPreview{body: body, expires: now.Add(previewTTL)}
+// newPreviewCache returns the cache of recent preview bodies by URL, each
+// kept for previewTTL from its request, at most maxCachedPreviews, least
+// recently used evicted. now is the repository's clock.
+func newPreviewCache(now func() time.Time) *capped.Map[string, []byte] {
+	return capped.New(capped.Options[string, []byte]{Max: maxCachedPreviews, Now: now})
 }
 
 // servePreview handles GET preview_url: the OpenGraph data of a page, with
@@ -94,7 +61,7 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		}
 	}
 	now := s.repo.now()
-	if body := s.repo.previews.get(raw, now); body != nil {
+	if body, ok := s.repo.previews.Get(raw); ok {
 		return writeJSON(w, body)
 	}
 	v, err, _ := s.repo.previewFlights.Do(raw, func() (any, error) {
@@ -105,7 +72,7 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		return s.previewError(w, r, err)
 	}
 	body := v.([]byte)
-	s.repo.previews.put(raw, body, now)
+	s.repo.previews.PutUntil(raw, body, now.Add(previewTTL))
 	return writeJSON(w, body)
 }
 

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 )
 
 // Sentinel errors of inbound request verification. Use errors.Is to map them
@@ -140,10 +142,9 @@ func NewVerifier(opts VerifierOptions) (*Verifier, error) {
 	v.cache = &keyCache{
 		fetcher: opts.Fetcher,
 		now:     v.now,
-		max:     opts.CacheSize,
 		negTTL:  opts.NegativeTTL,
 		maxTTL:  opts.MaxKeyTTL,
-		entries: map[cacheKey]cacheEntry{},
+		entries: capped.New(capped.Options[cacheKey, cacheEntry]{Max: opts.CacheSize, Now: v.now}),
 		flights: map[string]*flight{},
 	}
 	return v, nil
@@ -266,9 +267,8 @@ type cacheKey struct{ origin, keyID string }
 
 // cacheEntry is a cached key (err == nil) or a cached failure.
 type cacheEntry struct {
-	key     ServerKey
-	err     error
-	expires time.Time
+	key ServerKey
+	err error
 }
 
 // flight is an in-progress fetch for one origin.
@@ -279,55 +279,23 @@ type flight struct{ done chan struct{} }
 type keyCache struct {
 	fetcher KeyFetcher
 	now     func() time.Time
-	max     int
 	negTTL  time.Duration
 	maxTTL  time.Duration
 
+	// entries holds keys until their validity (capped at maxTTL) ends and
+	// failures for negTTL, least recently used evicted beyond CacheSize.
+	entries *capped.Map[cacheKey, cacheEntry]
+
 	mu      sync.Mutex
-	entries map[cacheKey]cacheEntry
 	flights map[string]*flight
-}
-
-// lookupLocked returns a cached, unexpired entry. c.mu must be held.
-func (c *keyCache) lookupLocked(k cacheKey, now time.Time) (cacheEntry, bool) {
-	e, ok := c.entries[k]
-	if !ok {
-		return cacheEntry{}, false
-	}
-	if !now.Before(e.expires) {
-		delete(c.entries, k)
-		return cacheEntry{}, false
-	}
-	return e, true
-}
-
-// storeLocked adds an entry, making room if the cache is full. c.mu must
-// be held.
-func (c *keyCache) storeLocked(k cacheKey, e cacheEntry, now time.Time) {
-	if _, exists := c.entries[k]; !exists && len(c.entries) >= c.max {
-		for ek, ee := range c.entries {
-			if !now.Before(ee.expires) {
-				delete(c.entries, ek)
-			}
-		}
-		// Still full: drop arbitrary entries (map order is unspecified).
-		for ek := range c.entries {
-			if len(c.entries) < c.max {
-				break
-			}
-			delete(c.entries, ek)
-		}
-	}
-	c.entries[k] = e
 }
 
 // get returns origin's key keyID, valid now, from the cache or the fetcher.
 func (c *keyCache) get(ctx context.Context, origin, keyID string) (ServerKey, error) {
 	k := cacheKey{origin, keyID}
 	for {
-		now := c.now()
 		c.mu.Lock()
-		if e, ok := c.lookupLocked(k, now); ok {
+		if e, ok := c.entries.Get(k); ok {
 			c.mu.Unlock()
 			if e.err != nil {
 				return ServerKey{}, e.err
@@ -366,10 +334,14 @@ func (c *keyCache) fetch(ctx context.Context, origin, keyID string) (ServerKey, 
 	if fetchErr != nil {
 		err := fmt.Errorf("%w: fetching keys of %s: %w", ErrNoKey, origin, fetchErr)
 		if ctx.Err() == nil { // our own cancellation says nothing about the origin
-			c.storeLocked(cacheKey{origin, keyID}, cacheEntry{err: err, expires: now.Add(c.negTTL)}, now)
+			c.entries.PutUntil(cacheKey{origin, keyID}, cacheEntry{err: err}, now.Add(c.negTTL))
 		}
 		return ServerKey{}, err
 	}
+	var (
+		wanted    ServerKey
+		wantedExp time.Time
+	)
 	for id, sk := range keys {
 		if len(sk.Public) != ed25519.PublicKeySize || !sk.ValidUntil.After(now) {
 			continue
@@ -378,10 +350,17 @@ func (c *keyCache) fetch(ctx context.Context, origin, keyID string) (ServerKey, 
 		if limit := now.Add(c.maxTTL); exp.After(limit) {
 			exp = limit
 		}
-		c.storeLocked(cacheKey{origin, id}, cacheEntry{key: sk, expires: exp}, now)
+		if id == keyID {
+			wanted, wantedExp = sk, exp
+			continue
+		}
+		c.entries.PutUntil(cacheKey{origin, id}, cacheEntry{key: sk}, exp)
 	}
-	if e, ok := c.lookupLocked(cacheKey{origin, keyID}, now); ok && e.err == nil {
-		return e.key, nil
+	if !wantedExp.IsZero() {
+		// Stored last, so that a small cache keeps the key being asked
+		// for rather than its siblings.
+		c.entries.PutUntil(cacheKey{origin, keyID}, cacheEntry{key: wanted}, wantedExp)
+		return wanted, nil
 	}
 	reason := "unknown key"
 	if sk, ok := keys[keyID]; ok {
@@ -392,7 +371,7 @@ func (c *keyCache) fetch(ctx context.Context, origin, keyID string) (ServerKey, 
 		}
 	}
 	err := fmt.Errorf("%w: %s of %s: %s", ErrNoKey, keyID, origin, reason)
-	c.storeLocked(cacheKey{origin, keyID}, cacheEntry{err: err, expires: now.Add(c.negTTL)}, now)
+	c.entries.PutUntil(cacheKey{origin, keyID}, cacheEntry{err: err}, now.Add(c.negTTL))
 	return ServerKey{}, err
 }
 

@@ -379,9 +379,7 @@ func TestVerifyKeyCache(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		v.cache.mu.Lock()
-		n := len(v.cache.entries)
-		v.cache.mu.Unlock()
+		n := v.cache.entries.Len()
 		if n > 3 {
 			t.Fatalf("cache holds %d entries, limit 3", n)
 		}
