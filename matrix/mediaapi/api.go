@@ -34,10 +34,12 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/sync/semaphore"
 	"golang.org/x/sync/singleflight"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
@@ -66,7 +68,16 @@ const (
 	// DefaultPendingCleanupInterval is how often RunPendingExpiry deletes
 	// expired pending media.
 	DefaultPendingCleanupInterval = 5 * time.Minute
+	// DefaultThumbnailMemory is how many bytes of thumbnail sources are held
+	// in memory at once.
+	DefaultThumbnailMemory int64 = 256 << 20
+	// DefaultThumbnailTimeout bounds one thumbnail generation.
+	DefaultThumbnailTimeout = time.Minute
 )
+
+// thumbnailMemoryWait is how long a thumbnail generation waits for room in
+// the source memory budget before it is refused with 429.
+const thumbnailMemoryWait = time.Second
 
 // pendingPollInterval is how often a download waiting for a pending upload
 // re-reads the store, to notice an upload completed by another instance.
@@ -134,6 +145,20 @@ type Repository struct {
 	thumbCache   *mediaCache
 	thumbFlights singleflight.Group
 	pregen       chan struct{}
+	// thumbMemory admits thumbnail sources (their size in bytes, at most
+	// thumbMemoryCap) before they are read; thumbMemoryWait is how long a
+	// source waits for room; thumbTimeout bounds one generation.
+	thumbMemory     *semaphore.Weighted
+	thumbMemoryCap  int64
+	thumbMemoryWait time.Duration
+	thumbTimeout    time.Duration
+	thumbMemoryHeld atomic.Int64
+	// testHookThumbnailJoined, when set, runs after a request joined a
+	// thumbnail generation (tests use it to coalesce deterministically).
+	testHookThumbnailJoined func()
+
+	// bg counts the work running outside of requests (see Go and Drain).
+	bg backgroundWork
 
 	// remoteFlights are the fetches of remote media in progress, keyed by
 	// server/id: one fetch per item, others wait for it. remoteMaxSize
@@ -185,6 +210,18 @@ type RepositoryOptions struct {
 	// ThumbnailMaxSourceBytes is the largest media thumbnailed (larger ones
 	// get 413). Default thumbnails.DefaultMaxSourceBytes (64 MiB).
 	ThumbnailMaxSourceBytes int64
+	// ThumbnailMemory bounds the bytes of thumbnail sources held in memory
+	// at once, across all generations: a source is admitted (by its size,
+	// or the whole budget when it is larger) before it is read, and one that
+	// does not fit within a second gets 429 M_LIMIT_EXCEEDED with
+	// Retry-After. Default DefaultThumbnailMemory (256 MiB).
+	ThumbnailMemory int64
+	// ThumbnailTimeout bounds one thumbnail generation: reading the source,
+	// waiting for a worker, generating and storing. A generation past it
+	// fails with 504 (a libvips operation already running is not
+	// interrupted; the pixel limits bound it). Default
+	// DefaultThumbnailTimeout (1 minute).
+	ThumbnailTimeout time.Duration
 	// MaxRemoteSize is the largest remote media cached (larger ones get
 	// 502 M_TOO_LARGE). Default DefaultMaxUploadSize (100 MiB).
 	MaxRemoteSize int64
@@ -263,6 +300,16 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.thumbMaxSource = thumbnails.DefaultMaxSourceBytes
 	}
 	r.pregen = make(chan struct{}, 1)
+	r.thumbMemoryCap = opts.ThumbnailMemory
+	if r.thumbMemoryCap <= 0 {
+		r.thumbMemoryCap = DefaultThumbnailMemory
+	}
+	r.thumbMemory = semaphore.NewWeighted(r.thumbMemoryCap)
+	r.thumbMemoryWait = thumbnailMemoryWait
+	r.thumbTimeout = opts.ThumbnailTimeout
+	if r.thumbTimeout <= 0 {
+		r.thumbTimeout = DefaultThumbnailTimeout
+	}
 	r.remoteFlights = make(map[string]*remoteFlight)
 	r.remoteMaxSize = opts.MaxRemoteSize
 	if r.remoteMaxSize <= 0 {
@@ -291,8 +338,12 @@ func (r *Repository) Forget(serverName, mediaID string) {
 // with a context cancelled in the matching destructor:
 //
 //	ctx, stop := context.WithCancel(context.Background())
-//	go repo.RunPendingExpiry(ctx)
-//	// ... on teardown: stop(), wait for the goroutine, then close the stores.
+//	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(ctx) })
+//	// ... on teardown: stop(), repo.Drain(...), then close the stores.
+//
+// A pass that panics is recovered (logged, counted in
+// caddy_matrix_media_panics_total{where="pending_expiry"}) and the loop goes
+// on.
 //
 // Downloads waiting on a deleted item notice it on their next store check and
 // answer 404 M_NOT_FOUND.
@@ -300,13 +351,16 @@ func (r *Repository) RunPendingExpiry(ctx context.Context) {
 	t := time.NewTicker(r.cleanupInterval)
 	defer t.Stop()
 	for {
-		n, err := r.meta.DeleteExpiredPending(ctx, r.now())
-		switch {
-		case err != nil && ctx.Err() == nil:
-			r.logger.Error("deleting expired pending media", zap.Error(err))
-		case n > 0:
-			r.logger.Info("deleted expired pending media", zap.Int64("count", n))
-		}
+		_ = r.safely("pending_expiry", func() error {
+			n, err := r.meta.DeleteExpiredPending(ctx, r.now())
+			switch {
+			case err != nil && ctx.Err() == nil:
+				r.logger.Error("deleting expired pending media", zap.Error(err))
+			case n > 0:
+				r.logger.Info("deleted expired pending media", zap.Int64("count", n))
+			}
+			return nil
+		})
 		select {
 		case <-ctx.Done():
 			return

@@ -25,6 +25,7 @@ import (
 //	caddy_matrix_media_datastore_bytes_total{datastore,direction}  counter (in: new blobs written by uploads, out: download bodies)
 //	caddy_matrix_media_datastore_operations_total{datastore,op,result}  counter (object-store requests; result ok|error)
 //	caddy_matrix_media_datastore_operation_duration_seconds{datastore,op}  histogram
+//	caddy_matrix_media_panics_total{where}                   counter (recovered panics; where: thumbnail, thumbnail_pregeneration, pending_expiry, ...)
 //
 // endpoint is one of unknown, upload, create, upload_put, download, config,
 // options; code is the HTTP status (499 when the client went away before an
@@ -48,6 +49,7 @@ type Metrics struct {
 	remoteFetches *prometheus.CounterVec
 	remoteBytes   prometheus.Counter
 	remoteLatency prometheus.Histogram
+	panics        *prometheus.CounterVec
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -143,6 +145,10 @@ func NewMetrics() *Metrics {
 			Help:    "Time to fetch and store remote media.",
 			Buckets: []float64{.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300},
 		}),
+		panics: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "panics_total",
+			Help: "Panics recovered in media work, by where they happened.",
+		}, []string{"where"}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -155,7 +161,7 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
 		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
-		m.remoteFetches, m.remoteBytes, m.remoteLatency}
+		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics}
 }
 
 // remoteFetch records one remote fetch.

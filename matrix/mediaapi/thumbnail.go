@@ -335,9 +335,23 @@ func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.Thu
 		return nil, fmt.Errorf("looking up thumbnail: %w", err)
 	}
 	ch := r.thumbFlights.DoChan(ck.server+"\x00"+ck.id, func() (any, error) {
-		// Detached from the first caller: others may be waiting.
-		return r.generateThumbnail(context.WithoutCancel(ctx), e, k)
+		// Detached from the first caller (others may be waiting) but bounded
+		// by the generation deadline, holding the stores open, and with a
+		// panic turned into this flight's error: singleflight would re-raise
+		// it on a goroutine of its own and end the process.
+		var t storage.Thumbnail
+		err := r.run("thumbnail", func() error {
+			gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.thumbTimeout)
+			defer cancel()
+			var err error
+			t, err = r.generateThumbnail(gctx, e, k)
+			return err
+		})
+		return t, err
 	})
+	if r.testHookThumbnailJoined != nil {
+		r.testHookThumbnailJoined()
+	}
 	select {
 	case res := <-ch:
 		if res.Err != nil {
@@ -372,9 +386,10 @@ func thumbnailFileName(contentType string) string {
 	return "thumbnail." + ext
 }
 
-// generateThumbnail reads the source, generates thumbnail k, stores it (or,
-// when the source is already small enough, records the source itself as the
-// thumbnail) and returns the record.
+// generateThumbnail admits the source into the memory budget, reads it,
+// generates thumbnail k, stores it (or, when the source is already small
+// enough, records the source itself as the thumbnail) and returns the record.
+// ctx carries the generation's deadline.
 func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey) (storage.Thumbnail, error) {
 	if e.m.Size > r.thumbMaxSource {
 		r.metrics.thumbnailRejected("too_large")
@@ -384,6 +399,12 @@ func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k sto
 		r.metrics.thumbnailRejected("unsupported")
 		return storage.Thumbnail{}, fmt.Errorf("thumbnailing %q: %w", e.m.ContentType, thumbnails.ErrUnsupported)
 	}
+	release, err := r.admitSource(ctx, e.m.Size)
+	if err != nil {
+		r.metrics.thumbnailRejected(thumbnailErrorReason(err))
+		return storage.Thumbnail{}, err
+	}
+	defer release()
 	src, err := r.readContent(ctx, e)
 	if err != nil {
 		return storage.Thumbnail{}, err
@@ -451,8 +472,41 @@ func thumbnailErrorReason(err error) string {
 	}
 }
 
+// admitSource takes room for a size-byte thumbnail source in the memory
+// budget (the whole budget for a larger source), waiting up to
+// thumbMemoryWait; beyond it the error wraps thumbnails.ErrBusy (429). The
+// returned function gives the room back.
+func (r *Repository) admitSource(ctx context.Context, size int64) (func(), error) {
+	n := min(max(size, 1), r.thumbMemoryCap)
+	if !r.thumbMemory.TryAcquire(n) {
+		err := errors.New("no wait allowed")
+		if r.thumbMemoryWait > 0 {
+			wctx, cancel := context.WithTimeout(ctx, r.thumbMemoryWait)
+			err = r.thumbMemory.Acquire(wctx, n)
+			cancel()
+		}
+		switch {
+		case err == nil:
+		case ctx.Err() != nil:
+			return nil, fmt.Errorf("waiting for thumbnail source memory: %w", ctx.Err())
+		default:
+			return nil, fmt.Errorf("admitting a %d-byte thumbnail source: %d-byte budget in use: %w", size, r.thumbMemoryCap, thumbnails.ErrBusy)
+		}
+	}
+	r.thumbMemoryHeld.Add(n)
+	return func() {
+		r.thumbMemoryHeld.Add(-n)
+		r.thumbMemory.Release(n)
+	}, nil
+}
+
+// thumbMemoryUsed returns the bytes of the source memory budget in use.
+func (r *Repository) thumbMemoryUsed() int64 { return r.thumbMemoryHeld.Load() }
+
 // readContent reads the whole content of a media item (a thumbnail source,
-// bounded by the caller) from its datastore.
+// admitted by the caller) from its datastore. When ctx ends first the reader
+// is closed, which ends a read blocked on a stalled store (a network body
+// whose server stopped sending), and the error wraps ctx's error.
 func (r *Repository) readContent(ctx context.Context, e *mediaEntry) ([]byte, error) {
 	store, ok := r.stores.Get(e.m.Datastore)
 	if !ok {
@@ -462,21 +516,32 @@ func (r *Repository) readContent(ctx context.Context, e *mediaEntry) ([]byte, er
 	if ro, ok := store.(storage.RangeOpener); ok {
 		var err error
 		if rc, err = ro.OpenRange(ctx, e.m.SHA256, 0, e.m.Size); err != nil {
-			return nil, fmt.Errorf("reading thumbnail source: %w", err)
+			return nil, fmt.Errorf("reading thumbnail source: %w", withCtxErr(ctx, err))
 		}
 	} else {
 		b, err := store.Open(ctx, e.m.SHA256)
 		if err != nil {
-			return nil, fmt.Errorf("reading thumbnail source: %w", err)
+			return nil, fmt.Errorf("reading thumbnail source: %w", withCtxErr(ctx, err))
 		}
 		rc = b.Content
 	}
 	defer rc.Close()
+	stop := context.AfterFunc(ctx, func() { _ = rc.Close() })
+	defer stop()
 	buf := make([]byte, e.m.Size)
 	if _, err := io.ReadFull(rc, buf); err != nil {
-		return nil, fmt.Errorf("reading thumbnail source: %w", err)
+		return nil, fmt.Errorf("reading thumbnail source: %w", withCtxErr(ctx, err))
 	}
 	return buf, nil
+}
+
+// withCtxErr adds ctx's error to err when ctx has ended, so that a read
+// failing because its deadline closed the reader is seen as a timeout.
+func withCtxErr(ctx context.Context, err error) error {
+	if cerr := ctx.Err(); cerr != nil && !errors.Is(err, cerr) {
+		return fmt.Errorf("%w: %w", cerr, err)
+	}
+	return err
 }
 
 // thumbnailError answers a failure to produce a thumbnail.
@@ -491,6 +556,12 @@ func (s *Site) thumbnailError(w http.ResponseWriter, r *http.Request, err error)
 		return writeErr(w, matrix.TooLarge("Media is too large to thumbnail"))
 	case errors.Is(err, thumbnails.ErrBusy):
 		return writeErr(w, matrix.LimitExceeded("Too many thumbnails are being generated, retry shortly", 2*time.Second))
+	case errors.Is(err, context.DeadlineExceeded):
+		s.repo.logger.Warn("thumbnail generation timed out", zap.Error(err))
+		return writeErr(w, matrix.Unknown(http.StatusGatewayTimeout, "Timed out generating the thumbnail, try again later"))
+	case errors.Is(err, ErrShuttingDown):
+		w.Header().Set("Retry-After", "1")
+		return writeErr(w, matrix.Unknown(http.StatusServiceUnavailable, "The media repository is reloading, retry"))
 	case errors.Is(err, storage.ErrUnavailable):
 		s.repo.logger.Error("media storage unavailable while thumbnailing", zap.Error(err))
 		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
@@ -503,8 +574,8 @@ func (s *Site) thumbnailError(w http.ResponseWriter, r *http.Request, err error)
 }
 
 // pregenerate makes the pre-defined thumbnails of a freshly uploaded image in
-// the background, skipping any size when the generator has no free worker:
-// requests always come first.
+// the background (holding the stores open, see Go), skipping any size when
+// the generator has no free worker: requests always come first.
 func (r *Repository) pregenerate(m storage.Media) {
 	if r.thumbs == nil || !r.thumbPolicy.Pregenerate || !strings.HasPrefix(m.ContentType, "image/") || m.Size > r.thumbMaxSource {
 		return
@@ -514,7 +585,7 @@ func (r *Repository) pregenerate(m storage.Media) {
 	default:
 		return // one pre-generation at a time; this upload goes without
 	}
-	go func() {
+	started := r.Go("thumbnail_pregeneration", func() {
 		defer func() { <-r.pregen }()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 		defer cancel()
@@ -532,5 +603,8 @@ func (r *Repository) pregenerate(m storage.Media) {
 				return
 			}
 		}
-	}()
+	})
+	if !started {
+		<-r.pregen // draining: no pre-generation
+	}
 }

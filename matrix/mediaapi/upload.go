@@ -30,8 +30,11 @@ type uploadMeta struct {
 // parseUploadMeta validates the Content-Type header and the filename query
 // parameter. The Content-Type is kept exactly as sent (default
 // application/octet-stream); it must be at most 255 visible-ASCII characters
-// (spaces and tabs allowed). The file name must be valid UTF-8 without
-// control characters, at most 255 bytes.
+// (spaces and tabs allowed); one that is not exactly one valid media type
+// (such as a list) is stored as sent and served as an attachment
+// (matrix.InlineSafe). The file name must be valid UTF-8 without control
+// characters, at most 255 bytes; its bidirectional controls (U+202E and
+// friends, which can disguise an extension) are removed.
 func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
 	var um uploadMeta
 	um.contentType = "application/octet-stream"
@@ -52,7 +55,7 @@ func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
 	if found && (!ok || !validFileName(name)) {
 		return um, matrix.InvalidParam("filename must be valid UTF-8 of at most 255 bytes without control characters")
 	}
-	um.filename = name
+	um.filename = matrix.StripBidiControls(name)
 	return um, nil
 }
 
