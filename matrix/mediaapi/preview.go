@@ -31,7 +31,9 @@ const previewTTL = time.Hour
 // maxCachedPreviews bounds the in-memory preview cache.
 const maxCachedPreviews = 4096
 
-// previewCache remembers recent previews by URL, with their expiry.
+// previewCache remembers recent previews by site and URL, with their expiry.
+// The repository's sites share it, so its keys name the site (previewKey):
+// a preview's og:image is media of the site that made it.
 type previewCache struct {
 	mu      sync.Mutex
 	entries map[string]cachedPreview
@@ -94,10 +96,11 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		}
 	}
 	now := s.repo.now()
-	if body := s.repo.previews.get(raw, now); body != nil {
+	key := previewKey(s.cfg.ServerName, raw)
+	if body := s.repo.previews.get(key, now); body != nil {
 		return writeJSON(w, body)
 	}
-	v, err, _ := s.repo.previewFlights.Do(raw, func() (any, error) {
+	v, err, _ := s.repo.previewFlights.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(r.Context())
 		return s.makePreview(ctx, raw, user.UserID)
 	})
@@ -105,8 +108,14 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		return s.previewError(w, r, err)
 	}
 	body := v.([]byte)
-	s.repo.previews.put(raw, body, now)
+	s.repo.previews.put(key, body, now)
 	return writeJSON(w, body)
+}
+
+// previewKey is the cache and coalescing key of a preview of rawURL made for
+// a site: each site gets previews whose og:image is its own media.
+func previewKey(serverName, rawURL string) string {
+	return serverName + "\x00" + rawURL
 }
 
 // makePreview fetches the page (and its image) and builds the JSON body.
