@@ -198,6 +198,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	if f := a.Federation; f != nil {
+		if f.MaxFetches < 0 || f.MaxFetchesPerServer < 0 {
+			return fmt.Errorf("federation: max_fetches and max_fetches_per_server must not be negative")
+		}
+		settings.maxFetches, settings.maxFetchesPerServer = f.MaxFetches, f.MaxFetchesPerServer
+	}
 	key := settings.key()
 	val, reused, err := resourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return openResources(ctx, settings, a.logger)

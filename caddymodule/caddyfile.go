@@ -71,6 +71,8 @@ func init() {
 //			insecure_skip_verify
 //			allowed_networks <cidr>...
 //			max_remote_size <size>
+//			max_fetches <n>
+//			max_fetches_per_server <n>
 //			notary <server_name> <key_id> <public_key>
 //		}
 //		thumbnails off
@@ -264,6 +266,10 @@ func parseFederation(d *caddyfile.Dispenser) (*FederationConfig, error) {
 			f.AllowedNetworks = append(f.AllowedNetworks, nets...)
 		case "max_remote_size":
 			f.MaxRemoteSize, err = byteSize(d)
+		case "max_fetches":
+			f.MaxFetches, err = positiveInt(d)
+		case "max_fetches_per_server":
+			f.MaxFetchesPerServer, err = positiveInt(d)
 		case "notary":
 			args := d.RemainingArgs()
 			if len(args) != 3 {

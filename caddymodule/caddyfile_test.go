@@ -366,11 +366,13 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					insecure_skip_verify
 					allowed_networks 10.0.0.0/8 fd00::/8
 					max_remote_size 50MiB
+					max_fetches 32
+					max_fetches_per_server 4
 					notary matrix.org ed25519:auto Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP9uYw
 				}
 			}`,
 			want: App{Federation: &FederationConfig{TrustedCAFile: "/etc/ssl/private-ca.pem", InsecureSkipVerify: true,
-				AllowedNetworks: []string{"10.0.0.0/8", "fd00::/8"}, MaxRemoteSize: 50 << 20,
+				AllowedNetworks: []string{"10.0.0.0/8", "fd00::/8"}, MaxRemoteSize: 50 << 20, MaxFetches: 32, MaxFetchesPerServer: 4,
 				Notaries: []NotaryConfig{{"matrix.org", "ed25519:auto", "Noi6WqcDj0QmPxCNQqgezwTlBKrfqehY1u2FyWP9uYw"}}}},
 		},
 		{input: `matrix_media {
@@ -378,6 +380,11 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					trust_everyone
 				}
 			}`, wantErr: "unrecognized subdirective 'trust_everyone'"},
+		{input: `matrix_media {
+				federation {
+					max_fetches 0
+				}
+			}`, wantErr: "max_fetches must be a positive integer"},
 		{input: `matrix_media {
 				thumbnails {
 					size 64 64 zoom

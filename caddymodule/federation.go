@@ -40,6 +40,16 @@ type FederationConfig struct {
 	// gets 502 M_TOO_LARGE. Default: the app's max_upload_size.
 	MaxRemoteSize int64 `json:"max_remote_size,omitempty"`
 
+	// MaxFetches bounds the remote media fetches in flight, from all remote
+	// servers together; a request that would start one more gets 429
+	// M_LIMIT_EXCEEDED with Retry-After (requests for an item already being
+	// fetched wait for it and are not counted). Default 64.
+	MaxFetches int `json:"max_fetches,omitempty"`
+
+	// MaxFetchesPerServer bounds the remote media fetches in flight from
+	// one remote server, likewise. Default 16.
+	MaxFetchesPerServer int `json:"max_fetches_per_server,omitempty"`
+
 	// Notaries are trusted key servers (perspectives), asked for the keys
 	// of servers whose requests are verified before asking those servers
 	// directly, e.g. matrix.org. Default: none (keys fetched directly).

@@ -374,8 +374,14 @@ func previewerOf(app *App) mediaapi.Previewer {
 	return app.previewer
 }
 
-// Cleanup closes the site's idle federation connections.
+// Cleanup retires the site (its server name stops being local to the shared
+// repository unless the config that replaces this one serves it too: that
+// config registered it before this cleanup) and closes its idle federation
+// connections.
 func (h *Handler) Cleanup() error {
+	if h.site != nil {
+		h.site.Close()
+	}
 	if h.fed != nil {
 		h.fed.CloseIdleConnections()
 	}

@@ -46,6 +46,9 @@ type storeSettings struct {
 	thumbnails thumbnailSettings
 	// maxRemoteSize bounds cached remote media.
 	maxRemoteSize int64
+	// maxFetches and maxFetchesPerServer bound remote fetches in flight
+	// (0: the repository's defaults).
+	maxFetches, maxFetchesPerServer int
 }
 
 // key identifies the pooled resources. The media cache size is part of it
@@ -53,7 +56,8 @@ type storeSettings struct {
 // builds a new repository rather than silently keeping the old size.
 func (s storeSettings) key() string {
 	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
-		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10)
+		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10) +
+		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer)
 }
 
 // datastoreNames lists the datastores' names, for logs.
@@ -131,14 +135,16 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		thumbnailer = g
 	}
 	repo, err := mediaapi.NewRepository(stores, meta, mediaapi.RepositoryOptions{
-		Thumbnailer:             thumbnailer,
-		Thumbnails:              s.thumbnails.policy,
-		ThumbnailMaxSourceBytes: s.thumbnails.maxSource,
-		MaxRemoteSize:           s.maxRemoteSize,
-		Redirects:               redirects,
-		MediaCacheSize:          s.mediaCacheSize,
-		Logger:                  logger,
-		Metrics:                 metrics,
+		Thumbnailer:               thumbnailer,
+		Thumbnails:                s.thumbnails.policy,
+		ThumbnailMaxSourceBytes:   s.thumbnails.maxSource,
+		MaxRemoteSize:             s.maxRemoteSize,
+		MaxRemoteFetches:          s.maxFetches,
+		MaxRemoteFetchesPerServer: s.maxFetchesPerServer,
+		Redirects:                 redirects,
+		MediaCacheSize:            s.mediaCacheSize,
+		Logger:                    logger,
+		Metrics:                   metrics,
 	})
 	if err != nil {
 		_ = meta.Close()

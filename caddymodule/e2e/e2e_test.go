@@ -70,6 +70,7 @@ func TestTwoSitesSQLite(t *testing.T) {
 	t.Run("b.test", func(t *testing.T) { exerciseSite(t, b, appMaxUpload) })
 	t.Run("reverse_proxy", func(t *testing.T) { checkProxied(t, a, b) })
 	t.Run("dedup", func(t *testing.T) { checkDedup(t, cfg.storagePath, a, b) })
+	t.Run("siblings", func(t *testing.T) { checkSiblings(t, a, b) })
 	t.Run("metrics", func(t *testing.T) { checkMetrics(t, inst) })
 }
 

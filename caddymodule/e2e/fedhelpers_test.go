@@ -173,6 +173,9 @@ type fedNodeOptions struct {
 	keyFile string
 	// token and user are the one access token its homeserver knows.
 	token, user string
+	// siteDirectives are put in the site block before matrix_media (e.g.
+	// "encode gzip zstd"). Default: none.
+	siteDirectives string
 }
 
 // loadKeyFile reads the one signing key of a key file.
@@ -242,6 +245,7 @@ func startFedNode(t *testing.T, o fedNodeOptions) *fedNode {
 
 https://%s {
 	tls %s %s
+	%s
 	matrix_media {
 		server_name %s
 		homeserver %s
@@ -251,7 +255,7 @@ https://%s {
 }
 `, cfg.adminPort, freePort(t), port,
 		filepath.Join(dir, "media.db"), filepath.Join(dir, "media"), o.pki.caFile,
-		n.serverName, o.pki.certFile, o.pki.keyFile,
+		n.serverName, o.pki.certFile, o.pki.keyFile, o.siteDirectives,
 		n.serverName, n.hs.srv.URL, o.keyFile,
 		strings.TrimPrefix(n.hs.srv.URL, "http://"))
 	n.inst = startCaddy(t, cfg)

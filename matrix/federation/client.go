@@ -115,8 +115,9 @@ type ClientOptions struct {
 	// MaxBytes is the largest media accepted; reading more from a Media
 	// body yields ErrRemoteTooLarge. Default 100 MiB.
 	MaxBytes int64
-	// FailureTTL is how long a failed fetch (not found or unavailable) of
-	// one media (and thumbnail parameters) is remembered and answered
+	// FailureTTL is how long a failed fetch (not found, unavailable, or
+	// over MaxBytes, also when that is only found while reading the body)
+	// of one media (and thumbnail parameters) is remembered and answered
 	// without a request. Default 30 s; negative disables the cache.
 	FailureTTL time.Duration
 	// BreakerThreshold is the number of consecutive failures of one remote
@@ -414,7 +415,7 @@ func (c *MediaClient) fetch(ctx context.Context, r mediaRequest) (Media, error) 
 		} else {
 			c.breakerDone(r.server, outcomeSuccess)
 		}
-		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrUnavailable) {
+		if errors.Is(err, ErrNotFound) || errors.Is(err, ErrUnavailable) || errors.Is(err, ErrRemoteTooLarge) {
 			c.rememberFailure(key, err)
 		}
 		c.observe(resultOf(err), 0, start)
@@ -428,6 +429,10 @@ func (c *MediaClient) fetch(ctx context.Context, r mediaRequest) (Media, error) 
 		done: func(n int64, err error) {
 			c.observe(resultOf(err), n, start)
 		},
+		// Media found over the limit only while reading (no length was
+		// announced) is remembered like any failed fetch: a retry within
+		// FailureTTL fails at once instead of downloading it again.
+		tooLarge: func(err error) { c.rememberFailure(key, err) },
 	}
 	return m, nil
 }
@@ -592,6 +597,10 @@ func (c *MediaClient) getPlain(ctx context.Context, st *fetchState, client *http
 // readMultipart handles a 200 answer of the federation endpoint.
 func (c *MediaClient) readMultipart(ctx context.Context, st *fetchState, resp *http.Response) (Media, error) {
 	part, err := ReadMediaResponse(resp.Header.Get("Content-Type"), resp.Body, c.opts.MaxBytes)
+	if errors.Is(err, ErrTooLarge) {
+		// The media part announced a length over the limit.
+		return Media{}, fmt.Errorf("federation endpoint: %w: %w", ErrRemoteTooLarge, err)
+	}
 	if err != nil {
 		return Media{}, fmt.Errorf("federation endpoint: %w: %w", ErrUnavailable, err)
 	}
@@ -610,7 +619,7 @@ func (c *MediaClient) readMultipart(ctx context.Context, st *fetchState, resp *h
 	return Media{
 		ContentType:        part.ContentType,
 		ContentDisposition: part.ContentDisposition,
-		Size:               -1,
+		Size:               part.Size,
 		Body:               io.NopCloser(part.Body),
 	}, nil
 }
@@ -703,6 +712,9 @@ type mediaBody struct {
 	ctx     context.Context
 	release func()
 	done    func(n int64, err error)
+	// tooLarge is called (once) when reading finds the media over the
+	// size limit.
+	tooLarge func(err error)
 
 	mu     sync.Mutex
 	n      int64
@@ -729,6 +741,9 @@ func (b *mediaBody) Read(p []byte) (int, error) {
 		}
 		if b.err == nil {
 			b.err = err
+			if b.tooLarge != nil && errors.Is(err, ErrRemoteTooLarge) {
+				b.tooLarge(err)
+			}
 		}
 	}
 	return n, err

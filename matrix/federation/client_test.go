@@ -206,7 +206,7 @@ func TestMediaClientDownloadMultipart(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if m.ContentType != "text/plain" || m.ContentDisposition != `inline; filename="a.txt"` || m.Size != -1 {
+			if m.ContentType != "text/plain" || m.ContentDisposition != `inline; filename="a.txt"` || m.Size != int64(len("hello media")) {
 				t.Errorf("media = %+v", m)
 			}
 			if got := readAll(t, m); got != "hello media" {

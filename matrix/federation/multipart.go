@@ -22,7 +22,9 @@ import (
 var ErrTooLarge = errors.New("media larger than the allowed size")
 
 // ErrMalformed is returned (wrapped) by ReadMediaResponse for responses that
-// are not a well-formed federation media multipart body.
+// are not a well-formed federation media multipart body, and by
+// MediaPart.Body for a body that ends before its closing delimiter (a
+// truncated response).
 var ErrMalformed = errors.New("malformed federation media response")
 
 // Parser limits for the parts that are buffered.
@@ -53,6 +55,9 @@ type MediaPart struct {
 	// ContentDisposition is the Content-Disposition header of the media
 	// part, if any.
 	ContentDisposition string
+	// Size is the media part's own Content-Length when it sent one, else
+	// -1. Body then yields exactly Size bytes or an error.
+	Size int64
 	// Location is the URL to fetch the media from when the remote answered
 	// with a redirect part; Body is nil then. It is an absolute http(s)
 	// URL and must not be cached.
@@ -67,9 +72,12 @@ type MediaPart struct {
 // /_matrix/federation/v1/media/download or /thumbnail: multipart/mixed with
 // a JSON metadata part followed by either the media (streamed, not
 // buffered) or a part with a Location header. It tolerates LF-only line
-// endings, a preamble, transport padding after delimiters and a missing
-// closing delimiter (the media then ends at EOF). maxBytes (>= 0) bounds the
-// media size.
+// endings, a preamble and transport padding after delimiters, but not a media
+// part that ends at EOF without a delimiter after it: that is a truncated
+// response, and Body fails with ErrMalformed (wrapping
+// io.ErrUnexpectedEOF) instead of ending cleanly. maxBytes (>= 0) bounds the
+// media size: a media part whose Content-Length is over it fails at once
+// with ErrTooLarge, before any of its bytes is read.
 func ReadMediaResponse(contentType string, body io.Reader, maxBytes int64) (MediaPart, error) {
 	if maxBytes < 0 {
 		return MediaPart{}, fmt.Errorf("reading media response: negative size limit %d", maxBytes)
@@ -128,13 +136,29 @@ func ReadMediaResponse(contentType string, body io.Reader, maxBytes int64) (Medi
 		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
 			return MediaPart{}, fmt.Errorf("reading media part: %w: invalid Location %q", ErrMalformed, loc)
 		}
-		return MediaPart{Metadata: meta, Location: loc}, nil
+		return MediaPart{Metadata: meta, Location: loc, Size: -1}, nil
+	}
+	size := int64(-1)
+	if cl := h2.Get("Content-Length"); cl != "" {
+		n, err := strconv.ParseInt(cl, 10, 64)
+		if err != nil || n < 0 {
+			return MediaPart{}, fmt.Errorf("reading media part: %w: invalid Content-Length %q", ErrMalformed, cl)
+		}
+		if n > maxBytes {
+			return MediaPart{}, fmt.Errorf("reading media part: %w: Content-Length %d, limit %d", ErrTooLarge, n, maxBytes)
+		}
+		size = n
+	}
+	var media io.Reader = &limitedBody{r: &partReader{m: m, atStart: true, requireDelim: true}, remaining: maxBytes}
+	if size >= 0 {
+		media = &exactReader{r: media, left: size}
 	}
 	return MediaPart{
 		Metadata:           meta,
 		ContentType:        h2.Get("Content-Type"),
 		ContentDisposition: h2.Get("Content-Disposition"),
-		Body:               &limitedBody{r: &partReader{m: m, atStart: true}, remaining: maxBytes},
+		Size:               size,
+		Body:               media,
 	}, nil
 }
 
@@ -247,15 +271,16 @@ func (m *mpReader) readHeaders() (textproto.MIMEHeader, error) {
 
 // partReader streams one part's body up to the next delimiter, which it
 // consumes together with the rest of its line. The line break before a
-// delimiter belongs to the delimiter. EOF without a delimiter ends the part
-// (tolerated missing closing delimiter).
+// delimiter belongs to the delimiter. EOF without a delimiter ends the part,
+// or fails it when requireDelim is set (a truncated media part).
 type partReader struct {
-	m        *mpReader
-	atStart  bool  // nothing of the body consumed yet: a delimiter may start at offset 0
-	sawDelim bool  // the part ended at a delimiter (not at EOF)
-	final    bool  // that delimiter was the closing one
-	done     bool  // the part is finished
-	err      error // sticky read error
+	m            *mpReader
+	requireDelim bool  // EOF before a delimiter is an error
+	atStart      bool  // nothing of the body consumed yet: a delimiter may start at offset 0
+	sawDelim     bool  // the part ended at a delimiter (not at EOF)
+	final        bool  // that delimiter was the closing one
+	done         bool  // the part is finished
+	err          error // sticky read error
 }
 
 // delimCheck is the outcome of looking at the bytes after "--boundary".
@@ -343,7 +368,11 @@ func (p *partReader) Read(b []byte) (int, error) {
 		}
 		if !need {
 			// Nothing buffered and at EOF: the part ends without a
-			// closing delimiter.
+			// delimiter, which the media part must have.
+			if p.requireDelim {
+				p.err = fmt.Errorf("reading multipart body: %w: %w before the closing delimiter", ErrMalformed, io.ErrUnexpectedEOF)
+				return 0, p.err
+			}
 			p.done = true
 			return 0, io.EOF
 		}
@@ -422,6 +451,36 @@ func (p *partReader) scan(peek []byte, eof bool) (n, delimAt, delimLen int, fina
 		return safe, 0, 0, false, false
 	}
 	return 0, 0, 0, false, true
+}
+
+// exactReader yields exactly left bytes of r: an early EOF or more bytes
+// are ErrMalformed (the part's Content-Length was wrong or the body was cut).
+type exactReader struct {
+	r    io.Reader
+	left int64
+}
+
+// Read implements io.Reader.
+func (e *exactReader) Read(b []byte) (int, error) {
+	if e.left == 0 {
+		var one [1]byte
+		n, err := e.r.Read(one[:])
+		if n > 0 {
+			return 0, fmt.Errorf("reading media part: %w: more bytes than its Content-Length", ErrMalformed)
+		}
+		return 0, err
+	}
+	if int64(len(b)) > e.left {
+		b = b[:e.left]
+	}
+	n, err := e.r.Read(b)
+	e.left -= int64(n)
+	if errors.Is(err, io.EOF) && e.left > 0 {
+		err = fmt.Errorf("reading media part: %w: %w, %d bytes short of its Content-Length", ErrMalformed, io.ErrUnexpectedEOF, e.left)
+	} else if errors.Is(err, io.EOF) {
+		err = nil
+	}
+	return n, err
 }
 
 // limitedBody passes through at most remaining bytes and then reports
@@ -508,6 +567,11 @@ func WriteMediaResponse(w http.ResponseWriter, contentType, contentDisposition s
 	var head strings.Builder
 	head.WriteString(metadataPart(boundary))
 	head.WriteString("Content-Type: " + contentType + "\r\n")
+	if size >= 0 {
+		// The part's own length lets the peer refuse media over its limit
+		// before reading it.
+		head.WriteString("Content-Length: " + strconv.FormatInt(size, 10) + "\r\n")
+	}
 	if contentDisposition != "" {
 		head.WriteString("Content-Disposition: " + contentDisposition + "\r\n")
 	}

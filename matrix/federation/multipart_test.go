@@ -2,6 +2,7 @@ package federation
 
 import (
 	"bytes"
+	"cmp"
 	"errors"
 	"io"
 	"mime"
@@ -38,6 +39,7 @@ func TestReadMediaResponse(t *testing.T) {
 		wantCD   string
 		wantLoc  string
 		wantBody string
+		wantSize int64 // 0 means -1 (none announced)
 		bodyErr  error // checked on reading Body
 	}{
 		{
@@ -63,10 +65,41 @@ func TestReadMediaResponse(t *testing.T) {
 			wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file_to_stream",
 		},
 		{
-			name: "no closing delimiter: body ends at EOF",
+			name: "no closing delimiter: truncated, the body fails at EOF",
 			ct:   testCT,
 			body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\n\n") + "PNGDATA",
-			max:  100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA",
+			max:  100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA", bodyErr: ErrMalformed,
+		},
+		{
+			name: "cut inside the closing delimiter",
+			ct:   testCT,
+			body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\n\n") + "PNGDATA\r\n--gc0p4J",
+			max:  100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA\r\n--gc0p4J", bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part with its Content-Length",
+			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: 14\n", 1),
+			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file_to_stream", wantSize: 14,
+		},
+		{
+			name: "media part Content-Length over the limit: refused before reading",
+			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: 14\n", 1),
+			max: 13, wantErr: ErrTooLarge,
+		},
+		{
+			name: "media part longer than its Content-Length",
+			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: 4\n", 1),
+			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file", wantSize: 4, bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part shorter than its Content-Length",
+			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: 40\n", 1),
+			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file_to_stream", wantSize: 40, bodyErr: ErrMalformed,
+		},
+		{
+			name: "invalid media part Content-Length",
+			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: -1\n", 1),
+			max: 100, wantErr: ErrMalformed,
 		},
 		{
 			name: "preamble, transport padding, quoted boundary param, body containing near-delimiters",
@@ -167,6 +200,9 @@ func TestReadMediaResponse(t *testing.T) {
 				}
 				if mp.ContentType != tc.wantCT || mp.ContentDisposition != tc.wantCD || mp.Location != tc.wantLoc {
 					t.Errorf("headers = %q %q %q, want %q %q %q", mp.ContentType, mp.ContentDisposition, mp.Location, tc.wantCT, tc.wantCD, tc.wantLoc)
+				}
+				if want := cmp.Or(tc.wantSize, -1); mp.Size != want {
+					t.Errorf("size = %d, want %d", mp.Size, want)
 				}
 				if tc.wantLoc != "" {
 					if mp.Body != nil {
@@ -371,7 +407,7 @@ func FuzzReadMediaResponse(f *testing.F) {
 		if int64(len(got)) > int64(max) {
 			t.Fatalf("read %d bytes, limit %d", len(got), max)
 		}
-		if err != nil && !errors.Is(err, ErrTooLarge) {
+		if err != nil && !errors.Is(err, ErrTooLarge) && !errors.Is(err, ErrMalformed) {
 			t.Fatalf("unexpected body error %v", err)
 		}
 		if len(got) > len(data) {

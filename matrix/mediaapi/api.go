@@ -20,13 +20,17 @@
 //	GET  /_matrix/federation/v1/media/{download,thumbnail}/{mediaId}            (X-Matrix)
 //
 // (HEAD is accepted wherever GET is on client endpoints; the MSC3916 unstable
-// prefixes are aliases.) Media of other server names is fetched over
-// federation when the site has a RemoteFetcher. Thumbnails, previews and the
+// prefixes are aliases.) Media of every server name served by a site of the
+// same Repository is local: served from the shared store under the
+// requesting site's rules. Media of other server names is fetched over
+// federation when the site has a RemoteFetcher, within the repository's
+// bounds on fetches in flight (429 M_LIMIT_EXCEEDED beyond them). Thumbnails, previews and the
 // federation endpoints answer 404 M_UNRECOGNIZED when their part is not
 // configured, like any unknown media path.
 package mediaapi
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -73,6 +77,11 @@ const (
 	DefaultThumbnailMemory int64 = 256 << 20
 	// DefaultThumbnailTimeout bounds one thumbnail generation.
 	DefaultThumbnailTimeout = time.Minute
+	// DefaultMaxRemoteFetches bounds the remote fetches in flight.
+	DefaultMaxRemoteFetches = 64
+	// DefaultMaxRemoteFetchesPerServer bounds the remote fetches in flight
+	// from one remote server.
+	DefaultMaxRemoteFetchesPerServer = 16
 )
 
 // thumbnailMemoryWait is how long a thumbnail generation waits for room in
@@ -160,16 +169,29 @@ type Repository struct {
 	// bg counts the work running outside of requests (see Go and Drain).
 	bg backgroundWork
 
-	// remoteFlights are the fetches of remote media in progress, keyed by
-	// server/id: one fetch per item, others wait for it. remoteMaxSize
-	// bounds what is stored of one.
-	// previews caches URL previews; previewFlights coalesces them.
+	// previews caches URL previews; previewFlights coalesces them. Both
+	// are keyed by the requesting site's server name and the URL
+	// (previewKey): a preview's og:image is media of the site that made it.
 	previews       *capped.Map[string, []byte]
 	previewFlights singleflight.Group
 
-	remoteMu      sync.Mutex
-	remoteFlights map[string]*remoteFlight
-	remoteMaxSize int64
+	// locals are the server names of the sites built on the repository.
+	locals localNames
+
+	// remoteFlights are the fetches of remote media in progress, keyed by
+	// server/id: one fetch per item, others wait for it; a flight ends
+	// once its row is visible. remotePerServer counts them by remote
+	// server; maxFetches and maxFetchesPerServer bound both counts.
+	// remoteMaxSize bounds what is stored of one.
+	remoteMu            sync.Mutex
+	remoteFlights       map[string]*remoteFlight
+	remotePerServer     map[string]int
+	maxFetches          int
+	maxFetchesPerServer int
+	remoteMaxSize       int64
+
+	// hooks are called at points of the remote path, for tests.
+	hooks testHooks
 
 	cleanupInterval time.Duration
 	// cache holds ready media rows; nil when disabled.
@@ -225,6 +247,29 @@ type RepositoryOptions struct {
 	// MaxRemoteSize is the largest remote media cached (larger ones get
 	// 502 M_TOO_LARGE). Default DefaultMaxUploadSize (100 MiB).
 	MaxRemoteSize int64
+	// MaxRemoteFetches bounds the fetches of remote media (and remote
+	// thumbnails) in flight, from every remote server together; a request
+	// that would start one more gets 429 M_LIMIT_EXCEEDED with Retry-After.
+	// Requests for an item already being fetched wait for that fetch and
+	// are not counted. Default 64.
+	MaxRemoteFetches int
+	// MaxRemoteFetchesPerServer bounds the fetches in flight from one
+	// remote server, likewise. Default 16.
+	MaxRemoteFetchesPerServer int
+}
+
+// testHooks are called at points of the remote path where tests need to
+// order events; nil hooks are skipped.
+type testHooks struct {
+	// missed is called when a remote item was not found cached, before
+	// its flight is looked for.
+	missed func(key string)
+	// joined is called once a request joined (leader false) or started
+	// (leader true) a flight.
+	joined func(key string, leader bool)
+	// beforeRecord is called when a fetched item is stored, before its row
+	// is recorded.
+	beforeRecord func(server, id string)
 }
 
 // RedirectPolicy configures presigned download redirects for a datastore.
@@ -248,6 +293,9 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		if p.Lifetime <= 0 {
 			return nil, fmt.Errorf("building repository: redirect lifetime of datastore %q must be positive", name)
 		}
+	}
+	if opts.MaxRemoteFetches < 0 || opts.MaxRemoteFetchesPerServer < 0 {
+		return nil, fmt.Errorf("building repository: negative remote fetch bound %d/%d", opts.MaxRemoteFetches, opts.MaxRemoteFetchesPerServer)
 	}
 	if opts.PendingCleanupInterval < 0 {
 		return nil, fmt.Errorf("building repository: negative pending cleanup interval %s", opts.PendingCleanupInterval)
@@ -311,6 +359,9 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.thumbTimeout = DefaultThumbnailTimeout
 	}
 	r.remoteFlights = make(map[string]*remoteFlight)
+	r.remotePerServer = make(map[string]int)
+	r.maxFetches = cmp.Or(opts.MaxRemoteFetches, DefaultMaxRemoteFetches)
+	r.maxFetchesPerServer = cmp.Or(opts.MaxRemoteFetchesPerServer, DefaultMaxRemoteFetchesPerServer)
 	r.remoteMaxSize = opts.MaxRemoteSize
 	if r.remoteMaxSize <= 0 {
 		r.remoteMaxSize = DefaultMaxUploadSize
@@ -387,10 +438,14 @@ type Site struct {
 	mxcPrefix    string
 	downloadWait time.Duration
 	maxPending   int
+	// closeOnce unregisters the server name once (Close).
+	closeOnce sync.Once
 }
 
 // NewSite builds a site on a shared repository, validating and defaulting cfg.
-// authn checks access tokens (whoami against the site's homeserver).
+// authn checks access tokens (whoami against the site's homeserver). The
+// site's server name becomes local to the repository (its media is served by
+// every site of it) until Close.
 func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site, error) {
 	if repo == nil {
 		return nil, errors.New("building site: no repository")
@@ -430,6 +485,7 @@ func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site,
 		downloadWait: min(DefaultDownloadTimeout, cfg.MaxDownloadTimeout),
 		maxPending:   max(cfg.MaxPendingUploads, 0),
 	}
+	repo.locals.register(cfg.ServerName)
 	return s, nil
 }
 

@@ -69,30 +69,14 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 	if merr != nil {
 		return writeErr(w, merr)
 	}
-	if server != s.cfg.ServerName {
-		if rt.legacy && !allowRemote(r.URL.RawQuery) {
-			return writeErr(w, matrix.NotFound("Media not found"))
-		}
-		return s.serveRemoteDownload(w, r, server, id, fileName, timeout, rt.legacy)
+	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout}
+	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && !rt.legacy {
+		// A first download of remote media streams while it is stored.
+		o.stream = &streamTarget{w: w, r: r, fileName: fileName}
 	}
-
-	key := mediaKey{server, id}
-	e, m, err := s.repo.lookup(r.Context(), key)
-	switch {
-	case errors.Is(err, storage.ErrNotFound):
-		return writeErr(w, matrix.NotFound("Media not found"))
-	case err != nil:
-		return s.internalError(w, "looking up media", err)
-	}
-	if rt.legacy && s.frozen(m.CreatedAt) {
-		return writeErr(w, matrix.NotFound("Media not found"))
-	}
-	if e == nil {
-		var st int
-		e, st = s.waitForUpload(w, r, key, m, timeout)
-		if st != 0 {
-			return st
-		}
+	e, err := s.resolve(r.Context(), server, id, o)
+	if err != nil {
+		return s.fail(w, r, err)
 	}
 	return s.sendMedia(w, r, e, fileName, rt.legacy)
 }
@@ -141,14 +125,13 @@ func (s *Site) downloadTimeout(rawQuery string) (time.Duration, *matrix.Error) {
 // waitForUpload waits up to timeout for the pending item m to get its
 // content: woken at once by a PUT in this process, and re-reading the store
 // every 500 ms for uploads completed by another instance. It gives up early
-// when the client disconnects. On failure it writes the error and returns its
-// status.
-func (s *Site) waitForUpload(w http.ResponseWriter, r *http.Request, key mediaKey, m storage.Media, timeout time.Duration) (*mediaEntry, int) {
+// when ctx ends (the client disconnected).
+func (s *Site) waitForUpload(ctx context.Context, key mediaKey, m storage.Media, timeout time.Duration) (*mediaEntry, error) {
 	if !s.repo.now().Before(m.ExpiresAt) {
-		return nil, writeErr(w, matrix.NotFound("Media not found"))
+		return nil, errMediaNotFound
 	}
 	if timeout <= 0 {
-		return nil, writeErr(w, matrix.NotYetUploaded("Media has not been uploaded yet"))
+		return nil, matrix.NotYetUploaded("Media has not been uploaded yet")
 	}
 	ch, unsubscribe := s.repo.waits.subscribe(key)
 	defer func() { unsubscribe() }()
@@ -159,12 +142,11 @@ func (s *Site) waitForUpload(w http.ResponseWriter, r *http.Request, key mediaKe
 	defer timer.Stop()
 	ticker := time.NewTicker(s.repo.pollInterval)
 	defer ticker.Stop()
-	ctx := r.Context()
 	for {
 		// The first check also covers an upload that completed between the
 		// caller's lookup and the subscription.
-		if e, st, done := s.recheckPending(w, r, key); done {
-			return e, st
+		if e, err, done := s.recheckPending(ctx, key); done {
+			return e, err
 		}
 		select {
 		case <-ch:
@@ -174,36 +156,35 @@ func (s *Site) waitForUpload(w http.ResponseWriter, r *http.Request, key mediaKe
 			ch, unsubscribe = s.repo.waits.subscribe(key)
 		case <-ticker.C:
 		case <-timer.C:
-			if e, st, done := s.recheckPending(w, r, key); done {
-				return e, st
+			if e, err, done := s.recheckPending(ctx, key); done {
+				return e, err
 			}
-			return nil, writeErr(w, matrix.NotYetUploaded("Media has not been uploaded yet"))
+			return nil, matrix.NotYetUploaded("Media has not been uploaded yet")
 		case <-ctx.Done():
-			writeErr(w, matrix.NotYetUploaded("Media has not been uploaded yet"))
-			return nil, statusClientGone
+			return nil, fmt.Errorf("waiting for an upload: %w", ctx.Err())
 		}
 	}
 }
 
 // recheckPending reads the item again while waiting. done reports a final
-// answer: the ready entry, or an error already written (status).
-func (s *Site) recheckPending(w http.ResponseWriter, r *http.Request, key mediaKey) (e *mediaEntry, status int, done bool) {
-	e, m, err := s.repo.lookup(r.Context(), key)
+// answer: the ready entry, or an error.
+func (s *Site) recheckPending(ctx context.Context, key mediaKey) (e *mediaEntry, err error, done bool) {
+	e, m, err := s.repo.lookup(ctx, key)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
 		// Expired and cleaned up meanwhile.
-		return nil, writeErr(w, matrix.NotFound("Media not found")), true
+		return nil, errMediaNotFound, true
 	case err != nil:
-		if r.Context().Err() != nil {
-			return nil, 0, false // the select notices the disconnect
+		if ctx.Err() != nil {
+			return nil, nil, false // the select notices the disconnect
 		}
-		return nil, s.internalError(w, "looking up pending media", err), true
+		return nil, fmt.Errorf("looking up pending media: %w", err), true
 	case e != nil:
-		return e, 0, true
+		return e, nil, true
 	case !s.repo.now().Before(m.ExpiresAt):
-		return nil, writeErr(w, matrix.NotFound("Media not found")), true
+		return nil, errMediaNotFound, true
 	}
-	return nil, 0, false
+	return nil, nil, false
 }
 
 // sendMedia writes a ready media item: conditional requests, one byte range,
@@ -271,10 +252,17 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 	n, err := copyBody(w, content, start+length == size, length, &s.repo.copyBufs)
 	s.repo.metrics.downloadBytes.Add(float64(n))
 	s.repo.metrics.datastoreBytes(e.m.Datastore, "out").Add(float64(n))
+	if err == nil && n < length {
+		err = fmt.Errorf("copying media content: %w after %d of %d bytes", io.ErrUnexpectedEOF, n, length)
+	}
 	if err != nil {
 		if ce := s.repo.logger.Check(zapcore.DebugLevel, "media download interrupted"); ce != nil {
 			ce.Write(zap.String("media_id", e.m.MediaID), zap.Int64("sent", n), zap.Error(err))
 		}
+		// The status line is out: cut the connection, so that the client
+		// (and a compressing layer in front of us, which would otherwise
+		// end its stream cleanly) never sees a complete-looking response.
+		panic(http.ErrAbortHandler)
 	}
 	return status
 }

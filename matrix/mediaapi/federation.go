@@ -9,7 +9,6 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
-	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
 // FederationConfig enables a site's federation media endpoints
@@ -57,22 +56,15 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 			return writeErr(w, merr)
 		}
 	}
-	key := mediaKey{s.cfg.ServerName, id}
-	e, m, err := s.repo.lookup(r.Context(), key)
-	switch {
-	case errors.Is(err, storage.ErrNotFound):
-		return writeErr(w, matrix.NotFound("Media not found"))
-	case err != nil:
-		return s.internalError(w, "looking up media", err)
-	case m.Remote:
-		// Only our own media is served to other servers.
-		return writeErr(w, matrix.NotFound("Media not found"))
+	// Only this site's own media is served to other servers: neither a
+	// sibling site's (its own federation endpoint serves it) nor remote
+	// copies.
+	e, err := s.resolveLocal(r.Context(), mediaKey{s.cfg.ServerName, id}, resolveOptions{timeout: timeout})
+	if err == nil && e.m.Remote {
+		err = errMediaNotFound
 	}
-	if e == nil {
-		var st int
-		if e, st = s.waitForUpload(w, r, key, m, timeout); st != 0 {
-			return st
-		}
+	if err != nil {
+		return s.fail(w, r, err)
 	}
 	if rt.ep == epFedThumbnail {
 		// No Accept negotiation over federation: the automatic format, so

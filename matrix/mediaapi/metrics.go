@@ -26,6 +26,8 @@ import (
 //	caddy_matrix_media_datastore_operations_total{datastore,op,result}  counter (object-store requests; result ok|error)
 //	caddy_matrix_media_datastore_operation_duration_seconds{datastore,op}  histogram
 //	caddy_matrix_media_panics_total{where}                   counter (recovered panics; where: thumbnail, thumbnail_pregeneration, pending_expiry, ...)
+//	caddy_matrix_media_admission_rejections_total{reason}    counter (429s of admission bounds: remote_total, remote_server)
+//	caddy_matrix_media_remote_fetches_in_flight              gauge
 //
 // endpoint is one of unknown, upload, create, upload_put, download, config,
 // options; code is the HTTP status (499 when the client went away before an
@@ -50,6 +52,8 @@ type Metrics struct {
 	remoteBytes   prometheus.Counter
 	remoteLatency prometheus.Histogram
 	panics        *prometheus.CounterVec
+	admission     *prometheus.CounterVec
+	remoteRunning prometheus.Gauge
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -149,6 +153,14 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "panics_total",
 			Help: "Panics recovered in media work, by where they happened.",
 		}, []string{"where"}),
+		admission: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "admission_rejections_total",
+			Help: "Requests refused with 429 because a bound on work in progress was reached, by reason: remote_total (remote fetches in flight), remote_server (remote fetches in flight from one server).",
+		}, []string{"reason"}),
+		remoteRunning: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetches_in_flight",
+			Help: "Remote media fetches in progress (admitted and not yet recorded or failed).",
+		}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -161,7 +173,7 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
 		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
-		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics}
+		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning}
 }
 
 // remoteFetch records one remote fetch.
@@ -170,6 +182,9 @@ func (m *Metrics) remoteFetch(result string, n int64, d time.Duration) {
 	m.remoteBytes.Add(float64(n))
 	m.remoteLatency.Observe(d.Seconds())
 }
+
+// admissionRejected counts a request refused by an admission bound.
+func (m *Metrics) admissionRejected(reason string) { m.admission.WithLabelValues(reason).Inc() }
 
 // federationVerifyFailed counts a refused inbound federation request.
 func (m *Metrics) federationVerifyFailed(reason string) { m.fedVerify.WithLabelValues(reason).Inc() }

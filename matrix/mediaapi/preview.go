@@ -31,7 +31,7 @@ const previewTTL = time.Hour
 // maxCachedPreviews bounds the in-memory preview cache.
 const maxCachedPreviews = 4096
 
-// newPreviewCache returns the cache of recent preview bodies by URL, each
+// newPreviewCache returns the cache of recent preview bodies by previewKey, each
 // kept for previewTTL from its request, at most maxCachedPreviews, least
 // recently used evicted. now is the repository's clock.
 func newPreviewCache(now func() time.Time) *capped.Map[string, []byte] {
@@ -61,10 +61,11 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		}
 	}
 	now := s.repo.now()
-	if body, ok := s.repo.previews.Get(raw); ok {
+	key := previewKey(s.cfg.ServerName, raw)
+	if body, ok := s.repo.previews.Get(key); ok {
 		return writeJSON(w, body)
 	}
-	v, err, _ := s.repo.previewFlights.Do(raw, func() (any, error) {
+	v, err, _ := s.repo.previewFlights.Do(key, func() (any, error) {
 		ctx := context.WithoutCancel(r.Context())
 		return s.makePreview(ctx, raw, user.UserID)
 	})
@@ -72,8 +73,14 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 		return s.previewError(w, r, err)
 	}
 	body := v.([]byte)
-	s.repo.previews.PutUntil(raw, body, now.Add(previewTTL))
+	s.repo.previews.PutUntil(key, body, now.Add(previewTTL))
 	return writeJSON(w, body)
+}
+
+// previewKey is the cache and coalescing key of a preview of rawURL made for
+// a site: each site gets previews whose og:image is its own media.
+func previewKey(serverName, rawURL string) string {
+	return serverName + "\x00" + rawURL
 }
 
 // makePreview fetches the page (and its image) and builds the JSON body.

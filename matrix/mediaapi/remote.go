@@ -59,133 +59,68 @@ const remoteTimeout = 5 * time.Minute
 
 // remoteFlight is one fetch of a remote media item in progress.
 type remoteFlight struct {
-	done chan struct{}
+	server string
+	done   chan struct{}
 	// e and err are the outcome, valid once done is closed.
 	e   *mediaEntry
 	err error
 }
 
+// admissionRetryAfter is the Retry-After of a fetch refused by the bounds.
+const admissionRetryAfter = time.Second
+
 // joinRemote returns the flight of key, and whether the caller leads it
-// (and must finish it with finishRemote).
-func (r *Repository) joinRemote(key string) (*remoteFlight, bool) {
+// (and must finish it with finishRemote). A new flight is admitted only
+// within the fetch bounds (in total, and per remote server): beyond them it
+// fails with 429 M_LIMIT_EXCEEDED before any work (or goroutine) starts.
+// Joining a flight in progress costs no fetch and is always admitted.
+func (r *Repository) joinRemote(server, key string) (*remoteFlight, bool, error) {
 	r.remoteMu.Lock()
 	defer r.remoteMu.Unlock()
 	if f, ok := r.remoteFlights[key]; ok {
-		return f, false
+		return f, false, nil
 	}
-	f := &remoteFlight{done: make(chan struct{})}
+	if len(r.remoteFlights) >= r.maxFetches {
+		r.metrics.admissionRejected("remote_total")
+		return nil, false, matrix.LimitExceeded("Too many remote media fetches in progress, retry shortly", admissionRetryAfter)
+	}
+	if r.remotePerServer[server] >= r.maxFetchesPerServer {
+		r.metrics.admissionRejected("remote_server")
+		return nil, false, matrix.LimitExceeded("Too many media fetches from this server in progress, retry shortly", admissionRetryAfter)
+	}
+	f := &remoteFlight{server: server, done: make(chan struct{})}
 	r.remoteFlights[key] = f
-	return f, true
+	r.remotePerServer[server]++
+	r.metrics.remoteRunning.Inc()
+	return f, true, nil
 }
 
-// finishRemote ends a flight led by the caller.
+// finishRemote ends a flight led by the caller. A successful flight must
+// end only once its row is visible to lookups (cached and recorded), so that
+// a request that finds no flight also finds the row.
 func (r *Repository) finishRemote(key string, f *remoteFlight, e *mediaEntry, err error) {
 	r.remoteMu.Lock()
 	delete(r.remoteFlights, key)
+	if n := r.remotePerServer[f.server]; n <= 1 {
+		delete(r.remotePerServer, f.server)
+	} else {
+		r.remotePerServer[f.server] = n - 1
+	}
 	r.remoteMu.Unlock()
+	r.metrics.remoteRunning.Dec()
 	f.e, f.err = e, err
 	close(f.done)
 }
 
-// cachedRemote returns the cached copy of a remote item: (nil, 0) when there
-// is none yet; on failure the error is written and its status returned.
-func (s *Site) cachedRemote(w http.ResponseWriter, r *http.Request, server, id string) (*mediaEntry, int) {
-	e, m, err := s.repo.lookup(r.Context(), mediaKey{server, id})
-	switch {
-	case err == nil && e != nil && m.Remote:
-		return e, 0
-	case err == nil:
-		// A row that is not a ready remote copy (cannot happen for a
-		// server name that is not ours, unless the configuration changed).
-		return nil, writeErr(w, matrix.NotFound("Media not found"))
-	case !errors.Is(err, storage.ErrNotFound):
-		return nil, s.internalError(w, "looking up remote media", err)
-	}
-	return nil, 0
-}
-
-// remoteEntry returns the cached remote media item (server, id), fetching it
-// from its server first when it is not cached. Concurrent requests for one
-// item make one fetch. On failure it writes the error and returns its
-// status.
-func (s *Site) remoteEntry(w http.ResponseWriter, r *http.Request, server, id string, timeout time.Duration) (*mediaEntry, int) {
-	if s.cfg.Remote == nil {
-		return nil, writeErr(w, matrix.NotFound("Media not found"))
-	}
-	if e, st := s.cachedRemote(w, r, server, id); e != nil || st != 0 {
-		return e, st
-	}
-	key := server + "/" + id
-	f, leader := s.repo.joinRemote(key)
-	if leader {
-		go func() {
-			// Detached from this request: others may be waiting.
-			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
-			defer cancel()
-			e, err := s.repo.fetchRemote(ctx, s.cfg.Remote, server, id, timeout)
-			s.repo.finishRemote(key, f, e, err)
-		}()
-	}
-	return s.awaitRemote(w, r, f)
-}
-
-// awaitRemote waits for a flight's outcome.
-func (s *Site) awaitRemote(w http.ResponseWriter, r *http.Request, f *remoteFlight) (*mediaEntry, int) {
-	select {
-	case <-f.done:
-		if f.err != nil {
-			return nil, s.remoteError(w, r, f.err)
-		}
-		return f.e, 0
-	case <-r.Context().Done():
-		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
-		return nil, statusClientGone
-	}
-}
-
-// serveRemoteDownload answers a download of remote media. A whole GET that
-// finds the item neither cached nor being fetched leads the fetch and
-// streams the bytes to its client while they are stored (the client does not
-// wait for the whole file to be stored first); every other request waits for
-// the cached copy and is served from it.
-func (s *Site) serveRemoteDownload(w http.ResponseWriter, r *http.Request, server, id, fileName string, timeout time.Duration, legacy bool) int {
-	if s.cfg.Remote == nil {
-		return writeErr(w, matrix.NotFound("Media not found"))
-	}
-	e, st := s.cachedRemote(w, r, server, id)
-	if st != 0 {
-		return st
-	}
-	if e == nil {
-		key := server + "/" + id
-		f, leader := s.repo.joinRemote(key)
-		streamable := r.Method == http.MethodGet && r.Header.Get("Range") == "" && !legacy
-		switch {
-		case leader && streamable:
-			return s.streamRemote(w, r, key, f, server, id, fileName, timeout)
-		case leader:
-			go func() {
-				ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
-				defer cancel()
-				e, err := s.repo.fetchRemote(ctx, s.cfg.Remote, server, id, timeout)
-				s.repo.finishRemote(key, f, e, err)
-			}()
-		}
-		if e, st = s.awaitRemote(w, r, f); st != 0 {
-			return st
-		}
-	}
-	if legacy && s.frozen(e.m.CreatedAt) {
-		return writeErr(w, matrix.NotFound("Media not found"))
-	}
-	return s.sendMedia(w, r, e, fileName, legacy)
-}
-
 // streamRemote fetches remote media for the flight it leads and sends the
-// bytes to the client as they are stored. The fetch and the storing go on
-// if the client goes away; a failure after the response started cuts the
-// connection, so the client never takes a truncated body for a whole one.
-func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, f *remoteFlight, server, id, fileName string, timeout time.Duration) int {
+// bytes to the client as they are stored (the client does not wait for the
+// whole file to be stored first). The fetch and the storing go on if the
+// client goes away. Errors before the response started are returned; once it
+// started the result is a *respondedError, and a failure cuts the connection
+// (panic(http.ErrAbortHandler)), so the client never takes a truncated body
+// for a whole one.
+func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, server, id string, timeout time.Duration) error {
+	w, r := st.w, st.r
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
 	// Once the store runs in its goroutine, it owns ctx (and the body).
 	detached := false
@@ -199,28 +134,25 @@ func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, 
 	if err != nil {
 		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
 		s.repo.finishRemote(key, f, nil, err)
-		return s.remoteError(w, r, err)
+		return err
 	}
 	defer rm.Body.Close()
-	if rm.Size > s.repo.remoteMaxSize {
-		err := fmt.Errorf("fetching %s/%s: announced %d bytes, limit %d: %w", server, id, rm.Size, s.repo.remoteMaxSize, ErrRemoteTooLarge)
+	if err := s.repo.checkAnnouncedSize(server, id, rm.Size); err != nil {
 		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
 		s.repo.finishRemote(key, f, nil, err)
-		return s.remoteError(w, r, err)
+		return err
 	}
+	rm.ContentType = storedContentType(rm.ContentType)
+	body := sizedBody(rm.Body, rm.Size)
 
-	ct := rm.ContentType
-	if ct == "" {
-		ct = "application/octet-stream"
-	}
-	name := fileName
+	name := st.fileName
 	if name == "" {
 		name = dispositionFileName(rm.ContentDisposition)
 	}
 	h := w.Header()
 	setMediaSecurity(h, false)
-	h["Content-Type"] = []string{ct}
-	h["Content-Disposition"] = []string{matrix.ContentDisposition(ct, name, false)}
+	h["Content-Type"] = []string{rm.ContentType}
+	h["Content-Disposition"] = []string{matrix.ContentDisposition(rm.ContentType, name, false)}
 	if rm.Size >= 0 {
 		h["Content-Length"] = []string{strconv.FormatInt(rm.Size, 10)}
 	}
@@ -229,7 +161,9 @@ func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, 
 	// The bytes go to the client and, through a pipe, to a goroutine that
 	// stores them: once the last byte is sent the response ends, while the
 	// store finishes (flushes to disk, records the row) on its own and then
-	// completes the flight for the requests waiting on it.
+	// completes the flight for the requests waiting on it; the flight stays
+	// until the row is recorded, so later requests wait for it rather than
+	// fetch again.
 	pr, pw := io.Pipe()
 	go func() {
 		defer cancel()
@@ -245,7 +179,7 @@ func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, 
 	tee := &clientTee{w: w}
 	bp := s.repo.copyBufs.Get().(*[]byte)
 	defer s.repo.copyBufs.Put(bp)
-	_, err = io.CopyBuffer(io.MultiWriter(pw, tee), rm.Body, *bp)
+	_, err = io.CopyBuffer(io.MultiWriter(pw, tee), body, *bp)
 	pw.CloseWithError(err) // nil: EOF for the store
 	s.repo.metrics.downloadBytes.Add(float64(tee.n))
 	if err != nil {
@@ -253,7 +187,61 @@ func (s *Site) streamRemote(w http.ResponseWriter, r *http.Request, key string, 
 		// client does not take a truncated body for a whole one.
 		panic(http.ErrAbortHandler)
 	}
-	return http.StatusOK
+	return &respondedError{status: http.StatusOK}
+}
+
+// checkAnnouncedSize refuses remote media whose announced size is over the
+// limit, before any byte is read or sent.
+func (r *Repository) checkAnnouncedSize(server, id string, size int64) error {
+	if size > r.remoteMaxSize {
+		return fmt.Errorf("fetching %s/%s: announced %d bytes, limit %d: %w", server, id, size, r.remoteMaxSize, ErrRemoteTooLarge)
+	}
+	return nil
+}
+
+// sizedBody makes a body of announced size fail when it ends early or goes
+// on past its size, so that a copy of it never ends cleanly short.
+func sizedBody(body io.Reader, size int64) io.Reader {
+	if size < 0 {
+		return body
+	}
+	return &exactBody{r: body, left: size}
+}
+
+// exactBody reads exactly left bytes from r: an early EOF or extra bytes are
+// errors wrapping ErrRemoteUnavailable.
+type exactBody struct {
+	r    io.Reader
+	left int64
+}
+
+// Read implements io.Reader.
+func (b *exactBody) Read(p []byte) (int, error) {
+	if b.left == 0 {
+		var one [1]byte
+		n, err := b.r.Read(one[:])
+		switch {
+		case n > 0:
+			return 0, fmt.Errorf("reading remote media: %w: more bytes than announced", ErrRemoteUnavailable)
+		case err == nil:
+			return 0, nil
+		case err == io.EOF:
+			return 0, io.EOF
+		default:
+			return 0, err
+		}
+	}
+	if int64(len(p)) > b.left {
+		p = p[:b.left]
+	}
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	if err == io.EOF && b.left > 0 {
+		err = fmt.Errorf("reading remote media: %w: %w (%d bytes missing)", ErrRemoteUnavailable, io.ErrUnexpectedEOF, b.left)
+	} else if err == io.EOF {
+		err = nil
+	}
+	return n, err
 }
 
 // clientTee writes to the client until the first failure and then drops
@@ -287,10 +275,15 @@ func (r *Repository) fetchRemote(ctx context.Context, f RemoteFetcher, server, i
 		return nil, err
 	}
 	defer rm.Body.Close()
-	return r.storeRemote(ctx, server, id, rm, rm.Body, start)
+	if err := r.checkAnnouncedSize(server, id, rm.Size); err != nil {
+		r.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+		return nil, err
+	}
+	return r.storeRemote(ctx, server, id, rm, sizedBody(rm.Body, rm.Size), start)
 }
 
-// storeRemote stores the body of fetched remote media and records it.
+// storeRemote stores the body of fetched remote media and records it. The
+// remote's Content-Type is checked like an upload's (storedContentType).
 func (r *Repository) storeRemote(ctx context.Context, server, id string, rm RemoteMedia, body io.Reader, start time.Time) (*mediaEntry, error) {
 	res, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindRemote, body, storage.PutOptions{
 		MaxSize: r.remoteMaxSize, ExpectedSize: rm.Size,
@@ -304,11 +297,14 @@ func (r *Repository) storeRemote(ctx context.Context, server, id string, rm Remo
 		r.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
 		return nil, fmt.Errorf("fetching %s/%s: %w", server, id, err)
 	}
+	if r.hooks.beforeRecord != nil {
+		r.hooks.beforeRecord(server, id)
+	}
 	now := r.now()
 	m := storage.Media{
 		ServerName: server, MediaID: id, State: storage.StateReady, Remote: true,
 		SHA256: res.SHA256, Size: res.Size, Datastore: res.Datastore,
-		ContentType: rm.ContentType, Filename: dispositionFileName(rm.ContentDisposition),
+		ContentType: storedContentType(rm.ContentType), Filename: dispositionFileName(rm.ContentDisposition),
 		CreatedAt: now, UploadedAt: now,
 	}
 	err = r.meta.InsertMedia(ctx, m)
@@ -366,29 +362,6 @@ func remoteResult(err error) string {
 	}
 }
 
-// remoteError answers a failed remote fetch.
-func (s *Site) remoteError(w http.ResponseWriter, r *http.Request, err error) int {
-	switch {
-	case r.Context().Err() != nil:
-		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
-		return statusClientGone
-	case errors.Is(err, ErrRemoteNotFound):
-		return writeErr(w, matrix.NotFound("Media not found"))
-	case errors.Is(err, ErrRemoteNotYetUploaded):
-		return writeErr(w, matrix.NotYetUploaded("Remote media has not been uploaded yet"))
-	case errors.Is(err, ErrRemoteTooLarge):
-		return writeErr(w, matrix.NewError(http.StatusBadGateway, matrix.CodeTooLarge, "Remote media is too large"))
-	case errors.Is(err, ErrRemoteUnavailable):
-		s.repo.logger.Warn("fetching remote media failed", zap.Error(err))
-		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Could not fetch the media from its server"))
-	case errors.Is(err, storage.ErrUnavailable):
-		s.repo.logger.Error("media storage unavailable while caching remote media", zap.Error(err))
-		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
-	default:
-		return s.internalError(w, "fetching remote media", err)
-	}
-}
-
 // FederationFetcher adapts a federation.MediaClient to RemoteFetcher.
 type FederationFetcher struct {
 	// Client fetches over federation, signed as the site. Required.
@@ -433,40 +406,54 @@ func mapFederationError(err error) error {
 // remoteThumbnailEntry returns the remote server's own thumbnail k of a
 // remote media item, fetched once and cached content-addressed like remote
 // media, under an internal media ID that no request can name ('~' is not
-// allowed in media IDs).
-func (s *Site) remoteThumbnailEntry(w http.ResponseWriter, r *http.Request, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration) (*mediaEntry, int) {
+// allowed in media IDs). The fetch is admitted by the same bounds as remote
+// media.
+func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration) (*mediaEntry, error) {
 	anim := "s"
 	if k.Animated {
 		anim = "a"
 	}
 	internalID := k.MediaID + "~" + strconv.Itoa(k.Width) + "x" + strconv.Itoa(k.Height) + "~" + k.Method + "~" + anim
-	if e, st := s.cachedRemote(w, r, k.ServerName, internalID); e != nil || st != 0 {
-		return e, st
+	ik := mediaKey{k.ServerName, internalID}
+	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
+		return e, err
 	}
 	key := k.ServerName + "/" + internalID
-	f, leader := s.repo.joinRemote(key)
-	if leader {
-		go func() {
-			ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
-			defer cancel()
-			start := time.Now()
-			rm, err := rt.Thumbnail(ctx, k.ServerName, k.MediaID, k.Width, k.Height, k.Method, k.Animated, timeout)
-			if err != nil {
-				s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
-				s.repo.finishRemote(key, f, nil, err)
-				return
-			}
-			defer rm.Body.Close()
-			if !strings.HasPrefix(rm.ContentType, "image/") {
-				err := fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
-				s.repo.finishRemote(key, f, nil, err)
-				return
-			}
-			e, err := s.repo.storeRemote(ctx, k.ServerName, internalID, rm, rm.Body, start)
-			s.repo.finishRemote(key, f, e, err)
-		}()
+	f, leader, err := s.repo.joinRemote(k.ServerName, key)
+	if err != nil {
+		return nil, err
 	}
-	return s.awaitRemote(w, r, f)
+	if !leader {
+		return awaitRemote(ctx, f)
+	}
+	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
+		s.repo.finishRemote(key, f, e, err)
+		return e, err
+	}
+	go func() {
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
+		defer cancel()
+		start := time.Now()
+		rm, err := rt.Thumbnail(fctx, k.ServerName, k.MediaID, k.Width, k.Height, k.Method, k.Animated, timeout)
+		if err != nil {
+			s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+			s.repo.finishRemote(key, f, nil, err)
+			return
+		}
+		defer rm.Body.Close()
+		if ct := storedContentType(rm.ContentType); !strings.HasPrefix(ct, "image/") {
+			err := fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
+			s.repo.finishRemote(key, f, nil, err)
+			return
+		}
+		if err := s.repo.checkAnnouncedSize(k.ServerName, internalID, rm.Size); err != nil {
+			s.repo.finishRemote(key, f, nil, err)
+			return
+		}
+		e, err := s.repo.storeRemote(fctx, k.ServerName, internalID, rm, sizedBody(rm.Body, rm.Size), start)
+		s.repo.finishRemote(key, f, e, err)
+	}()
+	return awaitRemote(ctx, f)
 }
 
 // remoteBody maps read errors of a federation body to the RemoteFetcher

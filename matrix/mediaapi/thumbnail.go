@@ -200,52 +200,26 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	if merr != nil {
 		return writeErr(w, merr)
 	}
-	var e *mediaEntry
-	if server != s.cfg.ServerName {
-		if rt.legacy && !allowRemote(r.URL.RawQuery) {
-			return writeErr(w, matrix.NotFound("Media not found"))
-		}
-		if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && s.repo.thumbPolicy.FetchRemote {
-			// The remote's own thumbnail, unless it cannot make one: then
-			// the original, thumbnailed here.
-			w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
-			k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
-			te, st := s.remoteThumbnailEntry(discardErrors{w}, r, rth, k, timeout)
-			if st == 0 {
-				return s.sendMedia(w, r, te, "", rt.legacy)
-			}
-			if st == statusClientGone {
-				return st
-			}
-		}
-		// Remote media: thumbnailed here from the cached original.
-		var st int
-		if e, st = s.remoteEntry(w, r, server, id, timeout); st != 0 {
-			return st
-		}
-		if rt.legacy && s.frozen(e.m.CreatedAt) {
-			return writeErr(w, matrix.NotFound("Media not found"))
-		}
-	} else {
-		key := mediaKey{server, id}
-		var m storage.Media
-		var err error
-		e, m, err = s.repo.lookup(r.Context(), key)
+	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout}
+	remote := server != s.cfg.ServerName && !s.repo.IsLocal(server)
+	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && remote && s.repo.thumbPolicy.FetchRemote &&
+		(!rt.legacy || (o.allowRemote && !s.frozen(s.repo.now()))) {
+		// The remote's own thumbnail, unless it cannot make one: then
+		// the original, thumbnailed here.
+		w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
+		k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
+		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, timeout)
+		var me *matrix.Error
 		switch {
-		case errors.Is(err, storage.ErrNotFound):
-			return writeErr(w, matrix.NotFound("Media not found"))
-		case err != nil:
-			return s.internalError(w, "looking up media", err)
+		case err == nil && !(rt.legacy && s.frozen(te.m.CreatedAt)):
+			return s.sendMedia(w, r, te, "", rt.legacy)
+		case r.Context().Err() != nil, errors.As(err, &me) && me.Status == http.StatusTooManyRequests:
+			return s.fail(w, r, err)
 		}
-		if rt.legacy && s.frozen(m.CreatedAt) {
-			return writeErr(w, matrix.NotFound("Media not found"))
-		}
-		if e == nil {
-			var st int
-			if e, st = s.waitForUpload(w, r, key, m, timeout); st != 0 {
-				return st
-			}
-		}
+	}
+	e, err := s.resolve(r.Context(), server, id, o)
+	if err != nil {
+		return s.fail(w, r, err)
 	}
 	tk := s.repo.thumbnailKey(e.m, params, r.Header.Get("Accept"))
 	te, err := s.repo.thumbnail(r.Context(), e, tk, params.animated)
@@ -258,19 +232,6 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	}
 	return s.sendMedia(w, r, te, "", rt.legacy)
 }
-
-// discardErrors is a ResponseWriter whose error responses are dropped: a
-// first attempt whose failure leads to a second one.
-type discardErrors struct{ http.ResponseWriter }
-
-// Header returns a throwaway header map.
-func (d discardErrors) Header() http.Header { return http.Header{} }
-
-// WriteHeader does nothing.
-func (d discardErrors) WriteHeader(int) {}
-
-// Write drops p.
-func (d discardErrors) Write(p []byte) (int, error) { return len(p), nil }
 
 // thumbnailKey is the stored key of the thumbnail answering params.
 func (r *Repository) thumbnailKey(m storage.Media, params thumbnailParams, accept string) storage.ThumbnailKey {

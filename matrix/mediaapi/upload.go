@@ -14,9 +14,6 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
-// maxContentTypeLength bounds stored Content-Type values.
-const maxContentTypeLength = 255
-
 // idAttempts is how many fresh media IDs are tried when one collides (which
 // with 143 random bits only a broken random source would cause).
 const idAttempts = 3
@@ -40,14 +37,8 @@ func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
 	um.contentType = "application/octet-stream"
 	if vs := r.Header["Content-Type"]; len(vs) > 0 && vs[0] != "" {
 		ct := vs[0]
-		if len(ct) > maxContentTypeLength {
-			return um, matrix.InvalidParam("Content-Type is longer than 255 characters")
-		}
-		for i := 0; i < len(ct); i++ {
-			c := ct[i]
-			if (c < 0x20 && c != '\t') || c >= 0x7f {
-				return um, matrix.InvalidParam("Content-Type contains invalid characters")
-			}
+		if merr := checkContentType(ct); merr != nil {
+			return um, merr
 		}
 		um.contentType = ct
 	}

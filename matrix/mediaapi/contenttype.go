@@ -1,0 +1,35 @@
+package mediaapi
+
+import "github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+
+// maxContentTypeLength bounds stored Content-Type values.
+const maxContentTypeLength = 255
+
+// checkContentType is the one check of a Content-Type before it is stored,
+// whoever supplied it (an uploader, a remote server): at most 255
+// visible-ASCII characters (spaces and tabs allowed).
+func checkContentType(ct string) *matrix.Error {
+	if len(ct) > maxContentTypeLength {
+		return matrix.InvalidParam("Content-Type is longer than 255 characters")
+	}
+	for i := 0; i < len(ct); i++ {
+		c := ct[i]
+		if (c < 0x20 && c != '\t') || c >= 0x7f {
+			return matrix.InvalidParam("Content-Type contains invalid characters")
+		}
+	}
+	return nil
+}
+
+// storedContentType is the Content-Type recorded for remote media: the
+// remote's own when it passes checkContentType, else (or when there is none)
+// application/octet-stream. The media is stored rather than refused: a
+// client asked for these bytes and can still use them, while a label that
+// would be refused at upload is replaced by the neutral type, which is only
+// ever served as an attachment.
+func storedContentType(ct string) string {
+	if ct == "" || checkContentType(ct) != nil {
+		return "application/octet-stream"
+	}
+	return ct
+}

@@ -1,0 +1,264 @@
+package mediaapi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+)
+
+// This file answers "which media is this": one resolver for the download
+// and thumbnail endpoints. A media item is
+//
+//   - local: its server name is one of the sites of this repository (the
+//     requesting site or a sibling site of the same Caddy): served straight
+//     from the shared store, waiting for a pending upload if needed;
+//   - remote: cached from an earlier fetch, or fetched now over federation
+//     (one fetch per item, admitted by the fetch bounds before it starts).
+//
+// The requesting site's rules apply in both cases: its authentication (done
+// by the handler), its legacy freeze and its remote fetcher.
+
+// localNames are the server names served by the sites of a repository,
+// reference counted: during a config reload the same name is registered by
+// the old and the new site.
+type localNames struct {
+	mu    sync.RWMutex
+	names map[string]int
+}
+
+// register adds one reference to name.
+func (l *localNames) register(name string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.names == nil {
+		l.names = make(map[string]int)
+	}
+	l.names[name]++
+}
+
+// unregister drops one reference to name.
+func (l *localNames) unregister(name string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.names[name] <= 1 {
+		delete(l.names, name)
+		return
+	}
+	l.names[name]--
+}
+
+// has reports whether a site serves name.
+func (l *localNames) has(name string) bool {
+	l.mu.RLock()
+	defer l.mu.RUnlock()
+	return l.names[name] > 0
+}
+
+// IsLocal reports whether a site of this repository serves the server name
+// (its media is local: served from the shared store, never fetched).
+func (r *Repository) IsLocal(serverName string) bool { return r.locals.has(serverName) }
+
+// Close retires the site: its server name stops being local to the
+// repository (once every site registered under it is closed), so that media
+// of that name is treated as remote again. Call it when the site is no
+// longer served, e.g. from the Caddy handler's Cleanup after a reload. It is
+// safe to call more than once.
+func (s *Site) Close() {
+	s.closeOnce.Do(func() { s.repo.locals.unregister(s.cfg.ServerName) })
+}
+
+// resolveOptions say how a request may find its media.
+type resolveOptions struct {
+	// legacy: the unauthenticated legacy endpoint. The site's freeze
+	// applies and allow_remote is honoured.
+	legacy bool
+	// allowRemote is the legacy allow_remote parameter (default true).
+	allowRemote bool
+	// timeout is how long to wait for a pending upload (timeout_ms), here
+	// or on the remote server.
+	timeout time.Duration
+	// stream, when set, is the response of a whole GET: if this request
+	// leads a new remote fetch, the bytes are sent to it while they are
+	// stored, and resolve returns a *respondedError.
+	stream *streamTarget
+}
+
+// streamTarget is a response a first remote download streams to.
+type streamTarget struct {
+	w        http.ResponseWriter
+	r        *http.Request
+	fileName string
+}
+
+// respondedError says the response was already written (a streamed remote
+// download, or an error answered midway); status is for metrics.
+type respondedError struct{ status int }
+
+func (e *respondedError) Error() string {
+	return fmt.Sprintf("response already written (%d)", e.status)
+}
+
+// errMediaNotFound is the answer for unknown, frozen or unreachable media.
+var errMediaNotFound = matrix.NotFound("Media not found")
+
+// resolve returns the ready media item (server, id) for the site's request:
+// local (any site of this repository), cached remote, or fetched now.
+// Errors are *matrix.Error, *respondedError, or errors of the store and the
+// remote fetcher, which fail maps to answers.
+func (s *Site) resolve(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+	if server == s.cfg.ServerName || s.repo.IsLocal(server) {
+		return s.resolveLocal(ctx, mediaKey{server, id}, o)
+	}
+	return s.resolveRemote(ctx, server, id, o)
+}
+
+// resolveLocal returns a local media item, waiting up to o.timeout for a
+// pending upload.
+func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o resolveOptions) (*mediaEntry, error) {
+	e, m, err := s.repo.lookup(ctx, key)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return nil, errMediaNotFound
+	case err != nil:
+		return nil, fmt.Errorf("looking up media: %w", err)
+	}
+	if o.legacy && s.frozen(m.CreatedAt) {
+		return nil, errMediaNotFound
+	}
+	if e == nil {
+		return s.waitForUpload(ctx, key, m, o.timeout)
+	}
+	return e, nil
+}
+
+// resolveRemote returns remote media: the cached copy, or a fresh one
+// fetched now (or by a fetch in progress). Everything that can refuse the
+// request (no fetcher, allow_remote=false, the freeze, the fetch bounds) is
+// decided before any fetch starts.
+func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+	if s.cfg.Remote == nil || (o.legacy && !o.allowRemote) {
+		return nil, errMediaNotFound
+	}
+	e, err := s.repo.cachedRemote(ctx, mediaKey{server, id})
+	if err != nil {
+		return nil, err
+	}
+	if e == nil && s.repo.hooks.missed != nil {
+		s.repo.hooks.missed(server + "/" + id)
+	}
+	if e == nil {
+		// Not cached: a copy fetched now is created now, so the legacy
+		// freeze can refuse it before anything is fetched or stored.
+		if o.legacy && s.frozen(s.repo.now()) {
+			return nil, errMediaNotFound
+		}
+		if e, err = s.fetchOrJoin(ctx, server, id, o); err != nil {
+			return nil, err
+		}
+	}
+	if o.legacy && s.frozen(e.m.CreatedAt) {
+		return nil, errMediaNotFound
+	}
+	return e, nil
+}
+
+// cachedRemote returns the cached copy of a remote item, nil when there is
+// none yet.
+func (r *Repository) cachedRemote(ctx context.Context, k mediaKey) (*mediaEntry, error) {
+	e, m, err := r.lookup(ctx, k)
+	switch {
+	case err == nil && e != nil && m.Remote:
+		return e, nil
+	case err == nil:
+		// A row that is not a ready remote copy (a server name that was
+		// local under an earlier configuration).
+		return nil, errMediaNotFound
+	case errors.Is(err, storage.ErrNotFound):
+		return nil, nil
+	default:
+		return nil, fmt.Errorf("looking up remote media: %w", err)
+	}
+}
+
+// fetchOrJoin joins the fetch of a remote item in progress, or leads a new
+// one when the fetch bounds admit it.
+func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+	key := server + "/" + id
+	f, leader, err := s.repo.joinRemote(server, key)
+	if err != nil {
+		return nil, err
+	}
+	if s.repo.hooks.joined != nil {
+		s.repo.hooks.joined(key, leader)
+	}
+	if !leader {
+		return awaitRemote(ctx, f)
+	}
+	// A fetch that ended between our lookup and joinRemote has recorded its
+	// row before it ended (flights end only once the row is visible): look
+	// again before fetching a second time.
+	if e, err := s.repo.cachedRemote(ctx, mediaKey{server, id}); e != nil || err != nil {
+		s.repo.finishRemote(key, f, e, err)
+		return e, err
+	}
+	if o.stream != nil {
+		return nil, s.streamRemote(o.stream, key, f, server, id, o.timeout)
+	}
+	go func() {
+		// Detached from this request: others may be waiting.
+		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
+		defer cancel()
+		e, err := s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
+		s.repo.finishRemote(key, f, e, err)
+	}()
+	return awaitRemote(ctx, f)
+}
+
+// awaitRemote waits for a flight's outcome.
+func awaitRemote(ctx context.Context, f *remoteFlight) (*mediaEntry, error) {
+	select {
+	case <-f.done:
+		return f.e, f.err
+	case <-ctx.Done():
+		return nil, fmt.Errorf("waiting for remote media: %w", ctx.Err())
+	}
+}
+
+// fail answers a failed resolution (or any step error) and returns the
+// status, for metrics: *matrix.Error as is, a response already written as
+// its status, and store and remote errors mapped to the spec's answers.
+func (s *Site) fail(w http.ResponseWriter, r *http.Request, err error) int {
+	var me *matrix.Error
+	var done *respondedError
+	switch {
+	case errors.As(err, &done):
+		return done.status
+	case errors.As(err, &me):
+		return writeErr(w, me)
+	case r.Context().Err() != nil:
+		writeErr(w, matrix.Unknown(http.StatusInternalServerError, "Request cancelled"))
+		return statusClientGone
+	case errors.Is(err, ErrRemoteNotFound):
+		return writeErr(w, matrix.NotFound("Media not found"))
+	case errors.Is(err, ErrRemoteNotYetUploaded):
+		return writeErr(w, matrix.NotYetUploaded("Remote media has not been uploaded yet"))
+	case errors.Is(err, ErrRemoteTooLarge):
+		return writeErr(w, matrix.NewError(http.StatusBadGateway, matrix.CodeTooLarge, "Remote media is too large"))
+	case errors.Is(err, ErrRemoteUnavailable):
+		s.repo.logger.Warn("fetching remote media failed", zap.Error(err))
+		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Could not fetch the media from its server"))
+	case errors.Is(err, storage.ErrUnavailable):
+		s.repo.logger.Error("media storage unavailable", zap.Error(err))
+		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
+	default:
+		return s.internalError(w, "resolving media", err)
+	}
+}
