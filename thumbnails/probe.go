@@ -207,7 +207,7 @@ func walkJPEG(b []byte, info *Info) error {
 				info.Orientation = exifOrientation(seg[6:])
 			}
 		case 0xDA:
-			if bytes.Index(b[pos:], []byte{0xFF, 0xD9}) < 0 {
+			if !bytes.Contains(b[pos:], []byte{0xFF, 0xD9}) {
 				return fmt.Errorf("walking jpeg scan data: no EOI marker: %w: %w", errTruncated, ErrUnsupported)
 			}
 			return nil

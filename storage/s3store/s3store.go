@@ -157,9 +157,11 @@ type Config struct {
 	// HTTPClient sends the requests. Default: a client whose transport has
 	// 256 KiB read and write buffers, keep-alives and up to 64 idle
 	// connections per host.
-	HTTPClient *http.Client
+	// Not part of the settings encoded as JSON (it is runtime state).
+	HTTPClient *http.Client `json:"-"`
 	// Observer, when set, is told about every S3 operation. Default none.
-	Observer Observer
+	// Not encoded as JSON either.
+	Observer Observer `json:"-"`
 }
 
 // Store is a content-addressed blob store in an S3 bucket. It is safe for
