@@ -460,7 +460,7 @@ func clean(s string) string {
 	n := 0
 	for i := range s {
 		if n == maxValueRunes {
-			return s[:i]
+			return strings.TrimRight(s[:i], " ")
 		}
 		n++
 	}

@@ -68,6 +68,11 @@ const DefaultGrace = time.Hour
 // pageSize is how many unreferenced records one query lists.
 const pageSize = 500
 
+// deleteTimeout bounds the deletion of one blob's bytes, during which the
+// metadata store holds a lock that writers of that blob (on SQLite: all
+// writers) wait for.
+const deleteTimeout = 30 * time.Second
+
 // Options tune one collection run.
 type Options struct {
 	// Grace is how old a blob's last claim (records) or its write (bytes
@@ -204,12 +209,18 @@ func (c *Collector) collectRecords(ctx context.Context, cutoff time.Time, dryRun
 					return fmt.Errorf("blob %s is recorded in unknown datastore %q", rec.SHA256, rec.Datastore)
 				}
 				size = rec.Size
+				ctx, cancel := context.WithTimeout(ctx, deleteTimeout)
+				defer cancel()
 				if err := store.Delete(ctx, rec.SHA256); err != nil {
 					return fmt.Errorf("deleting bytes from datastore %s: %w", rec.Datastore, err)
 				}
 				return nil
 			})
 			switch {
+			case errors.Is(err, storage.ErrUnavailable):
+				// The database or the datastore is down: stop, rather than
+				// holding locks while failing on every blob.
+				return err
 			case err != nil:
 				fail(err)
 			case deleted:
@@ -254,12 +265,16 @@ func (c *Collector) collectUnrecorded(ctx context.Context, name string, cutoff t
 			return nil
 		}
 		done, err := c.coll.DeleteUnrecordedBlob(ctx, sb.SHA256, func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, deleteTimeout)
+			defer cancel()
 			if err := store.Delete(ctx, sb.SHA256); err != nil {
 				return fmt.Errorf("deleting unrecorded bytes from datastore %s: %w", name, err)
 			}
 			return nil
 		})
 		switch {
+		case errors.Is(err, storage.ErrUnavailable):
+			return err
 		case err != nil:
 			fail(err)
 		case done:

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -492,5 +493,32 @@ func TestOneCollectorAtATime(t *testing.T) {
 		if e.exists(r.SHA256) || e.recorded(t, r.SHA256) {
 			t.Errorf("blob %s not collected", r.SHA256[:8])
 		}
+	}
+}
+
+// downStore is a blob store whose deletions fail as an unreachable backend.
+type downStore struct{ storage.BlobStore }
+
+func (downStore) Delete(context.Context, string) error {
+	return fmt.Errorf("deleting: %w", storage.ErrUnavailable)
+}
+
+// TestDatastoreDown checks that a datastore that cannot delete stops the
+// run with an error wrapping storage.ErrUnavailable and keeps the record, so
+// the next run retries.
+func TestDatastoreDown(t *testing.T) {
+	e := newEnv(t, "sqlite")
+	rec := e.record(t, blobtest.RandomBytes(9, 100), time.Now().Add(-2*time.Hour))
+	var err error
+	e.stores, err = storage.NewDatastores(storage.Datastore{Name: "files", Store: downStore{e.files}, Kinds: []storage.Kind{storage.KindLocal}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := e.collector(t, nil).Run(context.Background(), gc.Options{Grace: time.Hour})
+	if !errors.Is(err, storage.ErrUnavailable) || rep.Blobs() != 0 {
+		t.Fatalf("Run = %+v, %v; want ErrUnavailable and nothing removed", rep, err)
+	}
+	if !e.recorded(t, rec.SHA256) || !e.exists(rec.SHA256) {
+		t.Fatal("blob lost although its deletion failed")
 	}
 }
