@@ -88,6 +88,8 @@ func init() {
 //			max_frames <n>
 //			workers <n>
 //			queue <n>
+//			max_memory <size>
+//			timeout <duration>
 //		}
 //		gc off
 //		gc {
@@ -350,6 +352,10 @@ func parseThumbnails(d *caddyfile.Dispenser) (*ThumbnailsConfig, error) {
 			t.Workers, err = positiveInt(d)
 		case "queue":
 			t.Queue, err = positiveInt(d)
+		case "max_memory":
+			t.MaxMemory, err = byteSize(d)
+		case "timeout":
+			t.Timeout, err = positiveDuration(d)
 		default:
 			return nil, d.Errf("matrix_media: thumbnails: unrecognized subdirective '%s'", sub)
 		}

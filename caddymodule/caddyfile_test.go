@@ -332,12 +332,14 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					max_frames 50
 					workers 3
 					queue 9
+					max_memory 128MiB
+					timeout 30s
 				}
 			}`,
 			want: App{Thumbnails: &ThumbnailsConfig{
 				Sizes: []ThumbnailSizeConfig{{64, 64, "crop"}, {1024, 768, "scale"}}, Dynamic: true, MaxDynamic: 2048,
 				Formats: []string{"webp", "avif"}, Pregenerate: true, Remote: "fetch", MaxPixels: 50000000, MaxSourceBytes: 20 << 20,
-				AllowHEIF: true, MaxFrames: 50, Workers: 3, Queue: 9,
+				AllowHEIF: true, MaxFrames: 50, Workers: 3, Queue: 9, MaxMemory: 128 << 20, Timeout: caddy.Duration(30 * time.Second),
 			}},
 		},
 		{input: `matrix_media {

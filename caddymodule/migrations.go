@@ -47,6 +47,9 @@ type migrations struct {
 	// grace is how long old copies are kept (migrationGrace; tests shorten
 	// it).
 	grace time.Duration
+	// spawn runs a job's goroutine: the repository's Go (panics recovered,
+	// the stores held open) in production, a plain goroutine by default.
+	spawn func(where string, fn func()) bool
 
 	mu   sync.Mutex
 	jobs map[string]*migration
@@ -55,7 +58,8 @@ type migrations struct {
 }
 
 func newMigrations(meta storage.MetadataStore, stores *storage.Datastores, logger *zap.Logger) *migrations {
-	return &migrations{meta: meta, stores: stores, logger: logger, grace: migrationGrace, jobs: map[string]*migration{}}
+	return &migrations{meta: meta, stores: stores, logger: logger, grace: migrationGrace, jobs: map[string]*migration{},
+		spawn: func(_ string, fn func()) bool { go fn(); return true }}
 }
 
 // start begins moving every blob of datastore from to datastore to, in the
@@ -100,15 +104,27 @@ func (ms *migrations) start(from, to string) (string, error) {
 		cancel:   cancel,
 		done:     make(chan struct{}),
 	}
+	if !ms.spawn("migration", func() { ms.run(ctx, j) }) {
+		cancel()
+		return "", errors.New("starting migration: the media repository is shutting down")
+	}
 	ms.jobs[j.ID] = j
 	ms.logger.Info("migration started", zap.String("id", j.ID), zap.String("from", from), zap.String("to", to))
-	go ms.run(ctx, j)
 	return j.ID, nil
 }
 
 // run executes job j.
 func (ms *migrations) run(ctx context.Context, j *migration) {
 	defer close(j.done)
+	defer func() {
+		// Also when migrate.Run panicked (recovered by spawn).
+		ms.mu.Lock()
+		if j.Progress.Running {
+			j.Progress.Running = false
+			j.Error = "migration stopped by an internal error"
+		}
+		ms.mu.Unlock()
+	}()
 	p, err := migrate.Run(ctx, ms.meta, ms.stores, j.Progress.From, j.Progress.To, migrate.Options{
 		Logger:      ms.logger,
 		DeleteGrace: ms.grace,

@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -76,6 +77,10 @@ func (s storeSettings) datastoreNames() []string {
 // Requests in flight are counted, so that when the last config using the
 // resources is cleaned up (which Caddy does while the old servers still finish
 // their requests) the stores are closed only once those requests are done.
+// Work that outlives its request or runs on its own (thumbnail pre-generation
+// and generations, remote media being stored, the expiry loop, migrations)
+// holds the repository (mediaapi.Repository.Go); the stores are closed only
+// once it has finished too, so nothing writes to a closed store.
 type resources struct {
 	stores *storage.Datastores
 	// migrations runs blob migrations between the datastores (admin API).
@@ -101,7 +106,14 @@ type resources struct {
 	closeOnce sync.Once
 	closed    chan struct{}
 	closeErr  error
+	// drainWait bounds how long Destruct waits for background work before
+	// it returns (the stores are then closed when the work is done).
+	drainWait time.Duration
 }
+
+// defaultDrainWait is resources.drainWait: long enough for a thumbnail or a
+// small remote fetch to finish, short enough not to hold up a reload for long.
+const defaultDrainWait = 30 * time.Second
 
 // openResources opens the stores described by s and builds the repository.
 // ctx bounds only the opening (connecting, migrating); the returned resources
@@ -138,6 +150,8 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		Thumbnailer:               thumbnailer,
 		Thumbnails:                s.thumbnails.policy,
 		ThumbnailMaxSourceBytes:   s.thumbnails.maxSource,
+		ThumbnailMemory:           s.thumbnails.maxMemory,
+		ThumbnailTimeout:          s.thumbnails.timeout,
 		MaxRemoteSize:             s.maxRemoteSize,
 		MaxRemoteFetches:          s.maxFetches,
 		MaxRemoteFetchesPerServer: s.maxFetchesPerServer,
@@ -169,11 +183,13 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		stopExpiry: stop,
 		expiryDone: make(chan struct{}),
 		closed:     make(chan struct{}),
+		drainWait:  defaultDrainWait,
 	}
-	go func() {
+	res.migrations.spawn = repo.Go
+	repo.Go("pending_expiry", func() {
 		defer close(res.expiryDone)
 		repo.RunPendingExpiry(loopCtx)
-	}()
+	})
 	return res, nil
 }
 
@@ -203,9 +219,11 @@ func (r *resources) release() {
 }
 
 // Destruct implements caddy.Destructor. It is called by resourcePool when the
-// last config using the resources is cleaned up. It stops the expiry loop at
-// once and closes the stores as soon as no request uses them any more, which
-// may be after Destruct has returned.
+// last config using the resources is cleaned up. It stops the expiry loop and
+// the migrations at once, and closes the stores as soon as no request and no
+// background work uses them any more: it waits up to drainWait for background
+// work, and when requests or work remain the close happens after Destruct has
+// returned.
 func (r *resources) Destruct() error {
 	r.migrations.stop()
 	r.gc.close()
@@ -213,25 +231,50 @@ func (r *resources) Destruct() error {
 	<-r.expiryDone
 	r.closing.Store(true)
 	if r.inFlight.Load() == 0 {
-		r.closeStores()
-		return r.closeErr
+		if r.closeStores() {
+			return r.closeErr
+		}
+		return nil
 	}
 	r.logger.Info("matrix_media stores will close once in-flight requests finish")
 	return nil
 }
 
-// closeStores closes both stores; only the first call does anything, and
-// every call returns once they are closed.
-func (r *resources) closeStores() {
+// closeStores drains the repository's background work (see
+// mediaapi.Repository.Drain) and closes both stores; only the first call does
+// anything. It waits up to drainWait: when work is still running then, the
+// stores are closed by a goroutine once it has finished, and closeStores
+// returns false. It returns true when the stores are closed (and closeErr
+// valid) on return.
+func (r *resources) closeStores() bool {
+	now := false
 	r.closeOnce.Do(func() {
-		err := errors.Join(r.meta.Close(), r.stores.Close())
+		ctx, cancel := context.WithTimeout(context.Background(), r.drainWait)
+		err := r.repo.Drain(ctx)
+		cancel()
 		if err != nil {
-			err = fmt.Errorf("closing matrix_media stores: %w", err)
-			r.logger.Error("closing stores", zap.Error(err))
+			r.logger.Warn("matrix_media stores will close once background work finishes", zap.Error(err))
+			go func() {
+				_ = r.repo.Drain(context.Background())
+				r.closeNow()
+			}()
+			return
 		}
-		r.closeErr = err
-		close(r.closed)
+		r.closeNow()
+		now = true
 	})
+	return now
+}
+
+// closeNow closes both stores, sets closeErr and closes closed.
+func (r *resources) closeNow() {
+	err := errors.Join(r.meta.Close(), r.stores.Close())
+	if err != nil {
+		err = fmt.Errorf("closing matrix_media stores: %w", err)
+		r.logger.Error("closing stores", zap.Error(err))
+	}
+	r.closeErr = err
+	close(r.closed)
 }
 
 // absPath makes p absolute, so that two spellings of one directory share one

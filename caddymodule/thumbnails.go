@@ -3,6 +3,9 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
@@ -65,6 +68,18 @@ type ThumbnailsConfig struct {
 	// Queue is how many generations may wait for a worker; beyond it
 	// clients get 429 M_LIMIT_EXCEEDED with Retry-After. Default 4 × Workers.
 	Queue int `json:"queue,omitempty"`
+
+	// MaxMemory bounds the bytes of thumbnail sources held in memory at
+	// once, across all generations: a source is admitted by its size (a
+	// source larger than MaxMemory takes all of it) before it is read, and
+	// one that finds no room within a second gets 429 M_LIMIT_EXCEEDED with
+	// Retry-After. Default 256 MiB.
+	MaxMemory int64 `json:"max_memory,omitempty"`
+
+	// Timeout bounds one generation (reading the source, waiting for a
+	// worker, generating, storing); past it the request gets 504 M_UNKNOWN
+	// and the next request for the thumbnail starts anew. Default 1m.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
 }
 
 // ThumbnailSizeConfig is one pre-defined thumbnail size.
@@ -84,6 +99,8 @@ type thumbnailSettings struct {
 	generator thumbnails.Options
 	policy    mediaapi.ThumbnailPolicy
 	maxSource int64
+	maxMemory int64
+	timeout   time.Duration
 }
 
 // resolveThumbnails validates c (nil: defaults).
@@ -100,7 +117,8 @@ func resolveThumbnails(c *ThumbnailsConfig) (thumbnailSettings, error) {
 		name string
 		val  int64
 	}{{"max_dynamic", int64(c.MaxDynamic)}, {"max_pixels", c.MaxPixels}, {"max_source_bytes", c.MaxSourceBytes},
-		{"max_frames", int64(c.MaxFrames)}, {"workers", int64(c.Workers)}, {"queue", int64(c.Queue)}} {
+		{"max_frames", int64(c.MaxFrames)}, {"workers", int64(c.Workers)}, {"queue", int64(c.Queue)},
+		{"max_memory", c.MaxMemory}, {"timeout", int64(c.Timeout)}} {
 		if v.val < 0 {
 			return s, fmt.Errorf("thumbnails: %s must not be negative", v.name)
 		}
@@ -133,6 +151,8 @@ func resolveThumbnails(c *ThumbnailsConfig) (thumbnailSettings, error) {
 		MaxFrames: c.MaxFrames, Workers: c.Workers, Queue: c.Queue,
 	}
 	s.maxSource = c.MaxSourceBytes
+	s.maxMemory = c.MaxMemory
+	s.timeout = time.Duration(c.Timeout)
 	return s, nil
 }
 
@@ -143,7 +163,9 @@ func (s thumbnailSettings) key() string {
 		G thumbnails.Options
 		P mediaapi.ThumbnailPolicy
 		M int64
-	}{s.disabled, s.generator, s.policy, s.maxSource})
+		B int64
+		T time.Duration
+	}{s.disabled, s.generator, s.policy, s.maxSource, s.maxMemory, s.timeout})
 	if err != nil {
 		panic(fmt.Sprintf("encoding thumbnail settings: %v", err))
 	}

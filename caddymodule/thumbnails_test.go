@@ -10,6 +10,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 func TestResolveThumbnails(t *testing.T) {
@@ -24,12 +26,23 @@ func TestResolveThumbnails(t *testing.T) {
 		{ThumbnailsConfig{Workers: -1}, "workers must not be negative"},
 		{ThumbnailsConfig{Remote: "fetch"}, ""},
 		{ThumbnailsConfig{Remote: "proxy"}, "remote must be generate or fetch"},
+		{ThumbnailsConfig{MaxMemory: 64 << 20, Timeout: caddyDuration("30s")}, ""},
+		{ThumbnailsConfig{MaxMemory: -1}, "max_memory must not be negative"},
+		{ThumbnailsConfig{Timeout: -1}, "timeout must not be negative"},
 	} {
 		_, err := resolveThumbnails(&tc.cfg)
 		if (tc.wantErr == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
 			t.Errorf("%+v: err = %v, want %q", tc.cfg, err, tc.wantErr)
 		}
 	}
+}
+
+func caddyDuration(s string) caddy.Duration {
+	d, err := caddy.ParseDuration(s)
+	if err != nil {
+		panic(err)
+	}
+	return caddy.Duration(d)
 }
 
 func TestHandlerThumbnails(t *testing.T) {

@@ -144,3 +144,24 @@ func (r *Repository) Drain(ctx context.Context) error {
 		return fmt.Errorf("draining background work (%d still running): %w", r.bg.running(), ctx.Err())
 	}
 }
+
+// goFinish runs fn through Go and always hands its outcome to finish, on
+// fn's goroutine: fn's error, an error wrapping ErrPanicked when fn panicked,
+// or (on the caller's goroutine) one wrapping ErrShuttingDown when the
+// repository is draining and fn was not run. Use it for work that others
+// wait on (a flight's leader), so that a panic or a refusal never leaves
+// them waiting:
+//
+//	var e *mediaEntry
+//	s.repo.goFinish("remote_fetch", func() (err error) {
+//		e, err = s.repo.fetchRemote(ctx, ...)
+//		return err
+//	}, func(err error) { s.repo.finishRemote(key, f, e, err) })
+func (r *Repository) goFinish(where string, fn func() error, finish func(error)) {
+	started := r.Go(where, func() {
+		finish(r.safely(where, fn))
+	})
+	if !started {
+		finish(fmt.Errorf("%s: %w", where, ErrShuttingDown))
+	}
+}

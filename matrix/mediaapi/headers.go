@@ -1,6 +1,7 @@
 package mediaapi
 
 import (
+	"io"
 	"net/http"
 )
 
@@ -30,6 +31,7 @@ var (
 	hdrCacheLegacy  = hdr("public, max-age=31536000, immutable")
 	hdrCacheClient  = hdr("private, max-age=31536000, immutable")
 	hdrAcceptRanges = hdr("bytes")
+	hdrClose        = hdr("close")
 )
 
 // setCORS adds the CORS headers every media response carries, errors
@@ -57,3 +59,56 @@ func setMediaSecurity(h http.Header, legacy bool) {
 		h["Cache-Control"] = hdrCacheClient
 	}
 }
+
+// guardBody prepares a request that carries a body (upload, create) for
+// refusals decided before the body is read: an error response written while
+// the body has not been read to its end gets Connection: close. Without it,
+// net/http (and Caddy, whose body wrapper takes net/http's fast path away)
+// would first read and discard up to 256 KiB of the unwanted body, so a
+// client that sends only the headers (or waits for 100 Continue) would get
+// nothing until a timeout. With it, the refusal is sent at once and the
+// connection closed after it (HTTP/2 ignores the header and resets the
+// stream instead).
+func guardBody(w http.ResponseWriter, r *http.Request) (http.ResponseWriter, *http.Request) {
+	if r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
+		return w, r
+	}
+	b := &eofBody{ReadCloser: r.Body}
+	r2 := *r
+	r2.Body = b
+	return &refusalWriter{ResponseWriter: w, body: b}, &r2
+}
+
+// eofBody is a request body that remembers whether it was read to its end.
+type eofBody struct {
+	io.ReadCloser
+	sawEOF bool
+}
+
+// Read reads from the body.
+func (b *eofBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.sawEOF = true
+	}
+	return n, err
+}
+
+// refusalWriter adds Connection: close to error responses written before
+// its request's body was read to its end.
+type refusalWriter struct {
+	http.ResponseWriter
+	body *eofBody
+}
+
+// WriteHeader writes the status, closing the connection after an early
+// refusal.
+func (w *refusalWriter) WriteHeader(code int) {
+	if code >= http.StatusBadRequest && !w.body.sawEOF {
+		w.Header()["Connection"] = hdrClose
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// Unwrap returns the wrapped writer (for http.ResponseController).
+func (w *refusalWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

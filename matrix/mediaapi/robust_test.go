@@ -360,3 +360,30 @@ func TestDrainWaitsForPregeneration(t *testing.T) {
 		t.Fatal("pre-generation started after Drain")
 	}
 }
+
+// goFinish always finishes: with fn's error, with ErrPanicked after a panic,
+// and with ErrShuttingDown when draining.
+func TestGoFinishAlwaysFinishes(t *testing.T) {
+	e := newEnv(t)
+	finished := make(chan error, 1)
+	finish := func(err error) { finished <- err }
+	want := errors.New("fetch failed")
+	e.repo.goFinish("remote_fetch", func() error { return want }, finish)
+	if err := <-finished; err != want {
+		t.Fatalf("error %v, want %v", err, want)
+	}
+	e.repo.goFinish("remote_fetch", func() error { panic("remote") }, finish)
+	if err := <-finished; !errors.Is(err, ErrPanicked) {
+		t.Fatalf("after a panic: %v, want ErrPanicked", err)
+	}
+	if err := e.repo.Drain(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if got := counterValue(e.repo.metrics.panics.WithLabelValues("remote_fetch")); got != 1 {
+		t.Fatalf("panics_total{where=remote_fetch} = %v, want 1", got)
+	}
+	e.repo.goFinish("remote_fetch", func() error { t.Error("ran while draining"); return nil }, finish)
+	if err := <-finished; !errors.Is(err, ErrShuttingDown) {
+		t.Fatalf("while draining: %v, want ErrShuttingDown", err)
+	}
+}

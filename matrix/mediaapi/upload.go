@@ -1,6 +1,7 @@
 package mediaapi
 
 import (
+	"context"
 	"errors"
 	"io"
 	"net/http"
@@ -87,7 +88,10 @@ func (s *Site) tooLarge() *matrix.Error {
 
 // ingest streams the request body into the blob store (deduplicating) and
 // records the blob. On failure it writes the error response and returns its
-// status.
+// status. The store runs detached from the request's context: a client that
+// goes away mid-body ends it through the body's read error, while one that
+// goes away after its last byte still gets its upload stored (and recorded
+// by the caller, see recordCtx), never a half-done one.
 func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestResult, int) {
 	expected := r.ContentLength
 	if expected < 0 {
@@ -97,7 +101,7 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestRes
 	if r.Body == nil {
 		body.r = http.NoBody
 	}
-	res, err := storage.IngestTo(r.Context(), s.repo.stores, s.repo.meta, storage.KindLocal, body, storage.PutOptions{
+	res, err := storage.IngestTo(context.WithoutCancel(r.Context()), s.repo.stores, s.repo.meta, storage.KindLocal, body, storage.PutOptions{
 		MaxSize:      s.cfg.MaxUploadSize,
 		ExpectedSize: expected,
 	})
@@ -130,8 +134,21 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestRes
 	}
 }
 
+// metadataWriteTimeout bounds the recording of an upload whose body was
+// received, which does not stop when the client goes away.
+const metadataWriteTimeout = 30 * time.Second
+
+// recordCtx is the context of the metadata write that completes an upload:
+// detached from the request (a client that left after sending its body still
+// gets its upload recorded, and no blob is left without its row), bounded by
+// metadataWriteTimeout.
+func recordCtx(r *http.Request) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(r.Context()), metadataWriteTimeout)
+}
+
 // serveUpload handles POST /_matrix/media/v3/upload.
 func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
+	w, r = guardBody(w, r)
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -154,9 +171,11 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		UploadedAt:  now,
 	}
 	var err error
+	ctx, cancel := recordCtx(r)
+	defer cancel()
 	for range idAttempts {
 		m.MediaID = matrix.NewMediaID()
-		err = s.repo.meta.InsertMedia(r.Context(), m)
+		err = s.repo.meta.InsertMedia(ctx, m)
 		if !errors.Is(err, storage.ErrConflict) {
 			break
 		}
@@ -206,6 +225,7 @@ func (s *Site) isAdmin(r *http.Request, user auth.User) bool {
 // serveCreate handles POST /_matrix/media/v1/create. The body (normally {})
 // is ignored.
 func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
+	w, r = guardBody(w, r)
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -256,6 +276,7 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 // order so that a second PUT is refused with 409 before its body (possibly
 // empty) is looked at.
 func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
+	w, r = guardBody(w, r)
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -297,7 +318,9 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	m.ContentType = um.contentType
 	m.Filename = um.filename
 	m.UploadedAt = s.repo.now()
-	err = s.repo.meta.CompletePending(r.Context(), m)
+	ctx, cancel := recordCtx(r)
+	defer cancel()
+	err = s.repo.meta.CompletePending(ctx, m)
 	switch {
 	case err == nil:
 	case errors.Is(err, storage.ErrConflict):

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -18,7 +19,9 @@ import (
 // getObject starts a GetObject of key from offset: length bytes, or to the
 // end when length is negative. A missing object gives an error wrapping
 // storage.ErrNotFound. The returned body reports the operation to the
-// observer when it is closed.
+// observer when it is closed. The GetObject fails with an error wrapping
+// ErrUnavailable when its headers, or any read of its body, take longer than
+// the store's read idle timeout.
 func (s *Store) getObject(ctx context.Context, key string, offset, length int64) (io.ReadCloser, error) {
 	in := &s3.GetObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(key)}
 	switch {
@@ -28,46 +31,114 @@ func (s *Store) getObject(ctx context.Context, key string, offset, length int64)
 		in.Range = aws.String(fmt.Sprintf("bytes=%d-", offset))
 	}
 	start := time.Now()
+	ctx, cancel := context.WithCancelCause(ctx)
+	dog := newWatchdog(s.readIdle, cancel)
+	dog.arm()
 	out, err := s.client.GetObject(ctx, in)
+	idle := !dog.disarm()
 	if err != nil {
+		cancel(nil)
+		if idle {
+			err = fmt.Errorf("%w: %w", errIdle, err)
+		}
 		s.observe("GetObject", start, 0, err)
 		if statusCode(err) == http.StatusNotFound {
 			return nil, fmt.Errorf("getting object: %w", storage.ErrNotFound)
 		}
 		return nil, fmt.Errorf("getting object: %w", classify(err))
 	}
-	return &observedBody{s: s, body: out.Body, start: start}, nil
+	return &observedBody{s: s, body: out.Body, start: start, cancel: cancel, dog: dog}, nil
+}
+
+// errIdle is the error of a GetObject that received nothing for the read
+// idle timeout.
+var errIdle = fmt.Errorf("s3 sent nothing within the read idle timeout: %w", ErrUnavailable)
+
+// watchdog cancels a GetObject's context when it is armed for longer than
+// the idle timeout. A nil watchdog (timeout disabled) does nothing.
+type watchdog struct {
+	idle  time.Duration
+	timer *time.Timer
+	fired atomic.Bool
+}
+
+// newWatchdog returns a watchdog calling cancel(errIdle) when it fires; nil
+// when idle is 0.
+func newWatchdog(idle time.Duration, cancel context.CancelCauseFunc) *watchdog {
+	if idle <= 0 {
+		return nil
+	}
+	w := &watchdog{idle: idle}
+	w.timer = time.AfterFunc(idle, func() {
+		w.fired.Store(true)
+		cancel(errIdle)
+	})
+	w.timer.Stop()
+	return w
+}
+
+// arm starts the idle countdown.
+func (w *watchdog) arm() {
+	if w != nil {
+		w.timer.Reset(w.idle)
+	}
+}
+
+// disarm stops the countdown; false when it has fired (now or earlier).
+func (w *watchdog) disarm() bool {
+	if w == nil {
+		return true
+	}
+	w.timer.Stop()
+	return !w.fired.Load()
 }
 
 // observedBody is a GetObject body that reports the operation, with the
-// bytes read and the first read error, when closed.
+// bytes read and the first read error, when closed. Close may be called
+// while a Read is blocked (to end it).
 type observedBody struct {
-	s     *Store
-	body  io.ReadCloser
-	start time.Time
-	n     int64
-	err   error
-	once  sync.Once
+	s      *Store
+	body   io.ReadCloser
+	start  time.Time
+	cancel context.CancelCauseFunc
+	dog    *watchdog
+	mu     sync.Mutex
+	n      int64
+	err    error
+	once   sync.Once
 }
 
-// Read reads from the object body; errors that show S3 failing wrap
-// ErrUnavailable.
+// Read reads from the object body; errors that show S3 failing (or sending
+// nothing for the idle timeout) wrap ErrUnavailable.
 func (b *observedBody) Read(p []byte) (int, error) {
+	b.dog.arm()
 	n, err := b.body.Read(p)
-	b.n += int64(n)
+	idle := !b.dog.disarm()
 	if err != nil && err != io.EOF {
-		err = classify(err)
-		if b.err == nil {
-			b.err = err
+		if idle {
+			err = fmt.Errorf("%w: %w", errIdle, err)
 		}
+		err = classify(err)
 	}
+	b.mu.Lock()
+	b.n += int64(n)
+	if err != nil && err != io.EOF && b.err == nil {
+		b.err = err
+	}
+	b.mu.Unlock()
 	return n, err
 }
 
 // Close closes the body and reports the operation.
 func (b *observedBody) Close() error {
 	err := b.body.Close()
-	b.once.Do(func() { b.s.observe("GetObject", b.start, b.n, b.err) })
+	b.cancel(nil)
+	b.once.Do(func() {
+		b.mu.Lock()
+		n, rerr := b.n, b.err
+		b.mu.Unlock()
+		b.s.observe("GetObject", b.start, n, rerr)
+	})
 	return err
 }
 

@@ -74,6 +74,8 @@ const (
 	// DefaultCleanupRetryWindow is how long a failed clean-up is retried in
 	// the background when Config.CleanupRetryWindow is 0.
 	DefaultCleanupRetryWindow = 15 * time.Minute
+	// DefaultReadIdleTimeout is Config.ReadIdleTimeout when it is 0.
+	DefaultReadIdleTimeout = 30 * time.Second
 
 	// maxParts is the largest number of parts of one multipart upload.
 	maxParts = 10000
@@ -154,6 +156,12 @@ type Config struct {
 	// deleting its tmp object is retried in the background while S3 is
 	// unreachable. Default 15 minutes.
 	CleanupRetryWindow time.Duration
+	// ReadIdleTimeout is how long a GetObject may go without receiving
+	// anything (its response headers, then each read of its body) before it
+	// fails with an error wrapping ErrUnavailable, so that a stalled S3
+	// connection cannot hold a download, a thumbnail source or a migration
+	// forever. Default 30s; negative disables it.
+	ReadIdleTimeout time.Duration
 	// HTTPClient sends the requests. Default: a client whose transport has
 	// 256 KiB read and write buffers, keep-alives and up to 64 idle
 	// connections per host.
@@ -177,6 +185,8 @@ type Store struct {
 	// copyLimit is the largest object copied with a single CopyObject.
 	copyLimit int64
 	observer  Observer
+	// readIdle is Config.ReadIdleTimeout; 0 when disabled.
+	readIdle time.Duration
 	// ownClient is the HTTP client New created, whose idle connections Close
 	// closes; nil when the caller supplied one.
 	ownClient *http.Client
@@ -237,6 +247,12 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	if cfg.CleanupRetryWindow <= 0 {
 		cfg.CleanupRetryWindow = DefaultCleanupRetryWindow
 	}
+	switch {
+	case cfg.ReadIdleTimeout == 0:
+		cfg.ReadIdleTimeout = DefaultReadIdleTimeout
+	case cfg.ReadIdleTimeout < 0:
+		cfg.ReadIdleTimeout = 0
+	}
 	creds, err := credentialsFor(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("opening s3 store: %w", err)
@@ -249,6 +265,7 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		partSize:      cfg.PartSize,
 		copyLimit:     maxCopySize,
 		observer:      cfg.Observer,
+		readIdle:      cfg.ReadIdleTimeout,
 		cleanupWindow: cfg.CleanupRetryWindow,
 	}
 	httpClient := cfg.HTTPClient
