@@ -5,7 +5,8 @@
 #   ./xcaddy.sh build   deps, then build ./caddy: Caddy with this module
 #   ./xcaddy.sh run     build, then run ./caddy with Caddyfile.example
 #                       (extra arguments are passed to "caddy run")
-#   ./xcaddy.sh test    deps, gofmt check, go vet, then every test with -race
+#   ./xcaddy.sh test    deps, gofmt, go vet, staticcheck, fuzz targets briefly,
+#                       then every test with -race
 #
 # The module uses cgo (SQLite, libvips), so every build sets CGO_ENABLED=1:
 # xcaddy builds without cgo unless that variable is exactly 1.
@@ -130,6 +131,10 @@ run_tests() {
 	gobin=$(go env GOBIN)
 	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
 	CGO_ENABLED=1 "$gobin/staticcheck" ./...
+	# Every fuzz target briefly, after its committed seed corpus (before the
+	# tests, so that go test's summary closes the output).
+	log "fuzz targets"
+	./.ci/fuzz.sh
 	# Tests that run Caddy must not touch the real ~/.local/share/caddy or
 	# ~/.config/caddy.
 	TEST_XDG=$(mktemp -d "${TMPDIR:-/tmp}/matrix-media-test.XXXXXX")
@@ -141,7 +146,7 @@ run_tests() {
 }
 
 usage() {
-	sed -n '2,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+	sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
 	exit 2
 }
 
