@@ -33,6 +33,20 @@ func TestTruncatedRemoteBehindEncode(t *testing.T) {
 			http.NotFound(w, r)
 			return
 		}
+		if strings.HasSuffix(r.URL.Path, "/huge") {
+			// Over the node's 4 MiB limit, without any announced length.
+			w.Header().Set("Content-Type", "multipart/mixed; boundary=big")
+			w.WriteHeader(http.StatusOK)
+			_, _ = io.WriteString(w, "--big\r\nContent-Type: application/json\r\n\r\n{}\r\n--big\r\nContent-Type: application/octet-stream\r\n\r\n")
+			chunk := strings.Repeat("x", 64<<10)
+			for range (5 << 20) / len(chunk) {
+				if _, err := io.WriteString(w, chunk); err != nil {
+					return
+				}
+			}
+			_, _ = io.WriteString(w, "\r\n--big--\r\n")
+			return
+		}
 		w.Header().Set("Content-Type", "multipart/mixed; boundary=cut")
 		w.WriteHeader(http.StatusOK)
 		fmt.Fprintf(w, "--cut\r\nContent-Type: application/json\r\n\r\n{}\r\n--cut\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n", announced)
@@ -87,8 +101,23 @@ func TestTruncatedRemoteBehindEncode(t *testing.T) {
 	if n := requests.Load(); n != 2 {
 		t.Fatalf("%d requests to the remote, want 2 (nothing cached)", n)
 	}
-	// Nothing was cached: a legacy request (not streamed) fails too.
-	resp := node.client.must(t, request{method: http.MethodGet, path: "/_matrix/client/v1/media/download/" + remoteName + "/cut0?allow_redirect=false",
+
+	// Over max_remote_size without an announced length: the first client's
+	// response is cut midway; a retry within the failure TTL gets 502
+	// M_TOO_LARGE at once, without a second download.
+	before := requests.Load()
+	if resp, err := node.client.do(request{method: http.MethodGet, path: downloadPath(remoteName, "huge")}); err == nil {
+		t.Fatalf("over-size streamed download completed: %v", resp)
+	}
+	resp := node.client.must(t, request{method: http.MethodGet, path: downloadPath(remoteName, "huge")})
+	if resp.status != http.StatusBadGateway || resp.errcode() != "M_TOO_LARGE" {
+		t.Fatalf("retry of the over-size media: %v", resp)
+	}
+	if n := requests.Load() - before; n != 1 {
+		t.Fatalf("%d downloads of the over-size media, want 1", n)
+	}
+	// Nothing was cached: a ranged request (not streamed) fails too.
+	resp = node.client.must(t, request{method: http.MethodGet, path: "/_matrix/client/v1/media/download/" + remoteName + "/cut0?allow_redirect=false",
 		header: map[string]string{"Range": "bytes=0-10"}})
 	if resp.status != http.StatusBadGateway {
 		t.Fatalf("retry of the truncated media: %v", resp)

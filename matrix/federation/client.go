@@ -707,8 +707,8 @@ func classify(status int, body []byte) error {
 type mediaBody struct {
 	r io.ReadCloser
 	// ctx is the fetch context: an EOF seen after it ended may be a
-	// truncation (the multipart parser accepts a missing closing
-	// delimiter), so it is reported as an error.
+	// truncation (a legacy or Location body of unknown length read after
+	// its deadline), so it is reported as an error.
 	ctx     context.Context
 	release func()
 	done    func(n int64, err error)

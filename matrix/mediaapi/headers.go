@@ -67,10 +67,12 @@ func setMediaSecurity(h http.Header, legacy bool) {
 // would first read and discard up to 256 KiB of the unwanted body, so a
 // client that sends only the headers (or waits for 100 Continue) would get
 // nothing until a timeout. With it, the refusal is sent at once and the
-// connection closed after it (HTTP/2 ignores the header and resets the
-// stream instead).
+// connection closed after it. Only HTTP/1 requests are guarded: HTTP/2 and
+// HTTP/3 forbid the header (Go's HTTP/2 server would send it anyway, and a
+// strict client rejects the response) and end just the stream of an unread
+// body.
 func guardBody(w http.ResponseWriter, r *http.Request) (http.ResponseWriter, *http.Request) {
-	if r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
+	if r.ProtoMajor != 1 || r.ContentLength == 0 || r.Body == nil || r.Body == http.NoBody {
 		return w, r
 	}
 	b := &eofBody{ReadCloser: r.Body}

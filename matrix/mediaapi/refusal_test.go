@@ -185,3 +185,36 @@ func TestUploadClientGoneAfterBody(t *testing.T) {
 		})
 	}
 }
+
+// Over HTTP/2 an early refusal also arrives while the body is held back, and
+// carries no Connection header (which HTTP/2 forbids).
+func TestEarlyRefusalHTTP2(t *testing.T) {
+	e := newEnv(t)
+	sent := make(chan string, 1) // the Connection header the handler set
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		e.site.ServeHTTP(w, r)
+		sent <- w.Header().Get("Connection")
+	}))
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	defer srv.Close()
+	pr, pw := io.Pipe()
+	defer pw.Close() // the body is never sent
+	req, err := http.NewRequest("POST", srv.URL+"/_matrix/media/v3/upload", pr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.ContentLength = 1<<20 + 1
+	req.Header.Set("Authorization", "Bearer alice")
+	resp, err := srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.ProtoMajor != 2 {
+		t.Fatalf("protocol %s, want HTTP/2", resp.Proto)
+	}
+	if c := <-sent; resp.StatusCode != 413 || c != "" {
+		t.Fatalf("%d, Connection %q; want 413 without Connection", resp.StatusCode, c)
+	}
+}
