@@ -165,16 +165,19 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 	// until the row is recorded, so later requests wait for it rather than
 	// fetch again.
 	pr, pw := io.Pipe()
-	go func() {
+	var e *mediaEntry
+	s.repo.goFinish("remote_store", func() (err error) {
+		e, err = s.repo.storeRemote(ctx, server, id, rm, pr, start)
+		return err
+	}, func(err error) {
 		defer cancel()
-		e, err := s.repo.storeRemote(ctx, server, id, rm, pr, start)
 		pr.CloseWithError(err) // unblocks the copy below if storing failed early
 		s.repo.finishRemote(key, f, e, err)
 		if err != nil {
 			s.repo.logger.Warn("storing remote media failed while streaming it", zap.String("server_name", server),
 				zap.String("media_id", id), zap.Error(err))
 		}
-	}()
+	})
 	detached = true
 	tee := &clientTee{w: w}
 	bp := s.repo.copyBufs.Get().(*[]byte)
@@ -430,29 +433,26 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 		s.repo.finishRemote(key, f, e, err)
 		return e, err
 	}
-	go func() {
+	var e *mediaEntry
+	s.repo.goFinish("remote_thumbnail_fetch", func() error {
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
 		defer cancel()
 		start := time.Now()
 		rm, err := rt.Thumbnail(fctx, k.ServerName, k.MediaID, k.Width, k.Height, k.Method, k.Animated, timeout)
 		if err != nil {
 			s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
-			s.repo.finishRemote(key, f, nil, err)
-			return
+			return err
 		}
 		defer rm.Body.Close()
 		if ct := storedContentType(rm.ContentType); !strings.HasPrefix(ct, "image/") {
-			err := fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
-			s.repo.finishRemote(key, f, nil, err)
-			return
+			return fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
 		}
 		if err := s.repo.checkAnnouncedSize(k.ServerName, internalID, rm.Size); err != nil {
-			s.repo.finishRemote(key, f, nil, err)
-			return
+			return err
 		}
-		e, err := s.repo.storeRemote(fctx, k.ServerName, internalID, rm, sizedBody(rm.Body, rm.Size), start)
-		s.repo.finishRemote(key, f, e, err)
-	}()
+		e, err = s.repo.storeRemote(fctx, k.ServerName, internalID, rm, sizedBody(rm.Body, rm.Size), start)
+		return err
+	}, func(err error) { s.repo.finishRemote(key, f, e, err) })
 	return awaitRemote(ctx, f)
 }
 

@@ -212,13 +212,14 @@ func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOpti
 	if o.stream != nil {
 		return nil, s.streamRemote(o.stream, key, f, server, id, o.timeout)
 	}
-	go func() {
+	var e *mediaEntry
+	s.repo.goFinish("remote_fetch", func() (err error) {
 		// Detached from this request: others may be waiting.
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
 		defer cancel()
-		e, err := s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
-		s.repo.finishRemote(key, f, e, err)
-	}()
+		e, err = s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
+		return err
+	}, func(err error) { s.repo.finishRemote(key, f, e, err) })
 	return awaitRemote(ctx, f)
 }
 
