@@ -42,17 +42,15 @@ func rawRequest(t *testing.T, addr, method, path, token string, contentLength in
 	// waits for it would wait for ever).
 	_ = conn.SetReadDeadline(time.Now().Add(20 * time.Second))
 	br := bufio.NewReader(conn)
-	for {
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatalf("no response while the body was not sent: %v", err)
-		}
-		if resp.StatusCode == http.StatusContinue {
-			t.Fatal("got 100 Continue for a request refused from its headers")
-		}
-		t.Cleanup(func() { resp.Body.Close() })
-		return resp
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("no response while the body was not sent: %v", err)
 	}
+	if resp.StatusCode == http.StatusContinue {
+		t.Fatal("got 100 Continue for a request refused from its headers")
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
 }
 
 // Refusals decided from the headers (size, auth, pending upload state) reach
