@@ -15,6 +15,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/exactio"
 )
 
 // ErrTooLarge is returned by MediaPart.Body once the media has more bytes
@@ -151,7 +153,7 @@ func ReadMediaResponse(contentType string, body io.Reader, maxBytes int64) (Medi
 	}
 	var media io.Reader = &limitedBody{r: &partReader{m: m, atStart: true, requireDelim: true}, remaining: maxBytes}
 	if size >= 0 {
-		media = &exactReader{r: media, left: size}
+		media = exactio.NewReader(media, size, "media part", ErrMalformed)
 	}
 	return MediaPart{
 		Metadata:           meta,
@@ -451,36 +453,6 @@ func (p *partReader) scan(peek []byte, eof bool) (n, delimAt, delimLen int, fina
 		return safe, 0, 0, false, false
 	}
 	return 0, 0, 0, false, true
-}
-
-// exactReader yields exactly left bytes of r: an early EOF or more bytes
-// are ErrMalformed (the part's Content-Length was wrong or the body was cut).
-type exactReader struct {
-	r    io.Reader
-	left int64
-}
-
-// Read implements io.Reader.
-func (e *exactReader) Read(b []byte) (int, error) {
-	if e.left == 0 {
-		var one [1]byte
-		n, err := e.r.Read(one[:])
-		if n > 0 {
-			return 0, fmt.Errorf("reading media part: %w: more bytes than its Content-Length", ErrMalformed)
-		}
-		return 0, err
-	}
-	if int64(len(b)) > e.left {
-		b = b[:e.left]
-	}
-	n, err := e.r.Read(b)
-	e.left -= int64(n)
-	if errors.Is(err, io.EOF) && e.left > 0 {
-		err = fmt.Errorf("reading media part: %w: %w, %d bytes short of its Content-Length", ErrMalformed, io.ErrUnexpectedEOF, e.left)
-	} else if errors.Is(err, io.EOF) {
-		err = nil
-	}
-	return n, err
 }
 
 // limitedBody passes through at most remaining bytes and then reports

@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/exactio"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
@@ -208,43 +209,7 @@ func sizedBody(body io.Reader, size int64) io.Reader {
 	if size < 0 {
 		return body
 	}
-	return &exactBody{r: body, left: size}
-}
-
-// exactBody reads exactly left bytes from r: an early EOF or extra bytes are
-// errors wrapping ErrRemoteUnavailable.
-type exactBody struct {
-	r    io.Reader
-	left int64
-}
-
-// Read implements io.Reader.
-func (b *exactBody) Read(p []byte) (int, error) {
-	if b.left == 0 {
-		var one [1]byte
-		n, err := b.r.Read(one[:])
-		switch {
-		case n > 0:
-			return 0, fmt.Errorf("reading remote media: %w: more bytes than announced", ErrRemoteUnavailable)
-		case err == nil:
-			return 0, nil
-		case err == io.EOF:
-			return 0, io.EOF
-		default:
-			return 0, err
-		}
-	}
-	if int64(len(p)) > b.left {
-		p = p[:b.left]
-	}
-	n, err := b.r.Read(p)
-	b.left -= int64(n)
-	if err == io.EOF && b.left > 0 {
-		err = fmt.Errorf("reading remote media: %w: %w (%d bytes missing)", ErrRemoteUnavailable, io.ErrUnexpectedEOF, b.left)
-	} else if err == io.EOF {
-		err = nil
-	}
-	return n, err
+	return exactio.NewReader(body, size, "remote media", ErrRemoteUnavailable)
 }
 
 // clientTee writes to the client until the first failure and then drops
