@@ -148,7 +148,8 @@ func recordCtx(r *http.Request) (context.Context, context.CancelFunc) {
 
 // serveUpload handles POST /_matrix/media/v3/upload.
 func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
-	w, r = guardBody(w, r)
+	w, r, finish := guardBody(w, r)
+	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -225,7 +226,8 @@ func (s *Site) isAdmin(r *http.Request, user auth.User) bool {
 // serveCreate handles POST /_matrix/media/v1/create. The body (normally {})
 // is ignored.
 func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
-	w, r = guardBody(w, r)
+	w, r, finish := guardBody(w, r)
+	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -276,7 +278,8 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 // order so that a second PUT is refused with 409 before its body (possibly
 // empty) is looked at.
 func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
-	w, r = guardBody(w, r)
+	w, r, finish := guardBody(w, r)
+	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
