@@ -7,25 +7,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 )
-
-// fakeClock is a settable clock for expiry tests.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
 
 // op is one step of a table test: put (with an optional ttl), get, delete
 // or advance the clock, and what get should return.
@@ -209,12 +193,12 @@ func TestMap(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
+			clock := testclock.New(time.Unix(1_700_000_000, 0))
 			var evicted []string
 			lens := -1
 			m := New(Options[string, int]{
 				Max:     tc.max,
-				Now:     clock.now,
+				Now:     clock.Now,
 				OnEvict: func(k string, v int) { evicted = append(evicted, k) },
 				OnLen:   func(n int) { lens = n },
 			})
@@ -225,7 +209,7 @@ func TestMap(t *testing.T) {
 				case "ttl":
 					m.PutTTL(o.key, o.val, o.ttl)
 				case "until":
-					m.PutUntil(o.key, o.val, clock.now().Add(o.ttl))
+					m.PutUntil(o.key, o.val, clock.Now().Add(o.ttl))
 				case "get":
 					v, ok := m.Get(o.key)
 					if v != o.wantVal || ok != o.wantOK {
@@ -234,7 +218,7 @@ func TestMap(t *testing.T) {
 				case "del":
 					m.Delete(o.key)
 				case "tick":
-					clock.advance(o.ttl)
+					clock.Advance(o.ttl)
 				case "clear":
 					m.Clear()
 				default:
@@ -270,8 +254,8 @@ func TestNewPanicsWithoutMax(t *testing.T) {
 // and then checks the bound and the list/map agreement.
 func TestConcurrent(t *testing.T) {
 	const max, workers, rounds = 64, 8, 2000
-	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
-	m := New(Options[string, int]{Max: max, Now: clock.now})
+	clock := testclock.New(time.Unix(1_700_000_000, 0))
+	m := New(Options[string, int]{Max: max, Now: clock.Now})
 	var wg sync.WaitGroup
 	for w := range workers {
 		wg.Add(1)
@@ -287,7 +271,7 @@ func TestConcurrent(t *testing.T) {
 				case 2:
 					m.Delete(k)
 				case 3:
-					clock.advance(time.Millisecond)
+					clock.Advance(time.Millisecond)
 				default:
 					if v, ok := m.Get(k); ok && v < 0 {
 						t.Errorf("Get(%q) = %d", k, v)

@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 )
 
 const adminTestToken = "syt_YWxpY2U_secrettokenvalue_0123"
@@ -254,13 +255,13 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			hs := newAdminHS(t, adminJSON(tt.status, tt.body))
-			clock := newFakeClock()
+			clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 			core, logs := observer.New(zapcore.InfoLevel)
 			p := newAdminTestPolicy(t, AdminOptions{
 				DetectHomeserverAdmins: true,
 				HomeserverURL:          hs.srv.URL,
 				CacheTTL:               time.Minute,
-				Now:                    clock.now,
+				Now:                    clock.Now,
 				Logger:                 zap.New(core),
 			})
 			ctx := context.Background()
@@ -275,7 +276,7 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 			}
 			// After the TTL the homeserver is asked again (it may have been
 			// upgraded); the log line is not repeated.
-			clock.advance(time.Minute + time.Second)
+			clock.Advance(time.Minute + time.Second)
 			if got, err := p.IsAdmin(ctx, users[1], adminTestToken); got || err != nil {
 				t.Errorf("IsAdmin after ttl = %v, %v", got, err)
 			}
@@ -293,7 +294,7 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 				}
 			}
 			// Once the API exists, admins are found again.
-			clock.advance(time.Minute + time.Second)
+			clock.Advance(time.Minute + time.Second)
 			hs.setRespond(adminJSON(200, `{"admin":true}`))
 			if got, err := p.IsAdmin(ctx, users[2], adminTestToken); !got || err != nil {
 				t.Errorf("IsAdmin after upgrade = %v, %v; want true", got, err)
@@ -304,11 +305,11 @@ func TestAdminDendriteNoAPI(t *testing.T) {
 
 func TestAdminCacheExpiry(t *testing.T) {
 	hs := newAdminHS(t, adminJSON(200, `{"admin":true}`))
-	clock := newFakeClock()
+	clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 	p := newAdminTestPolicy(t, AdminOptions{
 		DetectHomeserverAdmins: true,
 		HomeserverURL:          hs.srv.URL,
-		Now:                    clock.now,
+		Now:                    clock.Now,
 	})
 	ctx := context.Background()
 	check := func(want bool, wantCalls int64) {
@@ -325,9 +326,9 @@ func TestAdminCacheExpiry(t *testing.T) {
 	// Demoted at the homeserver: the cached answer holds for the default
 	// TTL of 5 minutes.
 	hs.setRespond(adminJSON(403, `{"errcode":"M_FORBIDDEN"}`))
-	clock.advance(4*time.Minute + 59*time.Second)
+	clock.Advance(4*time.Minute + 59*time.Second)
 	check(true, 1)
-	clock.advance(time.Second)
+	clock.Advance(time.Second)
 	check(false, 2)
 	check(false, 2)
 }

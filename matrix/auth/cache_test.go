@@ -14,6 +14,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 )
 
 // testHomeserver is an httptest homeserver with whoami and logout that counts
@@ -110,30 +112,10 @@ func (hs *testHomeserver) serve(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newFakeClock() *fakeClock { return &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)} }
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 // authFixture is a site authenticator on a test homeserver.
 type authFixture struct {
 	hs    *testHomeserver
-	clock *fakeClock
+	clock *testclock.Clock
 	cache *TokenCache
 	site  *SiteAuthenticator
 }
@@ -141,8 +123,8 @@ type authFixture struct {
 func newAuthFixture(t testing.TB, opts CacheOptions) *authFixture {
 	t.Helper()
 	hs := newTestHomeserver(t)
-	clock := newFakeClock()
-	opts.Now = clock.now
+	clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+	opts.Now = clock.Now
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics()
 	}
@@ -191,7 +173,7 @@ func TestTokenCacheHitMissNegativeExpiry(t *testing.T) {
 		{"negative entry expires", "tok-nobody", 2 * time.Second, "", ErrUnknownToken, 4},
 	}
 	for _, s := range steps {
-		f.clock.advance(s.advance)
+		f.clock.Advance(s.advance)
 		u, err := f.auth(s.token)
 		if s.wantErr != nil {
 			if !errors.Is(err, s.wantErr) {
@@ -394,15 +376,15 @@ func TestTokenCacheSetTTLsKeepsEntries(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.cache.SetTTLs(10*time.Minute, 0)
-	f.clock.advance(30 * time.Second)
+	f.clock.Advance(30 * time.Second)
 	if _, err := f.auth("tok"); err != nil || f.hs.whoamis.Load() != 1 {
 		t.Fatalf("entry lost on SetTTLs: %v %d", err, f.hs.whoamis.Load())
 	}
-	f.clock.advance(31 * time.Second) // the old entry keeps its old expiry
+	f.clock.Advance(31 * time.Second) // the old entry keeps its old expiry
 	if _, err := f.auth("tok"); err != nil || f.hs.whoamis.Load() != 2 {
 		t.Fatalf("%v %d", err, f.hs.whoamis.Load())
 	}
-	f.clock.advance(9 * time.Minute) // the new one has the new TTL
+	f.clock.Advance(9 * time.Minute) // the new one has the new TTL
 	if _, err := f.auth("tok"); err != nil || f.hs.whoamis.Load() != 2 {
 		t.Fatalf("%v %d", err, f.hs.whoamis.Load())
 	}
@@ -585,10 +567,10 @@ func TestLogoutProxyHomeserverDown(t *testing.T) {
 }
 
 func TestBreaker(t *testing.T) {
-	clock := newFakeClock()
+	clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
 	hs := newTestHomeserver(t)
 	hs.addToken("tok", "@alice:hs")
-	cache, err := NewTokenCache(CacheOptions{Now: clock.now, Metrics: NewMetrics()})
+	cache, err := NewTokenCache(CacheOptions{Now: clock.Now, Metrics: NewMetrics()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -615,11 +597,11 @@ func TestBreaker(t *testing.T) {
 		t.Fatal("breaker should be open")
 	}
 	hs.failStatus.Store(0)
-	clock.advance(5 * time.Second)
+	clock.Advance(5 * time.Second)
 	if err := authn(); !errors.Is(err, ErrCircuitOpen) {
 		t.Fatalf("during cooldown: %v", err)
 	}
-	clock.advance(6 * time.Second)
+	clock.Advance(6 * time.Second)
 	if err := authn(); err != nil { // the probe succeeds and closes the breaker
 		t.Fatalf("probe: %v", err)
 	}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 )
 
@@ -592,7 +593,7 @@ func TestMediaClientTooLarge(t *testing.T) {
 }
 
 func TestMediaClientBreaker(t *testing.T) {
-	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
+	clock := testclock.New(time.Unix(1_700_000_000, 0))
 	f := newFakeRemote(t, serveError(500, "down"))
 	var mu sync.Mutex
 	var results []string
@@ -600,7 +601,7 @@ func TestMediaClientBreaker(t *testing.T) {
 		o.BreakerThreshold = 3
 		o.BreakerCooldown = time.Minute
 		o.FailureTTL = -1 // test the breaker alone
-		o.Now = clock.now
+		o.Now = clock.Now
 		o.Observer = func(r string, _ int64, _ time.Duration) {
 			mu.Lock()
 			results = append(results, r)
@@ -645,7 +646,7 @@ func TestMediaClientBreaker(t *testing.T) {
 	readAll(t, m)
 
 	// After the cooldown one trial goes through; it fails and re-opens.
-	clock.advance(time.Minute + time.Second)
+	clock.Advance(time.Minute + time.Second)
 	if _, err := c.Download(ctx, f.name, "trial1", time.Second); !errors.Is(err, ErrUnavailable) {
 		t.Fatal(err)
 	}
@@ -656,7 +657,7 @@ func TestMediaClientBreaker(t *testing.T) {
 		t.Fatalf("after failed trial: err = %v", err)
 	}
 	// Next trial succeeds and closes the breaker.
-	clock.advance(time.Minute + time.Second)
+	clock.Advance(time.Minute + time.Second)
 	f.setHandler(serveMultipart("text/plain", "", "back"))
 	m, err = c.Download(ctx, f.name, "trial2", time.Second)
 	if err != nil {
@@ -705,12 +706,12 @@ func TestMediaClientBreakerIgnores4xx(t *testing.T) {
 }
 
 func TestMediaClientFailureCache(t *testing.T) {
-	clock := &fakeClock{t: time.Unix(1_700_000_000, 0)}
+	clock := testclock.New(time.Unix(1_700_000_000, 0))
 	f := newFakeRemote(t, serveError(404, `{"errcode":"M_NOT_FOUND"}`))
 	var cached atomic.Int32
 	c := newTestMediaClient(t, f, func(o *ClientOptions) {
 		o.FailureTTL = 30 * time.Second
-		o.Now = clock.now
+		o.Now = clock.Now
 		o.Observer = func(r string, _ int64, _ time.Duration) {
 			if r == ResultCachedFailure {
 				cached.Add(1)
@@ -747,7 +748,7 @@ func TestMediaClientFailureCache(t *testing.T) {
 		t.Fatalf("got %d requests, want 3", n)
 	}
 	// After the TTL the server is asked again.
-	clock.advance(31 * time.Second)
+	clock.Advance(31 * time.Second)
 	f.setHandler(serveMultipart("text/plain", "", "now here"))
 	m, err := c.Download(ctx, f.name, "gone", time.Second)
 	if err != nil {

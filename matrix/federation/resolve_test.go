@@ -15,6 +15,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 )
 
 // fakeDNS serves SRV and A/AAAA answers from maps.
@@ -306,24 +308,6 @@ func TestResolve(t *testing.T) {
 	}
 }
 
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
-
 func TestResolveWellKnownCache(t *testing.T) {
 	wk := newWellKnownServer(t)
 	dns := &fakeDNS{ips: map[string][]string{
@@ -368,11 +352,11 @@ func TestResolveWellKnownCache(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.host, func(t *testing.T) {
-			clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
-			r := &Resolver{Lookup: dns.funcs(), HTTPClient: wk.client(t), Now: clock.now}
+			clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+			r := &Resolver{Lookup: dns.funcs(), HTTPClient: wk.client(t), Now: clock.Now}
 			base := wk.hitCount(tc.host)
 			for i, s := range tc.steps {
-				clock.advance(s.d)
+				clock.Advance(s.d)
 				if _, err := r.Resolve(context.Background(), tc.host); err != nil {
 					t.Fatalf("step %d: %v", i, err)
 				}
@@ -386,8 +370,8 @@ func TestResolveWellKnownCache(t *testing.T) {
 	// A cached error is replaced by the delegation once it expires, and a
 	// cached delegation is used even if the remote changes its answer.
 	t.Run("answer changes", func(t *testing.T) {
-		clock := &fakeClock{t: time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)}
-		r := &Resolver{Lookup: dns.funcs(), HTTPClient: wk.client(t), Now: clock.now}
+		clock := testclock.New(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC))
+		r := &Resolver{Lookup: dns.funcs(), HTTPClient: wk.client(t), Now: clock.Now}
 		wk.set("flip.example.com", func(w http.ResponseWriter, r *http.Request) { http.NotFound(w, r) })
 		dns.ips["flip.example.com"] = []string{"192.0.2.53"}
 		got, err := r.Resolve(context.Background(), "flip.example.com")
@@ -398,13 +382,13 @@ func TestResolveWellKnownCache(t *testing.T) {
 		if got, _ := r.Resolve(context.Background(), "flip.example.com"); got.Host != "flip.example.com" {
 			t.Fatalf("cached error not used: %+v", got)
 		}
-		clock.advance(WellKnownErrorTTL + time.Second)
+		clock.Advance(WellKnownErrorTTL + time.Second)
 		got, err = r.Resolve(context.Background(), "flip.example.com")
 		if err != nil || !reflect.DeepEqual(got.Addrs, []string{"192.0.2.51:8448"}) || got.Host != "other.example.net" {
 			t.Fatalf("after expiry: %+v, %v", got, err)
 		}
 		wk.set("flip.example.com", jsonAnswer(`{"m.server":"deleg.example.net"}`, "", ""))
-		clock.advance(time.Hour)
+		clock.Advance(time.Hour)
 		if got, _ := r.Resolve(context.Background(), "flip.example.com"); got.Host != "other.example.net" {
 			t.Fatalf("cached delegation not used: %+v", got)
 		}

@@ -26,7 +26,7 @@ func TestAsyncUploadFlow(t *testing.T) {
 	if err := json.Unmarshal(rec.Body.Bytes(), &created); err != nil {
 		t.Fatal(err)
 	}
-	if want := e.clock.now().Add(DefaultPendingExpiry).UnixMilli(); created.UnusedExpiresAt != want {
+	if want := e.clock.Now().Add(DefaultPendingExpiry).UnixMilli(); created.UnusedExpiresAt != want {
 		t.Fatalf("unused_expires_at = %d, want %d", created.UnusedExpiresAt, want)
 	}
 	id := mediaIDFromURI(t, rec, testServer)
@@ -147,7 +147,7 @@ func TestWaiterFindsUploadByAnotherInstance(t *testing.T) {
 		t.Fatal(err)
 	}
 	err = e.sql.CompletePending(context.Background(), storage.Media{ServerName: testServer, MediaID: id, UserID: "@alice:test",
-		SHA256: res.SHA256, Size: res.Size, ContentType: "text/plain", UploadedAt: e.clock.now()})
+		SHA256: res.SHA256, Size: res.Size, ContentType: "text/plain", UploadedAt: e.clock.Now()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +221,7 @@ func TestPutErrors(t *testing.T) {
 
 	// Expired.
 	id2 := e.create("alice")
-	e.clock.add(DefaultPendingExpiry)
+	e.clock.Advance(DefaultPendingExpiry)
 	expectError(t, put("alice", "/_matrix/media/v3/upload/test/"+id2, []byte("x")), 404, "M_NOT_FOUND")
 	// Expiry is checked before the request's own parameters.
 	expectError(t, put("alice", "/_matrix/media/v3/upload/test/"+id2+"?filename=%01", []byte("x")), 404, "M_NOT_FOUND")
@@ -238,10 +238,10 @@ func TestCreateLimit(t *testing.T) {
 		c.MaxPendingUploads = 3
 		c.PendingExpiry = time.Hour
 	})
-	start := e.clock.now()
+	start := e.clock.Now()
 	for i := 0; i < 3; i++ {
 		e.create("alice")
-		e.clock.add(10 * time.Minute)
+		e.clock.Advance(10 * time.Minute)
 	}
 	// Now start+30m; the oldest expires at start+1h: 30 minutes to wait.
 	rec := e.do(req{method: "POST", path: "/_matrix/media/v1/create", token: "alice"})
@@ -257,7 +257,7 @@ func TestCreateLimit(t *testing.T) {
 	// Another user is not affected.
 	e.create("bob")
 	// Once the oldest has expired, its slot is free again.
-	e.clock.set(start.Add(time.Hour))
+	e.clock.Set(start.Add(time.Hour))
 	e.create("alice")
 	rec = e.do(req{method: "POST", path: "/_matrix/media/v1/create", token: "alice"})
 	expectError(t, rec, 429, "M_LIMIT_EXCEEDED")
@@ -309,12 +309,12 @@ func TestFreezeLegacy(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cutoff := e.clock.now().Add(time.Minute)
+	cutoff := e.clock.Now().Add(time.Minute)
 	frozenLater, err := NewSite(SiteConfig{ServerName: testServer, FreezeLegacy: true, FreezeSince: cutoff}, e.repo, e.site.auth)
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.clock.add(2 * time.Minute)
+	e.clock.Advance(2 * time.Minute)
 	id2 := e.upload("alice", []byte("after"), "", "")
 	pending := e.create("alice")
 
@@ -337,10 +337,10 @@ func TestFreezeLegacy(t *testing.T) {
 func TestRunPendingExpiry(t *testing.T) {
 	e := newEnv(t, func(_ *SiteConfig, o *RepositoryOptions) { o.PendingCleanupInterval = time.Millisecond })
 	expired := e.create("alice")
-	e.clock.add(time.Hour)
+	e.clock.Advance(time.Hour)
 	alive := e.create("alice")
 	// Now the first one is past its expiry, the second has a minute left.
-	e.clock.add(DefaultPendingExpiry - time.Minute)
+	e.clock.Advance(DefaultPendingExpiry - time.Minute)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
@@ -49,13 +50,6 @@ func fakeHomeserver(t testing.TB) *httptest.Server {
 	return hs
 }
 
-// testClock is a settable clock.
-type testClock struct{ ns atomic.Int64 }
-
-func (c *testClock) now() time.Time      { return time.Unix(0, c.ns.Load()) }
-func (c *testClock) set(t time.Time)     { c.ns.Store(t.UnixNano()) }
-func (c *testClock) add(d time.Duration) { c.ns.Add(int64(d)) }
-
 // countingMeta counts GetMedia calls of the real metadata store.
 type countingMeta struct {
 	storage.MetadataStore
@@ -77,7 +71,7 @@ type env struct {
 	meta  *countingMeta
 	repo  *Repository
 	site  *Site
-	clock *testClock
+	clock *testclock.Clock
 	hs    *httptest.Server
 }
 
@@ -122,9 +116,8 @@ func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	clock := &testClock{}
-	clock.set(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
-	repo.now = clock.now
+	clock := testclock.New(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
+	repo.now = clock.Now
 	hs := fakeHomeserver(t)
 	whoami, err := auth.NewWhoami(hs.URL, hs.Client())
 	if err != nil {

@@ -13,25 +13,9 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 )
-
-// fakeClock is a settable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
 
 // fakeFetcher serves fixed keys and counts calls.
 type fakeFetcher struct {
@@ -63,9 +47,9 @@ var testEpoch = time.Date(2023, 6, 1, 0, 0, 0, 0, time.UTC)
 
 // newTestVerifier returns a verifier for media.example.org that knows the
 // spec test key of "domain", valid for validFor after the clock's start.
-func newTestVerifier(t *testing.T, validFor time.Duration) (*Verifier, *fakeFetcher, *fakeClock) {
+func newTestVerifier(t *testing.T, validFor time.Duration) (*Verifier, *fakeFetcher, *testclock.Clock) {
 	t.Helper()
-	clock := &fakeClock{t: testEpoch}
+	clock := testclock.New(testEpoch)
 	k := testKey(t)
 	f := &fakeFetcher{keys: map[string]map[string]ServerKey{
 		testServer: {testKeyID: {Public: k.Public(), ValidUntil: testEpoch.Add(validFor)}},
