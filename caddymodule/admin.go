@@ -110,10 +110,8 @@ func (AdminAPI) handleMigrations(w http.ResponseWriter, r *http.Request) error {
 		return writeAdminJSON(w, http.StatusOK, res.migrations.list())
 	case http.MethodPost:
 		var req migrationRequest
-		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil {
-			return apiError(http.StatusBadRequest, fmt.Errorf("decoding request body: %w", err))
+		if err := decodeAdminJSON(r, &req); err != nil {
+			return err
 		}
 		if req.From == "" || req.To == "" {
 			return apiError(http.StatusBadRequest, errors.New(`"from" and "to" datastore names are required`))
@@ -161,6 +159,22 @@ func apiError(status int, err error) error {
 	return caddy.APIError{HTTPStatus: status, Err: err}
 }
 
+// maxAdminBody bounds the JSON body of an admin API request.
+const maxAdminBody = 64 << 10
+
+// decodeAdminJSON decodes the JSON body of an admin API request into v,
+// refusing unknown fields; an empty body leaves v as it is. A bad body is a
+// 400 API error.
+func decodeAdminJSON(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil && !errors.Is(err, io.EOF) {
+		return apiError(http.StatusBadRequest, fmt.Errorf("decoding request body: %w", err))
+	}
+	return nil
+}
+
+// writeAdminJSON writes v as the JSON answer of an admin API request.
 func writeAdminJSON(w http.ResponseWriter, status int, v any) error {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(status)

@@ -145,9 +145,11 @@ type App struct {
 	// live is res while this config holds it, for readers on other
 	// goroutines (the admin API) that may run while Cleanup releases it.
 	// A pointer, set once in Provision, because the App struct is copied.
-	live      *atomic.Pointer[resources]
-	auth      *authState
-	poolKey   string
+	live    *atomic.Pointer[resources]
+	auth    *authState
+	poolKey string
+	// gcPolicy is this config's orphan collector policy, applied in Start.
+	gcPolicy  gcPolicy
 	previewer *preview.Previewer
 	transport *http.Transport
 	logger    *zap.Logger
@@ -194,15 +196,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("federation: max_remote_size must not be negative, got %d", a.Federation.MaxRemoteSize)
 	}
 	settings.maxRemoteSize = a.remoteMaxSize()
-	gcPolicy, err := gcPolicyOf(a.GC)
-	if err != nil {
-		return err
-	}
 	if f := a.Federation; f != nil {
 		if f.MaxFetches < 0 || f.MaxFetchesPerServer < 0 {
 			return fmt.Errorf("federation: max_fetches and max_fetches_per_server must not be negative")
 		}
 		settings.maxFetches, settings.maxFetchesPerServer = f.MaxFetches, f.MaxFetchesPerServer
+	}
+	if a.gcPolicy, err = gcPolicyOf(a.GC); err != nil {
+		return err
 	}
 	key := settings.key()
 	val, reused, err := resourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
@@ -223,7 +224,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.metrics.Collectors()); err != nil {
 		return err
 	}
-	a.res.gc.configure(gcPolicy)
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.gc.metrics.collectors()); err != nil {
 		return err
 	}
@@ -358,10 +358,15 @@ func (s storeSettings) withCacheSize(n int) (storeSettings, error) {
 	return s, nil
 }
 
-// Start implements caddy.App. Everything the app needs is ready once
+// Start implements caddy.App. Everything requests need is ready once
 // Provision returns (apps start in no fixed order, and sites may serve before
-// this runs), so there is nothing left to start.
-func (a *App) Start() error { return nil }
+// this runs). Start only hands the orphan collector this config's policy:
+// here, once the whole config has provisioned, so that a reload that fails
+// in Provision leaves the running config's policy in place.
+func (a *App) Start() error {
+	a.res.gc.configure(a.gcPolicy)
+	return nil
+}
 
 // Stop implements caddy.App. The shared stores are released in Cleanup, after
 // the new config (on a reload) has taken them over.

@@ -2,10 +2,8 @@ package caddymodule
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"runtime/debug"
 	"sync"
@@ -272,12 +270,8 @@ func (AdminAPI) handleGC(w http.ResponseWriter, r *http.Request) error {
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
 	}
 	var req gcRequest
-	if r.ContentLength != 0 {
-		dec := json.NewDecoder(io.LimitReader(r.Body, 64<<10))
-		dec.DisallowUnknownFields()
-		if err := dec.Decode(&req); err != nil && !errors.Is(err, io.EOF) {
-			return apiError(http.StatusBadRequest, fmt.Errorf("decoding request body: %w", err))
-		}
+	if err := decodeAdminJSON(r, &req); err != nil {
+		return err
 	}
 	if req.Grace != nil && *req.Grace < 0 {
 		return apiError(http.StatusBadRequest, errors.New(`"grace" must not be negative`))

@@ -171,8 +171,10 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 	case serr == nil:
 		if rec.Datastore != target && wroteTarget {
 			// The recorded datastore holds the bytes; this copy is
-			// unreferenced. A failed delete only leaves an orphan for the
-			// collector, so the upload still succeeds.
+			// unreferenced. A failed delete leaves a stray copy, which the
+			// collector does not remove (it leaves bytes in a datastore
+			// other than the recorded one alone, see storage/gc); the
+			// upload still succeeds.
 			_ = store.Delete(context.WithoutCancel(ctx), res.SHA256)
 		}
 		res.Existed = true

@@ -255,6 +255,10 @@ func (c *Collector) collectUnrecorded(ctx context.Context, name string, cutoff t
 		switch {
 		case err == nil:
 			return nil
+		case errors.Is(err, storage.ErrUnavailable):
+			// The database is down: stop instead of listing the whole
+			// datastore and failing on every blob.
+			return fmt.Errorf("looking up the record of blob %s: %w", sb.SHA256, err)
 		case !errors.Is(err, storage.ErrNotFound):
 			fail(fmt.Errorf("looking up the record of blob %s: %w", sb.SHA256, err))
 			return nil

@@ -92,15 +92,10 @@ func (s *Store) DeleteUnreferencedBlob(ctx context.Context, sha256 string, cutof
 	}
 	b.CreatedAt = fromMillis(created)
 	if err := deleteBytes(ctx, b); err != nil {
-		return false, fmt.Errorf("collecting blob %s: %w", sha256, classify(err))
+		// The datastore's error, classified by the datastore.
+		return false, fmt.Errorf("collecting blob %s: %w", sha256, err)
 	}
 	if err := tx.Commit(); err != nil {
-		if isForeignKeyViolation(err) {
-			// Deferred check (not used by this schema, but harmless): the
-			// record stays; its bytes are gone, which the next run's
-			// DeleteUnreferencedBlob cannot repair. Report it loudly.
-			return false, fmt.Errorf("collecting blob %s: bytes deleted but record still referenced: %w", sha256, classify(err))
-		}
 		return false, fmt.Errorf("collecting blob %s: committing: %w", sha256, classify(err))
 	}
 	return true, nil
@@ -133,7 +128,8 @@ func (s *Store) DeleteUnrecordedBlob(ctx context.Context, sha256 string, deleteB
 		return false, nil
 	}
 	if err := deleteBytes(ctx); err != nil {
-		return false, fmt.Errorf("collecting unrecorded blob %s: %w", sha256, classify(err))
+		// The datastore's error, classified by the datastore.
+		return false, fmt.Errorf("collecting unrecorded blob %s: %w", sha256, err)
 	}
 	if _, err := tx.ExecContext(ctx, s.q.deleteTombstone, sha256); err != nil {
 		return false, fmt.Errorf("collecting unrecorded blob %s: removing placeholder: %w", sha256, classify(err))

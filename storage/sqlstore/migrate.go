@@ -174,17 +174,16 @@ var migrations = []migration{
 		// touched_ts is a blob's last claim: when it was recorded, or last
 		// reused by an upload that deduplicated onto it (RecordBlob,
 		// TouchBlob). The garbage collector never deletes a blob claimed
-		// within its grace period (see storage/gc). Existing blobs count as
-		// claimed when they were created.
+		// within its grace period (see storage/gc). NULL (the rows existing
+		// before this version): claimed when created (see
+		// unreferencedBefore), so no start-up rewrite of every row.
 		version: 4,
 		name:    "blob claims",
 		sqlite: []string{
 			`ALTER TABLE blobs ADD COLUMN touched_ts INTEGER`,
-			`UPDATE blobs SET touched_ts = created_ts`,
 		},
 		postgres: []string{
 			`ALTER TABLE blobs ADD COLUMN touched_ts BIGINT`,
-			`UPDATE blobs SET touched_ts = created_ts`,
 		},
 	},
 }
