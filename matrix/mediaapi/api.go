@@ -162,9 +162,6 @@ type Repository struct {
 	thumbMemoryWait time.Duration
 	thumbTimeout    time.Duration
 	thumbMemoryHeld atomic.Int64
-	// testHookThumbnailJoined, when set, runs after a request joined a
-	// thumbnail generation (tests use it to coalesce deterministically).
-	testHookThumbnailJoined func()
 
 	// bg counts the work running outside of requests (see Go and Drain).
 	bg backgroundWork
@@ -270,6 +267,9 @@ type testHooks struct {
 	// beforeRecord is called when a fetched item is stored, before its row
 	// is recorded.
 	beforeRecord func(server, id string)
+	// thumbnailJoined is called once a request joined a thumbnail
+	// generation.
+	thumbnailJoined func()
 }
 
 // RedirectPolicy configures presigned download redirects for a datastore.
@@ -529,6 +529,19 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 
 	rt := parseRoute(r.URL.EscapedPath())
+	// A response cut mid-body (panic(http.ErrAbortHandler): the client
+	// left, or the source failed) is still counted: 499 when the client
+	// went away, else 500.
+	defer func() {
+		if v := recover(); v != nil {
+			st := http.StatusInternalServerError
+			if r.Context().Err() != nil {
+				st = statusClientGone
+			}
+			s.repo.metrics.observe(rt.ep, st, start)
+			panic(v)
+		}
+	}()
 	var status int
 	switch {
 	case rt.ep == epUnknown:

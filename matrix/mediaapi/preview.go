@@ -60,21 +60,23 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 			return writeErr(w, matrix.InvalidParam("ts must be an integer"))
 		}
 	}
-	now := s.repo.now()
 	key := previewKey(s.cfg.ServerName, raw)
 	if body, ok := s.repo.previews.Get(key); ok {
 		return writeJSON(w, body)
 	}
 	v, err, _ := s.repo.previewFlights.Do(key, func() (any, error) {
-		ctx := context.WithoutCancel(r.Context())
-		return s.makePreview(ctx, raw, user.UserID)
+		// Cached before the flight ends, so that a request arriving
+		// after it finds the preview instead of fetching the page again.
+		body, err := s.makePreview(context.WithoutCancel(r.Context()), raw, user.UserID)
+		if err == nil {
+			s.repo.previews.PutUntil(key, body, s.repo.now().Add(previewTTL))
+		}
+		return body, err
 	})
 	if err != nil {
 		return s.previewError(w, r, err)
 	}
-	body := v.([]byte)
-	s.repo.previews.PutUntil(key, body, now.Add(previewTTL))
-	return writeJSON(w, body)
+	return writeJSON(w, v.([]byte))
 }
 
 // previewKey is the cache and coalescing key of a preview of rawURL made for

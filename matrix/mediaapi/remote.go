@@ -126,8 +126,15 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 	// Once the store runs in its goroutine, it owns ctx (and the body).
 	detached := false
 	defer func() {
-		if !detached {
-			cancel()
+		if detached {
+			return
+		}
+		cancel()
+		// The flight is still ours: a panic must not leave it (and its
+		// admission slot) held for ever.
+		if v := recover(); v != nil {
+			s.repo.finishRemote(key, f, nil, fmt.Errorf("remote_stream: %w: %v", ErrPanicked, v))
+			panic(v)
 		}
 	}()
 	start := time.Now()
@@ -394,7 +401,7 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 	if !leader {
 		return awaitRemote(ctx, f)
 	}
-	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
+	if e, err := s.repo.cachedRemote(context.WithoutCancel(ctx), ik); e != nil || err != nil {
 		s.repo.finishRemote(key, f, e, err)
 		return e, err
 	}

@@ -205,7 +205,9 @@ func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOpti
 	// A fetch that ended between our lookup and joinRemote has recorded its
 	// row before it ended (flights end only once the row is visible): look
 	// again before fetching a second time.
-	if e, err := s.repo.cachedRemote(ctx, mediaKey{server, id}); e != nil || err != nil {
+	// Detached from this request: the outcome goes to every waiter, and
+	// this client leaving must not become their error.
+	if e, err := s.repo.cachedRemote(context.WithoutCancel(ctx), mediaKey{server, id}); e != nil || err != nil {
 		s.repo.finishRemote(key, f, e, err)
 		return e, err
 	}
@@ -256,10 +258,8 @@ func (s *Site) fail(w http.ResponseWriter, r *http.Request, err error) int {
 	case errors.Is(err, ErrRemoteUnavailable):
 		s.repo.logger.Warn("fetching remote media failed", zap.Error(err))
 		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Could not fetch the media from its server"))
-	case errors.Is(err, storage.ErrUnavailable):
-		s.repo.logger.Error("media storage unavailable", zap.Error(err))
-		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
 	default:
+		// Including storage.ErrUnavailable: 503 with Retry-After.
 		return s.internalError(w, "resolving media", err)
 	}
 }

@@ -65,7 +65,7 @@ func TestThumbnailPanicFailsOnlyItsRequests(t *testing.T) {
 		o.Logger = observedLogger(logs)
 	})
 	joined := make(chan struct{}, 2)
-	e.repo.testHookThumbnailJoined = func() { joined <- struct{}{} }
+	e.repo.hooks.thumbnailJoined = func() { joined <- struct{}{} }
 	id := e.upload("alice", testJPEG(t, 400, 300), "image/jpeg", "")
 	path := "/_matrix/client/v1/media/thumbnail/test/" + id + "?width=96&height=96&method=crop"
 
@@ -110,7 +110,7 @@ func TestThumbnailPanicFailsOnlyItsRequests(t *testing.T) {
 
 	// The process lives on and the key is free: the next request generates.
 	pt.panicking.Store(false)
-	e.repo.testHookThumbnailJoined = nil
+	e.repo.hooks.thumbnailJoined = nil
 	if rec := e.do(req{method: "GET", path: path, token: "alice"}); rec.Code != 200 {
 		t.Fatalf("after the panic: %d %s", rec.Code, rec.Body)
 	}
@@ -228,7 +228,7 @@ func TestThumbnailSourceMemoryBudget(t *testing.T) {
 	id1 := e.upload("alice", src1, "image/jpeg", "")
 	id2 := e.upload("alice", src2, "image/jpeg", "")
 	ct.gate = make(chan struct{})
-	e.repo.testHookThumbnailJoined = func() { joined <- struct{}{} }
+	e.repo.hooks.thumbnailJoined = func() { joined <- struct{}{} }
 
 	first := make(chan *httptest.ResponseRecorder)
 	go func() {
@@ -239,7 +239,7 @@ func TestThumbnailSourceMemoryBudget(t *testing.T) {
 		runtimeGosched()
 	}
 	opens := cs.opens.Load()
-	e.repo.testHookThumbnailJoined = nil
+	e.repo.hooks.thumbnailJoined = nil
 	rec := e.do(req{method: "GET", path: "/_matrix/client/v1/media/thumbnail/test/" + id2 + "?width=96&height=96&method=crop", token: "alice"})
 	expectError(t, rec, 429, "M_LIMIT_EXCEEDED")
 	if ra := rec.Header().Get("Retry-After"); ra == "" {

@@ -310,8 +310,8 @@ func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.Thu
 		})
 		return t, err
 	})
-	if r.testHookThumbnailJoined != nil {
-		r.testHookThumbnailJoined()
+	if r.hooks.thumbnailJoined != nil {
+		r.hooks.thumbnailJoined()
 	}
 	select {
 	case res := <-ch:
