@@ -179,19 +179,10 @@ func ContentDisposition(contentType, filename string, forceInline bool) string {
 	return b.String()
 }
 
-// isToken reports whether s is a non-empty RFC 2616 token: visible ASCII
-// (33-126) without separators.
+// isToken reports whether s is a non-empty RFC 9110 token.
 func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c < 33 || c > 126 || strings.IndexByte(`()<>@,;:\"/[]?={}`, c) >= 0 {
-			return false
-		}
-	}
-	return true
+	t, rest := cutToken(s)
+	return t != "" && rest == ""
 }
 
 // isAttrChar reports whether c may appear unescaped in an RFC 5987 value.

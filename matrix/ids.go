@@ -101,11 +101,7 @@ func ParseServerName(s string) (ServerName, error) {
 		if end < 0 {
 			return sn, fmt.Errorf("parsing server name %q: %w: unterminated IPv6 literal", s, ErrInvalidServerName)
 		}
-		lit := s[1:end]
-		if len(lit) < 2 || len(lit) > 45 || !ipv6Chars(lit) {
-			return sn, fmt.Errorf("parsing server name %q: %w: bad IPv6 literal", s, ErrInvalidServerName)
-		}
-		ip, err := netip.ParseAddr(lit)
+		ip, err := netip.ParseAddr(s[1:end])
 		if err != nil || !ip.Is6() || ip.Zone() != "" {
 			return sn, fmt.Errorf("parsing server name %q: %w: bad IPv6 literal", s, ErrInvalidServerName)
 		}
@@ -135,8 +131,12 @@ func ParseServerName(s string) (ServerName, error) {
 			return sn, fmt.Errorf("parsing server name %q: %w: no label in host", s, ErrInvalidServerName)
 		}
 		sn.Host = host
-		if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
-			sn.IP = ip
+		// Only a dotted quad can be IPv4 (checked first: ParseAddr of a
+		// DNS name allocates its error, on the download path).
+		if strings.Trim(host, "0123456789.") == "" {
+			if ip, err := netip.ParseAddr(host); err == nil && ip.Is4() {
+				sn.IP = ip
+			}
 		}
 	}
 	if rest != "" {
@@ -154,7 +154,10 @@ func ParseServerName(s string) (ServerName, error) {
 		if n < 1 || n > 65535 {
 			return sn, fmt.Errorf("parsing server name %q: %w: port out of range", s, ErrInvalidServerName)
 		}
-		sn.Port = strconv.Itoa(n)
+		sn.Port = p
+		if p[0] == '0' {
+			sn.Port = strconv.Itoa(n) // canonical form, without leading zeros
+		}
 	}
 	return sn, nil
 }
@@ -164,18 +167,6 @@ func ParseServerName(s string) (ServerName, error) {
 func ValidServerName(s string) bool {
 	_, err := ParseServerName(s)
 	return err == nil
-}
-
-// ipv6Chars reports whether s has only IPv6char characters (DIGIT, A-F,
-// a-f, ":" and ".").
-func ipv6Chars(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !isDigit(c) && !(c >= 'A' && c <= 'F') && !(c >= 'a' && c <= 'f') && c != ':' && c != '.' {
-			return false
-		}
-	}
-	return true
 }
 
 func isDigit(c byte) bool { return c >= '0' && c <= '9' }

@@ -277,3 +277,17 @@ func TestWriteErrorMarshalFallback(t *testing.T) {
 		t.Fatalf("body %q: %v", rec.Body.String(), err)
 	}
 }
+
+// Validating the server name of a download (a DNS name or IPv4 address,
+// with or without a port) allocates nothing: it runs on every request.
+func TestValidServerNameAllocatesNothing(t *testing.T) {
+	for _, name := range []string{"example.org", "matrix.example.org:8448", "1.2.3.4:443"} {
+		if n := testing.AllocsPerRun(100, func() {
+			if !ValidServerName(name) {
+				t.Fatalf("%s refused", name)
+			}
+		}); n != 0 {
+			t.Errorf("ValidServerName(%q) makes %v allocations, want 0", name, n)
+		}
+	}
+}

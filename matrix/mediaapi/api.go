@@ -38,7 +38,6 @@ import (
 	"net/url"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -161,7 +160,6 @@ type Repository struct {
 	thumbMemoryCap  int64
 	thumbMemoryWait time.Duration
 	thumbTimeout    time.Duration
-	thumbMemoryHeld atomic.Int64
 
 	// bg counts the work running outside of requests (see Go and Drain).
 	bg backgroundWork
@@ -550,6 +548,13 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		h["Allow"] = allowHeaders[rt.ep]
 		status = writeErr(w, matrix.MethodNotAllowed("Method "+r.Method+" not allowed on this endpoint"))
 	default:
+		if rt.ep == epUpload || rt.ep == epCreate || rt.ep == epUploadPut {
+			// Early refusals of requests with a body; the lingering read
+			// runs after the request was counted (deferred).
+			var finish func()
+			w, r, finish = guardBody(w, r)
+			defer finish()
+		}
 		switch rt.ep {
 		case epUpload:
 			status = s.serveUpload(w, r)

@@ -74,7 +74,7 @@ const (
 // guardBody prepares a request that carries a body (upload, create, PUT)
 // for refusals decided before the body is read. An error response written
 // while the body has not been read to its end gets Connection: close, and
-// the returned finish (to be deferred by the handler) sends it at once and
+// the returned finish (deferred by ServeHTTP, after the request was counted) sends it at once and
 // then reads and discards what the client still sends of the body, for at
 // most refusalLingerTime and refusalLingerBytes, before net/http closes the
 // connection.

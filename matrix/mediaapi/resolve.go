@@ -258,6 +258,9 @@ func (s *Site) fail(w http.ResponseWriter, r *http.Request, err error) int {
 	case errors.Is(err, ErrRemoteUnavailable):
 		s.repo.logger.Warn("fetching remote media failed", zap.Error(err))
 		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Could not fetch the media from its server"))
+	case errors.Is(err, ErrShuttingDown):
+		w.Header().Set("Retry-After", "1")
+		return writeErr(w, matrix.Unknown(http.StatusServiceUnavailable, "The media repository is reloading, retry"))
 	default:
 		// Including storage.ErrUnavailable: 503 with Retry-After.
 		return s.internalError(w, "resolving media", err)

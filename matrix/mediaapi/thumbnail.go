@@ -454,15 +454,8 @@ func (r *Repository) admitSource(ctx context.Context, size int64) (func(), error
 			return nil, fmt.Errorf("admitting a %d-byte thumbnail source: %d-byte budget in use: %w", size, r.thumbMemoryCap, thumbnails.ErrBusy)
 		}
 	}
-	r.thumbMemoryHeld.Add(n)
-	return func() {
-		r.thumbMemoryHeld.Add(-n)
-		r.thumbMemory.Release(n)
-	}, nil
+	return func() { r.thumbMemory.Release(n) }, nil
 }
-
-// thumbMemoryUsed returns the bytes of the source memory budget in use.
-func (r *Repository) thumbMemoryUsed() int64 { return r.thumbMemoryHeld.Load() }
 
 // readContent reads the whole content of a media item (a thumbnail source,
 // admitted by the caller) from its datastore. When ctx ends first the reader
@@ -520,16 +513,11 @@ func (s *Site) thumbnailError(w http.ResponseWriter, r *http.Request, err error)
 	case errors.Is(err, context.DeadlineExceeded):
 		s.repo.logger.Warn("thumbnail generation timed out", zap.Error(err))
 		return writeErr(w, matrix.Unknown(http.StatusGatewayTimeout, "Timed out generating the thumbnail, try again later"))
-	case errors.Is(err, ErrShuttingDown):
-		w.Header().Set("Retry-After", "1")
-		return writeErr(w, matrix.Unknown(http.StatusServiceUnavailable, "The media repository is reloading, retry"))
-	case errors.Is(err, storage.ErrUnavailable):
-		s.repo.logger.Error("media storage unavailable while thumbnailing", zap.Error(err))
-		return writeErr(w, matrix.Unknown(http.StatusBadGateway, "Media storage is unavailable, try again later"))
 	case errors.Is(err, storage.ErrNotFound):
 		s.repo.logger.Error("thumbnail source content missing", zap.Error(err))
 		return writeErr(w, matrix.NotFound("Media content not found"))
 	default:
+		// Including storage.ErrUnavailable: 503 with Retry-After.
 		return s.internalError(w, "generating thumbnail", err)
 	}
 }

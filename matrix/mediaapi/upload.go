@@ -127,8 +127,7 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestRes
 		return res, st
 	case errors.Is(err, storage.ErrUnavailable):
 		s.repo.logger.Error("media storage unavailable during an upload", zap.Error(err))
-		w.Header().Set("Retry-After", "5")
-		return res, writeErr(w, matrix.Unknown(http.StatusServiceUnavailable, "Media storage is unavailable, try again later"))
+		return res, writeErr(w, storageUnavailable(w))
 	default:
 		return res, s.internalError(w, "storing upload", err)
 	}
@@ -148,8 +147,6 @@ func recordCtx(r *http.Request) (context.Context, context.CancelFunc) {
 
 // serveUpload handles POST /_matrix/media/v3/upload.
 func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
-	w, r, finish := guardBody(w, r)
-	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -226,8 +223,6 @@ func (s *Site) isAdmin(r *http.Request, user auth.User) bool {
 // serveCreate handles POST /_matrix/media/v1/create. The body (normally {})
 // is ignored.
 func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
-	w, r, finish := guardBody(w, r)
-	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
@@ -278,8 +273,6 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 // order so that a second PUT is refused with 409 before its body (possibly
 // empty) is looked at.
 func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
-	w, r, finish := guardBody(w, r)
-	defer finish()
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
