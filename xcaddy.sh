@@ -36,11 +36,17 @@ require_go() {
 	command -v go >/dev/null 2>&1 || die "go is not installed or not in PATH (Go 1.26 or newer is needed)"
 }
 
+# go_bin prints the directory "go install" writes to.
+go_bin() {
+	local d
+	d=$(go env GOBIN)
+	printf '%s\n' "${d:-$(go env GOPATH)/bin}"
+}
+
 # xcaddy_path prints the xcaddy binary to use, or nothing if none is found.
 xcaddy_path() {
 	local gobin
-	gobin=$(go env GOBIN)
-	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	gobin=$(go_bin)
 	if [[ -x $gobin/xcaddy ]]; then
 		printf '%s\n' "$gobin/xcaddy"
 	elif command -v xcaddy >/dev/null 2>&1; then
@@ -78,8 +84,7 @@ deps() {
 # staticcheck.
 test_deps() {
 	local gobin cmd missing=()
-	gobin=$(go env GOBIN)
-	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
+	gobin=$(go_bin)
 	if [[ ! -x $gobin/staticcheck ]] || ! go version -m "$gobin/staticcheck" 2>/dev/null | grep -q "honnef.co/go/tools.*$STATICCHECK_VERSION"; then
 		log "installing staticcheck $STATICCHECK_VERSION"
 		(cd "${TMPDIR:-/tmp}" && GOFLAGS= go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION")
@@ -130,10 +135,7 @@ run_tests() {
 	log "go vet"
 	CGO_ENABLED=1 go vet -race ./...
 	log "staticcheck"
-	local gobin
-	gobin=$(go env GOBIN)
-	[[ -n $gobin ]] || gobin="$(go env GOPATH)/bin"
-	GOFLAGS="${GOFLAGS:+$GOFLAGS }-race" CGO_ENABLED=1 "$gobin/staticcheck" ./...
+	GOFLAGS="${GOFLAGS:+$GOFLAGS }-race" CGO_ENABLED=1 "$(go_bin)/staticcheck" ./...
 	# Every fuzz target briefly, after its committed seed corpus (before the
 	# tests, so that go test's summary closes the output).
 	log "fuzz targets"

@@ -3,7 +3,9 @@
 // one bounded-cache type of the module: remembered fetch failures, circuit
 // breakers, verify keys, server discovery answers and URL previews all keep
 // their entries in a Map, so that "bounded" means the same thing everywhere
-// (at most Max entries; the least recently used goes first).
+// (at most Max entries; the least recently used goes first). The token
+// cache (matrix/auth) and the media row cache (matrix/mediaapi) are
+// deliberate exceptions: their doc comments say why.
 //
 // Expiry is checked lazily against an injected clock: an expired entry is
 // never returned, and is removed when it is looked up or when room is
@@ -23,22 +25,13 @@ type Options[K comparable, V any] struct {
 	Max int
 	// Now is the clock entries expire against. Default time.Now.
 	Now func() time.Time
-	// OnEvict, when set, is called with an entry dropped to make room
-	// (never for Delete, replacement or expiry). It runs with the map's lock
-	// held: it must be quick and must not use the map.
-	OnEvict func(key K, value V)
-	// OnLen, when set, is called with the new number of entries after every
-	// change (a size gauge). It runs with the map's lock held.
-	OnLen func(n int)
 }
 
 // Map is a bounded LRU map from K to V with an optional expiry per entry.
 // It is safe for concurrent use. Create it with New.
 type Map[K comparable, V any] struct {
-	max     int
-	now     func() time.Time
-	onEvict func(K, V)
-	onLen   func(int)
+	max int
+	now func() time.Time
 
 	mu      sync.Mutex
 	entries map[K]*node[K, V]
@@ -70,8 +63,6 @@ func New[K comparable, V any](opts Options[K, V]) *Map[K, V] {
 	m := &Map[K, V]{
 		max:     opts.Max,
 		now:     opts.Now,
-		onEvict: opts.OnEvict,
-		onLen:   opts.OnLen,
 		entries: make(map[K]*node[K, V], min(opts.Max, 1024)),
 	}
 	m.head.prev, m.head.next = &m.head, &m.head
@@ -118,12 +109,7 @@ func (m *Map[K, V]) PutUntil(key K, value V, expires time.Time) {
 		return
 	}
 	if len(m.entries) >= m.max {
-		victim := m.head.prev
-		k, v := victim.key, victim.value
-		m.removeLocked(victim)
-		if m.onEvict != nil {
-			m.onEvict(k, v)
-		}
+		m.removeLocked(m.head.prev)
 	}
 	n := m.free
 	if n != nil {
@@ -134,7 +120,6 @@ func (m *Map[K, V]) PutUntil(key K, value V, expires time.Time) {
 	n.key, n.value, n.expires = key, value, expires
 	m.entries[key] = n
 	m.pushFrontLocked(n)
-	m.lenChangedLocked()
 }
 
 // Delete removes key, if present.
@@ -154,16 +139,6 @@ func (m *Map[K, V]) Len() int {
 	return len(m.entries)
 }
 
-// Clear removes every entry.
-func (m *Map[K, V]) Clear() {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	clear(m.entries)
-	m.head.prev, m.head.next = &m.head, &m.head
-	m.free = nil
-	m.lenChangedLocked()
-}
-
 // removeLocked unlinks n and forgets it. m.mu must be held.
 func (m *Map[K, V]) removeLocked(n *node[K, V]) {
 	delete(m.entries, n.key)
@@ -171,7 +146,6 @@ func (m *Map[K, V]) removeLocked(n *node[K, V]) {
 	var zero node[K, V]
 	*n = zero // drop references to the key and value
 	m.free = n
-	m.lenChangedLocked()
 }
 
 // pushFrontLocked links n as the most recently used node. m.mu must be
@@ -189,11 +163,4 @@ func (m *Map[K, V]) moveToFrontLocked(n *node[K, V]) {
 	}
 	n.prev.next, n.next.prev = n.next, n.prev
 	m.pushFrontLocked(n)
-}
-
-// lenChangedLocked reports the size to OnLen. m.mu must be held.
-func (m *Map[K, V]) lenChangedLocked() {
-	if m.onLen != nil {
-		m.onLen(len(m.entries))
-	}
 }

@@ -110,12 +110,6 @@ type wellKnownCall struct {
 	err    error
 }
 
-// parseServerName is matrix.ParseServerName (the module's one server name
-// check); its errors wrap ErrInvalidServerName.
-func parseServerName(s string) (matrix.ServerName, error) {
-	return matrix.ParseServerName(s)
-}
-
 // Resolve finds where to reach the Matrix server serverName, following the
 // spec's discovery steps in order:
 //
@@ -135,7 +129,7 @@ func parseServerName(s string) (matrix.ServerName, error) {
 // lookup function, which net.Resolver already applies); a "." target means
 // "no service" and is skipped. SRV targets are not checked for being CNAMEs.
 func (r *Resolver) Resolve(ctx context.Context, name string) (Target, error) {
-	sn, err := parseServerName(name)
+	sn, err := matrix.ParseServerName(name)
 	if err != nil {
 		return Target{}, fmt.Errorf("resolving server name: %w", err)
 	}
@@ -170,7 +164,7 @@ func (r *Resolver) Resolve(ctx context.Context, name string) (Target, error) {
 
 // resolveDelegated applies steps 3.1–3.5 to a validated m.server value.
 func (r *Resolver) resolveDelegated(ctx context.Context, delegated string) (Target, error) {
-	dn, err := parseServerName(delegated)
+	dn, err := matrix.ParseServerName(delegated)
 	if err != nil {
 		return Target{}, err
 	}
@@ -390,7 +384,7 @@ func fetchWellKnown(ctx context.Context, client *http.Client, host string) (stri
 	if doc.Server == nil {
 		return "", 0, fmt.Errorf("parsing well-known for %s: missing m.server", host)
 	}
-	if _, err := parseServerName(*doc.Server); err != nil {
+	if _, err := matrix.ParseServerName(*doc.Server); err != nil {
 		return "", 0, fmt.Errorf("parsing well-known for %s: %w", host, err)
 	}
 	return *doc.Server, cacheTTL(resp.Header.Get("Cache-Control")), nil
