@@ -143,7 +143,7 @@ func TestMigrations(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ms := newMigrations(meta, stores, zap.NewNop())
+	ms := newMigrations(meta, stores, zap.NewNop(), func(_ string, fn func()) bool { go fn(); return true })
 	ms.grace = 0
 	if _, err := ms.start("a", "zzz"); !errors.Is(err, errUnknownDatastore) {
 		t.Fatalf("unknown target: %v", err)

@@ -48,7 +48,7 @@ type migrations struct {
 	// it).
 	grace time.Duration
 	// spawn runs a job's goroutine: the repository's Go (panics recovered,
-	// the stores held open) in production, a plain goroutine by default.
+	// the stores held open); false when the repository is draining.
 	spawn func(where string, fn func()) bool
 
 	mu   sync.Mutex
@@ -57,9 +57,10 @@ type migrations struct {
 	closed bool
 }
 
-func newMigrations(meta storage.MetadataStore, stores *storage.Datastores, logger *zap.Logger) *migrations {
-	return &migrations{meta: meta, stores: stores, logger: logger, grace: migrationGrace, jobs: map[string]*migration{},
-		spawn: func(_ string, fn func()) bool { go fn(); return true }}
+// newMigrations returns the migration jobs of the stores; spawn starts their
+// goroutines (mediaapi.Repository.Go).
+func newMigrations(meta storage.MetadataStore, stores *storage.Datastores, logger *zap.Logger, spawn func(where string, fn func()) bool) *migrations {
+	return &migrations{meta: meta, stores: stores, logger: logger, grace: migrationGrace, jobs: map[string]*migration{}, spawn: spawn}
 }
 
 // start begins moving every blob of datastore from to datastore to, in the

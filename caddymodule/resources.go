@@ -93,9 +93,9 @@ type resources struct {
 	metrics *mediaapi.Metrics
 	logger  *zap.Logger
 
-	// stopExpiry stops the expiry loop; expiryDone is closed when it returned.
+	// stopExpiry stops the expiry loop (background work of the repository:
+	// closing the stores waits for it through Drain).
 	stopExpiry context.CancelFunc
-	expiryDone chan struct{}
 
 	// inFlight counts requests using the resources; closing is set by
 	// Destruct. Both are atomics so that the request path takes no lock.
@@ -174,22 +174,17 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
-		migrations: newMigrations(meta, stores, logger),
+		migrations: newMigrations(meta, stores, logger, repo.Go),
 		gc:         gcJob,
 		meta:       meta,
 		repo:       repo,
 		metrics:    metrics,
 		logger:     logger,
 		stopExpiry: stop,
-		expiryDone: make(chan struct{}),
 		closed:     make(chan struct{}),
 		drainWait:  defaultDrainWait,
 	}
-	res.migrations.spawn = repo.Go
-	repo.Go("pending_expiry", func() {
-		defer close(res.expiryDone)
-		repo.RunPendingExpiry(loopCtx)
-	})
+	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(loopCtx) })
 	return res, nil
 }
 
@@ -214,56 +209,45 @@ func (r *resources) acquire() bool {
 // Destruct closes the stores.
 func (r *resources) release() {
 	if r.inFlight.Add(-1) == 0 && r.closing.Load() {
-		go r.closeStores()
+		r.closeStores()
 	}
 }
 
 // Destruct implements caddy.Destructor. It is called by resourcePool when the
-// last config using the resources is cleaned up. It stops the expiry loop and
-// the migrations at once, and closes the stores as soon as no request and no
-// background work uses them any more: it waits up to drainWait for background
-// work, and when requests or work remain the close happens after Destruct has
-// returned.
+// last config using the resources is cleaned up. It stops the expiry loop, the
+// migrations and the collector at once, and closes the stores as soon as no
+// request and no background work uses them any more. It waits up to
+// drainWait for that; when requests or work remain longer, the close happens
+// after Destruct has returned.
 func (r *resources) Destruct() error {
 	r.migrations.stop()
 	r.gc.close()
 	r.stopExpiry()
-	<-r.expiryDone
 	r.closing.Store(true)
-	if r.inFlight.Load() == 0 {
-		if r.closeStores() {
-			return r.closeErr
-		}
+	if r.inFlight.Load() != 0 {
+		r.logger.Info("matrix_media stores will close once in-flight requests finish")
 		return nil
 	}
-	r.logger.Info("matrix_media stores will close once in-flight requests finish")
-	return nil
+	r.closeStores()
+	select {
+	case <-r.closed:
+		return r.closeErr
+	case <-time.After(r.drainWait):
+		r.logger.Warn("matrix_media stores will close once background work finishes")
+		return nil
+	}
 }
 
-// closeStores drains the repository's background work (see
-// mediaapi.Repository.Drain) and closes both stores; only the first call does
-// anything. It waits up to drainWait: when work is still running then, the
-// stores are closed by a goroutine once it has finished, and closeStores
-// returns false. It returns true when the stores are closed (and closeErr
-// valid) on return.
-func (r *resources) closeStores() bool {
-	now := false
+// closeStores closes both stores once the repository's background work has
+// finished (see mediaapi.Repository.Drain), on a goroutine of its own; only
+// the first call does anything. closed is closed when it is done.
+func (r *resources) closeStores() {
 	r.closeOnce.Do(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), r.drainWait)
-		err := r.repo.Drain(ctx)
-		cancel()
-		if err != nil {
-			r.logger.Warn("matrix_media stores will close once background work finishes", zap.Error(err))
-			go func() {
-				_ = r.repo.Drain(context.Background())
-				r.closeNow()
-			}()
-			return
-		}
-		r.closeNow()
-		now = true
+		go func() {
+			_ = r.repo.Drain(context.Background())
+			r.closeNow()
+		}()
 	})
-	return now
 }
 
 // closeNow closes both stores, sets closeErr and closes closed.
