@@ -351,6 +351,31 @@ func TestVerifyKeyCache(t *testing.T) {
 			t.Fatalf("fetcher called %d times, want 1", n)
 		}
 	})
+	t.Run("a small cache keeps the key asked for", func(t *testing.T) {
+		// The origin publishes many keys at once; the one that signed the
+		// request must survive storing its siblings (before, it was stored
+		// in map order and a later sibling could evict it: a second
+		// request then fetched again).
+		k := testKey(t)
+		keys := map[string]ServerKey{testKeyID: {Public: k.Public(), ValidUntil: testEpoch.Add(time.Hour)}}
+		for i := range 8 {
+			other, _ := GenerateSigningKey(fixedReader(byte(20 + i)))
+			keys[fmt.Sprintf("ed25519:sib%d", i)] = ServerKey{Public: other.Public(), ValidUntil: testEpoch.Add(time.Hour)}
+		}
+		f := &fakeFetcher{keys: map[string]map[string]ServerKey{testServer: keys}}
+		v, err := NewVerifier(VerifierOptions{Names: []string{testDest}, Fetcher: f, CacheSize: 2, Now: func() time.Time { return testEpoch }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 2 {
+			if _, err := v.Verify(ctx, request("GET", downloadURI, testDest, "", vectorHeader()), "", nil); err != nil {
+				t.Fatalf("request %d: %v", i, err)
+			}
+		}
+		if n := f.calls.Load(); n != 1 {
+			t.Fatalf("fetcher called %d times, want 1 (the key asked for was evicted)", n)
+		}
+	})
 	t.Run("bounded", func(t *testing.T) {
 		f := &fakeFetcher{}
 		v, err := NewVerifier(VerifierOptions{Names: []string{testDest}, Fetcher: f, CacheSize: 3, Now: func() time.Time { return testEpoch }})
