@@ -393,39 +393,26 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
 		return e, err
 	}
-	key := k.ServerName + "/" + internalID
-	f, leader, err := s.repo.joinRemote(k.ServerName, key)
-	if err != nil {
-		return nil, err
-	}
-	if !leader {
-		return awaitRemote(ctx, f)
-	}
-	if e, err := s.repo.cachedRemote(context.WithoutCancel(ctx), ik); e != nil || err != nil {
-		s.repo.finishRemote(key, f, e, err)
+	f, key, e, err := s.joinFlight(ctx, ik)
+	if f == nil {
 		return e, err
 	}
-	var e *mediaEntry
-	s.repo.goFinish("remote_thumbnail_fetch", func() error {
-		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
-		defer cancel()
+	return s.leadFetch(ctx, "remote_thumbnail_fetch", key, f, func(fctx context.Context) (*mediaEntry, error) {
 		start := time.Now()
 		rm, err := rt.Thumbnail(fctx, k.ServerName, k.MediaID, k.Width, k.Height, k.Method, k.Animated, timeout)
 		if err != nil {
 			s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
-			return err
+			return nil, err
 		}
 		defer rm.Body.Close()
 		if ct := storedContentType(rm.ContentType); !strings.HasPrefix(ct, "image/") {
-			return fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
+			return nil, fmt.Errorf("remote thumbnail of type %q: %w", rm.ContentType, ErrRemoteUnavailable)
 		}
 		if err := s.repo.checkAnnouncedSize(k.ServerName, internalID, rm.Size); err != nil {
-			return err
+			return nil, err
 		}
-		e, err = s.repo.storeRemote(fctx, k.ServerName, internalID, rm, sizedBody(rm.Body, rm.Size), start)
-		return err
-	}, func(err error) { s.repo.finishRemote(key, f, e, err) })
-	return awaitRemote(ctx, f)
+		return s.repo.storeRemote(fctx, k.ServerName, internalID, rm, sizedBody(rm.Body, rm.Size), start)
+	})
 }
 
 // remoteBody maps read errors of a federation body to the RemoteFetcher

@@ -191,35 +191,57 @@ func (r *Repository) cachedRemote(ctx context.Context, k mediaKey) (*mediaEntry,
 // fetchOrJoin joins the fetch of a remote item in progress, or leads a new
 // one when the fetch bounds admit it.
 func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
-	key := server + "/" + id
-	f, leader, err := s.repo.joinRemote(server, key)
-	if err != nil {
-		return nil, err
-	}
-	if s.repo.hooks.joined != nil {
-		s.repo.hooks.joined(key, leader)
-	}
-	if !leader {
-		return awaitRemote(ctx, f)
-	}
-	// A fetch that ended between our lookup and joinRemote has recorded its
-	// row before it ended (flights end only once the row is visible): look
-	// again before fetching a second time.
-	// Detached from this request: the outcome goes to every waiter, and
-	// this client leaving must not become their error.
-	if e, err := s.repo.cachedRemote(context.WithoutCancel(ctx), mediaKey{server, id}); e != nil || err != nil {
-		s.repo.finishRemote(key, f, e, err)
+	f, key, e, err := s.joinFlight(ctx, mediaKey{server, id})
+	if f == nil {
 		return e, err
 	}
 	if o.stream != nil {
 		return nil, s.streamRemote(o.stream, key, f, server, id, o.timeout)
 	}
+	return s.leadFetch(ctx, "remote_fetch", key, f, func(fctx context.Context) (*mediaEntry, error) {
+		return s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
+	})
+}
+
+// joinFlight joins the flight of the remote item k, or starts one when the
+// fetch bounds admit it. A nil flight means the outcome (e, err) is known: a
+// follower waited for its leader; a refused admission; or the new leader
+// found the item recorded by a fetch that ended between the caller's lookup
+// and the join (flights end only once their row is visible, so one look
+// again is enough). Otherwise the caller leads the returned flight, named
+// key, and must end it (leadFetch or finishRemote).
+func (s *Site) joinFlight(ctx context.Context, k mediaKey) (f *remoteFlight, key string, e *mediaEntry, err error) {
+	key = k.server + "/" + k.id
+	f, leader, err := s.repo.joinRemote(k.server, key)
+	if err != nil {
+		return nil, key, nil, err
+	}
+	if s.repo.hooks.joined != nil {
+		s.repo.hooks.joined(key, leader)
+	}
+	if !leader {
+		e, err = awaitRemote(ctx, f)
+		return nil, key, e, err
+	}
+	// Detached from this request: the outcome goes to every waiter, and
+	// this client leaving must not become their error.
+	if e, err := s.repo.cachedRemote(context.WithoutCancel(ctx), k); e != nil || err != nil {
+		s.repo.finishRemote(key, f, e, err)
+		return nil, key, e, err
+	}
+	return f, key, nil, nil
+}
+
+// leadFetch runs fetch for the flight f (named key) that the caller leads,
+// detached from the request (others may be waiting) and bounded by
+// remoteTimeout, ends the flight with its outcome, also when fetch panics
+// or the repository is draining (goFinish), and waits for it.
+func (s *Site) leadFetch(ctx context.Context, where, key string, f *remoteFlight, fetch func(context.Context) (*mediaEntry, error)) (*mediaEntry, error) {
 	var e *mediaEntry
-	s.repo.goFinish("remote_fetch", func() (err error) {
-		// Detached from this request: others may be waiting.
+	s.repo.goFinish(where, func() (err error) {
 		fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
 		defer cancel()
-		e, err = s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
+		e, err = fetch(fctx)
 		return err
 	}, func(err error) { s.repo.finishRemote(key, f, e, err) })
 	return awaitRemote(ctx, f)
