@@ -114,10 +114,24 @@ var errMediaNotFound = matrix.NotFound("Media not found")
 // Errors are *matrix.Error, *respondedError, or errors of the store and the
 // remote fetcher, which fail maps to answers.
 func (s *Site) resolve(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
-	if server == s.cfg.ServerName || s.repo.IsLocal(server) {
+	if s.isLocal(server) {
 		return s.resolveLocal(ctx, mediaKey{server, id}, o)
 	}
 	return s.resolveRemote(ctx, server, id, o)
+}
+
+// isLocal reports whether server is the site's own server name or that of
+// another site of this repository.
+func (s *Site) isLocal(server string) bool {
+	return server == s.cfg.ServerName || s.repo.IsLocal(server)
+}
+
+// mayFetch reports whether the request may fetch remote media that is not
+// cached: always on authenticated endpoints; on legacy ones only with
+// allow_remote and outside the legacy freeze (a copy fetched now is created
+// now).
+func (s *Site) mayFetch(o resolveOptions) bool {
+	return !o.legacy || (o.allowRemote && !s.frozen(s.repo.now()))
 }
 
 // resolveLocal returns a local media item, waiting up to o.timeout for a
@@ -155,9 +169,8 @@ func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOp
 		s.repo.hooks.missed(server + "/" + id)
 	}
 	if e == nil {
-		// Not cached: a copy fetched now is created now, so the legacy
-		// freeze can refuse it before anything is fetched or stored.
-		if o.legacy && s.frozen(s.repo.now()) {
+		// Not cached: decided before anything is fetched or stored.
+		if !s.mayFetch(o) {
 			return nil, errMediaNotFound
 		}
 		if e, err = s.fetchOrJoin(ctx, server, id, o); err != nil {

@@ -201,9 +201,7 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 		return writeErr(w, merr)
 	}
 	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout}
-	remote := server != s.cfg.ServerName && !s.repo.IsLocal(server)
-	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && remote && s.repo.thumbPolicy.FetchRemote &&
-		(!rt.legacy || (o.allowRemote && !s.frozen(s.repo.now()))) {
+	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && !s.isLocal(server) && s.repo.thumbPolicy.FetchRemote && s.mayFetch(o) {
 		// The remote's own thumbnail, unless it cannot make one: then
 		// the original, thumbnailed here.
 		w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
