@@ -187,7 +187,24 @@ type Media struct {
 	// blob's record. GetMedia sets it for ready items; it is empty while
 	// pending, and ignored on writes.
 	Datastore string
+	// Protected media are never quarantined (MediaAdmin.SetProtected);
+	// InsertMedia stores it.
+	Protected bool
+	// LastAccessAt is the last recorded read (MediaAdmin.RecordAccess);
+	// zero when never read. Ignored on writes.
+	LastAccessAt time.Time
+	// QuarantinedBy and QuarantinedAt come from the quarantine of the
+	// item's content (MediaAdmin.QuarantineContent), whether or not the item
+	// is protected; empty/zero when its content is not quarantined. Ignored
+	// on writes. An item is refused when QuarantinedBy is set and it is not
+	// Protected (see Refused).
+	QuarantinedBy string
+	QuarantinedAt time.Time
 }
+
+// Refused reports whether the item's content is quarantined and the item is
+// not protected from that.
+func (m *Media) Refused() bool { return m.QuarantinedBy != "" && !m.Protected }
 
 // Blob metadata recorded for each stored blob.
 type BlobRecord struct {
