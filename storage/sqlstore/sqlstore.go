@@ -86,7 +86,7 @@ type queries struct {
 
 	remoteCacheSize, listRemoteLRU, deleteOldThumbnails string
 
-	createJob, getJob, listJobs, claimJob string
+	createJob, getJob, listJobs, claimJob   string
 	listClaimableJobs, updateJob, cancelJob string
 }
 
