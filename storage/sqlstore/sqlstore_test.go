@@ -316,7 +316,10 @@ func TestPostgresQueriesRebound(t *testing.T) {
 	for _, q := range []queries{newQueries(dialectPostgres)} {
 		for _, s := range []string{q.recordBlob, q.getBlob, q.findBlobByPrefix, q.countBlobRefs,
 			q.listBlobs, q.countBlobs, q.moveBlob, q.insertMedia, q.getMedia,
-			q.lockUser, q.countPending, q.oldestPending, q.completePending, q.completeCheck, q.deleteExpiredPending} {
+			q.lockUser, q.countPending, q.oldestPending, q.completePending, q.completeCheck, q.deleteExpiredPending,
+			q.quarantine, q.unquarantine, q.getQuarantine, q.setProtected, q.listMediaByHash, q.countUserMedia,
+			q.recordAccess, q.listRemoteLRU, q.deleteOldThumbnails, q.createJob, q.getJob, q.listJobs, q.claimJob,
+			q.listClaimableJobs, q.updateJob, q.cancelJob} {
 			if strings.Contains(s, "?") || !strings.Contains(s, "$1") {
 				t.Errorf("postgres query not rebound: %s", s)
 			}
