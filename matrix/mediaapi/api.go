@@ -27,6 +27,29 @@
 // bounds on fetches in flight (429 M_LIMIT_EXCEEDED beyond them). Thumbnails, previews and the
 // federation endpoints answer 404 M_UNRECOGNIZED when their part is not
 // configured, like any unknown media path.
+//
+// Takedown: when the metadata store supports it (storage.MediaAdmin),
+// media whose content (blob SHA-256) is quarantined and that is not
+// protected is refused on every path with 404 M_NOT_FOUND: downloads,
+// thumbnails (already stored ones too; optionally answered with
+// RepositoryOptions.QuarantinePlaceholder), federation, sibling sites' media
+// and remote media, cached or fetched now (a fetched copy is stored, then
+// refused; a first download streamed while it is stored holds back its last
+// byte until the content is known, and is cut if it is quarantined). The
+// check is Media.Refused on the row the one resolver returns (resolve.go);
+// GetMedia brings the quarantine with the row, so it costs no query. An
+// upload (POST, or PUT of a /create ID) of quarantined content is refused
+// with 403 M_FORBIDDEN before any row refers to it. Rows are cached in
+// memory, so whoever quarantines, unquarantines, protects or deletes must
+// tell the repository at once: ForgetContent(sha256) after a quarantine
+// change, Forget(server, id) after a protection change or deletion (the
+// admin layer, matrix/mediaadmin, does). This invalidates this process's
+// cache only; other instances sharing the database keep a stale row until
+// it is evicted (issue 15).
+//
+// Last access: downloads and thumbnail reads are noted in memory and
+// written in batches (RunAccessFlush, every AccessFlushInterval, default
+// 30 s; FlushAccess), never one database write per read (access.go).
 package mediaapi
 
 import (

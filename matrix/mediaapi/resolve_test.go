@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"runtime"
 	"strings"
@@ -315,12 +316,11 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 		}
 	}
 	path := "/_matrix/client/v1/media/download/other.test/w"
-	// The first request streams the whole body; the store then stops
-	// before recording the row.
-	rec := e.do(req{method: "GET", path: path, token: "alice"})
-	if rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), body) {
-		t.Fatalf("first: %d, %d bytes", rec.Code, rec.Body.Len())
-	}
+	// The first request streams the body; the store then stops before
+	// recording the row (the response ends once it is recorded, when the
+	// store can quarantine, so it runs on its own goroutine).
+	first := make(chan *httptest.ResponseRecorder, 1)
+	go func() { first <- e.do(req{method: "GET", path: path, token: "alice"}) }()
 	<-atRecord
 	// Second request: its lookup misses (no row yet) ...
 	second := make(chan *int, 1)
@@ -341,6 +341,9 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	if code := <-second; *code != 200 {
 		t.Fatalf("second: %d", *code)
 	}
+	if rec := <-first; rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), body) {
+		t.Fatalf("first: %d, %d bytes", rec.Code, rec.Body.Len())
+	}
 	// Third request arriving while a recording is in progress joins it.
 	fr.media["other.test/w2"] = body
 	recordGate2 := make(chan struct{})
@@ -352,9 +355,7 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	joined := make(chan bool, 4)
 	e.repo.hooks.joined = func(_ string, leader bool) { joined <- leader }
 	path2 := "/_matrix/client/v1/media/download/other.test/w2"
-	if rec := e.do(req{method: "GET", path: path2, token: "alice"}); rec.Code != 200 {
-		t.Fatalf("first of w2: %d", rec.Code)
-	}
+	go func() { first <- e.do(req{method: "GET", path: path2, token: "alice"}) }()
 	<-joined // the first request led
 	<-atRecord
 	go func() {
@@ -368,6 +369,9 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	close(recordGate2)
 	if code := <-second; *code != 200 {
 		t.Fatalf("request during the recording: %d", *code)
+	}
+	if rec := <-first; rec.Code != 200 {
+		t.Fatalf("first of w2: %d", rec.Code)
 	}
 	if n := fr.calls.Load(); n != 2 {
 		t.Fatalf("%d fetches for two items, want 2", n)
