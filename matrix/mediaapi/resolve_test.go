@@ -457,27 +457,40 @@ func TestRemoteDeclaredTooLarge(t *testing.T) {
 }
 
 // TestRemoteTruncatedNeverSucceeds: a body shorter than announced, or
-// failing midway, cuts the streamed response and records nothing.
+// failing midway, cuts the streamed response (or, when it ends within the
+// head read before streaming to check the quarantine, is answered 502) and
+// records nothing.
 func TestRemoteTruncatedNeverSucceeds(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		rm   *typedRemote
+		// headOnly: the body ends within its head (the first
+		// storage.PrefixSize bytes), read before the response starts when
+		// the store can quarantine.
+		headOnly bool
 	}{
-		{"short of its announced size", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: 5000}},
-		{"longer than announced", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 5000), size: 1000}},
+		{"short of its announced size", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: 5000}, true},
+		{"short after its head", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 100<<10), size: 200 << 10}, false},
+		{"longer than announced", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 5000), size: 1000}, false},
 		{"read error", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: -1,
-			err: fmt.Errorf("cut: %w", ErrRemoteUnavailable)}},
+			err: fmt.Errorf("cut: %w", ErrRemoteUnavailable)}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, func(c *SiteConfig, _ *RepositoryOptions) { c.Remote = tc.rm })
-			func() {
-				defer func() {
-					if v := recover(); v != http.ErrAbortHandler {
-						t.Fatalf("recovered %v, want http.ErrAbortHandler", v)
-					}
+			path := "/_matrix/client/v1/media/download/other.test/t"
+			if tc.headOnly && e.admin != nil {
+				rec := e.do(req{method: "GET", path: path, token: "alice"})
+				expectError(t, rec, 502, "M_UNKNOWN")
+			} else {
+				func() {
+					defer func() {
+						if v := recover(); v != http.ErrAbortHandler {
+							t.Fatalf("recovered %v, want http.ErrAbortHandler", v)
+						}
+					}()
+					e.do(req{method: "GET", path: path, token: "alice"})
 				}()
-				e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/t", token: "alice"})
-			}()
+			}
 			waitFor(t, func() bool { return gaugeValue(e.repo.metrics.remoteRunning) == 0 })
 			if _, err := e.meta.GetMedia(context.Background(), "other.test", "t"); !errors.Is(err, storage.ErrNotFound) {
 				t.Fatalf("a truncated fetch was recorded: %v", err)
