@@ -375,7 +375,7 @@ func (s *syncBuffer) String() string {
 func (e *env) needAdmin() *adminMeta {
 	e.t.Helper()
 	if e.admin == nil {
-		e.t.Skip("the SQL store does not implement storage.MediaAdmin")
+		e.t.Fatal("the SQL store does not implement storage.MediaAdmin")
 	}
 	return e.admin
 }
