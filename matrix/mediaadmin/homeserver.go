@@ -1,0 +1,287 @@
+package mediaadmin
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+)
+
+// Bounds of homeserver answers.
+const (
+	// maxRoomMediaBody bounds a room's media list (about 100,000 mxc URIs).
+	maxRoomMediaBody = 16 << 20
+	// maxProfileBody bounds a profile.
+	maxProfileBody = 64 << 10
+	// profileConcurrency bounds the profile requests one admin request
+	// makes at a time.
+	profileConcurrency = 8
+)
+
+// homeserver asks the site's homeserver what the module cannot know: a
+// room's media and users' profiles. Every request carries the caller's
+// access token.
+type homeserver struct {
+	// base is the client-server base URL without a trailing slash; "" when
+	// the site has no homeserver URL.
+	base   string
+	client *http.Client
+}
+
+// hsAnswer is a homeserver response read in full.
+type hsAnswer struct {
+	status  int
+	body    []byte
+	errcode string
+	message string
+}
+
+// get makes one GET request to path (already escaped) with token.
+func (h *homeserver) get(ctx context.Context, token, path string, limit int64) (hsAnswer, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.base+path, nil)
+	if err != nil {
+		return hsAnswer{}, fmt.Errorf("building homeserver request: %w: %w", auth.ErrHomeserverUnavailable, err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", "application/json")
+	resp, err := h.client.Do(req)
+	if err != nil {
+		return hsAnswer{}, classifyTransportError(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
+	if err != nil {
+		return hsAnswer{}, classifyTransportError(err)
+	}
+	if int64(len(body)) > limit {
+		return hsAnswer{}, fmt.Errorf("reading homeserver answer: body over %d bytes: %w", limit, auth.ErrHomeserverUnavailable)
+	}
+	a := hsAnswer{status: resp.StatusCode, body: body}
+	if a.status != http.StatusOK {
+		// Not every server answers errors in JSON (a reverse proxy's 404
+		// page); errcode then stays empty.
+		var eb struct {
+			ErrCode string `json:"errcode"`
+			Error   string `json:"error"`
+		}
+		_ = json.Unmarshal(body, &eb)
+		a.errcode, a.message = eb.ErrCode, eb.Error
+	}
+	return a, nil
+}
+
+// classifyTransportError maps a failed round trip to ErrHomeserverTimeout
+// or ErrHomeserverUnavailable.
+func classifyTransportError(err error) error {
+	var ne net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
+		return fmt.Errorf("calling homeserver: %w: %w", auth.ErrHomeserverTimeout, err)
+	}
+	return fmt.Errorf("calling homeserver: %w: %w", auth.ErrHomeserverUnavailable, err)
+}
+
+// noSuchAPI reports whether an answer says the homeserver lacks the
+// endpoint: 404 without M_NOT_FOUND (M_UNRECOGNIZED, or no JSON at all from
+// a reverse proxy), 405, or a 4xx M_UNRECOGNIZED.
+func (a hsAnswer) noSuchAPI() bool {
+	return (a.status == http.StatusNotFound && a.errcode != matrix.CodeNotFound) ||
+		a.status == http.StatusMethodNotAllowed ||
+		(a.errcode == matrix.CodeUnrecognized && a.status >= 400 && a.status < 500)
+}
+
+// describe renders an answer's status and error for messages.
+func (a hsAnswer) describe() string {
+	s := fmt.Sprint(a.status)
+	if a.errcode != "" {
+		s += " " + a.errcode
+	}
+	if a.message != "" {
+		s += ": " + a.message
+	}
+	return s
+}
+
+// roomMedia asks the homeserver for the media of room (Synapse's GET
+// /_synapse/admin/v1/room/{roomId}/media) and returns them as references;
+// malformed mxc URIs are skipped. A homeserver without that API gives 501
+// M_UNRECOGNIZED; one that refuses the caller 403 M_FORBIDDEN.
+func (h *homeserver) roomMedia(ctx context.Context, token, roomID string) ([]storage.MediaRef, error) {
+	if h.base == "" {
+		return nil, matrix.NewError(http.StatusNotImplemented, matrix.CodeUnrecognized,
+			"No homeserver is configured to list the room's media; quarantine by user or media ID instead")
+	}
+	path := "/_synapse/admin/v1/room/" + url.PathEscape(roomID) + "/media"
+	a, err := h.get(ctx, token, path, maxRoomMediaBody)
+	if err != nil {
+		return nil, fmt.Errorf("listing media of room %s: %w", roomID, err)
+	}
+	switch {
+	case a.status == http.StatusOK:
+		var body struct {
+			Local  []string `json:"local"`
+			Remote []string `json:"remote"`
+		}
+		if err := json.Unmarshal(a.body, &body); err != nil {
+			return nil, fmt.Errorf("listing media of room %s: decoding the homeserver's answer: %w: %w", roomID, auth.ErrHomeserverUnavailable, err)
+		}
+		refs := make([]storage.MediaRef, 0, len(body.Local)+len(body.Remote))
+		for _, uri := range append(body.Local, body.Remote...) {
+			if ref, ok := parseMXC(uri); ok {
+				refs = append(refs, ref)
+			}
+		}
+		return refs, nil
+	case a.noSuchAPI():
+		return nil, matrix.NewError(http.StatusNotImplemented, matrix.CodeUnrecognized,
+			"The homeserver does not list a room's media (GET /_synapse/admin/v1/room/{roomId}/media answered "+
+				a.describe()+"); quarantine by user or media ID instead")
+	case a.status == http.StatusUnauthorized || a.status == http.StatusForbidden:
+		return nil, matrix.Forbidden("The homeserver refused to list the room's media for this access token (" + a.describe() + ")")
+	case a.status == http.StatusNotFound:
+		return nil, matrix.NotFound("The homeserver does not know the room (" + a.describe() + ")")
+	case a.status == http.StatusBadRequest:
+		code := a.errcode
+		if code == "" {
+			code = matrix.CodeUnknown
+		}
+		return nil, matrix.NewError(http.StatusBadRequest, code, "The homeserver refused to list the room's media ("+a.describe()+")")
+	default:
+		return nil, fmt.Errorf("listing media of room %s: homeserver answered %s: %w", roomID, a.describe(), auth.ErrHomeserverUnavailable)
+	}
+}
+
+// parseMXC parses "mxc://server/mediaID" with a valid server name and media
+// ID.
+func parseMXC(uri string) (storage.MediaRef, bool) {
+	rest, ok := strings.CutPrefix(uri, "mxc://")
+	if !ok {
+		return storage.MediaRef{}, false
+	}
+	server, id, ok := strings.Cut(rest, "/")
+	if !ok || !matrix.ValidServerName(server) || !matrix.ValidMediaID(id) {
+		return storage.MediaRef{}, false
+	}
+	return storage.MediaRef{ServerName: server, MediaID: id}, true
+}
+
+// profile is the part of a global profile the admin API uses.
+type profile struct {
+	// AvatarURL and DisplayName are nil when not set.
+	AvatarURL   *string `json:"avatar_url"`
+	DisplayName *string `json:"displayname"`
+}
+
+// profile fetches userID's global profile (GET
+// /_matrix/client/v3/profile/{userId}). A user without a profile (404)
+// gives found false and no error; any other failure an error.
+func (h *homeserver) profile(ctx context.Context, token, userID string) (p profile, found bool, err error) {
+	if h.base == "" {
+		return profile{}, false, fmt.Errorf("looking up the profile of %s: no homeserver is configured: %w", userID, auth.ErrHomeserverUnavailable)
+	}
+	a, err := h.get(ctx, token, "/_matrix/client/v3/profile/"+url.PathEscape(userID), maxProfileBody)
+	if err != nil {
+		return profile{}, false, fmt.Errorf("looking up the profile of %s: %w", userID, err)
+	}
+	switch a.status {
+	case http.StatusOK:
+		// Values of other types (a homeserver bug) count as unset.
+		var raw map[string]json.RawMessage
+		if err := json.Unmarshal(a.body, &raw); err != nil {
+			return profile{}, false, fmt.Errorf("looking up the profile of %s: decoding: %w: %w", userID, auth.ErrHomeserverUnavailable, err)
+		}
+		p.AvatarURL = jsonString(raw["avatar_url"])
+		p.DisplayName = jsonString(raw["displayname"])
+		return p, true, nil
+	case http.StatusNotFound:
+		return profile{}, false, nil
+	default:
+		return profile{}, false, fmt.Errorf("looking up the profile of %s: homeserver answered %s: %w", userID, a.describe(), auth.ErrHomeserverUnavailable)
+	}
+}
+
+// jsonString returns the string a JSON value holds, or nil.
+func jsonString(raw json.RawMessage) *string {
+	var s string
+	if len(raw) == 0 || json.Unmarshal(raw, &s) != nil {
+		return nil
+	}
+	return &s
+}
+
+// profiles fetches the profiles of userIDs, profileConcurrency at a time.
+// Users without a profile are absent from the result. With failFast, the
+// first error is returned (and the requests not yet started are not made);
+// without, failures leave the user absent.
+func (h *homeserver) profiles(ctx context.Context, token string, userIDs []string, failFast bool) (map[string]profile, error) {
+	out := make(map[string]profile, len(userIDs))
+	var (
+		mu       sync.Mutex
+		firstErr error
+		wg       sync.WaitGroup
+	)
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sem := make(chan struct{}, profileConcurrency)
+	for _, id := range userIDs {
+		select {
+		case sem <- struct{}{}:
+		case <-ctx.Done():
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			p, found, err := h.profile(ctx, token, id)
+			mu.Lock()
+			defer mu.Unlock()
+			switch {
+			case err != nil && failFast:
+				if firstErr == nil {
+					firstErr = err
+					cancel()
+				}
+			case found:
+				out[id] = p
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if failFast && ctx.Err() != nil {
+		return nil, fmt.Errorf("looking up profiles: %w", context.Cause(ctx))
+	}
+	return out, nil
+}
+
+// avatarLookup returns the ProfileAvatars of DeleteOldLocal for a request
+// made with token: the mxc URIs of the users' global profile avatars.
+func (h *homeserver) avatarLookup(token string) ProfileAvatars {
+	return func(ctx context.Context, userIDs []string) (map[string]bool, error) {
+		ps, err := h.profiles(ctx, token, userIDs, true)
+		if err != nil {
+			return nil, err
+		}
+		avatars := make(map[string]bool, len(ps))
+		for _, p := range ps {
+			if p.AvatarURL != nil && *p.AvatarURL != "" {
+				avatars[*p.AvatarURL] = true
+			}
+		}
+		return avatars, nil
+	}
+}
