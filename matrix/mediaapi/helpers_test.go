@@ -370,7 +370,7 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// needAdmin returns the env's takedown-capable store, or skips the test when
+// needAdmin returns the env's takedown-capable store, or fails the test when
 // the SQL store has none.
 func (e *env) needAdmin() *adminMeta {
 	e.t.Helper()
