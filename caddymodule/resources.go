@@ -93,8 +93,8 @@ type resources struct {
 	metrics *mediaapi.Metrics
 	logger  *zap.Logger
 
-	// stopExpiry stops the expiry loop (background work of the repository:
-	// closing the stores waits for it through Drain).
+	// stopExpiry stops the expiry and access flush loops (background work
+	// of the repository: closing the stores waits for it through Drain).
 	stopExpiry context.CancelFunc
 
 	// inFlight counts requests using the resources; closing is set by
@@ -185,6 +185,9 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		drainWait:  defaultDrainWait,
 	}
 	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(loopCtx) })
+	// Flushes once more when stopped; Drain flushes what requests noted
+	// after that, before the stores close.
+	repo.Go("access_flush", func() { repo.RunAccessFlush(loopCtx) })
 	return res, nil
 }
 

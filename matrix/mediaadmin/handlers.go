@@ -417,7 +417,8 @@ func (a *SiteAPI) listUserMedia(ctx context.Context, r *http.Request, rt route, 
 // nextToken is Synapse's pagination token: the offset of the next page
 // while the current one did not reach total.
 func nextToken(from, limit, got int, total int64) *int64 {
-	if int64(from)+int64(limit) >= total {
+	// Subtracting cannot overflow (both are non-negative); adding could.
+	if int64(limit) >= total-int64(from) {
 		return nil
 	}
 	n := int64(from + got)

@@ -214,15 +214,16 @@ func (i *invalidations) forgotRef(ref storage.MediaRef) bool {
 // env is a service on real stores with the admin API of two sites served
 // over HTTP.
 type env struct {
-	t      *testing.T
-	meta   *sqlstore.Store
-	admin  storage.MediaAdmin
-	stores *storage.Datastores
-	files  *filestore.Store
-	svc    *Service
-	inv    *invalidations
-	hs     *testHomeserver
-	sites  map[string]*httptest.Server
+	t       *testing.T
+	meta    *sqlstore.Store
+	admin   storage.MediaAdmin
+	stores  *storage.Datastores
+	files   *filestore.Store
+	svc     *Service
+	metrics *Metrics
+	inv     *invalidations
+	hs      *testHomeserver
+	sites   map[string]*httptest.Server
 }
 
 type envOptions struct {
@@ -257,13 +258,13 @@ func newEnv(t *testing.T, driver string, opts ...envOptions) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{t: t, meta: meta, stores: stores, files: files, inv: &invalidations{}, hs: newHomeserver(t), sites: map[string]*httptest.Server{}}
+	e := &env{t: t, meta: meta, stores: stores, files: files, metrics: NewMetrics(), inv: &invalidations{}, hs: newHomeserver(t), sites: map[string]*httptest.Server{}}
 	if ma, ok := any(meta).(storage.MediaAdmin); ok {
 		e.admin = ma
 	}
 	e.svc, err = New(Options{
 		Meta: meta, Stores: stores, Invalidator: e.inv, Purger: o.purger,
-		DeleteGrace: -1, BatchSize: 2, Logger: zap.NewNop(),
+		DeleteGrace: -1, BatchSize: 2, Logger: zap.NewNop(), Metrics: e.metrics,
 		// A second ahead, so that blobs claimed by the test's uploads are
 		// older than the deletion cutoff.
 		Now: func() time.Time { return time.Now().Add(time.Second) },

@@ -168,6 +168,16 @@ func TestListUserMedia(t *testing.T) {
 		if r.body["error"] != "Can only look up local users" {
 			t.Errorf("error %q", r.body["error"])
 		}
+		// Huge values are no error.
+		r = e.do(siteA, "GET", base+"?limit=9223372036854775807&from=9223372036854775807", tokAdmin)
+		r.expect(t, 200, "")
+		if r.raw != `{"media":[],"total":5}` {
+			t.Errorf("huge from and limit: %s", r.raw)
+		}
+		r = e.do(siteA, "GET", base+"?limit=9223372036854775807&from=1", tokAdmin)
+		if got := ids(r.body["media"]); len(got) != 4 || r.body["next_token"] != nil {
+			t.Errorf("huge limit: %s", r.raw)
+		}
 		// A user without media: empty list.
 		r = e.do(siteA, "GET", "users/"+esc(userCarol)+"/media", tokAdmin)
 		r.expect(t, 200, "")

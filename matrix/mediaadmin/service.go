@@ -396,25 +396,30 @@ type Deleted struct {
 	Blobs int
 	// Bytes is the size of those blobs.
 	Bytes int64
+	// KeptBlobs counts the blobs of deleted media that were kept (still
+	// referenced, claimed within the grace, or failed; the garbage collector
+	// removes those that become unreferenced).
+	KeptBlobs int
 }
 
 // add merges r into d.
-func (d *Deleted) add(r removed) {
+func (d *Deleted) add(r storage.Removed) {
 	for _, m := range r.Media {
 		d.Media = append(d.Media, storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID})
 	}
 	d.Thumbnails += r.Thumbnails
 	d.Blobs += r.Blobs
 	d.Bytes += r.Bytes
+	d.KeptBlobs += r.KeptBlobs
 }
 
 // remove deletes refs (tombstoned or not), drops them from the cache and
 // logs each one.
-func (s *Service) remove(ctx context.Context, actor string, refs []storage.MediaRef, tombstone bool, reason string) (removed, error) {
+func (s *Service) remove(ctx context.Context, actor string, refs []storage.MediaRef, tombstone bool, reason string) (storage.Removed, error) {
 	if len(refs) == 0 {
-		return removed{}, nil
+		return storage.Removed{}, nil
 	}
-	r, err := removeMedia(ctx, s.meta, s.stores, refs, removeOptions{Tombstone: tombstone, Grace: s.grace, Now: s.now()})
+	r, err := storage.RemoveMedia(ctx, s.meta, s.stores, refs, storage.RemoveOptions{Tombstone: tombstone, Grace: s.grace, Now: s.now})
 	// Rows may be gone even when blob removal failed: forget and log what
 	// was deleted either way.
 	for _, m := range r.Media {

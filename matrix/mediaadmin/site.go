@@ -62,6 +62,45 @@ type SiteConfig struct {
 // M_MISSING_TOKEN; unknown, 401 M_UNKNOWN_TOKEN; a guest, 403
 // M_GUEST_ACCESS_FORBIDDEN; anyone else who is not an admin, 403 M_FORBIDDEN
 // "You are not a server admin".
+//
+// Endpoints, under /_synapse/admin/v1/ (bodies as Synapse documents them;
+// request bodies are ignored):
+//
+//	POST   media/quarantine/{server}/{id}    {}; 404 M_NOT_FOUND for missing or pending media
+//	POST   media/unquarantine/{server}/{id}  {}; lifts the quarantine of the content, for every copy
+//	POST   user/{userId}/media/quarantine     {"num_quarantined": n} (the user's unprotected items)
+//	POST   room/{roomId}/media/quarantine     {"num_quarantined": n}, from the homeserver's room media
+//	POST   quarantine_media/{roomId}          list; 501 M_UNRECOGNIZED when it has none, 502/504
+//	                                          when it fails, 403 when it refuses the caller
+//	POST   media/protect/{id}                 {}; local media; 404 when missing
+//	POST   media/unprotect/{id}               {}
+//	GET    media/{server}/{id}                {"media_info": {...}}, local or cached remote; 404
+//	DELETE media/{server}/{id}                {"deleted_media": [id], "total": 1}; 400 M_UNKNOWN
+//	                                          "Can only delete local media" for another server
+//	POST   media/delete, media/{server}/delete
+//	                                          ?before_ts=&size_gt=&keep_profiles= -> deleted_media, total
+//	POST   purge_media_cache?before_ts=       {"deleted": n}
+//	GET    users/{userId}/media               {"media": [...], "total": n, "next_token": m}
+//	DELETE users/{userId}/media               {"deleted_media": [...], "total": n}; 400 M_UNKNOWN
+//	                                          "Can only look up local users" for another server
+//	GET    statistics/users/media             {"users": [...], "total": n, "next_token": m}
+//
+// Query parameters are checked with Synapse's rules: a missing required
+// integer is 400 M_MISSING_PARAM; a malformed or negative integer, an
+// unknown order_by or dir, a before_ts before 1971 (probably seconds), a
+// boolean other than true/false, 400 M_INVALID_PARAM. Another method on one
+// of these paths is 405 M_UNRECOGNIZED; OPTIONS is a CORS preflight (204).
+//
+// Differences from Synapse, where this module cannot know what Synapse
+// knows: users/{userId}/media of a user without media answers an empty
+// list (Synapse: 404 "Unknown user"); keep_profiles keeps only media that
+// are the global profile avatar of a user whose media are being deleted
+// (per-room avatars and room avatars are not detected); statistics'
+// search_term matches a substring of the user ID, not display names, and
+// order_by=displayname orders by user ID; quarantine, unquarantine,
+// protect and unprotect of unknown media answer 404 (Synapse: 200, since
+// quarantine here is by content, which unknown media lack); authenticated
+// is always null.
 type SiteAPI struct {
 	cfg     SiteConfig
 	svc     *Service

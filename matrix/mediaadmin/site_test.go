@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
@@ -417,6 +420,16 @@ func TestDeleteMedia(t *testing.T) {
 			t.Fatal("blob kept after its last item was deleted")
 		}
 		e.do(siteA, "DELETE", "media/"+siteA+"/two", tokAdmin).expect(t, 404, "M_NOT_FOUND")
+
+		if n := counterValue(t, e.metrics.deletedMedia.WithLabelValues(reasonAdmin)); n != 2 {
+			t.Errorf("deleted media counted %v, want 2", n)
+		}
+		if n := counterValue(t, e.metrics.deletedBytes.WithLabelValues(reasonAdmin)); n != float64(len("shared blob")+len("thumbnail of one")) {
+			t.Errorf("deleted bytes counted %v", n)
+		}
+		if n := counterValue(t, e.metrics.requests.WithLabelValues(string(epDeleteMedia), "400")); n != 2 {
+			t.Errorf("400s of delete_media counted %v, want 2", n)
+		}
 	})
 }
 
@@ -610,4 +623,14 @@ func TestStatusMapping(t *testing.T) {
 			t.Errorf("%v: status %d/%d body %s", c.err, got, w.Code, w.Body.String())
 		}
 	}
+}
+
+// counterValue reads a counter.
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
 }

@@ -27,6 +27,29 @@
 // bounds on fetches in flight (429 M_LIMIT_EXCEEDED beyond them). Thumbnails, previews and the
 // federation endpoints answer 404 M_UNRECOGNIZED when their part is not
 // configured, like any unknown media path.
+//
+// Takedown: when the metadata store supports it (storage.MediaAdmin),
+// media whose content (blob SHA-256) is quarantined and that is not
+// protected is refused on every path with 404 M_NOT_FOUND: downloads,
+// thumbnails (already stored ones too; optionally answered with
+// RepositoryOptions.QuarantinePlaceholder), federation, sibling sites' media
+// and remote media, cached or fetched now (a fetched copy is stored, then
+// refused; a first download streamed while it is stored holds back its last
+// byte until the content is known, and is cut if it is quarantined). The
+// check is Media.Refused on the row the one resolver returns (resolve.go);
+// GetMedia brings the quarantine with the row, so it costs no query. An
+// upload (POST, or PUT of a /create ID) of quarantined content is refused
+// with 403 M_FORBIDDEN before any row refers to it. Rows are cached in
+// memory, so whoever quarantines, unquarantines, protects or deletes must
+// tell the repository at once: ForgetContent(sha256) after a quarantine
+// change, Forget(server, id) after a protection change or deletion (the
+// admin layer, matrix/mediaadmin, does). This invalidates this process's
+// cache only; other instances sharing the database keep a stale row until
+// it is evicted (issue 15).
+//
+// Last access: downloads and thumbnail reads are noted in memory and
+// written in batches (RunAccessFlush, every AccessFlushInterval, default
+// 30 s; FlushAccess), never one database write per read (access.go).
 package mediaapi
 
 import (
@@ -37,7 +60,9 @@ import (
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -81,6 +106,13 @@ const (
 	// DefaultMaxRemoteFetchesPerServer bounds the remote fetches in flight
 	// from one remote server.
 	DefaultMaxRemoteFetchesPerServer = 16
+	// DefaultAccessFlushInterval is how often RunAccessFlush writes the
+	// reads noted since the last flush.
+	DefaultAccessFlushInterval = 30 * time.Second
+	// DefaultAccessBufferSize is how many media items (and, separately,
+	// how many items' thumbnails) have a read noted in memory at most
+	// between two flushes.
+	DefaultAccessBufferSize = 65536
 )
 
 // thumbnailMemoryWait is how long a thumbnail generation waits for room in
@@ -188,9 +220,26 @@ type Repository struct {
 	// hooks are called at points of the remote path, for tests.
 	hooks testHooks
 
+	// admin is the metadata store's takedown capability; nil when the
+	// store has none (then nothing is quarantined and no access is
+	// recorded).
+	admin storage.MediaAdmin
+	// access notes reads for batched last-access tracking (access.go);
+	// nil when admin is nil.
+	access *accessRecorder
+	// accessFlushInterval is how often RunAccessFlush flushes access.
+	accessFlushInterval time.Duration
+	// placeholder, when not nil, answers thumbnail requests of quarantined
+	// media instead of 404 (placeholderEntry describes it).
+	placeholder      []byte
+	placeholderEntry *mediaEntry
+
 	cleanupInterval time.Duration
 	// cache holds ready media rows; nil when disabled.
 	cache *mediaCache
+	// cacheGen counts cache invalidations (Forget, ForgetContent), so that
+	// a row read before one is not cached after it (cachePut).
+	cacheGen atomic.Uint64
 	// waits wakes downloads waiting for a pending upload and serializes PUTs
 	// of one media ID.
 	waits waitRegistry
@@ -251,6 +300,26 @@ type RepositoryOptions struct {
 	// MaxRemoteFetchesPerServer bounds the fetches in flight from one
 	// remote server, likewise. Default 16.
 	MaxRemoteFetchesPerServer int
+	// AccessFlushInterval is how often RunAccessFlush writes the last
+	// access times of the media and thumbnails read since its previous
+	// flush, in one batch each (reads are noted in memory, never written
+	// one by one). Default DefaultAccessFlushInterval (30 seconds): a crash
+	// loses at most that much access history, a clean shutdown none.
+	AccessFlushInterval time.Duration
+	// AccessBufferSize bounds how many media items (and, separately, how
+	// many items' thumbnails) have a read noted between two flushes; once
+	// full, a flush starts early and reads of further items are dropped
+	// until it ran (counted in caddy_matrix_media_access_dropped_total).
+	// Default DefaultAccessBufferSize (65536, a few MiB).
+	AccessBufferSize int
+	// QuarantinePlaceholder, when not empty, is an image served (200, with
+	// QuarantinePlaceholderType) for thumbnail requests of quarantined
+	// media, instead of 404 M_NOT_FOUND. Downloads and federation requests
+	// of quarantined media always answer 404. Default: none.
+	QuarantinePlaceholder []byte
+	// QuarantinePlaceholderType is the Content-Type of
+	// QuarantinePlaceholder, an image/ type. Required with it.
+	QuarantinePlaceholderType string
 }
 
 // testHooks are called at points of the remote path where tests need to
@@ -365,19 +434,77 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.remoteMaxSize = DefaultMaxUploadSize
 	}
 	r.waits.init()
+	if admin, ok := meta.(storage.MediaAdmin); ok {
+		r.admin = admin
+		r.access = newAccessRecorder(cmp.Or(opts.AccessBufferSize, DefaultAccessBufferSize))
+	}
+	r.accessFlushInterval = cmp.Or(opts.AccessFlushInterval, DefaultAccessFlushInterval)
+	switch {
+	case opts.AccessFlushInterval < 0:
+		return nil, fmt.Errorf("building repository: negative access flush interval %s", opts.AccessFlushInterval)
+	case opts.AccessBufferSize < 0:
+		return nil, fmt.Errorf("building repository: negative access buffer size %d", opts.AccessBufferSize)
+	}
+	if len(opts.QuarantinePlaceholder) > 0 {
+		if !strings.HasPrefix(opts.QuarantinePlaceholderType, "image/") || checkContentType(opts.QuarantinePlaceholderType) != nil {
+			return nil, fmt.Errorf("building repository: quarantine placeholder type %q is not an image type", opts.QuarantinePlaceholderType)
+		}
+		r.placeholder = opts.QuarantinePlaceholder
+		r.placeholderEntry = newPlaceholderEntry(opts.QuarantinePlaceholder, opts.QuarantinePlaceholderType)
+	}
 	return r, nil
 }
 
 // Metrics returns the repository's metrics.
 func (r *Repository) Metrics() *Metrics { return r.metrics }
 
-// Forget drops a media item from the in-memory cache, so that the next
-// download reads the store again. Call it after deleting or changing a media
-// row behind the repository's back (quarantine, admin deletion).
+// Forget drops a media item and its thumbnails from the in-memory caches,
+// so that the next request reads the store again. Call it after deleting or
+// changing a media row behind the repository's back (admin deletion,
+// protection). It only affects this process: other instances sharing the
+// database keep their cached rows until they are evicted.
 func (r *Repository) Forget(serverName, mediaID string) {
-	if r.cache != nil {
-		r.cache.remove(mediaKey{serverName, mediaID})
+	if r.cache == nil {
+		return
 	}
+	r.cacheGen.Add(1)
+	r.cache.remove(mediaKey{serverName, mediaID})
+	prefix := mediaID + "/"
+	r.thumbCache.removeIf(func(k mediaKey, _ *mediaEntry) bool {
+		return k.server == serverName && strings.HasPrefix(k.id, prefix)
+	})
+}
+
+// ForgetContent drops from the in-memory caches every media item whose
+// content is the blob sha256, and their thumbnails, so that the next request
+// reads their rows again (with the content's quarantine as it now is). Call
+// it after quarantining or unquarantining content, or deleting a blob's
+// media. It looks at the cache itself rather than the store's list of the
+// hash's rows, so that it also drops rows the store no longer lists (deleted
+// meanwhile); it never fails, the error is for callers' interfaces. Like
+// Forget it only affects this process.
+func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
+	if r.cache == nil || sha256 == "" {
+		return nil
+	}
+	r.cacheGen.Add(1)
+	items := make(map[mediaKey]struct{})
+	r.cache.removeIf(func(k mediaKey, e *mediaEntry) bool {
+		if e.m.SHA256 != sha256 {
+			return false
+		}
+		items[k] = struct{}{}
+		return true
+	})
+	r.thumbCache.removeIf(func(k mediaKey, e *mediaEntry) bool {
+		if e.m.SHA256 == sha256 {
+			return true
+		}
+		id, _, _ := strings.Cut(k.id, "/")
+		_, ok := items[mediaKey{k.server, id}]
+		return ok
+	})
+	return nil
 }
 
 // RunPendingExpiry deletes expired pending media (reserved by /create and

@@ -133,12 +133,17 @@ func (r *Repository) safely(where string, fn func() error) (err error) {
 // Drain stops the repository from starting background work (Go returns
 // false from now on) and waits until the work already running has finished
 // or ctx is done; then it returns ctx's error. Work already running may
-// still finish what it does on its own goroutine. Call it once no request
-// uses the repository any more, before closing the stores it was built on;
-// calling it again waits again.
+// still finish what it does on its own goroutine. Once the work has
+// finished, the reads noted since the last access flush are written
+// (FlushAccess). Call it once no request uses the repository any more,
+// before closing the stores it was built on; calling it again waits again.
 func (r *Repository) Drain(ctx context.Context) error {
 	select {
 	case <-r.bg.drain():
+		// Reads noted by requests after the access flush loop stopped.
+		if err := r.FlushAccess(ctx); err != nil {
+			r.logger.Warn("recording media access times at shutdown failed", zap.Error(err))
+		}
 		return nil
 	case <-ctx.Done():
 		return fmt.Errorf("draining background work (%d still running): %w", r.bg.running(), ctx.Err())

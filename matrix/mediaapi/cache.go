@@ -160,6 +160,26 @@ func (c *mediaCache) remove(k mediaKey) {
 	}
 }
 
+// removeIf drops every entry for which drop returns true. The entries are
+// chosen under the read lock (drop must not block) and removed one by one,
+// so that downloads are never held up by a whole scan.
+func (c *mediaCache) removeIf(drop func(mediaKey, *mediaEntry) bool) {
+	if c == nil {
+		return
+	}
+	var keys []mediaKey
+	c.mu.RLock()
+	for _, s := range c.slots {
+		if drop(s.key, s.entry) {
+			keys = append(keys, s.key)
+		}
+	}
+	c.mu.RUnlock()
+	for _, k := range keys {
+		c.remove(k)
+	}
+}
+
 // len returns the number of cached entries.
 func (c *mediaCache) len() int {
 	c.mu.RLock()

@@ -30,6 +30,7 @@ func (r *Repository) lookup(ctx context.Context, k mediaKey) (*mediaEntry, stora
 			return e, e.m, nil
 		}
 	}
+	gen := r.cacheGen.Load()
 	m, err := r.meta.GetMedia(ctx, k.server, k.id)
 	if err != nil {
 		return nil, storage.Media{}, err
@@ -38,10 +39,22 @@ func (r *Repository) lookup(ctx context.Context, k mediaKey) (*mediaEntry, stora
 		return nil, m, nil
 	}
 	e := newMediaEntry(m)
-	if r.cache != nil {
-		r.cache.put(k, e)
-	}
+	r.cachePut(gen, k, e)
 	return e, m, nil
+}
+
+// cachePut caches the entry of a row read (or written) after the cache
+// generation was gen. When an invalidation (Forget, ForgetContent) ran
+// since, the row may predate it and is not kept: an invalidation either sees
+// the entry in its scan or bumped the generation before this check.
+func (r *Repository) cachePut(gen uint64, k mediaKey, e *mediaEntry) {
+	if r.cache == nil {
+		return
+	}
+	r.cache.put(k, e)
+	if r.cacheGen.Load() != gen {
+		r.cache.remove(k)
+	}
 }
 
 // serveDownload handles GET and HEAD of
@@ -78,6 +91,7 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 	if err != nil {
 		return s.fail(w, r, err)
 	}
+	s.repo.noteAccess(&e.m)
 	return s.sendMedia(w, r, e, fileName, rt.legacy)
 }
 
@@ -324,6 +338,7 @@ func (s *Site) openContentIn(r *http.Request, e *mediaEntry, start, length int64
 // its cached datastore. It returns the updated entry (also cached) when the
 // blob is now recorded in another datastore.
 func (r *Repository) relocate(ctx context.Context, e *mediaEntry) (*mediaEntry, bool) {
+	gen := r.cacheGen.Load()
 	rec, err := r.meta.GetBlob(ctx, e.m.SHA256)
 	if err != nil || rec.Datastore == e.m.Datastore {
 		return nil, false
@@ -331,9 +346,7 @@ func (r *Repository) relocate(ctx context.Context, e *mediaEntry) (*mediaEntry, 
 	m := e.m
 	m.Datastore = rec.Datastore
 	moved := newMediaEntry(m)
-	if r.cache != nil {
-		r.cache.put(mediaKey{m.ServerName, m.MediaID}, moved)
-	}
+	r.cachePut(gen, mediaKey{m.ServerName, m.MediaID}, moved)
 	return moved, true
 }
 

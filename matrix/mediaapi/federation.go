@@ -74,7 +74,10 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 		if err != nil {
 			return s.thumbnailError(w, r, err)
 		}
+		s.repo.noteThumbnailAccess(&e.m)
 		e = te
+	} else {
+		s.repo.noteAccess(&e.m)
 	}
 	if u, ok := s.presignedURL(r, e, e.disposition[0]); ok {
 		if err := federation.WriteMediaRedirect(w, u); err != nil {

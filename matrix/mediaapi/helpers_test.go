@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -61,6 +62,49 @@ func (c *countingMeta) GetMedia(ctx context.Context, server, id string) (storage
 	return c.MetadataStore.GetMedia(ctx, server, id)
 }
 
+// adminMeta is the metadata store of an env whose store supports
+// takedown (storage.MediaAdmin): countingMeta plus the store's MediaAdmin,
+// with the access batches it is given recorded (and failed on demand).
+type adminMeta struct {
+	*countingMeta
+	storage.MediaAdmin
+
+	mu           sync.Mutex
+	mediaBatches [][]storage.Access
+	thumbBatches [][]storage.Access
+	// failAccess, when set, fails both Record methods.
+	failAccess error
+}
+
+func (a *adminMeta) RecordAccess(ctx context.Context, acc []storage.Access) error {
+	a.mu.Lock()
+	a.mediaBatches = append(a.mediaBatches, slices.Clone(acc))
+	fail := a.failAccess
+	a.mu.Unlock()
+	if fail != nil {
+		return fail
+	}
+	return a.MediaAdmin.RecordAccess(ctx, acc)
+}
+
+func (a *adminMeta) RecordThumbnailAccess(ctx context.Context, acc []storage.Access) error {
+	a.mu.Lock()
+	a.thumbBatches = append(a.thumbBatches, slices.Clone(acc))
+	fail := a.failAccess
+	a.mu.Unlock()
+	if fail != nil {
+		return fail
+	}
+	return a.MediaAdmin.RecordThumbnailAccess(ctx, acc)
+}
+
+// batches returns copies of the access batches recorded so far.
+func (a *adminMeta) batches() (media, thumbs [][]storage.Access) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Clone(a.mediaBatches), slices.Clone(a.thumbBatches)
+}
+
 // env is a site on real stores (file store + SQLite) in a temp dir, with a
 // fake homeserver.
 type env struct {
@@ -69,6 +113,9 @@ type env struct {
 	blobs *filestore.Store
 	sql   *sqlstore.Store
 	meta  *countingMeta
+	// admin is the repository's metadata store when the SQL store
+	// supports takedown (nil otherwise).
+	admin *adminMeta
 	repo  *Repository
 	site  *Site
 	clock *testclock.Clock
@@ -112,7 +159,13 @@ func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	repo, err := NewRepository(stores, meta, ropts)
+	var repoMeta storage.MetadataStore = meta
+	var admin *adminMeta
+	if ma, ok := any(sq).(storage.MediaAdmin); ok {
+		admin = &adminMeta{countingMeta: meta, MediaAdmin: ma}
+		repoMeta = admin
+	}
+	repo, err := NewRepository(stores, repoMeta, ropts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -135,7 +188,7 @@ func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{t: t, dir: dir, blobs: blobs, sql: sq, meta: meta, repo: repo, site: site, clock: clock, hs: hs}
+	return &env{t: t, dir: dir, blobs: blobs, sql: sq, meta: meta, admin: admin, repo: repo, site: site, clock: clock, hs: hs}
 }
 
 // req describes a test request.
@@ -315,4 +368,14 @@ func (s *syncBuffer) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.b.String()
+}
+
+// needAdmin returns the env's takedown-capable store, or fails the test when
+// the SQL store has none.
+func (e *env) needAdmin() *adminMeta {
+	e.t.Helper()
+	if e.admin == nil {
+		e.t.Fatal("the SQL store does not implement storage.MediaAdmin")
+	}
+	return e.admin
 }

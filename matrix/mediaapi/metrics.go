@@ -28,6 +28,9 @@ import (
 //	caddy_matrix_media_panics_total{where}                   counter (recovered panics; where: thumbnail, thumbnail_pregeneration, pending_expiry, ...)
 //	caddy_matrix_media_admission_rejections_total{reason}    counter (429s of admission bounds: remote_total, remote_server)
 //	caddy_matrix_media_remote_fetches_in_flight              gauge
+//	caddy_matrix_media_access_flushed_total{kind}            counter (last-access times written in batches; kind: media, thumbnail)
+//	caddy_matrix_media_access_flush_errors_total             counter (failed access batches, retried at the next flush)
+//	caddy_matrix_media_access_dropped_total                  counter (reads not recorded because the access buffer was full)
 //
 // endpoint is one of unknown, upload, create, upload_put, download, config,
 // options; code is the HTTP status (499 when the client went away before an
@@ -54,6 +57,11 @@ type Metrics struct {
 	panics        *prometheus.CounterVec
 	admission     *prometheus.CounterVec
 	remoteRunning prometheus.Gauge
+	// accessFlushed, accessFlushErrors and accessDropped count the batched
+	// last-access tracking (access.go).
+	accessFlushed     *prometheus.CounterVec
+	accessFlushErrors prometheus.Counter
+	accessDropped     prometheus.Counter
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -161,6 +169,18 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetches_in_flight",
 			Help: "Remote media fetches in progress (admitted and not yet recorded or failed).",
 		}),
+		accessFlushed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "access_flushed_total",
+			Help: "Last-access times written to the database in batches, by kind: media, thumbnail (one per item read since the previous flush).",
+		}, []string{"kind"}),
+		accessFlushErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "access_flush_errors_total",
+			Help: "Batches of last-access times that failed to be written (their reads are retried at the next flush).",
+		}),
+		accessDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "access_dropped_total",
+			Help: "Reads whose last-access time was not recorded because the in-memory access buffer was full.",
+		}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -173,7 +193,8 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
 		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
-		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning}
+		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning,
+		m.accessFlushed, m.accessFlushErrors, m.accessDropped}
 }
 
 // remoteFetch records one remote fetch.

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"strconv"
 	"time"
@@ -100,6 +101,11 @@ func (s *Site) makePreview(ctx context.Context, raw, userID string) ([]byte, err
 		switch {
 		case err == nil:
 			mxc, err := s.storePreviewImage(ctx, img, userID)
+			if errors.Is(err, errPreviewImageQuarantined) {
+				// A preview without its image is still a preview.
+				delete(fields, "og:image")
+				break
+			}
 			if err != nil {
 				return nil, err
 			}
@@ -125,6 +131,9 @@ func (s *Site) makePreview(ctx context.Context, raw, userID string) ([]byte, err
 	return body, nil
 }
 
+// errPreviewImageQuarantined says a preview's image is quarantined content.
+var errPreviewImageQuarantined = errors.New("preview image is quarantined")
+
 // storePreviewImage stores a preview image as media of this site, owned by
 // the user who asked for the preview, and returns its mxc URI.
 func (s *Site) storePreviewImage(ctx context.Context, img preview.Image, userID string) (string, error) {
@@ -132,6 +141,17 @@ func (s *Site) storePreviewImage(ctx context.Context, img preview.Image, userID 
 		storage.PutOptions{ExpectedSize: int64(len(img.Body)), MaxSize: s.cfg.MaxUploadSize})
 	if err != nil {
 		return "", err
+	}
+	if s.repo.admin != nil {
+		// A quarantined image is left out of the preview (its blob is left
+		// to the garbage collector).
+		_, err := s.repo.admin.GetQuarantine(ctx, res.SHA256)
+		switch {
+		case err == nil:
+			return "", errPreviewImageQuarantined
+		case !errors.Is(err, storage.ErrNotFound):
+			return "", fmt.Errorf("checking the quarantine of a preview image: %w", err)
+		}
 	}
 	now := s.repo.now()
 	m := storage.Media{ServerName: s.cfg.ServerName, State: storage.StateReady, UserID: userID,

@@ -1,7 +1,10 @@
 package mediaapi
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -120,7 +123,15 @@ func (r *Repository) finishRemote(key string, f *remoteFlight, e *mediaEntry, er
 // started the result is a *respondedError, and a failure cuts the connection
 // (panic(http.ErrAbortHandler)), so the client never takes a truncated body
 // for a whole one.
-func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, server, id string, timeout time.Duration) error {
+//
+// Quarantine is by content, which is known only once the last byte has been
+// hashed. So when the store can quarantine, the last byte is held back until
+// the row is recorded: content that turns out quarantined (or whose storing
+// failed) cuts the response, which never completes. Content whose size and
+// first bytes match a stored blob that is quarantined is not streamed at
+// all: it is stored first and the caller answers from its row (404). A
+// non-nil entry is returned only then.
+func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, server, id string, timeout time.Duration) (*mediaEntry, error) {
 	w, r := st.w, st.r
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
 	// Once the store runs in its goroutine, it owns ctx (and the body).
@@ -142,16 +153,30 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 	if err != nil {
 		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
 		s.repo.finishRemote(key, f, nil, err)
-		return err
+		return nil, err
 	}
 	defer rm.Body.Close()
 	if err := s.repo.checkAnnouncedSize(server, id, rm.Size); err != nil {
 		s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
 		s.repo.finishRemote(key, f, nil, err)
-		return err
+		return nil, err
 	}
 	rm.ContentType = storedContentType(rm.ContentType)
 	body := sizedBody(rm.Body, rm.Size)
+	holdBack := s.repo.admin != nil
+	if holdBack {
+		var known bool
+		if body, known, err = s.repo.likelyQuarantined(ctx, body, rm.Size); err != nil {
+			s.repo.metrics.remoteFetch(remoteResult(err), 0, time.Since(start))
+			s.repo.finishRemote(key, f, nil, err)
+			return nil, err
+		}
+		if known {
+			e, err := s.repo.storeRemote(ctx, server, id, rm, body, start)
+			s.repo.finishRemote(key, f, e, err)
+			return e, err
+		}
+	}
 
 	name := st.fileName
 	if name == "" {
@@ -171,7 +196,7 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 	// store finishes (flushes to disk, records the row) on its own and then
 	// completes the flight for the requests waiting on it; the flight stays
 	// until the row is recorded, so later requests wait for it rather than
-	// fetch again.
+	// fetch again. With holdBack the response ends only once the flight did.
 	pr, pw := io.Pipe()
 	var e *mediaEntry
 	s.repo.goFinish("remote_store", func() (err error) {
@@ -187,18 +212,67 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 		}
 	})
 	detached = true
-	tee := &clientTee{w: w}
+	tee := &clientTee{w: w, holdBack: holdBack}
 	bp := s.repo.copyBufs.Get().(*[]byte)
 	defer s.repo.copyBufs.Put(bp)
 	_, err = io.CopyBuffer(io.MultiWriter(pw, tee), body, *bp)
 	pw.CloseWithError(err) // nil: EOF for the store
+	if err == nil && holdBack {
+		// The flight ends once the row is recorded (or storing failed).
+		select {
+		case <-f.done:
+			if f.err != nil || f.e.m.Refused() {
+				err = errors.Join(f.err, errHeldBack)
+			} else {
+				tee.release()
+			}
+		case <-r.Context().Done():
+			err = r.Context().Err()
+		}
+	}
 	s.repo.metrics.downloadBytes.Add(float64(tee.n))
 	if err != nil {
-		// The fetch or the store failed midway: cut the response so the
-		// client does not take a truncated body for a whole one.
+		// The fetch or the store failed midway, or the content is
+		// quarantined: cut the response so the client does not take a
+		// truncated body for a whole one.
+		if errors.Is(err, errHeldBack) && f.err == nil {
+			s.repo.logger.Info("refused quarantined remote media while streaming it", zap.String("server_name", server),
+				zap.String("media_id", id), zap.String("sha256", f.e.m.SHA256))
+		}
 		panic(http.ErrAbortHandler)
 	}
-	return &respondedError{status: http.StatusOK}
+	return nil, &respondedError{status: http.StatusOK}
+}
+
+// errHeldBack says a streamed response was cut before its held-back last
+// byte.
+var errHeldBack = errors.New("streamed response cut before its last byte")
+
+// likelyQuarantined reads the head of a remote body of known size (the
+// first storage.PrefixSize bytes) and reports whether a stored blob of the
+// same size and head is quarantined: then the content is almost certainly
+// quarantined and must not be streamed. It returns a reader of the whole
+// body. A failed lookup counts as no (the held-back last byte still guards
+// the response); a body that fails while its head is read is an error.
+func (r *Repository) likelyQuarantined(ctx context.Context, body io.Reader, size int64) (io.Reader, bool, error) {
+	if size < 0 {
+		return body, false, nil
+	}
+	head := make([]byte, min(size, storage.PrefixSize))
+	if _, err := io.ReadFull(body, head); err != nil {
+		if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+			err = fmt.Errorf("%w: body ended before its announced %d bytes: %w", ErrRemoteUnavailable, size, err)
+		}
+		return nil, false, fmt.Errorf("reading remote media: %w", err)
+	}
+	body = io.MultiReader(bytes.NewReader(head), body)
+	sum := sha256.Sum256(head)
+	cand, err := r.meta.FindBlobByPrefix(ctx, size, hex.EncodeToString(sum[:]))
+	if err != nil {
+		return body, false, nil
+	}
+	_, err = r.admin.GetQuarantine(ctx, cand.SHA256)
+	return body, err == nil, nil
 }
 
 // checkAnnouncedSize refuses remote media whose announced size is over the
@@ -220,24 +294,52 @@ func sizedBody(body io.Reader, size int64) io.Reader {
 }
 
 // clientTee writes to the client until the first failure and then drops
-// the rest, so that a client going away does not stop the storing.
+// the rest, so that a client going away does not stop the storing. With
+// holdBack the last byte written so far is kept back, and sent by release.
 type clientTee struct {
-	w      io.Writer
-	n      int64
-	failed bool
+	w        io.Writer
+	n        int64
+	failed   bool
+	holdBack bool
+	// last[0] is the held-back byte when held.
+	last [1]byte
+	held bool
 }
 
-// Write sends p to the client unless an earlier write failed, and always
+// Write sends p to the client unless an earlier write failed (with
+// holdBack, the byte held before and all of p but its last byte), and always
 // reports success.
 func (t *clientTee) Write(p []byte) (int, error) {
-	if !t.failed {
-		n, err := t.w.Write(p)
-		t.n += int64(n)
-		if err != nil {
-			t.failed = true
-		}
+	if !t.holdBack || len(p) == 0 {
+		t.send(p)
+		return len(p), nil
 	}
+	if t.held {
+		t.send(t.last[:])
+	}
+	t.send(p[:len(p)-1])
+	t.last[0], t.held = p[len(p)-1], true
 	return len(p), nil
+}
+
+// release sends the held-back byte.
+func (t *clientTee) release() {
+	if t.held {
+		t.send(t.last[:])
+		t.held = false
+	}
+}
+
+// send writes p to the client unless an earlier write failed.
+func (t *clientTee) send(p []byte) {
+	if t.failed || len(p) == 0 {
+		return
+	}
+	n, err := t.w.Write(p)
+	t.n += int64(n)
+	if err != nil {
+		t.failed = true
+	}
 }
 
 // fetchRemote downloads remote media, stores it content-addressed (kind
@@ -282,6 +384,7 @@ func (r *Repository) storeRemote(ctx context.Context, server, id string, rm Remo
 		ContentType: storedContentType(rm.ContentType), Filename: dispositionFileName(rm.ContentDisposition),
 		CreatedAt: now, UploadedAt: now,
 	}
+	gen := r.cacheGen.Load()
 	err = r.meta.InsertMedia(ctx, m)
 	switch {
 	case errors.Is(err, storage.ErrConflict):
@@ -292,14 +395,18 @@ func (r *Repository) storeRemote(ctx context.Context, server, id string, rm Remo
 		}
 	case err != nil:
 		return nil, fmt.Errorf("recording remote media: %w", err)
+	case r.admin != nil:
+		// Stored whatever its content; whether that content is
+		// quarantined (and the item refused) comes with the row.
+		if m, err = r.meta.GetMedia(ctx, server, id); err != nil {
+			return nil, fmt.Errorf("reading recorded remote media: %w", err)
+		}
 	default:
 		m.CreatedAt, m.UploadedAt = m.CreatedAt.Truncate(time.Millisecond), m.UploadedAt.Truncate(time.Millisecond)
 	}
 	r.metrics.remoteFetch("ok", res.Size, time.Since(start))
 	e := newMediaEntry(m)
-	if r.cache != nil {
-		r.cache.put(mediaKey{server, id}, e)
-	}
+	r.cachePut(gen, mediaKey{server, id}, e)
 	r.logger.Info("remote media cached", zap.String("server_name", server), zap.String("media_id", id),
 		zap.Int64("size", res.Size), zap.Bool("dedup", res.Existed), zap.Duration("duration", time.Since(start)))
 	return e, nil

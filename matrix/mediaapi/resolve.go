@@ -109,6 +109,25 @@ func (e *respondedError) Error() string {
 // errMediaNotFound is the answer for unknown, frozen or unreachable media.
 var errMediaNotFound = matrix.NotFound("Media not found")
 
+// errRefused is the answer for refused media (quarantined content): the
+// same as errMediaNotFound to the client, a value of its own so that
+// thumbnails can answer with the placeholder instead.
+var errRefused = matrix.NotFound("Media not found")
+
+// admit returns the ready entry e unless its content is quarantined (and
+// the item not protected), in which case the answer is 404 M_NOT_FOUND
+// (errRefused). Every path that serves media or thumbnails goes through
+// it: local (own and sibling sites), cached remote, freshly fetched remote,
+// federation. The row's quarantine comes with the row itself (GetMedia joins
+// it), so this costs no query; a cached row is kept up to date by
+// ForgetContent.
+func admit(e *mediaEntry) (*mediaEntry, error) {
+	if e.m.Refused() {
+		return nil, errRefused
+	}
+	return e, nil
+}
+
 // resolve returns the ready media item (server, id) for the site's request:
 // local (any site of this repository), cached remote, or fetched now.
 // Errors are *matrix.Error, *respondedError, or errors of the store and the
@@ -148,9 +167,11 @@ func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o resolveOptions)
 		return nil, errMediaNotFound
 	}
 	if e == nil {
-		return s.waitForUpload(ctx, key, m, o.timeout)
+		if e, err = s.waitForUpload(ctx, key, m, o.timeout); err != nil {
+			return nil, err
+		}
 	}
-	return e, nil
+	return admit(e)
 }
 
 // resolveRemote returns remote media: the cached copy, or a fresh one
@@ -180,7 +201,27 @@ func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOp
 	if o.legacy && s.frozen(e.m.CreatedAt) {
 		return nil, errMediaNotFound
 	}
-	return e, nil
+	return admit(e)
+}
+
+// admitRemoteThumbnail admits a thumbnail made by a remote server (te,
+// cached under an internal ID) of the remote item server/id: refused when
+// its own bytes are quarantined, or when the original is cached here and
+// refused.
+func (s *Site) admitRemoteThumbnail(ctx context.Context, server, id string, te *mediaEntry) (*mediaEntry, error) {
+	if te.m.Refused() {
+		return nil, errRefused
+	}
+	e, _, err := s.repo.lookup(ctx, mediaKey{server, id})
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return te, nil
+	case err != nil:
+		return nil, fmt.Errorf("looking up remote media: %w", err)
+	case e != nil && e.m.Refused():
+		return nil, errRefused
+	}
+	return te, nil
 }
 
 // cachedRemote returns the cached copy of a remote item, nil when there is
@@ -209,7 +250,7 @@ func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOpti
 		return e, err
 	}
 	if o.stream != nil {
-		return nil, s.streamRemote(o.stream, key, f, server, id, o.timeout)
+		return s.streamRemote(o.stream, key, f, server, id, o.timeout)
 	}
 	return s.leadFetch(ctx, "remote_fetch", key, f, func(fctx context.Context) (*mediaEntry, error) {
 		return s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"runtime"
 	"strings"
@@ -315,12 +316,11 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 		}
 	}
 	path := "/_matrix/client/v1/media/download/other.test/w"
-	// The first request streams the whole body; the store then stops
-	// before recording the row.
-	rec := e.do(req{method: "GET", path: path, token: "alice"})
-	if rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), body) {
-		t.Fatalf("first: %d, %d bytes", rec.Code, rec.Body.Len())
-	}
+	// The first request streams the body; the store then stops before
+	// recording the row (the response ends once it is recorded, when the
+	// store can quarantine, so it runs on its own goroutine).
+	first := make(chan *httptest.ResponseRecorder, 1)
+	go func() { first <- e.do(req{method: "GET", path: path, token: "alice"}) }()
 	<-atRecord
 	// Second request: its lookup misses (no row yet) ...
 	second := make(chan *int, 1)
@@ -341,6 +341,9 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	if code := <-second; *code != 200 {
 		t.Fatalf("second: %d", *code)
 	}
+	if rec := <-first; rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), body) {
+		t.Fatalf("first: %d, %d bytes", rec.Code, rec.Body.Len())
+	}
 	// Third request arriving while a recording is in progress joins it.
 	fr.media["other.test/w2"] = body
 	recordGate2 := make(chan struct{})
@@ -352,9 +355,7 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	joined := make(chan bool, 4)
 	e.repo.hooks.joined = func(_ string, leader bool) { joined <- leader }
 	path2 := "/_matrix/client/v1/media/download/other.test/w2"
-	if rec := e.do(req{method: "GET", path: path2, token: "alice"}); rec.Code != 200 {
-		t.Fatalf("first of w2: %d", rec.Code)
-	}
+	go func() { first <- e.do(req{method: "GET", path: path2, token: "alice"}) }()
 	<-joined // the first request led
 	<-atRecord
 	go func() {
@@ -368,6 +369,9 @@ func TestRemoteCoalescingWindows(t *testing.T) {
 	close(recordGate2)
 	if code := <-second; *code != 200 {
 		t.Fatalf("request during the recording: %d", *code)
+	}
+	if rec := <-first; rec.Code != 200 {
+		t.Fatalf("first of w2: %d", rec.Code)
 	}
 	if n := fr.calls.Load(); n != 2 {
 		t.Fatalf("%d fetches for two items, want 2", n)
@@ -453,27 +457,40 @@ func TestRemoteDeclaredTooLarge(t *testing.T) {
 }
 
 // TestRemoteTruncatedNeverSucceeds: a body shorter than announced, or
-// failing midway, cuts the streamed response and records nothing.
+// failing midway, cuts the streamed response (or, when it ends within the
+// head read before streaming to check the quarantine, is answered 502) and
+// records nothing.
 func TestRemoteTruncatedNeverSucceeds(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		rm   *typedRemote
+		// headOnly: the body ends within its head (the first
+		// storage.PrefixSize bytes), read before the response starts when
+		// the store can quarantine.
+		headOnly bool
 	}{
-		{"short of its announced size", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: 5000}},
-		{"longer than announced", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 5000), size: 1000}},
+		{"short of its announced size", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: 5000}, true},
+		{"short after its head", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 100<<10), size: 200 << 10}, false},
+		{"longer than announced", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 5000), size: 1000}, false},
 		{"read error", &typedRemote{ct: "image/png", body: bytes.Repeat([]byte("x"), 1000), size: -1,
-			err: fmt.Errorf("cut: %w", ErrRemoteUnavailable)}},
+			err: fmt.Errorf("cut: %w", ErrRemoteUnavailable)}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, func(c *SiteConfig, _ *RepositoryOptions) { c.Remote = tc.rm })
-			func() {
-				defer func() {
-					if v := recover(); v != http.ErrAbortHandler {
-						t.Fatalf("recovered %v, want http.ErrAbortHandler", v)
-					}
+			path := "/_matrix/client/v1/media/download/other.test/t"
+			if tc.headOnly && e.admin != nil {
+				rec := e.do(req{method: "GET", path: path, token: "alice"})
+				expectError(t, rec, 502, "M_UNKNOWN")
+			} else {
+				func() {
+					defer func() {
+						if v := recover(); v != http.ErrAbortHandler {
+							t.Fatalf("recovered %v, want http.ErrAbortHandler", v)
+						}
+					}()
+					e.do(req{method: "GET", path: path, token: "alice"})
 				}()
-				e.do(req{method: "GET", path: "/_matrix/client/v1/media/download/other.test/t", token: "alice"})
-			}()
+			}
 			waitFor(t, func() bool { return gaugeValue(e.repo.metrics.remoteRunning) == 0 })
 			if _, err := e.meta.GetMedia(context.Background(), "other.test", "t"); !errors.Is(err, storage.ErrNotFound) {
 				t.Fatalf("a truncated fetch was recorded: %v", err)

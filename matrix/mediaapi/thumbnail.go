@@ -3,6 +3,8 @@ package mediaapi
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -207,15 +209,24 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 		w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
 		k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
 		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, timeout)
+		if err == nil {
+			te, err = s.admitRemoteThumbnail(r.Context(), server, id, te)
+		}
 		var me *matrix.Error
 		switch {
 		case err == nil && !(rt.legacy && s.frozen(te.m.CreatedAt)):
+			s.repo.noteAccess(&te.m)
 			return s.sendMedia(w, r, te, "", rt.legacy)
+		case errors.Is(err, errRefused):
+			return s.refuseThumbnail(w, r, rt.legacy)
 		case r.Context().Err() != nil, errors.As(err, &me) && me.Status == http.StatusTooManyRequests:
 			return s.fail(w, r, err)
 		}
 	}
 	e, err := s.resolve(r.Context(), server, id, o)
+	if errors.Is(err, errRefused) {
+		return s.refuseThumbnail(w, r, rt.legacy)
+	}
 	if err != nil {
 		return s.fail(w, r, err)
 	}
@@ -228,7 +239,38 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 		}
 		return s.thumbnailError(w, r, err)
 	}
+	s.repo.noteThumbnailAccess(&e.m)
 	return s.sendMedia(w, r, te, "", rt.legacy)
+}
+
+// refuseThumbnail answers a thumbnail request of refused (quarantined)
+// media: the configured placeholder image, or 404 M_NOT_FOUND.
+func (s *Site) refuseThumbnail(w http.ResponseWriter, r *http.Request, legacy bool) int {
+	pe := s.repo.placeholderEntry
+	if pe == nil {
+		return writeErr(w, errRefused)
+	}
+	h := w.Header()
+	setMediaSecurity(h, legacy)
+	h["Content-Type"] = pe.contentType
+	h["Content-Disposition"] = pe.disposition
+	h["Content-Length"] = pe.contentLength
+	// Not to be kept: the quarantine may be lifted.
+	h["Cache-Control"] = []string{"no-store"}
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(s.repo.placeholder)
+	}
+	return http.StatusOK
+}
+
+// newPlaceholderEntry describes the quarantine placeholder image.
+func newPlaceholderEntry(data []byte, contentType string) *mediaEntry {
+	sum := sha256.Sum256(data)
+	return newMediaEntry(storage.Media{
+		State: storage.StateReady, SHA256: hex.EncodeToString(sum[:]), Size: int64(len(data)),
+		ContentType: contentType, Filename: thumbnailFileName(contentType),
+	})
 }
 
 // thumbnailKey is the stored key of the thumbnail answering params.

@@ -151,8 +151,14 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	gen := s.repo.cacheGen.Load()
 	um, res, st := s.receiveUpload(w, r)
 	if st != 0 {
+		return st
+	}
+	ctx, cancel := recordCtx(r)
+	defer cancel()
+	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
 		return st
 	}
 	now := s.repo.now()
@@ -169,8 +175,6 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		UploadedAt:  now,
 	}
 	var err error
-	ctx, cancel := recordCtx(r)
-	defer cancel()
 	for range idAttempts {
 		m.MediaID = matrix.NewMediaID()
 		err = s.repo.meta.InsertMedia(ctx, m)
@@ -182,10 +186,11 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		return s.internalError(w, "recording upload", err)
 	}
 	if s.repo.cache != nil {
-		// The store keeps milliseconds: cache what a later read would return.
+		// The store keeps milliseconds: cache what a later read would return
+		// (unless the content was quarantined since the check, gen).
 		m.CreatedAt = m.CreatedAt.Truncate(time.Millisecond)
 		m.UploadedAt = m.UploadedAt.Truncate(time.Millisecond)
-		s.repo.cache.put(mediaKey{m.ServerName, m.MediaID}, newMediaEntry(m))
+		s.repo.cachePut(gen, mediaKey{m.ServerName, m.MediaID}, newMediaEntry(m))
 	}
 	s.logUpload(user, m, res.Existed)
 	s.repo.pregenerate(m)
@@ -308,14 +313,17 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	if st != 0 {
 		return st
 	}
+	ctx, cancel := recordCtx(r)
+	defer cancel()
+	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
+		return st
+	}
 	m.SHA256 = res.SHA256
 	m.Size = res.Size
 	m.Datastore = res.Datastore
 	m.ContentType = um.contentType
 	m.Filename = um.filename
 	m.UploadedAt = s.repo.now()
-	ctx, cancel := recordCtx(r)
-	defer cancel()
 	err = s.repo.meta.CompletePending(ctx, m)
 	switch {
 	case err == nil:
@@ -333,3 +341,29 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 }
 
 var emptyObject = []byte(`{}`)
+
+// errContentQuarantined is the answer to an upload of quarantined content.
+var errContentQuarantined = matrix.Forbidden("This media has been quarantined and cannot be uploaded")
+
+// refuseQuarantined answers 403 M_FORBIDDEN when the content just received
+// (sha256) is quarantined, and returns its status; 0 means the upload may be
+// recorded. It runs after the body was stored and before any media row
+// refers to it: the blob just ingested (or claimed, when it was a
+// duplicate) is left unreferenced, and the garbage collector removes it
+// after its grace period unless something else references it. Stores that
+// cannot quarantine (no storage.MediaAdmin) skip the check.
+func (s *Site) refuseQuarantined(ctx context.Context, w http.ResponseWriter, user auth.User, sha256 string) int {
+	if s.repo.admin == nil {
+		return 0
+	}
+	q, err := s.repo.admin.GetQuarantine(ctx, sha256)
+	switch {
+	case errors.Is(err, storage.ErrNotFound):
+		return 0
+	case err != nil:
+		return s.internalError(w, "checking the quarantine of an upload", err)
+	}
+	s.repo.logger.Info("refused an upload of quarantined media", zap.String("server_name", s.cfg.ServerName),
+		zap.String("user_id", user.UserID), zap.String("sha256", sha256), zap.String("quarantined_by", q.By))
+	return writeErr(w, errContentQuarantined)
+}
