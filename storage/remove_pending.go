@@ -18,8 +18,8 @@ type RemoveOptions struct {
 	Tombstone bool
 	// Grace: blobs claimed within it before Now are left to the collector.
 	Grace time.Duration
-	// Now is the time of the deletion.
-	Now time.Time
+	// Now is the clock (nil: time.Now).
+	Now func() time.Time
 }
 
 // Removed describes what RemoveMedia removed.
@@ -38,12 +38,16 @@ func RemoveMedia(ctx context.Context, meta MetadataStore, stores *Datastores, re
 	if !ok || !ok2 {
 		return Removed{}, errors.New("removing media: the metadata store cannot delete media")
 	}
-	del, err := admin.DeleteMedia(ctx, refs, opts.Tombstone, opts.Now)
+	now := time.Now
+	if opts.Now != nil {
+		now = opts.Now
+	}
+	del, err := admin.DeleteMedia(ctx, refs, opts.Tombstone, now())
 	if err != nil {
 		return Removed{}, fmt.Errorf("deleting media rows: %w", err)
 	}
 	out := Removed{Media: del.Media, Thumbnails: del.Thumbnails}
-	cutoff := opts.Now.Add(-opts.Grace)
+	cutoff := now().Add(-opts.Grace)
 	for _, h := range del.Blobs {
 		var size int64
 		ok, err := coll.DeleteUnreferencedBlob(ctx, h, cutoff, func(ctx context.Context, rec BlobRecord) error {

@@ -524,7 +524,7 @@ func (s *Service) expireThumbnails(ctx context.Context, p *jobs.Progress, cutoff
 // remove removes refs through storage.RemoveMedia, counts and logs them.
 func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.MediaRef, what string) (storage.Removed, error) {
 	removed, err := storage.RemoveMedia(ctx, s.meta, s.stores, refs, storage.RemoveOptions{
-		Tombstone: false, Grace: s.grace, Now: s.now(),
+		Tombstone: false, Grace: s.grace, Now: s.now,
 	})
 	p.Add(int64(len(removed.Media)), removed.Bytes)
 	if len(removed.Media) > 0 {
@@ -536,7 +536,14 @@ func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.M
 			zap.String("first", "mxc://"+first.ServerName+"/"+first.MediaID),
 			zap.String("last", "mxc://"+last.ServerName+"/"+last.MediaID))
 	}
-	if err != nil {
+	switch {
+	case err == nil:
+	case len(removed.Media) > 0 && ctx.Err() == nil && !errors.Is(err, storage.ErrUnavailable):
+		// The rows are gone; blobs that failed are left to the garbage
+		// collector. Go on with the next batch.
+		s.logger.Warn("some blobs of removed media were left to the garbage collector",
+			zap.String("job", p.ID()), zap.Error(err))
+	default:
 		return removed, fmt.Errorf("removing %s: %w", what, err)
 	}
 	return removed, nil
