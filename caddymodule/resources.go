@@ -93,8 +93,18 @@ type resources struct {
 	metrics *mediaapi.Metrics
 	logger  *zap.Logger
 
-	// stopExpiry stops the expiry loop (background work of the repository:
-	// closing the stores waits for it through Drain).
+	// jobs runs the persisted background jobs (remote purges, retention),
+	// resumes those of instances that died, and schedules retention; nil
+	// when the metadata store keeps no jobs.
+	jobs *backgroundJobs
+	// purger removes cached remote media as a background job (for the
+	// admin layer: Synapse's purge_media_cache); nil when jobs is.
+	purger remotePurger
+
+	// stopExpiry stops the expiry loop, the job runner (its jobs stay
+	// running in the database, released for the next runner) and the
+	// retention scheduler: background work of the repository, which
+	// closing the stores waits for through Drain.
 	stopExpiry context.CancelFunc
 
 	// inFlight counts requests using the resources; closing is set by
@@ -171,6 +181,11 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
 	}
+	bg, err := openJobs(meta, stores, logger)
+	if err != nil {
+		logger.Warn("background jobs (remote purges, retention) are unavailable", zap.Error(err))
+		bg = nil
+	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
@@ -185,6 +200,11 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		drainWait:  defaultDrainWait,
 	}
 	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(loopCtx) })
+	if bg != nil {
+		res.jobs, res.purger = bg, bg.retention
+		repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
+		repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
+	}
 	return res, nil
 }
 
@@ -215,7 +235,8 @@ func (r *resources) release() {
 
 // Destruct implements caddy.Destructor. It is called by resourcePool when the
 // last config using the resources is cleaned up. It stops the expiry loop, the
-// migrations and the collector at once, and closes the stores as soon as no
+// job runner and the retention scheduler, the migrations and the collector
+// at once, and closes the stores as soon as no
 // request and no background work uses them any more. It waits up to
 // drainWait for that; when requests or work remain longer, the close happens
 // after Destruct has returned.
