@@ -66,6 +66,17 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"DeleteUnreferencedBlob", testDeleteUnreferencedBlob},
 		{"CollectorExcludesWriters", testCollectorExcludesWriters},
 		{"LockCollector", testLockCollector},
+		{"Quarantine", testQuarantine},
+		{"Protected", testProtected},
+		{"Tombstones", testTombstones},
+		{"DeleteMedia", testDeleteMedia},
+		{"RecordAccess", testRecordAccess},
+		{"ListUserMedia", testListUserMedia},
+		{"ListUsage", testListUsage},
+		{"ListOldMedia", testListOldMedia},
+		{"RemoteCache", testRemoteCache},
+		{"ThumbnailExpiry", testThumbnailExpiry},
+		{"Jobs", testJobs},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

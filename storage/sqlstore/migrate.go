@@ -186,6 +186,95 @@ var migrations = []migration{
 			`ALTER TABLE blobs ADD COLUMN touched_ts BIGINT`,
 		},
 	},
+	{
+		// Operators' control (storage.MediaAdmin, Retainer, JobStore).
+		//   - media.protected: never quarantined; media.last_access_ts: the
+		//     last recorded read of the item or of one of its thumbnails
+		//     (NULL: never read, which counts as read when created).
+		//   - quarantine is keyed by content hash with no foreign key to
+		//     blobs: content stays quarantined after its blob is deleted, so
+		//     that a later upload of the same bytes is refused.
+		//   - deleted_media remembers deleted media IDs (tombstones) so
+		//     that they are never issued again.
+		//   - jobs keeps lease-based background jobs.
+		//   - media_ready_by_kind (partial: ready rows) serves ListOldMedia,
+		//     which pages by (server_name, media_id) within local or remote
+		//     media, and ListUsage/ListUserMedia counting; media_remote_lru
+		//     (partial: ready remote rows) serves ListRemoteLRU in index
+		//     order and RemoteCacheSize.
+		version: 5,
+		name:    "quarantine, protection, access times, tombstones and jobs",
+		sqlite: []string{
+			`ALTER TABLE media ADD COLUMN protected INTEGER NOT NULL DEFAULT 0 CHECK (protected IN (0, 1))`,
+			`ALTER TABLE media ADD COLUMN last_access_ts INTEGER`,
+			`CREATE INDEX media_ready_by_kind ON media (remote, server_name, media_id) WHERE state = 'ready'`,
+			`CREATE INDEX media_remote_lru ON media (COALESCE(last_access_ts, created_ts, 0), server_name, media_id)
+				WHERE state = 'ready' AND remote = 1`,
+			`CREATE TABLE quarantine (
+				sha256         TEXT    NOT NULL PRIMARY KEY,
+				quarantined_by TEXT    NOT NULL,
+				quarantined_ts INTEGER NOT NULL
+			) WITHOUT ROWID, STRICT`,
+			`CREATE TABLE deleted_media (
+				server_name TEXT    NOT NULL,
+				media_id    TEXT    NOT NULL,
+				deleted_ts  INTEGER NOT NULL,
+				PRIMARY KEY (server_name, media_id)
+			) WITHOUT ROWID, STRICT`,
+			`CREATE TABLE jobs (
+				id           TEXT    NOT NULL PRIMARY KEY,
+				kind         TEXT    NOT NULL,
+				params       BLOB,
+				state        TEXT    NOT NULL CHECK (state IN ('running', 'done', 'failed', 'cancelled')),
+				cursor       TEXT    NOT NULL DEFAULT '',
+				items        INTEGER NOT NULL DEFAULT 0,
+				bytes        INTEGER NOT NULL DEFAULT 0,
+				error        TEXT    NOT NULL DEFAULT '',
+				requested_by TEXT    NOT NULL DEFAULT '',
+				created_ts   INTEGER,
+				updated_ts   INTEGER,
+				finished_ts  INTEGER,
+				owner        TEXT    NOT NULL DEFAULT '',
+				lease_until  INTEGER
+			) WITHOUT ROWID, STRICT`,
+			`CREATE INDEX jobs_running ON jobs (created_ts, id) WHERE state = 'running'`,
+		},
+		postgres: []string{
+			`ALTER TABLE media ADD COLUMN protected BOOLEAN NOT NULL DEFAULT FALSE`,
+			`ALTER TABLE media ADD COLUMN last_access_ts BIGINT`,
+			`CREATE INDEX media_ready_by_kind ON media (remote, server_name, media_id) WHERE state = 'ready'`,
+			`CREATE INDEX media_remote_lru ON media (COALESCE(last_access_ts, created_ts, 0), server_name, media_id)
+				WHERE state = 'ready' AND remote`,
+			`CREATE TABLE quarantine (
+				sha256         TEXT   NOT NULL PRIMARY KEY,
+				quarantined_by TEXT   NOT NULL,
+				quarantined_ts BIGINT NOT NULL
+			)`,
+			`CREATE TABLE deleted_media (
+				server_name TEXT   NOT NULL,
+				media_id    TEXT   NOT NULL,
+				deleted_ts  BIGINT NOT NULL,
+				PRIMARY KEY (server_name, media_id)
+			)`,
+			`CREATE TABLE jobs (
+				id           TEXT   NOT NULL PRIMARY KEY,
+				kind         TEXT   NOT NULL,
+				params       BYTEA,
+				state        TEXT   NOT NULL CHECK (state IN ('running', 'done', 'failed', 'cancelled')),
+				cursor       TEXT   NOT NULL DEFAULT '',
+				items        BIGINT NOT NULL DEFAULT 0,
+				bytes        BIGINT NOT NULL DEFAULT 0,
+				error        TEXT   NOT NULL DEFAULT '',
+				requested_by TEXT   NOT NULL DEFAULT '',
+				created_ts   BIGINT,
+				updated_ts   BIGINT,
+				finished_ts  BIGINT,
+				owner        TEXT   NOT NULL DEFAULT '',
+				lease_until  BIGINT
+			)`,
+			`CREATE INDEX jobs_running ON jobs (created_ts, id) WHERE state = 'running'`,
+		},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

@@ -80,13 +80,58 @@ type queries struct {
 	completePending, completeCheck, deleteExpiredPending string
 
 	insertThumbnail, getThumbnail string
+
+	quarantine, unquarantine, getQuarantine, setProtected string
+	listMediaByHash, countUserMedia, recordAccess         string
+
+	remoteCacheSize, listRemoteLRU, deleteOldThumbnails string
+
+	createJob, getJob, listJobs, claimJob   string
+	listClaimableJobs, updateJob, cancelJob string
 }
 
-const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote`
+const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote, protected`
 
-// mediaColumnsJoined is mediaColumns qualified with the alias m, for queries
-// that join blobs (whose sha256, size and created_ts would be ambiguous).
-const mediaColumnsJoined = `m.server_name, m.media_id, m.state, m.user_id, m.sha256, m.size, m.content_type, m.filename, m.created_ts, m.uploaded_ts, m.expires_ts, m.remote`
+// mediaSelect selects every field of storage.Media (see scanMedia) from
+// media m joined with its blob record b (for the datastore) and the
+// quarantine q of its content; callers append WHERE and ORDER BY.
+const mediaSelect = `SELECT m.server_name, m.media_id, m.state, m.user_id, m.sha256, m.size, m.content_type, m.filename,
+		m.created_ts, m.uploaded_ts, m.expires_ts, m.remote, b.datastore, m.protected, m.last_access_ts,
+		q.quarantined_by, q.quarantined_ts
+	FROM media m
+	LEFT JOIN blobs b ON b.sha256 = m.sha256
+	LEFT JOIN quarantine q ON q.sha256 = m.sha256`
+
+// scanner is what *sql.Row and *sql.Rows share.
+type scanner interface {
+	Scan(dest ...any) error
+}
+
+// scanMedia reads one row of mediaSelect.
+func scanMedia(r scanner) (storage.Media, error) {
+	var (
+		m                          storage.Media
+		state                      string
+		sha, datastore, qBy        sql.NullString
+		created, uploaded, expires sql.NullInt64
+		access, qAt                sql.NullInt64
+	)
+	if err := r.Scan(&m.ServerName, &m.MediaID, &state, &m.UserID, &sha, &m.Size,
+		&m.ContentType, &m.Filename, &created, &uploaded, &expires, &m.Remote, &datastore,
+		&m.Protected, &access, &qBy, &qAt); err != nil {
+		return storage.Media{}, err
+	}
+	m.State = storage.MediaState(state)
+	m.SHA256 = sha.String
+	m.Datastore = datastore.String
+	m.CreatedAt = fromMillis(created)
+	m.UploadedAt = fromMillis(uploaded)
+	m.ExpiresAt = fromMillis(expires)
+	m.LastAccessAt = fromMillis(access)
+	m.QuarantinedBy = qBy.String
+	m.QuarantinedAt = fromMillis(qAt)
+	return m, nil
+}
 
 func newQueries(d dialect) queries {
 	q := queries{
@@ -111,11 +156,17 @@ func newQueries(d dialect) queries {
 			ON CONFLICT (sha256) DO NOTHING`,
 		deleteTombstone: `DELETE FROM blobs WHERE sha256 = ?`,
 
-		insertMedia: `INSERT INTO media (` + mediaColumns + `) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+		// The casts give PostgreSQL the parameter types, which a SELECT
+		// list (unlike VALUES) does not take from the target columns. A
+		// tombstoned ID (deleted_media) inserts nothing, like an existing
+		// one.
+		insertMedia: `INSERT INTO media (` + mediaColumns + `)
+			SELECT CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT),
+				CAST(? AS TEXT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS BIGINT), CAST(? AS BIGINT),
+				CAST(? AS BOOLEAN), CAST(? AS BOOLEAN)
+			WHERE NOT EXISTS (SELECT 1 FROM deleted_media d WHERE d.server_name = ? AND d.media_id = ?)
 			ON CONFLICT (server_name, media_id) DO NOTHING`,
-		getMedia: `SELECT ` + mediaColumnsJoined + `, b.datastore FROM media m
-			LEFT JOIN blobs b ON b.sha256 = m.sha256
-			WHERE m.server_name = ? AND m.media_id = ?`,
+		getMedia: mediaSelect + ` WHERE m.server_name = ? AND m.media_id = ?`,
 
 		countPending: `SELECT COUNT(*) FROM media
 			WHERE server_name = ? AND user_id = ? AND state = 'pending' AND expires_ts > ?`,
@@ -135,6 +186,51 @@ func newQueries(d dialect) queries {
 			WHERE t.server_name = ? AND t.media_id = ? AND t.width = ? AND t.height = ? AND t.method = ?
 				AND t.animated = ? AND t.format = ?`,
 	}
+	// Literals of the remote flag, as written in the partial indexes.
+	remote := "remote = 1"
+	notProtected := "protected = 0"
+	if d == dialectPostgres {
+		remote = "remote = TRUE"
+		notProtected = "protected = FALSE"
+	}
+	q.quarantine = `INSERT INTO quarantine (sha256, quarantined_by, quarantined_ts) VALUES (?, ?, ?)
+		ON CONFLICT (sha256) DO NOTHING`
+	q.unquarantine = `DELETE FROM quarantine WHERE sha256 = ?`
+	q.getQuarantine = `SELECT quarantined_by, quarantined_ts FROM quarantine WHERE sha256 = ?`
+	q.setProtected = `UPDATE media SET protected = ? WHERE server_name = ? AND media_id = ?`
+	q.listMediaByHash = mediaSelect + ` WHERE m.sha256 = ? AND m.state = 'ready' AND (m.server_name, m.media_id) > (?, ?)
+		ORDER BY m.server_name, m.media_id LIMIT ?`
+	q.countUserMedia = `SELECT COUNT(*) FROM media WHERE server_name = ? AND user_id = ? AND state = 'ready'`
+	q.recordAccess = `UPDATE media SET last_access_ts = ?
+		WHERE server_name = ? AND media_id = ? AND (last_access_ts IS NULL OR last_access_ts < ?)`
+
+	q.remoteCacheSize = `SELECT COUNT(*), CAST(COALESCE(SUM(size), 0) AS BIGINT) FROM media
+		WHERE state = 'ready' AND ` + remote
+	q.listRemoteLRU = `SELECT server_name, media_id, size, COALESCE(last_access_ts, created_ts, 0) FROM media
+		WHERE state = 'ready' AND ` + remote + ` AND ` + notProtected + `
+		ORDER BY COALESCE(last_access_ts, created_ts, 0), server_name, media_id LIMIT ?`
+	q.deleteOldThumbnails = `DELETE FROM thumbnails
+		WHERE (server_name, media_id, width, height, method, animated, format) IN (
+			SELECT t.server_name, t.media_id, t.width, t.height, t.method, t.animated, t.format
+			FROM thumbnails t JOIN media m ON m.server_name = t.server_name AND m.media_id = t.media_id
+			WHERE COALESCE(m.last_access_ts, t.created_ts, 0) < ? LIMIT ?)
+		RETURNING sha256`
+
+	q.createJob = `INSERT INTO jobs (id, kind, params, state, cursor, items, bytes, error, requested_by, created_ts, updated_ts)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`
+	q.getJob = `SELECT ` + jobColumns + ` FROM jobs WHERE id = ?`
+	q.listJobs = `SELECT ` + jobColumns + ` FROM jobs ORDER BY created_ts DESC, id DESC LIMIT ?`
+	q.claimJob = `UPDATE jobs SET owner = ?, lease_until = ?
+		WHERE id = ? AND state = 'running' AND (owner = '' OR lease_until IS NULL OR lease_until < ?)`
+	q.listClaimableJobs = `SELECT ` + jobColumns + ` FROM jobs
+		WHERE state = 'running' AND (owner = '' OR lease_until IS NULL OR lease_until < ?)
+		ORDER BY created_ts, id`
+	q.updateJob = `UPDATE jobs SET state = ?, cursor = ?, items = ?, bytes = ?, error = ?, updated_ts = ?, finished_ts = ?,
+			owner = ?, lease_until = ?
+		WHERE id = ? AND owner = ? AND state = 'running'`
+	q.cancelJob = `UPDATE jobs SET state = 'cancelled', updated_ts = ?, finished_ts = ?, owner = '', lease_until = NULL
+		WHERE id = ? AND state = 'running'`
+
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
 		q.lockCollector = fmt.Sprintf(`SELECT pg_try_advisory_lock(%d)`, collectorLockKey)
@@ -147,6 +243,10 @@ func newQueries(d dialect) queries {
 		&q.insertMedia, &q.getMedia, &q.lockUser, &q.countPending, &q.oldestPending,
 		&q.completePending, &q.completeCheck, &q.deleteExpiredPending,
 		&q.insertThumbnail, &q.getThumbnail,
+		&q.quarantine, &q.unquarantine, &q.getQuarantine, &q.setProtected,
+		&q.listMediaByHash, &q.countUserMedia, &q.recordAccess,
+		&q.remoteCacheSize, &q.listRemoteLRU, &q.deleteOldThumbnails,
+		&q.createJob, &q.getJob, &q.listJobs, &q.claimJob, &q.listClaimableJobs, &q.updateJob, &q.cancelJob,
 	} {
 		*p = d.rebind(*p)
 	}
@@ -489,12 +589,13 @@ type execer interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 }
 
-// insertMediaRow inserts m with the given state; an existing key gives
-// storage.ErrConflict. The returned error is not yet prefixed.
+// insertMediaRow inserts m with the given state; an existing or tombstoned
+// key gives storage.ErrConflict. The returned error is not yet prefixed.
 func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, state storage.MediaState) error {
 	res, err := ex.ExecContext(ctx, s.q.insertMedia,
 		m.ServerName, m.MediaID, string(state), m.UserID, nullString(m.SHA256), m.Size,
-		m.ContentType, m.Filename, millis(m.CreatedAt), millis(m.UploadedAt), millis(m.ExpiresAt), m.Remote)
+		m.ContentType, m.Filename, millis(m.CreatedAt), millis(m.UploadedAt), millis(m.ExpiresAt), m.Remote, m.Protected,
+		m.ServerName, m.MediaID)
 	switch {
 	case isUniqueViolation(err):
 		return storage.ErrConflict
@@ -513,8 +614,9 @@ func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, 
 	return nil
 }
 
-// InsertMedia stores a ready media item (an empty m.State means ready). An
-// existing (ServerName, MediaID) gives an error wrapping storage.ErrConflict.
+// InsertMedia stores a ready media item (an empty m.State means ready) with
+// its Protected flag. An existing (ServerName, MediaID), or one deleted with
+// a tombstone (DeleteMedia), gives an error wrapping storage.ErrConflict.
 // m.SHA256 must name a blob recorded with RecordBlob.
 func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 	if m.State != "" && m.State != storage.StateReady {
@@ -530,30 +632,17 @@ func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 }
 
 // GetMedia returns a media item in any state, or an error wrapping
-// storage.ErrNotFound. The blob's datastore comes from the same query (a join
-// with blobs) and is empty for pending items.
+// storage.ErrNotFound. The blob's datastore and the quarantine of its content
+// come from the same query (joins with blobs and quarantine); the datastore
+// is empty for pending items.
 func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (storage.Media, error) {
-	var (
-		m                          storage.Media
-		state                      string
-		sha, datastore             sql.NullString
-		created, uploaded, expires sql.NullInt64
-	)
-	err := s.read.QueryRowContext(ctx, s.q.getMedia, serverName, mediaID).Scan(
-		&m.ServerName, &m.MediaID, &state, &m.UserID, &sha, &m.Size,
-		&m.ContentType, &m.Filename, &created, &uploaded, &expires, &m.Remote, &datastore)
+	m, err := scanMedia(s.read.QueryRowContext(ctx, s.q.getMedia, serverName, mediaID))
 	if errors.Is(err, sql.ErrNoRows) {
 		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, storage.ErrNotFound)
 	}
 	if err != nil {
 		return storage.Media{}, fmt.Errorf("getting media %s/%s: %w", serverName, mediaID, classify(err))
 	}
-	m.State = storage.MediaState(state)
-	m.SHA256 = sha.String
-	m.Datastore = datastore.String
-	m.CreatedAt = fromMillis(created)
-	m.UploadedAt = fromMillis(uploaded)
-	m.ExpiresAt = fromMillis(expires)
 	return m, nil
 }
 
@@ -562,7 +651,8 @@ func (s *Store) GetMedia(ctx context.Context, serverName, mediaID string) (stora
 // unexpired is judged at m.CreatedAt (the current time when zero). It fails
 // with storage.ErrLimitExceeded when the user already holds maxPending such
 // items on that server (maxPending <= 0: no limit) and with
-// storage.ErrConflict when the ID exists. The count and the insert are atomic
+// storage.ErrConflict when the ID exists or was deleted with a tombstone
+// (DeleteMedia). The count and the insert are atomic
 // against concurrent calls for the same user: SQLite serializes the immediate
 // write transactions, PostgreSQL takes a per-user advisory transaction lock.
 func (s *Store) CreatePending(ctx context.Context, m storage.Media, maxPending int) (err error) {

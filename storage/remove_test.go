@@ -1,0 +1,299 @@
+package storage_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/tests3"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
+)
+
+func TestMain(m *testing.M) { testpg.Main(m) }
+
+// adminMetaStores are the metadata stores RemoveMedia is tested with (it
+// needs storage.MediaAdmin and storage.BlobCollector).
+var adminMetaStores = []struct {
+	name string
+	open func(t *testing.T) storage.MetadataStore
+}{
+	{"sqlite", func(t *testing.T) storage.MetadataStore {
+		m, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "meta.db"))
+		if err != nil {
+			t.Fatalf("opening sqlite metadata store: %v", err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}},
+	{"postgres", func(t *testing.T) storage.MetadataStore {
+		m, err := sqlstore.OpenPostgres(context.Background(), testpg.DSN(t))
+		if err != nil {
+			t.Fatalf("opening postgres metadata store: %v", err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}},
+}
+
+// removeLayouts are pairs of datastores: "media" takes local media, "thumbs"
+// thumbnails.
+var removeLayouts = []struct {
+	name string
+	open func(t *testing.T) (media, thumbs storage.BlobStore)
+}{
+	{"files", func(t *testing.T) (storage.BlobStore, storage.BlobStore) {
+		return newFileStore(t), newFileStore(t)
+	}},
+	{"s3", func(t *testing.T) (storage.BlobStore, storage.BlobStore) {
+		srv := tests3.Start(t)
+		s3, err := s3store.New(context.Background(), s3store.Config{
+			Endpoint: srv.URL(), Bucket: srv.Bucket(), PathStyle: true,
+			AccessKeyID: srv.AccessKey(), SecretAccessKey: srv.SecretKey(), RetryMaxBackoff: 20 * time.Millisecond,
+		})
+		if err != nil {
+			t.Fatalf("s3store.New: %v", err)
+		}
+		return s3, newFileStore(t)
+	}},
+}
+
+func newFileStore(t *testing.T) storage.BlobStore {
+	t.Helper()
+	s, err := filestore.New(t.TempDir())
+	if err != nil {
+		t.Fatalf("filestore.New: %v", err)
+	}
+	return s
+}
+
+// failingDelete makes Delete fail with err (when set).
+type failingDelete struct {
+	storage.BlobStore
+	err error
+}
+
+func (f *failingDelete) Delete(ctx context.Context, sha string) error {
+	if f.err != nil {
+		return f.err
+	}
+	return f.BlobStore.Delete(ctx, sha)
+}
+
+// removeFixture is a metadata store and two datastores.
+type removeFixture struct {
+	meta          storage.MetadataStore
+	ds            *storage.Datastores
+	media, thumbs *failingDelete
+}
+
+func newRemoveFixture(t *testing.T, openMeta func(*testing.T) storage.MetadataStore, openStores func(*testing.T) (storage.BlobStore, storage.BlobStore)) *removeFixture {
+	t.Helper()
+	media, thumbs := openStores(t)
+	fx := &removeFixture{meta: openMeta(t), media: &failingDelete{BlobStore: media}, thumbs: &failingDelete{BlobStore: thumbs}}
+	var err error
+	fx.ds, err = storage.NewDatastores(
+		storage.Datastore{Name: "media", Store: fx.media, Kinds: []storage.Kind{storage.KindLocal}},
+		storage.Datastore{Name: "thumbs", Store: fx.thumbs, Kinds: []storage.Kind{storage.KindThumbnails}},
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { fx.ds.Close() })
+	return fx
+}
+
+// ingest stores body as a blob of kind.
+func (fx *removeFixture) ingest(t *testing.T, kind storage.Kind, body string) storage.IngestResult {
+	t.Helper()
+	res, err := storage.IngestTo(context.Background(), fx.ds, fx.meta, kind, bytes.NewReader([]byte(body)), storage.PutOptions{ExpectedSize: int64(len(body))})
+	if err != nil {
+		t.Fatalf("IngestTo: %v", err)
+	}
+	return res
+}
+
+func (fx *removeFixture) insert(t *testing.T, id string, blob storage.IngestResult) storage.MediaRef {
+	t.Helper()
+	now := time.Now()
+	m := storage.Media{ServerName: "example.org", MediaID: id, UserID: "@alice:example.org", SHA256: blob.SHA256,
+		Size: blob.Size, ContentType: "image/png", CreatedAt: now, UploadedAt: now}
+	if err := fx.meta.InsertMedia(context.Background(), m); err != nil {
+		t.Fatalf("InsertMedia(%s): %v", id, err)
+	}
+	return storage.MediaRef{ServerName: m.ServerName, MediaID: id}
+}
+
+func (fx *removeFixture) thumbnail(t *testing.T, r storage.MediaRef, width int, blob storage.IngestResult) {
+	t.Helper()
+	th := storage.Thumbnail{
+		ThumbnailKey: storage.ThumbnailKey{ServerName: r.ServerName, MediaID: r.MediaID, Width: width, Height: width, Method: "scale"},
+		ContentType:  "image/jpeg", SHA256: blob.SHA256, Size: blob.Size, ActualWidth: width, ActualHeight: width, CreatedAt: time.Now(),
+	}
+	if err := fx.meta.InsertThumbnail(context.Background(), th); err != nil {
+		t.Fatalf("InsertThumbnail: %v", err)
+	}
+}
+
+// stored reports whether the blob's bytes are in store and its record
+// exists, failing on any other error.
+func (fx *removeFixture) check(t *testing.T, store storage.BlobStore, sha string, want bool) {
+	t.Helper()
+	ctx := context.Background()
+	_, statErr := store.Stat(ctx, sha)
+	_, recErr := fx.meta.GetBlob(ctx, sha)
+	for what, err := range map[string]error{"Stat": statErr, "GetBlob": recErr} {
+		switch {
+		case want && err != nil:
+			t.Fatalf("%s(%s): %v, want it kept", what, sha[:8], err)
+		case !want && !errors.Is(err, storage.ErrNotFound):
+			t.Fatalf("%s(%s): %v, want ErrNotFound", what, sha[:8], err)
+		}
+	}
+}
+
+// later is a clock past every claim made by the fixture, so that a grace of
+// 0 lets every unreferenced blob go.
+func later() time.Time { return time.Now().Add(time.Minute) }
+
+// TestRemoveMedia deletes one of two media sharing a blob (the blob stays),
+// then the other (the blob and the thumbnails' blobs go, from a file
+// datastore and from S3), and checks grace, tombstones and counts.
+func TestRemoveMedia(t *testing.T) {
+	ctx := context.Background()
+	for _, mb := range adminMetaStores {
+		for _, layout := range removeLayouts {
+			t.Run(mb.name+"/"+layout.name, func(t *testing.T) {
+				fx := newRemoveFixture(t, mb.open, layout.open)
+				content := fx.ingest(t, storage.KindLocal, "shared content")
+				thumbShared := fx.ingest(t, storage.KindThumbnails, "thumbnail shared by both")
+				thumbOwn := fx.ingest(t, storage.KindThumbnails, "thumbnail of m1 only")
+				fresh := fx.ingest(t, storage.KindLocal, "content of m3")
+				if content.Datastore != "media" || thumbOwn.Datastore != "thumbs" {
+					t.Fatalf("fixture: content in %s, thumbnail in %s", content.Datastore, thumbOwn.Datastore)
+				}
+				m1, m2, m3 := fx.insert(t, "m1", content), fx.insert(t, "m2", content), fx.insert(t, "m3", fresh)
+				fx.thumbnail(t, m1, 32, thumbShared)
+				fx.thumbnail(t, m1, 64, thumbOwn)
+				fx.thumbnail(t, m2, 32, thumbShared)
+
+				// m1: its own thumbnail blob goes; the content and the shared
+				// thumbnail stay (m2 references them).
+				rm, err := storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{m1, {ServerName: "example.org", MediaID: "missing"}},
+					storage.RemoveOptions{Tombstone: true, Now: later})
+				if err != nil {
+					t.Fatalf("RemoveMedia(m1): %v", err)
+				}
+				if len(rm.Media) != 1 || rm.Media[0].MediaID != "m1" || rm.Thumbnails != 2 || rm.Blobs != 1 ||
+					rm.Bytes != thumbOwn.Size || rm.KeptBlobs != 2 {
+					t.Fatalf("RemoveMedia(m1) = %+v; want m1, 2 thumbnails, 1 blob of %d bytes, 2 kept", rm, thumbOwn.Size)
+				}
+				fx.check(t, fx.media, content.SHA256, true)
+				fx.check(t, fx.thumbs, thumbShared.SHA256, true)
+				fx.check(t, fx.thumbs, thumbOwn.SHA256, false)
+				if _, err := fx.meta.GetMedia(ctx, m2.ServerName, m2.MediaID); err != nil {
+					t.Fatalf("m2 after removing m1: %v", err)
+				}
+				// m1 was tombstoned.
+				err = fx.meta.InsertMedia(ctx, storage.Media{ServerName: m1.ServerName, MediaID: m1.MediaID, SHA256: content.SHA256, Size: content.Size})
+				if !errors.Is(err, storage.ErrConflict) {
+					t.Fatalf("InsertMedia(m1) after removal: %v, want ErrConflict", err)
+				}
+
+				// m3 within the grace: the row goes, its blob stays for the
+				// collector.
+				rm, err = storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{m3}, storage.RemoveOptions{Grace: time.Hour, Now: later})
+				if err != nil {
+					t.Fatalf("RemoveMedia(m3): %v", err)
+				}
+				if len(rm.Media) != 1 || rm.Blobs != 0 || rm.Bytes != 0 || rm.KeptBlobs != 1 {
+					t.Fatalf("RemoveMedia(m3) within grace = %+v; want the row and 1 kept blob", rm)
+				}
+				fx.check(t, fx.media, fresh.SHA256, true)
+				// Without tombstone the ID may be used again.
+				if err := fx.meta.InsertMedia(ctx, storage.Media{ServerName: m3.ServerName, MediaID: m3.MediaID, SHA256: fresh.SHA256, Size: fresh.Size}); err != nil {
+					t.Fatalf("InsertMedia(m3) after removal without tombstone: %v", err)
+				}
+
+				// m2: nothing references the content nor the shared thumbnail
+				// any more; both go, from their datastores.
+				rm, err = storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{m2}, storage.RemoveOptions{Tombstone: true, Now: later})
+				if err != nil {
+					t.Fatalf("RemoveMedia(m2): %v", err)
+				}
+				if len(rm.Media) != 1 || rm.Thumbnails != 1 || rm.Blobs != 2 || rm.Bytes != content.Size+thumbShared.Size || rm.KeptBlobs != 0 {
+					t.Fatalf("RemoveMedia(m2) = %+v; want 1 thumbnail, 2 blobs of %d bytes", rm, content.Size+thumbShared.Size)
+				}
+				fx.check(t, fx.media, content.SHA256, false)
+				fx.check(t, fx.thumbs, thumbShared.SHA256, false)
+
+				// Nothing left to remove: no error, nothing counted.
+				rm, err = storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{m1, m2}, storage.RemoveOptions{Now: later})
+				if err != nil || len(rm.Media) != 0 || rm.Blobs != 0 || rm.KeptBlobs != 0 {
+					t.Fatalf("RemoveMedia(already removed) = %+v, %v", rm, err)
+				}
+			})
+		}
+	}
+}
+
+// unavailableMeta is a store whose DeleteMedia fails as a database that is
+// down.
+type unavailableMeta struct {
+	storage.MetadataStore
+	storage.MediaAdmin
+	storage.BlobCollector
+}
+
+func (unavailableMeta) DeleteMedia(context.Context, []storage.MediaRef, bool, time.Time) (storage.DeletedMedia, error) {
+	return storage.DeletedMedia{}, fmt.Errorf("deleting: %w: connection refused", storage.ErrUnavailable)
+}
+
+// TestRemoveMediaErrors checks that unavailability stays recognizable, and
+// that a failed byte deletion keeps the blob's record (for the collector)
+// while the rows are gone.
+func TestRemoveMediaErrors(t *testing.T) {
+	ctx := context.Background()
+	fx := newRemoveFixture(t, adminMetaStores[0].open, removeLayouts[0].open)
+	blob := fx.ingest(t, storage.KindLocal, "content")
+	other := fx.ingest(t, storage.KindLocal, "other content")
+	m := fx.insert(t, "m", blob)
+	n := fx.insert(t, "n", other)
+
+	broken := unavailableMeta{fx.meta, fx.meta.(storage.MediaAdmin), fx.meta.(storage.BlobCollector)}
+	_, err := storage.RemoveMedia(ctx, broken, fx.ds, []storage.MediaRef{m}, storage.RemoveOptions{Now: later})
+	if !errors.Is(err, storage.ErrUnavailable) {
+		t.Fatalf("RemoveMedia with the database down: %v, want ErrUnavailable", err)
+	}
+	if _, err := fx.meta.GetMedia(ctx, m.ServerName, m.MediaID); err != nil {
+		t.Fatalf("row deleted although DeleteMedia failed: %v", err)
+	}
+
+	if _, err := storage.RemoveMedia(ctx, struct{ storage.MetadataStore }{fx.meta}, fx.ds, []storage.MediaRef{m}, storage.RemoveOptions{}); err == nil {
+		t.Fatal("RemoveMedia with a store lacking MediaAdmin succeeded")
+	}
+
+	fx.media.err = fmt.Errorf("s3 said: %w", storage.ErrUnavailable)
+	rm, err := storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{m, n}, storage.RemoveOptions{Now: later})
+	if !errors.Is(err, storage.ErrUnavailable) {
+		t.Fatalf("RemoveMedia with the datastore down: %v, want ErrUnavailable", err)
+	}
+	if len(rm.Media) != 2 || rm.Blobs != 0 || rm.KeptBlobs != 2 {
+		t.Fatalf("RemoveMedia with the datastore down = %+v; want 2 rows deleted, 2 blobs kept", rm)
+	}
+	fx.media.err = nil
+	// The records were rolled back with the failed byte deletion: the bytes
+	// and records are still there, unreferenced, for the collector.
+	fx.check(t, fx.media, blob.SHA256, true)
+	fx.check(t, fx.media, other.SHA256, true)
+	if _, err := fx.meta.GetMedia(ctx, m.ServerName, m.MediaID); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("row after RemoveMedia: %v, want ErrNotFound", err)
+	}
+}
