@@ -238,10 +238,8 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.gc.metrics.collectors()); err != nil {
 		return err
 	}
-	if a.res.jobs != nil {
-		if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.jobs.metrics.Collectors()); err != nil {
-			return err
-		}
+	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.jobs.metrics.Collectors()); err != nil {
+		return err
 	}
 
 	if err := a.provisionAuth(ctx); err != nil {
@@ -382,9 +380,7 @@ func (s storeSettings) withCacheSize(n int) (storeSettings, error) {
 // config's policies in place.
 func (a *App) Start() error {
 	a.res.gc.configure(a.gcPolicy)
-	if a.res.jobs != nil {
-		a.res.jobs.retention.SetPolicy(a.retentionPolicy)
-	}
+	a.res.jobs.retention.SetPolicy(a.retentionPolicy)
 	return nil
 }
 

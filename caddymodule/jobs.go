@@ -66,14 +66,6 @@ func viewJob(j storage.Job) jobView {
 	return v
 }
 
-// jobsOf returns the job runner of res, or a 501 API error.
-func jobsOf(res *resources) (*backgroundJobs, error) {
-	if res.jobs == nil {
-		return nil, apiError(http.StatusNotImplemented, errors.New("the metadata store keeps no background jobs"))
-	}
-	return res.jobs, nil
-}
-
 func (AdminAPI) handleJobs(w http.ResponseWriter, r *http.Request) error {
 	res, err := currentResources()
 	if err != nil {
@@ -106,10 +98,7 @@ func (res *resources) serveJobs(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
 	}
-	bg, err := jobsOf(res)
-	if err != nil {
-		return err
-	}
+	bg := res.jobs
 	limit := defaultJobsLimit
 	if v := r.URL.Query().Get("limit"); v != "" {
 		n, err := strconv.Atoi(v)
@@ -131,14 +120,14 @@ func (res *resources) serveJobs(w http.ResponseWriter, r *http.Request) error {
 
 // serveJob answers GET and DELETE /matrix_media/jobs/<id>.
 func (res *resources) serveJob(w http.ResponseWriter, r *http.Request, id string) error {
-	bg, err := jobsOf(res)
-	if err != nil {
-		return err
-	}
+	bg := res.jobs
 	if id == "" || strings.Contains(id, "/") {
 		return apiError(http.StatusNotFound, fmt.Errorf("no job %q", id))
 	}
-	var j storage.Job
+	var (
+		j   storage.Job
+		err error
+	)
 	switch r.Method {
 	case http.MethodGet:
 		j, err = bg.runner.Get(r.Context(), id)
@@ -180,10 +169,7 @@ func (res *resources) servePurge(w http.ResponseWriter, r *http.Request) error {
 	if req.BeforeTS <= 0 {
 		return apiError(http.StatusBadRequest, errors.New(`"before_ts" (ms since the epoch) is required and must be positive`))
 	}
-	bg, err := jobsOf(res)
-	if err != nil {
-		return err
-	}
+	bg := res.jobs
 	before := time.UnixMilli(req.BeforeTS)
 	j, err := bg.retention.StartPurgeRemote(r.Context(), before, adminAPIRequester)
 	switch {

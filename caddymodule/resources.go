@@ -94,11 +94,10 @@ type resources struct {
 	logger  *zap.Logger
 
 	// jobs runs the persisted background jobs (remote purges, retention),
-	// resumes those of instances that died, and schedules retention; nil
-	// when the metadata store keeps no jobs.
+	// resumes those of instances that died, and schedules retention.
 	jobs *backgroundJobs
 	// purger removes cached remote media as a background job (for the
-	// admin layer: Synapse's purge_media_cache); nil when jobs is.
+	// admin layer: Synapse's purge_media_cache).
 	purger remotePurger
 
 	// stopExpiry stops the expiry loop, the job runner (its jobs stay
@@ -183,8 +182,10 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	}
 	bg, err := openJobs(meta, stores, logger)
 	if err != nil {
-		logger.Warn("background jobs (remote purges, retention) are unavailable", zap.Error(err))
-		bg = nil
+		gcJob.close()
+		_ = meta.Close()
+		_ = stores.Close()
+		return nil, err
 	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
@@ -195,16 +196,15 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		repo:       repo,
 		metrics:    metrics,
 		logger:     logger,
+		jobs:       bg,
+		purger:     bg.retention,
 		stopExpiry: stop,
 		closed:     make(chan struct{}),
 		drainWait:  defaultDrainWait,
 	}
 	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(loopCtx) })
-	if bg != nil {
-		res.jobs, res.purger = bg, bg.retention
-		repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
-		repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
-	}
+	repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
+	repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
 	return res, nil
 }
 

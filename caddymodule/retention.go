@@ -2,7 +2,6 @@ package caddymodule
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
 
@@ -113,10 +112,7 @@ type backgroundJobs struct {
 // openJobs builds the job runner and the retention service on meta. They
 // run nothing until startJobs.
 func openJobs(meta *sqlstore.Store, stores *storage.Datastores, logger *zap.Logger) (*backgroundJobs, error) {
-	js, ok := any(meta).(jobStore)
-	if !ok {
-		return nil, errors.New("the metadata store keeps no background jobs")
-	}
+	var js jobStore = meta
 	metrics := jobs.NewMetrics()
 	runner, err := jobs.New(jobs.Options{Store: js, Logger: logger.Named("jobs"), Metrics: metrics})
 	if err != nil {
