@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -393,4 +394,101 @@ func testRecordAccess(t *testing.T, s storage.MetadataStore) {
 	mustNil(t, "RecordAccess(later)", a.RecordAccess(ctx, []storage.Access{acc(m1, t0.Add(4*time.Hour+5*time.Millisecond))}))
 	check(m1, t0.Add(4*time.Hour+5*time.Millisecond))
 	check(m2, t0.Add(3*time.Hour))
+}
+
+// testConcurrentDeletion runs deletions of overlapping sets (given in
+// different orders), access updates, quarantines and uploads of the same
+// content at once: none may fail (a deadlock would), and every item ends
+// deleted exactly once.
+func testConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	a := admin(t, s)
+	b, tb := blobRecord("conc"), blobRecord("conc-thumb")
+	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", s.RecordBlob(ctx, tb))
+	const n = 60
+	refs := make([]storage.MediaRef, n)
+	for i := range refs {
+		m := readyMedia("example.org", "c"+strconv.Itoa(100+i), b)
+		mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
+		mustNil(t, "InsertThumbnail", s.InsertThumbnail(ctx, thumb(m, 32, tb, t0)))
+		refs[i] = ref(m)
+	}
+	var (
+		mu      sync.Mutex
+		deleted = map[storage.MediaRef]int{}
+		errs    []error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		errs = append(errs, err)
+		mu.Unlock()
+	}
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			// Worker w deletes overlapping windows, in reverse order for odd
+			// workers.
+			for start := 0; start < n; start += 10 {
+				set := slices.Clone(refs[start:min(start+20, n)])
+				if w%2 == 1 {
+					slices.Reverse(set)
+				}
+				del, err := a.DeleteMedia(ctx, set, w%2 == 0, t0)
+				if err != nil {
+					fail(err)
+					return
+				}
+				mu.Lock()
+				for _, m := range del.Media {
+					deleted[ref(m)]++
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	for w := range 2 {
+		wg.Go(func() {
+			for round := range 10 {
+				var acc []storage.Access
+				for i := range refs {
+					acc = append(acc, storage.Access{MediaRef: refs[(i*7+w*13+round)%n], At: t0.Add(time.Duration(round) * time.Second)})
+				}
+				if err := a.RecordAccess(ctx, acc); err != nil {
+					fail(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for i := range 20 {
+			m := readyMedia("example.org", "new"+strconv.Itoa(i), b)
+			if err := s.InsertMedia(ctx, m); err != nil {
+				fail(err)
+				return
+			}
+			if _, err := a.QuarantineContent(ctx, storage.Quarantine{SHA256: hash("q" + strconv.Itoa(i)), By: "@admin:example.org", At: t0}); err != nil {
+				fail(err)
+				return
+			}
+		}
+	})
+	wg.Wait()
+	for _, err := range errs {
+		t.Errorf("concurrent operation failed: %v", err)
+	}
+	if t.Failed() {
+		return
+	}
+	for _, r := range refs {
+		if deleted[r] != 1 {
+			t.Fatalf("%s deleted %d times, want once", r.MediaID, deleted[r])
+		}
+	}
+	n2, err := s.CountBlobReferences(ctx, tb.SHA256)
+	mustNil(t, "CountBlobReferences", err)
+	if n2 != 0 {
+		t.Fatalf("%d thumbnails survived their media", n2)
+	}
 }

@@ -71,6 +71,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"Tombstones", testTombstones},
 		{"DeleteMedia", testDeleteMedia},
 		{"RecordAccess", testRecordAccess},
+		{"ConcurrentDeletion", testConcurrentDeletion},
 		{"ListUserMedia", testListUserMedia},
 		{"ListUsage", testListUsage},
 		{"ListOldMedia", testListOldMedia},

@@ -17,7 +17,7 @@ var _ storage.MediaAdmin = (*Store)(nil)
 
 // deleteChunk is how many media items one statement of DeleteMedia names
 // (two parameters each).
-const deleteChunk = 200
+const deleteChunk = 500
 
 // binary returns expr compared byte by byte: on PostgreSQL with the "C"
 // collation (the database's default collation may order text by locale), on
@@ -369,9 +369,10 @@ func refValues(refs []storage.MediaRef, args []any) (string, []any) {
 	return b.String(), args
 }
 
-// DeleteMedia deletes the given media rows (in any state) and, by cascade,
-// their thumbnails in one transaction, after reading the rows and the hashes
-// of the thumbnails' blobs; missing rows are skipped. With tombstone every
+// DeleteMedia deletes the given media rows (in any state) and their
+// thumbnails in one transaction: per chunk of items, it reads the rows,
+// deletes their thumbnails (returning their blobs' hashes), then the rows;
+// missing rows are skipped. With tombstone every
 // deleted ID is recorded in deleted_media, which makes InsertMedia and
 // CreatePending refuse it.
 //
@@ -419,26 +420,25 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 				blobs[m.SHA256] = true
 			}
 		}
+		// The thumbnails are deleted explicitly (rather than by the
+		// cascade) to learn their hashes in the same statement.
 		values, args = refValues(found, nil)
-		trows, err := tx.QueryContext(ctx, s.dialect.rebind(`SELECT sha256, COUNT(*) FROM thumbnails
-			WHERE (server_name, media_id) IN `+values+` GROUP BY sha256`), args...)
+		trows, err := tx.QueryContext(ctx, s.dialect.rebind(`DELETE FROM thumbnails
+			WHERE (server_name, media_id) IN `+values+` RETURNING sha256`), args...)
 		if err != nil {
-			return storage.DeletedMedia{}, fmt.Errorf("%s: reading thumbnails: %w", what, classify(err))
+			return storage.DeletedMedia{}, fmt.Errorf("%s: deleting thumbnails: %w", what, classify(err))
 		}
 		for trows.Next() {
-			var (
-				sha string
-				n   int
-			)
-			if err := trows.Scan(&sha, &n); err != nil {
+			var sha string
+			if err := trows.Scan(&sha); err != nil {
 				trows.Close()
-				return storage.DeletedMedia{}, fmt.Errorf("%s: reading thumbnails: %w", what, classify(err))
+				return storage.DeletedMedia{}, fmt.Errorf("%s: deleting thumbnails: %w", what, classify(err))
 			}
 			blobs[sha] = true
-			out.Thumbnails += n
+			out.Thumbnails++
 		}
 		if err := trows.Err(); err != nil {
-			return storage.DeletedMedia{}, fmt.Errorf("%s: reading thumbnails: %w", what, classify(err))
+			return storage.DeletedMedia{}, fmt.Errorf("%s: deleting thumbnails: %w", what, classify(err))
 		}
 		trows.Close()
 		if _, err := tx.ExecContext(ctx, s.dialect.rebind(`DELETE FROM media WHERE (server_name, media_id) IN `+values), args...); err != nil {

@@ -2,6 +2,7 @@ package sqlstore
 
 import (
 	"context"
+	"database/sql"
 	"errors"
 	"fmt"
 	"os"
@@ -316,7 +317,10 @@ func TestPostgresQueriesRebound(t *testing.T) {
 	for _, q := range []queries{newQueries(dialectPostgres)} {
 		for _, s := range []string{q.recordBlob, q.getBlob, q.findBlobByPrefix, q.countBlobRefs,
 			q.listBlobs, q.countBlobs, q.moveBlob, q.insertMedia, q.getMedia,
-			q.lockUser, q.countPending, q.oldestPending, q.completePending, q.completeCheck, q.deleteExpiredPending} {
+			q.lockUser, q.countPending, q.oldestPending, q.completePending, q.completeCheck, q.deleteExpiredPending,
+			q.quarantine, q.unquarantine, q.getQuarantine, q.setProtected, q.listMediaByHash, q.countUserMedia,
+			q.recordAccess, q.listRemoteLRU, q.deleteOldThumbnails, q.createJob, q.getJob, q.listJobs, q.claimJob,
+			q.listClaimableJobs, q.updateJob, q.cancelJob} {
 			if strings.Contains(s, "?") || !strings.Contains(s, "$1") {
 				t.Errorf("postgres query not rebound: %s", s)
 			}
@@ -372,6 +376,66 @@ func BenchmarkGetMedia(b *testing.B) {
 					}
 				})
 			})
+		})
+	}
+}
+
+// TestUpgradeTo5 migrates a database holding data at version 4: existing
+// media become unprotected and never accessed, and the new capabilities work
+// on them.
+func TestUpgradeTo5(t *testing.T) {
+	ctx := context.Background()
+	for _, be := range backends {
+		t.Run(be.name, func(t *testing.T) {
+			dsn := be.newDB(t)
+			d, driver, raw := dialectSQLite, "sqlite3", "file:"+dsn+"?_foreign_keys=1"
+			if be.name == "postgres" {
+				d, driver, raw = dialectPostgres, "pgx", dsn
+			} else if err := os.MkdirAll(filepath.Dir(dsn), 0o750); err != nil {
+				t.Fatal(err)
+			}
+			db, err := sql.Open(driver, raw)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for range 4 {
+				if _, err := migrateStep(ctx, db, d); err != nil {
+					t.Fatal(err)
+				}
+			}
+			sha := strings.Repeat("ab", 32)
+			for _, q := range []string{
+				`INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES ('` + sha + `', 3, 'p', 'files', 1000)`,
+				`INSERT INTO media (server_name, media_id, state, user_id, sha256, size, created_ts, uploaded_ts)
+					VALUES ('example.org', 'old', 'ready', '@a:example.org', '` + sha + `', 3, 1000, 1000)`,
+			} {
+				if _, err := db.ExecContext(ctx, q); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+			}
+			var v int
+			if err := db.QueryRowContext(ctx, `SELECT MAX(version) FROM schema_migrations`).Scan(&v); err != nil || v != 4 {
+				t.Fatalf("schema version before upgrade = %d, %v; want 4", v, err)
+			}
+			db.Close()
+
+			s := mustOpen(t, be.name, dsn)
+			defer s.Close()
+			checkMigrationRows(t, migrationRows(t, s))
+			m, err := s.GetMedia(ctx, "example.org", "old")
+			if err != nil || m.Protected || !m.LastAccessAt.IsZero() || m.QuarantinedBy != "" || m.Datastore != "files" {
+				t.Fatalf("GetMedia after upgrade = %+v, %v", m, err)
+			}
+			if _, err := s.QuarantineContent(ctx, storage.Quarantine{SHA256: sha, By: "@admin:example.org"}); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.RecordAccess(ctx, []storage.Access{{MediaRef: storage.MediaRef{ServerName: "example.org", MediaID: "old"}, At: time.UnixMilli(5000)}}); err != nil {
+				t.Fatal(err)
+			}
+			m, err = s.GetMedia(ctx, "example.org", "old")
+			if err != nil || !m.Refused() || !m.LastAccessAt.Equal(time.UnixMilli(5000)) {
+				t.Fatalf("GetMedia after quarantine and access = %+v, %v", m, err)
+			}
 		})
 	}
 }
