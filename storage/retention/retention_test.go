@@ -487,7 +487,7 @@ type hookStore struct {
 	mu        sync.Mutex
 	listCalls int
 	// onList, when set, runs before ListOldMedia with the call number.
-	onList  func(ctx context.Context, call int) error
+	onList   func(ctx context.Context, call int) error
 	delCalls int
 	// onDelete, when set, runs before DeleteMedia with the call number.
 	onDelete func(ctx context.Context, call int) error
