@@ -26,6 +26,10 @@ const adminPrefix = "/matrix_media/"
 //	GET    /matrix_media/migrations/<id>     one job
 //	DELETE /matrix_media/migrations/<id>     cancel a job (what moved stays moved; start again to resume)
 //	POST   /matrix_media/gc                  {"dry_run":true,"grace":"10m"} (both optional): collect orphan blobs now
+//	GET    /matrix_media/jobs[?limit=n]      background jobs (purges, retention), newest first, with progress
+//	GET    /matrix_media/jobs/<id>           one background job
+//	DELETE /matrix_media/jobs/<id>           cancel a background job (what it removed stays removed)
+//	POST   /matrix_media/purge               {"before_ts":<ms>}: start removing remote media last accessed before it (202)
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -45,6 +49,9 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "migrations", Handler: caddy.AdminHandlerFunc(a.handleMigrations)},
 		{Pattern: adminPrefix + "migrations/", Handler: caddy.AdminHandlerFunc(a.handleMigration)},
 		{Pattern: adminPrefix + "gc", Handler: caddy.AdminHandlerFunc(a.handleGC)},
+		{Pattern: adminPrefix + "jobs", Handler: caddy.AdminHandlerFunc(a.handleJobs)},
+		{Pattern: adminPrefix + "jobs/", Handler: caddy.AdminHandlerFunc(a.handleJob)},
+		{Pattern: adminPrefix + "purge", Handler: caddy.AdminHandlerFunc(a.handlePurge)},
 	}
 }
 

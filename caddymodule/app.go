@@ -28,6 +28,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/preview"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/retention"
 
 	"github.com/caddyserver/caddy/v2"
 )
@@ -141,6 +142,10 @@ type App struct {
 	// hour, blobs unreferenced for an hour.
 	GC *GCConfig `json:"gc,omitempty"`
 
+	// Retention says what ages out: remote media by age or beyond a byte
+	// budget, thumbnails by age. Default: nothing ages out.
+	Retention *RetentionConfig `json:"retention,omitempty"`
+
 	res *resources
 	// live is res while this config holds it, for readers on other
 	// goroutines (the admin API) that may run while Cleanup releases it.
@@ -153,6 +158,9 @@ type App struct {
 	previewer *preview.Previewer
 	transport *http.Transport
 	logger    *zap.Logger
+
+	// retentionPolicy is this config's retention policy, applied in Start.
+	retentionPolicy retention.Policy
 }
 
 // Database names the metadata database.
@@ -205,6 +213,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.gcPolicy, err = gcPolicyOf(a.GC); err != nil {
 		return err
 	}
+	if a.retentionPolicy, err = retentionPolicyOf(a.Retention); err != nil {
+		return err
+	}
 	key := settings.key()
 	val, reused, err := resourcePool.LoadOrNew(key, func() (caddy.Destructor, error) {
 		return openResources(ctx, settings, a.logger)
@@ -225,6 +236,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.gc.metrics.collectors()); err != nil {
+		return err
+	}
+	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.jobs.metrics.Collectors()); err != nil {
 		return err
 	}
 
@@ -360,11 +374,13 @@ func (s storeSettings) withCacheSize(n int) (storeSettings, error) {
 
 // Start implements caddy.App. Everything requests need is ready once
 // Provision returns (apps start in no fixed order, and sites may serve before
-// this runs). Start only hands the orphan collector this config's policy:
-// here, once the whole config has provisioned, so that a reload that fails
-// in Provision leaves the running config's policy in place.
+// this runs). Start only hands the orphan collector and the retention
+// scheduler this config's policies: here, once the whole config has
+// provisioned, so that a reload that fails in Provision leaves the running
+// config's policies in place.
 func (a *App) Start() error {
 	a.res.gc.configure(a.gcPolicy)
+	a.res.jobs.retention.SetPolicy(a.retentionPolicy)
 	return nil
 }
 

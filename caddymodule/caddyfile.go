@@ -97,6 +97,12 @@ func init() {
 //			grace <duration>
 //			off
 //		}
+//		retention {
+//			remote_max_age <duration>
+//			remote_max_bytes <size>
+//			thumbnail_max_age <duration>
+//			interval <duration>
+//		}
 //
 // datastore may be repeated, and size inside thumbnails.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -153,6 +159,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.Thumbnails, err = parseThumbnails(d)
 		case "gc":
 			a.GC, err = parseGC(d)
+		case "retention":
+			a.Retention, err = parseRetention(d)
 		case "datastore":
 			var ds DatastoreConfig
 			ds, err = parseDatastore(d)

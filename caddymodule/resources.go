@@ -93,8 +93,17 @@ type resources struct {
 	metrics *mediaapi.Metrics
 	logger  *zap.Logger
 
-	// stopExpiry stops the expiry and access flush loops (background work
-	// of the repository: closing the stores waits for it through Drain).
+	// jobs runs the persisted background jobs (remote purges, retention),
+	// resumes those of instances that died, and schedules retention.
+	jobs *backgroundJobs
+	// purger removes cached remote media as a background job (for the
+	// admin layer: Synapse's purge_media_cache).
+	purger remotePurger
+
+	// stopExpiry stops the expiry and access flush loops, the job runner
+	// (its jobs stay running in the database, released for the next
+	// runner) and the retention scheduler: background work of the
+	// repository, which closing the stores waits for through Drain.
 	stopExpiry context.CancelFunc
 
 	// inFlight counts requests using the resources; closing is set by
@@ -171,6 +180,13 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
 	}
+	bg, err := openJobs(meta, stores, logger)
+	if err != nil {
+		gcJob.close()
+		_ = meta.Close()
+		_ = stores.Close()
+		return nil, err
+	}
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
@@ -180,6 +196,8 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		repo:       repo,
 		metrics:    metrics,
 		logger:     logger,
+		jobs:       bg,
+		purger:     bg.retention,
 		stopExpiry: stop,
 		closed:     make(chan struct{}),
 		drainWait:  defaultDrainWait,
@@ -188,6 +206,8 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	// Flushes once more when stopped; Drain flushes what requests noted
 	// after that, before the stores close.
 	repo.Go("access_flush", func() { repo.RunAccessFlush(loopCtx) })
+	repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
+	repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
 	return res, nil
 }
 
@@ -218,7 +238,8 @@ func (r *resources) release() {
 
 // Destruct implements caddy.Destructor. It is called by resourcePool when the
 // last config using the resources is cleaned up. It stops the expiry loop, the
-// migrations and the collector at once, and closes the stores as soon as no
+// job runner and the retention scheduler, the migrations and the collector
+// at once, and closes the stores as soon as no
 // request and no background work uses them any more. It waits up to
 // drainWait for that; when requests or work remain longer, the close happens
 // after Destruct has returned.
