@@ -30,6 +30,15 @@ const adminPrefix = "/matrix_media/"
 //	GET    /matrix_media/jobs/<id>           one background job
 //	DELETE /matrix_media/jobs/<id>           cancel a background job (what it removed stays removed)
 //	POST   /matrix_media/purge               {"before_ts":<ms>}: start removing remote media last accessed before it (202)
+//	POST   /matrix_media/quarantine          {"media":["mxc://s/id",...]} or {"user_id":"@u:s"}: quarantine by content
+//	POST   /matrix_media/unquarantine        {"media":[...]}: lift the quarantine of their content
+//	POST   /matrix_media/protect             {"media":[...],"undo":false}: protect from (or expose to) quarantine
+//	POST   /matrix_media/delete              {"media":[...]}, {"user_id":"@u:s","limit":n} or {"server_name":"s","before_ts":ms,"size_gt":n}
+//	GET    /matrix_media/media/<server>/<id> what is stored about one media item
+//	GET    /matrix_media/usage?server_name=s per-user media counts and bytes (order_by, dir, from, limit, search_term, from_ts, until_ts)
+//
+// The operators' endpoints are described in adminops.go; they log
+// "caddy-admin-api" as who asked.
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -52,6 +61,12 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "jobs", Handler: caddy.AdminHandlerFunc(a.handleJobs)},
 		{Pattern: adminPrefix + "jobs/", Handler: caddy.AdminHandlerFunc(a.handleJob)},
 		{Pattern: adminPrefix + "purge", Handler: caddy.AdminHandlerFunc(a.handlePurge)},
+		{Pattern: adminPrefix + "quarantine", Handler: caddy.AdminHandlerFunc(a.handleQuarantine)},
+		{Pattern: adminPrefix + "unquarantine", Handler: caddy.AdminHandlerFunc(a.handleUnquarantine)},
+		{Pattern: adminPrefix + "protect", Handler: caddy.AdminHandlerFunc(a.handleProtect)},
+		{Pattern: adminPrefix + "delete", Handler: caddy.AdminHandlerFunc(a.handleDelete)},
+		{Pattern: adminPrefix + "media/", Handler: caddy.AdminHandlerFunc(a.handleMediaInfo)},
+		{Pattern: adminPrefix + "usage", Handler: caddy.AdminHandlerFunc(a.handleUsage)},
 	}
 }
 

@@ -55,6 +55,31 @@ localhost:2019):
       removes orphan blobs now: blob records nothing references and bytes
       no record names, unused for longer than the grace period (default:
       the configured one); --dry-run only counts them
+
+  caddy matrix-media quarantine [--undo] (--user <user_id> | <mxc URI>...)
+      quarantines media by content: every copy of the same bytes, local or
+      remote, on every site, is refused (404) and re-uploads get 403;
+      --undo lifts it
+
+  caddy matrix-media protect [--undo] <mxc URI>...
+      protects media from quarantine (sticker packs, shared assets)
+
+  caddy matrix-media delete (<mxc URI>... | --user <user_id> | --server-name <name> --before <age|time> [--size-gt <bytes>])
+      deletes media (local IDs are never issued again) and, once nothing
+      else references them, their blobs and thumbnails in every datastore
+
+  caddy matrix-media purge --before <age|time> [--detach]
+      removes cached remote media last used before the time, as a
+      resumable background job, showing its progress
+
+  caddy matrix-media jobs [--cancel <id>]
+      lists the background jobs (purges, retention) and their progress
+
+  caddy matrix-media usage --server-name <name> [--order-by ...] [--limit n]
+      per-user media counts and bytes
+
+  caddy matrix-media media-info <mxc URI>
+      what is stored about one media item
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.PersistentFlags().String("address", "", "The address of Caddy's admin API")
@@ -94,6 +119,7 @@ localhost:2019):
 			gcCmd.Flags().Bool("dry-run", false, "Only count what would be removed")
 			gcCmd.Flags().String("grace", "", "Grace period instead of the configured one (e.g. 10m; 0s only while no upload runs)")
 			cmd.AddCommand(gcCmd)
+			cmd.AddCommand(adminCommands()...)
 			cmd.AddCommand(&cobra.Command{
 				Use:   "datastores",
 				Short: "List the datastores with their blob counts and sizes",

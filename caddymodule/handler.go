@@ -10,6 +10,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaadmin"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 
 	"github.com/caddyserver/caddy/v2"
@@ -129,7 +130,10 @@ type Handler struct {
 	// Placeholders {env.*} and {file.*} are resolved.
 	SigningKey string `json:"signing_key,omitempty"`
 
-	site   *mediaapi.Site
+	site *mediaapi.Site
+	// admin answers Synapse's media admin API for this site (nil when the
+	// metadata store cannot administer media).
+	admin  *mediaadmin.SiteAPI
 	logout *auth.LogoutProxy
 	res    *resources
 	fed    *federation.MediaClient
@@ -256,6 +260,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.site = site
 	h.res = app.res
+	if app.res.admin != nil {
+		h.admin, err = mediaadmin.NewSiteAPI(mediaadmin.SiteConfig{
+			ServerName:    h.ServerName,
+			Auth:          authn,
+			Admins:        admins,
+			HomeserverURL: homeserver,
+			Client:        hsClient,
+			Service:       app.res.admin,
+			Logger:        ctx.Logger().Named("admin"),
+		})
+		if err != nil {
+			return fmt.Errorf("configuring the media admin API of %s: %w", h.ServerName, err)
+		}
+	}
 	return nil
 }
 
@@ -336,8 +354,12 @@ func (h *Handler) provisionAuth(ctx caddy.Context, app *App, homeserver string, 
 // a trailing slash, so that two spellings of one homeserver share entries.
 func homeserverKey(u string) string { return strings.TrimRight(u, "/") }
 
-// ServeHTTP serves media requests and passes every other request to next.
+// ServeHTTP serves media requests and the media paths of Synapse's admin
+// API, and passes every other request to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	if h.admin != nil && mediaadmin.IsAdminPath(r.URL.EscapedPath()) {
+		return h.serveAdmin(w, r)
+	}
 	if !mediaapi.IsMediaPath(r.URL.Path) {
 		if r.Method == http.MethodPost && auth.LogoutPath(r.URL.Path) != auth.NotLogout {
 			// Logouts go to the homeserver through this handler, which drops
@@ -362,6 +384,19 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	h.site.ServeHTTP(w, r)
+	return nil
+}
+
+// serveAdmin answers one request of Synapse's media admin API (the rest of
+// /_synapse/admin/ goes to the homeserver).
+func (h *Handler) serveAdmin(w http.ResponseWriter, r *http.Request) error {
+	if !h.res.acquire() {
+		w.Header().Set("Retry-After", "1")
+		matrix.WriteError(w, matrix.Unknown(http.StatusServiceUnavailable, "media repository is reloading, retry"))
+		return nil
+	}
+	defer h.res.release()
+	h.admin.ServeHTTP(w, r)
 	return nil
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaadmin"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
@@ -98,7 +99,13 @@ type resources struct {
 	jobs *backgroundJobs
 	// purger removes cached remote media as a background job (for the
 	// admin layer: Synapse's purge_media_cache).
-	purger remotePurger
+	purger mediaadmin.RemotePurger
+	// admin performs operators' control (quarantine, deletion, usage) for
+	// the Synapse-compatible API of every site and Caddy's admin API; nil
+	// when the metadata store cannot administer media. adminMetrics counts
+	// what it does.
+	admin        *mediaadmin.Service
+	adminMetrics *mediaadmin.Metrics
 
 	// stopExpiry stops the expiry and access flush loops, the job runner
 	// (its jobs stay running in the database, released for the next
@@ -201,6 +208,15 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		stopExpiry: stop,
 		closed:     make(chan struct{}),
 		drainWait:  defaultDrainWait,
+	}
+	res.adminMetrics = mediaadmin.NewMetrics()
+	if res.admin, err = newAdminService(res, res.purger, res.adminMetrics); err != nil {
+		stop()
+		bg.runner.Close()
+		gcJob.close()
+		_ = meta.Close()
+		_ = stores.Close()
+		return nil, fmt.Errorf("building the media admin service: %w", err)
 	}
 	repo.Go("pending_expiry", func() { repo.RunPendingExpiry(loopCtx) })
 	// Flushes once more when stopped; Drain flushes what requests noted

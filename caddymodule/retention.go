@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"context"
 	"fmt"
 	"time"
 
@@ -86,13 +85,6 @@ func parseRetention(d *caddyfile.Dispenser) (*RetentionConfig, error) {
 		}
 	}
 	return c, nil
-}
-
-// remotePurger removes cached remote media last accessed before a time
-// (Synapse's purge_media_cache), as a background job that goes on when the
-// caller stops waiting. *retention.Service implements it.
-type remotePurger interface {
-	PurgeRemote(ctx context.Context, before time.Time, requestedBy string) (removed int64, err error)
 }
 
 // jobStore is what the job runner and retention need of the metadata store.
