@@ -236,6 +236,8 @@ func (hs *homeserver) hostPort() string { return strings.TrimPrefix(hs.srv.URL, 
 type site struct {
 	serverName    string
 	maxUploadSize string // Caddyfile size; empty for the app default
+	// extra are extra lines of the site's matrix_media block.
+	extra []string
 }
 
 // config is what a test Caddyfile is generated from.
@@ -299,6 +301,9 @@ http://%s:%d {
 `, s.serverName, c.httpPort, s.serverName, c.homeserver.srv.URL)
 		if s.maxUploadSize != "" {
 			fmt.Fprintf(&b, "\t\tmax_upload_size %s\n", s.maxUploadSize)
+		}
+		for _, l := range s.extra {
+			fmt.Fprintf(&b, "\t\t%s\n", l)
 		}
 		fmt.Fprintf(&b, `	}
 	reverse_proxy %s
