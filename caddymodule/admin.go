@@ -61,12 +61,12 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "jobs", Handler: caddy.AdminHandlerFunc(a.handleJobs)},
 		{Pattern: adminPrefix + "jobs/", Handler: caddy.AdminHandlerFunc(a.handleJob)},
 		{Pattern: adminPrefix + "purge", Handler: caddy.AdminHandlerFunc(a.handlePurge)},
-		{Pattern: adminPrefix + "quarantine", Handler: caddy.AdminHandlerFunc(a.handleQuarantine)},
-		{Pattern: adminPrefix + "unquarantine", Handler: caddy.AdminHandlerFunc(a.handleUnquarantine)},
-		{Pattern: adminPrefix + "protect", Handler: caddy.AdminHandlerFunc(a.handleProtect)},
-		{Pattern: adminPrefix + "delete", Handler: caddy.AdminHandlerFunc(a.handleDelete)},
-		{Pattern: adminPrefix + "media/", Handler: caddy.AdminHandlerFunc(a.handleMediaInfo)},
-		{Pattern: adminPrefix + "usage", Handler: caddy.AdminHandlerFunc(a.handleUsage)},
+		{Pattern: adminPrefix + "quarantine", Handler: onResources((*resources).serveQuarantine)},
+		{Pattern: adminPrefix + "unquarantine", Handler: onResources((*resources).serveUnquarantine)},
+		{Pattern: adminPrefix + "protect", Handler: onResources((*resources).serveProtect)},
+		{Pattern: adminPrefix + "delete", Handler: onResources((*resources).serveDelete)},
+		{Pattern: adminPrefix + "media/", Handler: onResources((*resources).serveMediaInfo)},
+		{Pattern: adminPrefix + "usage", Handler: onResources((*resources).serveUsage)},
 	}
 }
 

@@ -12,6 +12,8 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaadmin"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+
+	"github.com/caddyserver/caddy/v2"
 )
 
 // maxAdminRefs bounds the media one admin API request names.
@@ -95,18 +97,26 @@ func adminOpError(err error) error {
 	}
 }
 
-// adminService returns the running app's resources and media admin service;
-// the caller releases the resources.
-func adminService() (*resources, *mediaadmin.Service, error) {
-	res, err := currentResources()
-	if err != nil {
-		return nil, nil, err
-	}
+// adminService returns the resources' media admin service, or a 501 API
+// error when the metadata store cannot administer media.
+func (res *resources) adminService() (*mediaadmin.Service, error) {
 	if res.admin == nil {
-		res.release()
-		return nil, nil, apiError(http.StatusNotImplemented, errors.New("the metadata store does not support media administration"))
+		return nil, apiError(http.StatusNotImplemented, errors.New("the metadata store does not support media administration"))
 	}
-	return res, res.admin, nil
+	return res.admin, nil
+}
+
+// onResources adapts a handler of the running app's resources to Caddy's
+// admin API: it acquires the resources for the request.
+func onResources(serve func(res *resources, w http.ResponseWriter, r *http.Request) error) caddy.AdminHandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		res, err := currentResources()
+		if err != nil {
+			return err
+		}
+		defer res.release()
+		return serve(res, w, r)
+	}
 }
 
 // postOnly refuses methods other than POST.
@@ -117,7 +127,7 @@ func postOnly(r *http.Request) error {
 	return nil
 }
 
-func (AdminAPI) handleQuarantine(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveQuarantine(w http.ResponseWriter, r *http.Request) error {
 	if err := postOnly(r); err != nil {
 		return err
 	}
@@ -125,11 +135,10 @@ func (AdminAPI) handleQuarantine(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeAdminJSON(r, &req); err != nil {
 		return err
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	ctx := r.Context()
 	var n int
 	switch {
@@ -154,7 +163,7 @@ func (AdminAPI) handleQuarantine(w http.ResponseWriter, r *http.Request) error {
 	return writeAdminJSON(w, http.StatusOK, map[string]int{"num_quarantined": n})
 }
 
-func (AdminAPI) handleUnquarantine(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveUnquarantine(w http.ResponseWriter, r *http.Request) error {
 	if err := postOnly(r); err != nil {
 		return err
 	}
@@ -169,11 +178,10 @@ func (AdminAPI) handleUnquarantine(w http.ResponseWriter, r *http.Request) error
 	if len(refs) == 0 || req.UserID != "" {
 		return apiError(http.StatusBadRequest, errors.New(`give "media" (mxc URIs)`))
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	n := 0
 	for _, ref := range refs {
 		if err := svc.UnquarantineMedia(r.Context(), adminAPIRequester, ref); err != nil {
@@ -184,7 +192,7 @@ func (AdminAPI) handleUnquarantine(w http.ResponseWriter, r *http.Request) error
 	return writeAdminJSON(w, http.StatusOK, map[string]int{"num_unquarantined": n})
 }
 
-func (AdminAPI) handleProtect(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveProtect(w http.ResponseWriter, r *http.Request) error {
 	if err := postOnly(r); err != nil {
 		return err
 	}
@@ -199,11 +207,10 @@ func (AdminAPI) handleProtect(w http.ResponseWriter, r *http.Request) error {
 	if len(refs) == 0 {
 		return apiError(http.StatusBadRequest, errors.New(`give "media" (mxc URIs)`))
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	for i, ref := range refs {
 		op := svc.Protect
 		if req.Undo {
@@ -225,7 +232,7 @@ type adminDeleted struct {
 	Bytes        int64    `json:"bytes"`
 }
 
-func (AdminAPI) handleDelete(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveDelete(w http.ResponseWriter, r *http.Request) error {
 	if err := postOnly(r); err != nil {
 		return err
 	}
@@ -233,11 +240,10 @@ func (AdminAPI) handleDelete(w http.ResponseWriter, r *http.Request) error {
 	if err := decodeAdminJSON(r, &req); err != nil {
 		return err
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	ctx := r.Context()
 	var d mediaadmin.Deleted
 	switch {
@@ -306,7 +312,7 @@ func msOrZero(t time.Time) int64 {
 	return t.UnixMilli()
 }
 
-func (AdminAPI) handleMediaInfo(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveMediaInfo(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
 	}
@@ -316,11 +322,10 @@ func (AdminAPI) handleMediaInfo(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return apiError(http.StatusBadRequest, err)
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	m, err := svc.MediaInfo(r.Context(), ref)
 	if err != nil {
 		return adminOpError(err)
@@ -346,7 +351,7 @@ type adminUserUsage struct {
 	MediaLength int64  `json:"media_length"`
 }
 
-func (AdminAPI) handleUsage(w http.ResponseWriter, r *http.Request) error {
+func (res *resources) serveUsage(w http.ResponseWriter, r *http.Request) error {
 	if r.Method != http.MethodGet {
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
 	}
@@ -354,11 +359,10 @@ func (AdminAPI) handleUsage(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return apiError(http.StatusBadRequest, err)
 	}
-	res, svc, err := adminService()
+	svc, err := res.adminService()
 	if err != nil {
 		return err
 	}
-	defer res.release()
 	page, total, err := svc.Usage(r.Context(), q)
 	if err != nil {
 		return adminOpError(err)
