@@ -41,7 +41,10 @@ const DefaultHomeserverTimeout = 10 * time.Second
 //	}
 //
 // Media requests are always answered by this handler, with a Matrix JSON error
-// body when they fail; they never reach the next handler.
+// body when they fail; they never reach the next handler. So are the media
+// paths of Synapse's admin API (quarantine, protect, delete, purge, user
+// media, statistics: see matrix/mediaadmin), for the site's media admins;
+// the rest of /_synapse/admin/ goes to the next handler like any other path.
 //
 // Content and metadata live in the matrix_media app, shared by all sites; the
 // app is created with its defaults when the config does not set it.
