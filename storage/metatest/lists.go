@@ -345,7 +345,7 @@ func testListOldMedia(t *testing.T, s storage.MetadataStore) {
 	if !slices.Equal(ids(paged), want) {
 		t.Fatalf("ListOldMedia in pages of one = %v, want %v", ids(paged), want)
 	}
-	if m := paged[2]; m.QuarantinedBy != "@admin:one.example" || m.Refused() != true {
+	if m := paged[2]; m.QuarantinedBy != "@admin:one.example" || !m.Refused() {
 		t.Fatalf("quarantined item listed as %+v", m)
 	}
 	if m := paged[5]; !m.Protected || m.Refused() {
