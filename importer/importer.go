@@ -1,0 +1,149 @@
+// Package importer brings media from another media repository (Synapse,
+// Dendrite, matrix-media-repo, or an archive written by package
+// mediaarchive) into this module's stores, keeping every mxc:// URI
+// working: server name, media ID, uploader, name, type, creation time,
+// quarantine and protection are carried over.
+//
+// An import is a pipeline: a Source lists Items (metadata read from the
+// source's database, bytes opened lazily from its files or objects), Run
+// asks the Sink which of them are already stored, and the Sink stores the
+// rest. Nothing is written for an item that is already present, so an
+// import interrupted at any point is resumed by running it again, and a
+// second full run changes nothing.
+//
+// Write order (the storage package's contract): the blob is stored and its
+// SHA-256 checked against the source's recorded hash first; a quarantine
+// carried over is recorded next (by hash, so the bytes are refused before
+// any row points at them); the media row comes last. A crash between the
+// steps leaves at most an unreferenced blob, which the garbage collector
+// removes after its grace period, or a quarantine record for bytes that are
+// quarantined at the source anyway.
+package importer
+
+import (
+	"context"
+	"errors"
+	"io"
+	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+)
+
+// Errors a Source or Sink reports for one item. Run counts them in the
+// Report instead of stopping.
+var (
+	// ErrMissing reports that the source has a row for the item but not its
+	// bytes (a missing file or object).
+	ErrMissing = errors.New("source content missing")
+	// ErrHashMismatch reports that the bytes read from the source do not
+	// hash to the SHA-256 the source recorded for them.
+	ErrHashMismatch = errors.New("content does not match the source's recorded SHA-256")
+	// ErrConflict reports that the target already holds a different media
+	// item (other bytes) under the same server name and media ID, or that
+	// the ID was deleted there and is never issued again.
+	ErrConflict = errors.New("media ID already used by other content")
+)
+
+// Item is one media item read from a source.
+type Item struct {
+	// ServerName and MediaID form the item's mxc:// URI; they are kept as
+	// they are.
+	ServerName string
+	MediaID    string
+	// Remote is true for a cached copy of another server's media.
+	Remote bool
+	// UserID is the uploader of local media; empty when unknown or remote.
+	UserID string
+	// ContentType and Filename are as uploaded; Filename may be empty.
+	ContentType string
+	Filename    string
+	// CreatedAt is when the item was uploaded (or cached, for remote media).
+	CreatedAt time.Time
+	// Size is the length the source recorded, or -1 when unknown. A body of
+	// another length is reported as a mismatch.
+	Size int64
+	// SHA256 is the lowercase hex SHA-256 the source recorded, or empty
+	// when it records none.
+	SHA256 string
+	// QuarantinedBy is set when the source quarantined the item: who did
+	// (a user ID, or a short description such as "imported from synapse"
+	// when the source does not record it).
+	QuarantinedBy string
+	// Protected items are never quarantined.
+	Protected bool
+	// Open opens the item's bytes. A missing file or object gives an error
+	// wrapping ErrMissing.
+	Open func(ctx context.Context) (io.ReadCloser, error)
+}
+
+// Ref returns the item's server name and media ID.
+func (it Item) Ref() storage.MediaRef {
+	return storage.MediaRef{ServerName: it.ServerName, MediaID: it.MediaID}
+}
+
+// Filter selects which items a Source lists.
+type Filter struct {
+	// ServerNames, when not empty, keeps only local media of these server
+	// names (remote media is selected by IncludeRemote alone).
+	ServerNames []string
+	// IncludeRemote also lists the source's remote media cache.
+	IncludeRemote bool
+}
+
+// Totals is what a source holds for a filter, for progress and ETA.
+type Totals struct {
+	// Items and Bytes count the selected items and their recorded sizes;
+	// -1 when the source cannot tell cheaply.
+	Items, Bytes int64
+}
+
+// Source lists the media of another media repository. Implementations
+// read their database read-only and never change the source.
+type Source interface {
+	// Name describes the source in progress lines and reports, e.g.
+	// "synapse (postgres, /var/lib/synapse/media_store)".
+	Name() string
+	// Totals counts what Walk will list for f.
+	Totals(ctx context.Context, f Filter) (Totals, error)
+	// Walk calls fn for every item selected by f, in a stable order, and
+	// stops at fn's first error, returning it. It must not hold the whole
+	// listing in memory (stream from a cursor, or page by key).
+	Walk(ctx context.Context, f Filter, fn func(Item) error) error
+	// Close releases the source's database connections.
+	Close() error
+}
+
+// Outcome is what storing one item did.
+type Outcome int
+
+// Outcomes of Sink.Put.
+const (
+	// Imported: the item was stored (its blob may have been deduplicated).
+	Imported Outcome = iota
+	// AlreadyPresent: the same item with the same bytes was already stored.
+	AlreadyPresent
+)
+
+// Present is what the target already holds for a media ref.
+type Present struct {
+	// SHA256 of its content; empty for a pending (not yet uploaded) item.
+	SHA256 string
+	// Deleted is true for a deleted ID that is never issued again.
+	Deleted bool
+}
+
+// Sink is where imported media goes: this module's stores directly
+// (StoreSink) or a running Caddy through its admin API.
+type Sink interface {
+	// Lookup reports which of refs the target already holds.
+	Lookup(ctx context.Context, refs []storage.MediaRef) (map[storage.MediaRef]Present, error)
+	// Put stores it with the bytes read from body, checking them against
+	// it.SHA256 and it.Size when set (ErrHashMismatch, and nothing is
+	// referenced). A ref already holding the same bytes gives
+	// AlreadyPresent; other bytes, or a deleted ID, give ErrConflict.
+	Put(ctx context.Context, it Item, body io.Reader) (Outcome, error)
+	// Quarantine records the quarantine of content that could not be
+	// imported (its bytes are missing at the source), so that it stays
+	// refused here. sha256 is the source's recorded hash.
+	Quarantine(ctx context.Context, sha256, by string) error
+}
