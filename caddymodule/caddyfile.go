@@ -90,6 +90,7 @@ func init() {
 //			queue <n>
 //			max_memory <size>
 //			timeout <duration>
+//			quarantine_placeholder <image file>
 //		}
 //		gc off
 //		gc {
@@ -364,6 +365,8 @@ func parseThumbnails(d *caddyfile.Dispenser) (*ThumbnailsConfig, error) {
 			t.MaxMemory, err = byteSize(d)
 		case "timeout":
 			t.Timeout, err = positiveDuration(d)
+		case "quarantine_placeholder":
+			t.QuarantinePlaceholder, err = singleArg(d)
 		default:
 			return nil, d.Errf("matrix_media: thumbnails: unrecognized subdirective '%s'", sub)
 		}

@@ -334,12 +334,14 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					queue 9
 					max_memory 128MiB
 					timeout 30s
+					quarantine_placeholder /etc/caddy/removed.png
 				}
 			}`,
 			want: App{Thumbnails: &ThumbnailsConfig{
 				Sizes: []ThumbnailSizeConfig{{64, 64, "crop"}, {1024, 768, "scale"}}, Dynamic: true, MaxDynamic: 2048,
 				Formats: []string{"webp", "avif"}, Pregenerate: true, Remote: "fetch", MaxPixels: 50000000, MaxSourceBytes: 20 << 20,
 				AllowHEIF: true, MaxFrames: 50, Workers: 3, Queue: 9, MaxMemory: 128 << 20, Timeout: caddy.Duration(30 * time.Second),
+				QuarantinePlaceholder: "/etc/caddy/removed.png",
 			}},
 		},
 		{input: `matrix_media {

@@ -168,6 +168,8 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		ThumbnailMaxSourceBytes:   s.thumbnails.maxSource,
 		ThumbnailMemory:           s.thumbnails.maxMemory,
 		ThumbnailTimeout:          s.thumbnails.timeout,
+		QuarantinePlaceholder:     s.thumbnails.placeholder,
+		QuarantinePlaceholderType: s.thumbnails.placeholderType,
 		MaxRemoteSize:             s.maxRemoteSize,
 		MaxRemoteFetches:          s.maxFetches,
 		MaxRemoteFetchesPerServer: s.maxFetchesPerServer,

@@ -3,6 +3,9 @@ package caddymodule
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"os"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -80,6 +83,13 @@ type ThumbnailsConfig struct {
 	// worker, generating, storing); past it the request gets 504 M_UNKNOWN
 	// and the next request for the thumbnail starts anew. Default 1m.
 	Timeout caddy.Duration `json:"timeout,omitempty"`
+
+	// QuarantinePlaceholder is the path of an image file (JPEG, PNG, GIF
+	// or WebP, at most 1 MiB) served with 200 instead of 404 M_NOT_FOUND
+	// for thumbnail requests of quarantined media, so that clients show
+	// a "removed" picture. Downloads of quarantined media still answer
+	// 404. Read once when the configuration loads. Default: none (404).
+	QuarantinePlaceholder string `json:"quarantine_placeholder,omitempty"`
 }
 
 // ThumbnailSizeConfig is one pre-defined thumbnail size.
@@ -101,6 +111,36 @@ type thumbnailSettings struct {
 	maxSource int64
 	maxMemory int64
 	timeout   time.Duration
+	// placeholder and placeholderType: the quarantine placeholder image.
+	placeholder     []byte
+	placeholderType string
+}
+
+// maxPlaceholderSize bounds the quarantine placeholder image.
+const maxPlaceholderSize = 1 << 20
+
+// loadPlaceholder reads the quarantine placeholder image at path and
+// detects its type from its bytes: only JPEG, PNG, GIF and WebP are
+// accepted.
+func loadPlaceholder(path string) ([]byte, string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, "", fmt.Errorf("thumbnails: quarantine_placeholder: %w", err)
+	}
+	defer f.Close()
+	b, err := io.ReadAll(io.LimitReader(f, maxPlaceholderSize+1))
+	if err != nil {
+		return nil, "", fmt.Errorf("thumbnails: quarantine_placeholder: reading %s: %w", path, err)
+	}
+	if len(b) > maxPlaceholderSize {
+		return nil, "", fmt.Errorf("thumbnails: quarantine_placeholder: %s is larger than %d bytes", path, maxPlaceholderSize)
+	}
+	switch ct := http.DetectContentType(b); ct {
+	case "image/jpeg", "image/png", "image/gif", "image/webp":
+		return b, ct, nil
+	default:
+		return nil, "", fmt.Errorf("thumbnails: quarantine_placeholder: %s is %s, not a JPEG, PNG, GIF or WebP image", path, ct)
+	}
 }
 
 // resolveThumbnails validates c (nil: defaults).
@@ -153,6 +193,12 @@ func resolveThumbnails(c *ThumbnailsConfig) (thumbnailSettings, error) {
 	s.maxSource = c.MaxSourceBytes
 	s.maxMemory = c.MaxMemory
 	s.timeout = time.Duration(c.Timeout)
+	if c.QuarantinePlaceholder != "" {
+		var err error
+		if s.placeholder, s.placeholderType, err = loadPlaceholder(c.QuarantinePlaceholder); err != nil {
+			return s, err
+		}
+	}
 	return s, nil
 }
 

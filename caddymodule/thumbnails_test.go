@@ -6,8 +6,11 @@ import (
 	"image"
 	"image/color"
 	"image/jpeg"
+	stdpng "image/png"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -33,6 +36,41 @@ func TestResolveThumbnails(t *testing.T) {
 		_, err := resolveThumbnails(&tc.cfg)
 		if (tc.wantErr == "") != (err == nil) || (err != nil && !strings.Contains(err.Error(), tc.wantErr)) {
 			t.Errorf("%+v: err = %v, want %q", tc.cfg, err, tc.wantErr)
+		}
+	}
+}
+
+// TestQuarantinePlaceholderFile: the placeholder is read once, typed from
+// its bytes, and refused when it is not a small image.
+func TestQuarantinePlaceholderFile(t *testing.T) {
+	dir := t.TempDir()
+	var png bytes.Buffer
+	if err := stdpng.Encode(&png, image.NewGray(image.Rect(0, 0, 4, 4))); err != nil {
+		t.Fatal(err)
+	}
+	write := func(name string, b []byte) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	okPath := write("removed.png", png.Bytes())
+	s, err := resolveThumbnails(&ThumbnailsConfig{QuarantinePlaceholder: okPath})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(s.placeholder, png.Bytes()) || s.placeholderType != "image/png" {
+		t.Fatalf("placeholder = %d bytes of %q, want the PNG file", len(s.placeholder), s.placeholderType)
+	}
+	for _, tc := range []struct{ path, wantErr string }{
+		{write("notes.txt", []byte("not an image")), "not a JPEG, PNG, GIF or WebP image"},
+		{write("huge.png", append(png.Bytes(), make([]byte, maxPlaceholderSize)...)), "larger than"},
+		{filepath.Join(dir, "missing.png"), "no such file"},
+	} {
+		_, err := resolveThumbnails(&ThumbnailsConfig{QuarantinePlaceholder: tc.path})
+		if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+			t.Errorf("%s: err = %v, want %q", filepath.Base(tc.path), err, tc.wantErr)
 		}
 	}
 }
