@@ -1,7 +1,12 @@
 // Package testdendrite runs a real Matrix homeserver, Dendrite v0.13.8, for
-// tests: one throwaway process per call to Start, with SQLite databases and
-// an in-memory JetStream in the test's temporary directory, serving the
-// client API over plain HTTP on a free loopback port.
+// tests: one throwaway process per call to Start, with SQLite databases (or
+// one PostgreSQL database, Options.Database) and an in-memory JetStream in
+// the test's temporary directory, serving the client API over plain HTTP on
+// a free loopback port.
+//
+// Its configuration file (ConfigPath) and media directory (MediaPath) stay
+// in place after Stop, for tests that read Dendrite's stores, such as the
+// media importer's.
 //
 // Everything that would reach beyond loopback is off: federation, presence,
 // identity servers, TURN, Sentry, stats reporting, DNS caching and key
@@ -31,6 +36,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -76,6 +82,13 @@ type Options struct {
 	// served without authentication at /metrics on the HTTP listener
 	// (URL()+"/metrics"). Default false.
 	Metrics bool
+	// Database, when set, is a PostgreSQL connection string (for example
+	// testpg.DSN(t); lib/pq's rules, so add sslmode=disable for a server
+	// without TLS) written as global.database.connection_string, and no
+	// component has a database of its own: every one uses it, as in
+	// Dendrite's single-database setup. Default "": one SQLite file per
+	// component in the test's temporary directory.
+	Database string
 }
 
 // FederationOptions turn federation on. Dendrite then serves its client and
@@ -111,12 +124,14 @@ type Dendrite struct {
 	serverName   string
 	sharedSecret string
 	dir          string
+	configPath   string
 	logPath      string
 	client       *http.Client
 
 	cmd     *exec.Cmd
 	exited  chan struct{}
 	waitErr error // valid once exited is closed
+	stopped bool  // Stop was called (or the test's cleanup ran)
 }
 
 // Start runs Dendrite for the test and waits until its client API answers.
@@ -157,6 +172,7 @@ func Start(t testing.TB, opts Options) *Dendrite {
 		serverName:   opts.ServerName,
 		sharedSecret: opts.SharedSecret,
 		dir:          dir,
+		configPath:   configPath,
 		logPath:      filepath.Join(dir, "dendrite.log"),
 		client: &http.Client{
 			Timeout:   30 * time.Second,
@@ -243,7 +259,15 @@ func (d *Dendrite) start(t testing.TB, bin, configPath, keyPath string, opts Opt
 		}
 		return err
 	}
-	t.Cleanup(func() { d.stop(t) })
+	t.Cleanup(func() {
+		if !d.stopped {
+			d.stopped = true
+			d.terminate(t)
+		}
+		if t.Failed() {
+			t.Logf("dendrite log (%s, last lines):\n%s", d.logPath, d.logTail(100))
+		}
+	})
 	return nil
 }
 
@@ -291,13 +315,25 @@ func (d *Dendrite) kill() {
 	<-d.exited
 }
 
-// stop sends SIGTERM, waits up to stopTimeout, then kills. It reports a
-// process that exited before the test ended, and prints the log of a failed
-// test.
-func (d *Dendrite) stop(t testing.TB) {
+// Stop ends Dendrite now (SIGTERM, then a kill after stopTimeout) and waits
+// for it, so that the test can read its databases and media files at rest.
+// Its files stay until the test ends. A second Stop does nothing; the
+// test's cleanup no longer stops it.
+func (d *Dendrite) Stop(t testing.TB) {
+	t.Helper()
+	if d.stopped {
+		return
+	}
+	d.stopped = true
+	d.terminate(t)
+}
+
+// terminate sends SIGTERM, waits up to stopTimeout, then kills. It reports
+// a process that exited before it was asked to.
+func (d *Dendrite) terminate(t testing.TB) {
 	select {
 	case <-d.exited:
-		t.Errorf("dendrite exited before the test ended: %v", d.waitErr)
+		t.Errorf("dendrite exited before it was stopped: %v", d.waitErr)
 	default:
 		_ = d.cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -306,9 +342,6 @@ func (d *Dendrite) stop(t testing.TB) {
 			t.Logf("dendrite did not exit within %v of SIGTERM; killing it", stopTimeout)
 			d.kill()
 		}
-	}
-	if t.Failed() {
-		t.Logf("dendrite log (%s, last lines):\n%s", d.logPath, d.logTail(100))
 	}
 }
 
@@ -341,6 +374,14 @@ func (d *Dendrite) ServerName() string { return d.serverName }
 
 // LogPath is the path of the file holding Dendrite's output.
 func (d *Dendrite) LogPath() string { return d.logPath }
+
+// ConfigPath is the path of the dendrite.yaml Dendrite runs with. Its
+// relative paths are none: every path in it is absolute.
+func (d *Dendrite) ConfigPath() string { return d.configPath }
+
+// MediaPath is the media API's base_path, where Dendrite keeps uploaded and
+// cached media files.
+func (d *Dendrite) MediaPath() string { return filepath.Join(d.dir, "media") }
 
 // CreateUser registers an account through the shared secret admin API
 // (/_synapse/admin/v1/register) and returns its user ID. Dendrite wants
@@ -385,6 +426,63 @@ func (d *Dendrite) createUser(ctx context.Context, localpart, password string, a
 		return "", errors.New("registering: the response has no user_id")
 	}
 	return resp.UserID, nil
+}
+
+// Login logs localpart in with its password (m.login.password) and returns
+// the new access token. It fails the test on error.
+func (d *Dendrite) Login(t testing.TB, localpart, password string) string {
+	t.Helper()
+	req := map[string]any{
+		"type":       "m.login.password",
+		"identifier": map[string]string{"type": "m.id.user", "user": localpart},
+		"password":   password,
+	}
+	var resp struct {
+		AccessToken string `json:"access_token"`
+	}
+	if err := d.doJSON(context.Background(), http.MethodPost, d.url+"/_matrix/client/v3/login", req, &resp); err != nil {
+		t.Fatalf("logging %q in to dendrite: %v", localpart, err)
+	}
+	if resp.AccessToken == "" {
+		t.Fatalf("logging %q in to dendrite: the response has no access_token", localpart)
+	}
+	return resp.AccessToken
+}
+
+// UploadMedia uploads body through Dendrite's own media API (POST
+// /_matrix/media/v3/upload) with the access token, the file name (omitted
+// when empty) and the content type (no header when empty), and returns the
+// mxc:// URI Dendrite answers. It fails the test on error.
+func (d *Dendrite) UploadMedia(t testing.TB, token, filename, contentType string, body []byte) string {
+	t.Helper()
+	u := d.url + "/_matrix/media/v3/upload"
+	if filename != "" {
+		u += "?filename=" + url.QueryEscape(filename)
+	}
+	req, err := http.NewRequest(http.MethodPost, u, bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("building the upload request: %v", err)
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := d.client.Do(req)
+	if err != nil {
+		t.Fatalf("uploading %q to dendrite: %v", filename, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("reading dendrite's upload response: %v", err)
+	}
+	var r struct {
+		ContentURI string `json:"content_uri"`
+	}
+	if resp.StatusCode != http.StatusOK || json.Unmarshal(data, &r) != nil || !strings.HasPrefix(r.ContentURI, "mxc://") {
+		t.Fatalf("uploading %q to dendrite: %s: %s", filename, resp.Status, data)
+	}
+	return r.ContentURI
 }
 
 // doJSON sends body (if not nil) as JSON and decodes a 200 response into out.
@@ -468,12 +566,20 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// configYAML renders the Dendrite configuration: SQLite files in dir, nothing
+// configYAML renders the Dendrite configuration: SQLite files in dir (or
+// the one PostgreSQL database of Options.Database), nothing
 // that reaches beyond loopback, closed registration with a shared secret, no
 // rate limits. Logging goes to stderr only (captured into the log file).
 // Options.Federation turns federation on; Options.Metrics the metrics.
 func configYAML(dir, keyPath string, opts Options) string {
 	db := func(name string) string { return fmt.Sprintf("%q", "file:"+filepath.Join(dir, name+".db")) }
+	globalDB := ""
+	if opts.Database != "" {
+		// Every component's empty connection string falls back to the
+		// global one.
+		db = func(string) string { return `""` }
+		globalDB = fmt.Sprintf("  database:\n    connection_string: %q\n    max_open_conns: 20\n    max_idle_conns: 2\n", opts.Database)
+	}
 	keyValidity := "168h0m0s"
 	disableFederation, disableTLSValidation := true, false
 	if f := opts.Federation; f != nil {
@@ -507,7 +613,7 @@ global:
   cache:
     max_size_estimated: 64mb
     max_age: 1h
-app_service_api:
+%[18]sapp_service_api:
   config_files: []
 client_api:
   registration_disabled: true
@@ -559,5 +665,5 @@ logging: []
 		opts.ServerName, keyPath, filepath.Join(dir, "jetstream"), opts.SharedSecret,
 		db("federationapi"), db("keyserver"), db("mediaapi"), filepath.Join(dir, "media"),
 		db("roomserver"), db("syncapi"), db("userapi"), db("relayapi"), db("mscs"),
-		keyValidity, disableFederation, disableTLSValidation, opts.Metrics)
+		keyValidity, disableFederation, disableTLSValidation, opts.Metrics, globalDB)
 }

@@ -1,10 +1,16 @@
 package testdendrite
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -98,5 +104,62 @@ func TestConfigYAMLDisablesOutboundFeatures(t *testing.T) {
 		if !strings.Contains(y, want) {
 			t.Errorf("config lacks %q", want)
 		}
+	}
+}
+
+func TestConfigYAMLDatabase(t *testing.T) {
+	y := configYAML("/tmp/x", "/tmp/x/key.pem", Options{ServerName: "localhost", Database: "postgres://u@127.0.0.1/d?sslmode=disable"})
+	if !strings.Contains(y, "\n  database:\n    connection_string: \"postgres://u@127.0.0.1/d?sslmode=disable\"\n") {
+		t.Errorf("config lacks the global database:\n%s", y)
+	}
+	if strings.Contains(y, "file:") {
+		t.Errorf("config with a PostgreSQL database still names SQLite files:\n%s", y)
+	}
+	y = configYAML("/tmp/x", "/tmp/x/key.pem", Options{ServerName: "localhost"})
+	global, _, _ := strings.Cut(y, "app_service_api:")
+	if strings.Contains(global, "database") {
+		t.Errorf("config without Options.Database has a global database:\n%s", global)
+	}
+}
+
+// TestUploadMediaStop uploads through Dendrite's media API, downloads it
+// back, stops Dendrite and finds its config and the file at rest.
+func TestUploadMediaStop(t *testing.T) {
+	d := Start(t, Options{ServerName: "hs.test"})
+	d.CreateUser(t, "alice", "alice-password", false)
+	token := d.Login(t, "alice", "alice-password")
+	body := []byte("some bytes for dendrite ☕")
+	uri := d.UploadMedia(t, token, "café.txt", "text/plain", body)
+	id, ok := strings.CutPrefix(uri, "mxc://hs.test/")
+	if !ok || id == "" {
+		t.Fatalf("UploadMedia = %q, want mxc://hs.test/<id>", uri)
+	}
+	resp, err := http.Get(d.URL() + "/_matrix/media/v3/download/hs.test/" + id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, body) {
+		t.Fatalf("download: %s, %q (%v), want 200 and the uploaded bytes", resp.Status, got, err)
+	}
+
+	d.Stop(t)
+	d.Stop(t) // a second Stop does nothing
+	if _, err := http.Get(d.URL() + "/_matrix/client/versions"); err == nil {
+		t.Error("dendrite still answers after Stop")
+	}
+	conf, err := os.ReadFile(d.ConfigPath())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(conf), "base_path: "+strconv.Quote(d.MediaPath())) {
+		t.Errorf("the config at ConfigPath does not name MediaPath %s as base_path", d.MediaPath())
+	}
+	sum := sha256.Sum256(body)
+	h := base64.RawURLEncoding.EncodeToString(sum[:])
+	file := filepath.Join(d.MediaPath(), h[:1], h[1:2], h[2:], "file")
+	if stored, err := os.ReadFile(file); err != nil || !bytes.Equal(stored, body) {
+		t.Errorf("the uploaded file at %s: %q, %v", file, stored, err)
 	}
 }
