@@ -17,11 +17,27 @@
 // Listed are local media that finished uploading (media_length set) and
 // are not URL-preview downloads (url_cache unset: those live under
 // url_cache/ and belong to no mxc:// URI anyone was given), and, with
-// Filter.IncludeRemote, the remote media cache. Synapse can keep running
-// while the import reads: SQLite is opened with mode=ro (never
-// immutable), PostgreSQL sessions are read-only and every page is read in
-// its own short read-only transaction, so no transaction stays open while
-// files are copied.
+// Filter.IncludeRemote, the remote media cache. Pending uploads (a media ID
+// created but never uploaded) have no content and are not listed.
+//
+// Columns map to importer.Item as follows: media_id, media_type,
+// media_length, user_id (local only), quarantined_by,
+// safe_from_quarantine (Protected; local only, and absent before Synapse's
+// schema delta 58) and sha256 (absent before delta 91, NULL for media
+// stored before it: SHA256 is then empty). created_ts (milliseconds) is
+// CreatedAt, the zero time when NULL. upload_name is taken as stored:
+// Synapse has always stored it decoded (the upload's filename query
+// parameter is decoded by the HTTP layer, a remote Content-Disposition
+// filename* is percent-decoded before it is stored), so a '%' in it is
+// part of the name and is not decoded again; invalid UTF-8, which only a
+// SQLite database could hold, becomes U+FFFD. Not carried over:
+// last_access_ts, authenticated, thumbnails (regenerated on demand) and
+// url_cache rows.
+//
+// Synapse can keep running while the import reads: SQLite is opened with
+// mode=ro (never immutable), PostgreSQL sessions are read-only and every
+// page is read in its own short read-only transaction, so no transaction
+// stays open while files are copied.
 package synapse
 
 import (

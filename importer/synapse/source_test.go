@@ -228,6 +228,7 @@ var (
 	bodyRemote2  = []byte("remote two, on a port")
 	bodySecret   = []byte("outside the media store")
 	bodyPreview  = []byte("url preview")
+	bodyDecoy    = []byte("another file")
 	unicodeName  = "Grüße 日本 🎉.png"
 	percentName  = "100%25 done%20.txt" // stored as Synapse got it: never decoded again
 	created0     = int64(1700000000123)
@@ -272,6 +273,8 @@ func (f *fixture) populate() ([]importer.Item, map[string]any) {
 			length: len(bodySecret), created: created0 + 11000},
 		{id: "abc", mediaType: "text/plain", name: "short", userID: "@eve:syn.example",
 			length: 1, created: created0 + 12000},
+		{id: "AB/c/../../zz", mediaType: "text/plain", name: "inside", userID: "@eve:syn.example",
+			length: len(bodyDecoy), created: created0 + 13000},
 	}
 	for _, r := range locals {
 		f.insertLocal(r)
@@ -286,6 +289,9 @@ func (f *fixture) populate() ([]importer.Item, map[string]any) {
 	f.writeFile(ms+"url_cache/2026-01-01/GGGGurlPreview000007", bodyPreview)
 	// Where a naive join of "../../../secret" would lead.
 	f.writeFile("secret", bodySecret)
+	// Where a naive join of "AB/c/../../zz" would lead: inside the media
+	// store, but not that media's file.
+	f.writeFile(ms+"local_content/zz", bodyDecoy)
 
 	remotes := []remoteRow{
 		{origin: "remote.example", id: "remoteMedia1", mediaType: "image/gif", name: "cat.gif",
@@ -314,6 +320,8 @@ func (f *fixture) populate() ([]importer.Item, map[string]any) {
 			Filename: "escape", CreatedAt: ts(created0 + 11000), Size: int64(len(bodySecret))},
 		{ServerName: serverName, MediaID: "AAAAplainText0000001", UserID: "@alice:syn.example", ContentType: "text/plain",
 			Filename: "notes.txt", CreatedAt: ts(created0), Size: int64(len(bodyText)), SHA256: f.sha(hexSHA(bodyText))},
+		{ServerName: serverName, MediaID: "AB/c/../../zz", UserID: "@eve:syn.example", ContentType: "text/plain",
+			Filename: "inside", CreatedAt: ts(created0 + 13000), Size: int64(len(bodyDecoy))},
 		{ServerName: serverName, MediaID: "BBBBunicodeName00002", UserID: "@bob:syn.example", ContentType: "image/png",
 			Filename: unicodeName, CreatedAt: ts(created0 + 1000), Size: int64(len(bodyPNG)), SHA256: f.sha(hexSHA(bodyPNG))},
 		{ServerName: serverName, MediaID: "CCCCpercentName00003", UserID: "@bob:syn.example", ContentType: "text/plain",
@@ -354,6 +362,7 @@ func (f *fixture) populate() ([]importer.Item, map[string]any) {
 		"KKKKinBackupOnly0011": bodyBackup,
 		"../../../secret":      ErrInvalidPath,
 		"abc":                  ErrInvalidPath,
+		"AB/c/../../zz":        ErrInvalidPath,
 		"evilOrigin":           ErrInvalidPath,
 		"goneRemote":           importer.ErrMissing,
 		"evilFsid":             ErrInvalidPath,
