@@ -66,13 +66,12 @@ func (q adminMediaRequest) refs() ([]storage.MediaRef, error) {
 	return refs, nil
 }
 
-// parseMXC parses mxc://<server>/<id> with the one server-name and media-ID
-// validator.
+// parseMXC parses an mxc://<server_name>/<media_id> URI (matrix.ParseMXC)
+// into a media reference.
 func parseMXC(uri string) (storage.MediaRef, error) {
-	rest, ok := strings.CutPrefix(uri, "mxc://")
-	server, id, ok2 := strings.Cut(rest, "/")
-	if !ok || !ok2 || !matrix.ValidServerName(server) || !matrix.ValidMediaID(id) {
-		return storage.MediaRef{}, fmt.Errorf("%q is not an mxc://<server_name>/<media_id> URI", uri)
+	server, id, err := matrix.ParseMXC(uri)
+	if err != nil {
+		return storage.MediaRef{}, err
 	}
 	return storage.MediaRef{ServerName: server, MediaID: id}, nil
 }
@@ -143,9 +142,9 @@ func (res *resources) serveQuarantine(w http.ResponseWriter, r *http.Request) er
 	var n int
 	switch {
 	case req.UserID != "" && len(req.Media) == 0:
-		server, ok := userServer(req.UserID)
-		if !ok {
-			return apiError(http.StatusBadRequest, fmt.Errorf("%q is not a Matrix user ID", req.UserID))
+		_, server, uerr := matrix.SplitUserID(req.UserID)
+		if uerr != nil {
+			return apiError(http.StatusBadRequest, uerr)
 		}
 		n, err = svc.QuarantineUser(ctx, adminAPIRequester, server, req.UserID)
 	case req.UserID == "" && len(req.Media) > 0:
@@ -254,9 +253,9 @@ func (res *resources) serveDelete(w http.ResponseWriter, r *http.Request) error 
 		}
 		d, err = svc.DeleteMedia(ctx, adminAPIRequester, refs)
 	case req.UserID != "" && len(req.Media) == 0 && req.ServerName == "" && req.BeforeTS == nil:
-		server, ok := userServer(req.UserID)
-		if !ok {
-			return apiError(http.StatusBadRequest, fmt.Errorf("%q is not a Matrix user ID", req.UserID))
+		_, server, uerr := matrix.SplitUserID(req.UserID)
+		if uerr != nil {
+			return apiError(http.StatusBadRequest, uerr)
 		}
 		limit := req.Limit
 		if limit == 0 {
@@ -423,18 +422,6 @@ func usageQuery(v url.Values) (storage.UsageQuery, int, error) {
 		return q, 0, errors.New("dir must be f or b")
 	}
 	return q, int(from), nil
-}
-
-// userServer returns the server name of a Matrix user ID.
-func userServer(userID string) (string, bool) {
-	if !strings.HasPrefix(userID, "@") {
-		return "", false
-	}
-	_, server, ok := strings.Cut(userID[1:], ":")
-	if !ok || !matrix.ValidServerName(server) {
-		return "", false
-	}
-	return server, true
 }
 
 // newAdminService builds the media admin service of the resources (nil, nil

@@ -188,3 +188,26 @@ func TestHandlerHomeserverDownGives502(t *testing.T) {
 		t.Fatalf("%d %s, want 502 M_UNKNOWN", rec.Code, rec.Body)
 	}
 }
+
+// A whoami answer that names no valid user ID is a homeserver failure: 502,
+// never a 200 for a made-up user.
+func TestHandlerInvalidWhoamiUserGives502(t *testing.T) {
+	bad := []string{"alice:example.org", "@alice", "@al ice:example.org", "@alice:exa mple.org",
+		"@:example.org", "@" + strings.Repeat("a", 300) + ":example.org"}
+	tokens := map[string]string{"good": "@alice:example.org"}
+	for i, u := range bad {
+		tokens["bad"+string(rune('a'+i))] = u
+	}
+	hs := newCountingHomeserver(t, tokens)
+	h := &Handler{ServerName: "example.org", Homeserver: hs.URL}
+	provisionHandler(t, h)
+	if rec, _ := serve(t, h, configRequest("good")); rec.Code != http.StatusOK {
+		t.Fatalf("valid user: %d %s", rec.Code, rec.Body)
+	}
+	for i, u := range bad {
+		rec, _ := serve(t, h, configRequest("bad"+string(rune('a'+i))))
+		if rec.Code != http.StatusBadGateway || errCode(t, rec) != "M_UNKNOWN" {
+			t.Errorf("whoami user_id %q: %d %s, want 502 M_UNKNOWN", u, rec.Code, rec.Body)
+		}
+	}
+}

@@ -180,3 +180,63 @@ func FuzzQueryParam(f *testing.F) {
 		}
 	})
 }
+
+// FuzzUserID checks SplitUserID against the grammar read independently: an
+// accepted ID is at most MaxUserIDLength bytes, splits into a localpart of
+// printable ASCII without ':' and a server name ParseServerName accepts, and
+// joins back to exactly the input; a refused one wraps ErrInvalidUserID.
+func FuzzUserID(f *testing.F) {
+	for _, s := range []string{
+		"@alice:example.org", "@alice:[::1]:8448", "@a:b:c", "@:x", "@a:", "alice:x", "@a b:x", "@a\x00:x",
+		"@" + strings.Repeat("a", 250) + ":x.org", "@é:x", "@a:[::1]:", "@a:::1",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		local, server, err := SplitUserID(s)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidUserID) || local != "" || server != "" {
+				t.Fatalf("SplitUserID(%q) = %q, %q, %v", s, local, server, err)
+			}
+			return
+		}
+		if joined := "@" + local + ":" + server; joined != s {
+			t.Fatalf("SplitUserID(%q) = %q, %q: joins to %q", s, local, server, joined)
+		}
+		if len(s) > MaxUserIDLength || local == "" || !ValidLocalpart(local) || !ValidServerName(server) {
+			t.Fatalf("SplitUserID(%q) accepted %q, %q", s, local, server)
+		}
+		for i := 0; i < len(local); i++ {
+			if c := local[i]; c <= ' ' || c >= 0x7f || c == ':' {
+				t.Fatalf("SplitUserID(%q): localpart %q has %q", s, local, c)
+			}
+		}
+	})
+}
+
+// FuzzMXC checks ParseMXC: an accepted URI is exactly "mxc://" + a server
+// name ParseServerName accepts + "/" + a valid media ID, so it has no
+// further segment, query or fragment; a refused one wraps ErrInvalidMXC.
+func FuzzMXC(f *testing.F) {
+	for _, s := range []string{
+		"mxc://example.org/abc", "mxc://[::1]:8448/abc", "mxc://example.org/a/b", "mxc://example.org/a?b",
+		"mxc://example.org/a#b", "mxc://example.org/", "mxc://example.org/a=b", "mxc:///a", "MXC://x/a", "",
+	} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		server, id, err := ParseMXC(s)
+		if err != nil {
+			if !errors.Is(err, ErrInvalidMXC) || server != "" || id != "" {
+				t.Fatalf("ParseMXC(%q) = %q, %q, %v", s, server, id, err)
+			}
+			return
+		}
+		if joined := "mxc://" + server + "/" + id; joined != s {
+			t.Fatalf("ParseMXC(%q) = %q, %q: joins to %q", s, server, id, joined)
+		}
+		if !ValidServerName(server) || !ValidMediaID(id) || strings.ContainsAny(id, "/?#") {
+			t.Fatalf("ParseMXC(%q) accepted %q, %q", s, server, id)
+		}
+	})
+}

@@ -174,3 +174,93 @@ func isDigit(c byte) bool { return c >= '0' && c <= '9' }
 func isAlnum(c byte) bool {
 	return isDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
 }
+
+// MaxUserIDLength is the longest user ID the spec allows, in bytes
+// (including the '@' and the ':').
+const MaxUserIDLength = 255
+
+// ErrInvalidUserID is wrapped by every error of SplitUserID.
+var ErrInvalidUserID = errors.New("invalid user ID")
+
+// Errors of SplitUserID that callers answer with their own messages (as
+// Synapse's admin API does). Both wrap ErrInvalidUserID; a bad server name
+// wraps ErrInvalidServerName too.
+var (
+	// ErrUserIDNoSigil is a user ID that does not start with '@'.
+	ErrUserIDNoSigil = fmt.Errorf("%w: does not start with '@'", ErrInvalidUserID)
+	// ErrUserIDNoColon is a user ID without the ':' before the server name.
+	ErrUserIDNoColon = fmt.Errorf("%w: no ':' before the server name", ErrInvalidUserID)
+)
+
+// SplitUserID splits a user ID "@localpart:server_name" into its localpart
+// and its server name, as written (so "@" + localpart + ":" + serverName is
+// userID again). It accepts at most MaxUserIDLength bytes, a localpart of
+// the historical grammar (ValidLocalpart, which every homeserver still
+// accepts for existing users) and a server name of ParseServerName. Errors
+// wrap ErrInvalidUserID (and ErrUserIDNoSigil, ErrUserIDNoColon or
+// ErrInvalidServerName where one of them is the reason).
+func SplitUserID(userID string) (localpart, serverName string, err error) {
+	rest, ok := strings.CutPrefix(userID, "@")
+	if !ok {
+		return "", "", fmt.Errorf("splitting user ID %q: %w", userID, ErrUserIDNoSigil)
+	}
+	localpart, serverName, ok = strings.Cut(rest, ":")
+	if !ok {
+		return "", "", fmt.Errorf("splitting user ID %q: %w", userID, ErrUserIDNoColon)
+	}
+	if len(userID) > MaxUserIDLength {
+		return "", "", fmt.Errorf("splitting user ID %q: %w: longer than %d bytes", userID, ErrInvalidUserID, MaxUserIDLength)
+	}
+	if !ValidLocalpart(localpart) {
+		return "", "", fmt.Errorf("splitting user ID %q: %w: bad localpart", userID, ErrInvalidUserID)
+	}
+	if _, err := ParseServerName(serverName); err != nil {
+		return "", "", fmt.Errorf("splitting user ID %q: %w: %w", userID, ErrInvalidUserID, err)
+	}
+	return localpart, serverName, nil
+}
+
+// ValidLocalpart reports whether s is a user ID localpart of the historical
+// grammar: one or more characters of printable ASCII other than ':'
+// (0x21–0x39 and 0x3B–0x7E). The stricter grammar for new users is a subset.
+func ValidLocalpart(s string) bool {
+	if s == "" || len(s) > MaxUserIDLength {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x21 || c > 0x7e || c == ':' {
+			return false
+		}
+	}
+	return true
+}
+
+// mxcScheme starts every content URI.
+const mxcScheme = "mxc://"
+
+// ErrInvalidMXC is wrapped by every error of ParseMXC.
+var ErrInvalidMXC = errors.New("invalid mxc URI")
+
+// ParseMXC splits a content URI "mxc://<server_name>/<media_id>" into its
+// server name (as written, checked by ParseServerName) and its media ID
+// (checked by ValidMediaID). Nothing else is allowed: no further path
+// segment, query or fragment (none of '/', '?', '#' is a media ID
+// character). Errors wrap ErrInvalidMXC (and ErrInvalidServerName for a bad
+// server name).
+func ParseMXC(uri string) (serverName, mediaID string, err error) {
+	rest, ok := strings.CutPrefix(uri, mxcScheme)
+	if !ok {
+		return "", "", fmt.Errorf("parsing %q: %w: does not start with %s", uri, ErrInvalidMXC, mxcScheme)
+	}
+	serverName, mediaID, ok = strings.Cut(rest, "/")
+	if !ok {
+		return "", "", fmt.Errorf("parsing %q: %w: no media ID", uri, ErrInvalidMXC)
+	}
+	if _, err := ParseServerName(serverName); err != nil {
+		return "", "", fmt.Errorf("parsing %q: %w: %w", uri, ErrInvalidMXC, err)
+	}
+	if !ValidMediaID(mediaID) {
+		return "", "", fmt.Errorf("parsing %q: %w: bad media ID", uri, ErrInvalidMXC)
+	}
+	return serverName, mediaID, nil
+}

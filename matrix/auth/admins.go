@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/singleflight"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
 
 // Defaults of AdminOptions.
@@ -101,8 +102,8 @@ func NewAdminPolicy(opts AdminOptions) (*AdminPolicy, error) {
 		logger: opts.Logger,
 	}
 	for _, id := range opts.Admins {
-		if _, _, ok := splitUserID(id); !ok {
-			return nil, fmt.Errorf("creating admin policy: admin %q is not a Matrix user ID", id)
+		if _, _, err := matrix.SplitUserID(id); err != nil {
+			return nil, fmt.Errorf("creating admin policy: admin %q is not a Matrix user ID: %w", id, err)
 		}
 		p.static[id] = true
 	}
@@ -166,7 +167,7 @@ func (p *AdminPolicy) IsAdmin(ctx context.Context, user User, token string) (boo
 	if !p.detect || user.IsGuest || user.AppserviceID != "" || user.UserID == "" || token == "" {
 		return false, nil
 	}
-	if !printableASCII(token) {
+	if !validTokenChars(token) {
 		return false, fmt.Errorf("checking admin status: malformed token: %w", ErrUnknownToken)
 	}
 	if admin, ok := p.cached(user.UserID); ok {

@@ -5,15 +5,11 @@ import (
 	"fmt"
 	"os"
 	"regexp"
-	"strings"
 
 	"gopkg.in/yaml.v3"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
-
-// maxUserIDLength is the longest user ID the spec allows, in bytes.
-const maxUserIDLength = 255
 
 // Namespace is one entry of an appservice registration's namespaces: a
 // regular expression over user IDs, room aliases or room IDs.
@@ -151,10 +147,10 @@ func (r *Registration) validate() error {
 	case r.SenderLocalpart == "":
 		return fmt.Errorf("%s: missing sender_localpart", prefix)
 	}
-	if !printableASCII(r.ASToken) {
+	if !validTokenChars(r.ASToken) {
 		return fmt.Errorf("%s: as_token has characters not allowed in a bearer token", prefix)
 	}
-	if !validLocalpart(r.SenderLocalpart) {
+	if !matrix.ValidLocalpart(r.SenderLocalpart) {
 		return fmt.Errorf("%s: sender_localpart %q is not a valid localpart", prefix, r.SenderLocalpart)
 	}
 	kinds := []struct {
@@ -245,8 +241,8 @@ func NewAppservices(serverName string, regs []Registration) (*Appservices, error
 			asToken: r.ASToken,
 			sender:  "@" + r.SenderLocalpart + ":" + serverName,
 		}
-		if len(as.sender) > maxUserIDLength {
-			return nil, fmt.Errorf("creating appservices: appservice %q: sender user ID is longer than %d bytes", r.ID, maxUserIDLength)
+		if len(as.sender) > matrix.MaxUserIDLength {
+			return nil, fmt.Errorf("creating appservices: appservice %q: sender user ID is longer than %d bytes", r.ID, matrix.MaxUserIDLength)
 		}
 		for j, ns := range r.UserNamespaces {
 			re, err := compileNamespace(ns.Regex)
@@ -284,9 +280,9 @@ func (a *Appservices) Authenticate(c Credentials) (user User, isAppservice bool,
 		return User{UserID: as.sender, AppserviceID: as.id}, true, nil
 	}
 	uid := c.AssertedUserID
-	_, server, ok := splitUserID(uid)
-	if !ok {
-		return User{}, true, fmt.Errorf("checking appservice %q user_id: %q is not a valid user ID: %w", as.id, uid, ErrForbidden)
+	_, server, err := matrix.SplitUserID(uid)
+	if err != nil {
+		return User{}, true, fmt.Errorf("checking appservice %q user_id: not a valid user ID: %w: %w", as.id, ErrForbidden, err)
 	}
 	if server != a.serverName {
 		return User{}, true, fmt.Errorf("checking appservice %q user_id: %q is not on this server (%s): %w", as.id, uid, a.serverName, ErrForbidden)
@@ -297,40 +293,6 @@ func (a *Appservices) Authenticate(c Credentials) (user User, isAppservice bool,
 		}
 	}
 	return User{}, true, fmt.Errorf("checking appservice %q user_id: %q is neither the sender nor in the appservice's user namespaces: %w", as.id, uid, ErrForbidden)
-}
-
-// splitUserID splits a user ID "@localpart:server_name" and reports whether
-// it is valid: at most 255 bytes, a non-empty localpart of printable ASCII
-// without ":" (the historical grammar, which every homeserver still accepts),
-// and a valid server name.
-func splitUserID(s string) (localpart, server string, ok bool) {
-	if len(s) > maxUserIDLength || !strings.HasPrefix(s, "@") {
-		return "", "", false
-	}
-	localpart, server, found := strings.Cut(s[1:], ":")
-	if !found || !validLocalpart(localpart) || !matrix.ValidServerName(server) {
-		return "", "", false
-	}
-	return localpart, server, true
-}
-
-// validLocalpart reports whether s is a non-empty localpart of the historical
-// grammar: printable ASCII other than ":".
-func validLocalpart(s string) bool {
-	return s != "" && printableASCII(s) && !strings.Contains(s, ":")
-}
-
-// printableASCII reports whether s is non-empty visible ASCII (0x21-0x7e).
-func printableASCII(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if s[i] <= ' ' || s[i] >= 0x7f {
-			return false
-		}
-	}
-	return true
 }
 
 // Interface guard.

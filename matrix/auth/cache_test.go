@@ -644,7 +644,7 @@ func TestSiteAuthenticatorAdminTokens(t *testing.T) {
 	if f.hs.whoamis.Load() != 1 {
 		t.Fatalf("whoamis %d, want 1 (only for the near miss)", f.hs.whoamis.Load())
 	}
-	for _, bad := range []AdminToken{{Secret: "short", UserID: "@a:b"}, {Secret: secret, UserID: "bot"}, {Secret: secret + " x", UserID: "@a:b"}} {
+	for _, bad := range []AdminToken{{Secret: "short", UserID: "@a:b"}, {Secret: secret, UserID: "bot"}, {Secret: secret, UserID: "@bot:hs x"}, {Secret: secret, UserID: "@b t:hs"}, {Secret: secret + " x", UserID: "@a:b"}} {
 		if _, err := NewSiteAuthenticator(SiteOptions{Homeserver: "x", Checker: w, Cache: f.cache, AdminTokens: []AdminToken{bad}}); err == nil {
 			t.Errorf("accepted %+v", bad)
 		}

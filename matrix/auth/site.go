@@ -5,7 +5,8 @@ import (
 	"crypto/subtle"
 	"errors"
 	"fmt"
-	"strings"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
 
 // AppserviceAuthenticator resolves appservice tokens (Appservices implements
@@ -24,7 +25,7 @@ type AdminToken struct {
 	// characters.
 	Secret string
 	// UserID is the user the token acts as (recorded as the uploader of what
-	// it uploads).
+	// it uploads): a valid user ID (matrix.SplitUserID).
 	UserID string
 }
 
@@ -86,8 +87,8 @@ func NewSiteAuthenticator(opts SiteOptions) (*SiteAuthenticator, error) {
 		if !validTokenChars(t.Secret) {
 			return nil, fmt.Errorf("creating site authenticator: admin token %d has characters not allowed in a bearer token", i+1)
 		}
-		if !strings.HasPrefix(t.UserID, "@") || !strings.Contains(t.UserID, ":") {
-			return nil, fmt.Errorf("creating site authenticator: admin token %d: user %q is not a Matrix user ID", i+1, t.UserID)
+		if _, _, err := matrix.SplitUserID(t.UserID); err != nil {
+			return nil, fmt.Errorf("creating site authenticator: admin token %d: user %q is not a Matrix user ID: %w", i+1, t.UserID, err)
 		}
 		s.adminTokens = append(s.adminTokens, adminToken{hash: HashToken(t.Secret), userID: t.UserID})
 	}

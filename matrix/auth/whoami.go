@@ -11,6 +11,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
 
 // whoamiPath is the client-server endpoint that names a token's owner.
@@ -99,8 +101,10 @@ func (w *Whoami) CheckToken(ctx context.Context, token string) (User, error) {
 		if err := json.Unmarshal(body, &wr); err != nil {
 			return User{}, fmt.Errorf("decoding whoami response: %w: %w", ErrHomeserverUnavailable, err)
 		}
-		if wr.UserID == "" || !strings.HasPrefix(wr.UserID, "@") {
-			return User{}, fmt.Errorf("decoding whoami response: missing or invalid user_id: %w", ErrHomeserverUnavailable)
+		if _, _, err := matrix.SplitUserID(wr.UserID); err != nil {
+			// A homeserver that names no valid user is broken, not a
+			// proof of identity.
+			return User{}, fmt.Errorf("decoding whoami response: user_id: %w: %w", ErrHomeserverUnavailable, err)
 		}
 		return User{UserID: wr.UserID, DeviceID: wr.DeviceID, IsGuest: wr.IsGuest}, nil
 	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:

@@ -39,6 +39,16 @@ func TestWhoamiAuthenticate(t *testing.T) {
 			_, _ = w.Write([]byte(`{"user_id":"@guest1:test","is_guest":true}`))
 		case "Bearer nouser":
 			_, _ = w.Write([]byte(`{"device_id":"DEV"}`))
+		case "Bearer nosigil":
+			_, _ = w.Write([]byte(`{"user_id":"alice:test"}`))
+		case "Bearer noserver":
+			_, _ = w.Write([]byte(`{"user_id":"@alice"}`))
+		case "Bearer badserver":
+			_, _ = w.Write([]byte(`{"user_id":"@alice:te st"}`))
+		case "Bearer badlocal":
+			_, _ = w.Write([]byte(`{"user_id":"@al\u0000ice:test"}`))
+		case "Bearer longuser":
+			_, _ = w.Write([]byte(`{"user_id":"@` + strings.Repeat("a", 300) + `:test"}`))
 		case "Bearer garbage":
 			_, _ = w.Write([]byte(`<html>oops</html>`))
 		case "Bearer huge":
@@ -79,6 +89,11 @@ func TestWhoamiAuthenticate(t *testing.T) {
 		{"bob", User{}, ErrUnknownToken},
 		{"forbidden-token", User{}, ErrUnknownToken},
 		{"nouser", User{}, ErrHomeserverUnavailable},
+		{"nosigil", User{}, ErrHomeserverUnavailable},
+		{"noserver", User{}, ErrHomeserverUnavailable},
+		{"badserver", User{}, ErrHomeserverUnavailable},
+		{"badlocal", User{}, ErrHomeserverUnavailable},
+		{"longuser", User{}, ErrHomeserverUnavailable},
 		{"garbage", User{}, ErrHomeserverUnavailable},
 		{"huge", User{}, ErrHomeserverUnavailable},
 		{"five", User{}, ErrHomeserverUnavailable},

@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"strings"
 	"sync"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
@@ -136,8 +135,8 @@ func (h *homeserver) roomMedia(ctx context.Context, token, roomID string) ([]sto
 		}
 		refs := make([]storage.MediaRef, 0, len(body.Local)+len(body.Remote))
 		for _, uri := range append(body.Local, body.Remote...) {
-			if ref, ok := parseMXC(uri); ok {
-				refs = append(refs, ref)
+			if server, id, err := matrix.ParseMXC(uri); err == nil {
+				refs = append(refs, storage.MediaRef{ServerName: server, MediaID: id})
 			}
 		}
 		return refs, nil
@@ -158,20 +157,6 @@ func (h *homeserver) roomMedia(ctx context.Context, token, roomID string) ([]sto
 	default:
 		return nil, fmt.Errorf("listing media of room %s: homeserver answered %s: %w", roomID, a.describe(), auth.ErrHomeserverUnavailable)
 	}
-}
-
-// parseMXC parses "mxc://server/mediaID" with a valid server name and media
-// ID.
-func parseMXC(uri string) (storage.MediaRef, bool) {
-	rest, ok := strings.CutPrefix(uri, "mxc://")
-	if !ok {
-		return storage.MediaRef{}, false
-	}
-	server, id, ok := strings.Cut(rest, "/")
-	if !ok || !matrix.ValidServerName(server) || !matrix.ValidMediaID(id) {
-		return storage.MediaRef{}, false
-	}
-	return storage.MediaRef{ServerName: server, MediaID: id}, true
 }
 
 // profile is the part of a global profile the admin API uses.

@@ -159,6 +159,9 @@ func TestListUserMedia(t *testing.T) {
 			{"users/" + esc("@alice:"+remote) + "/media", 400, "M_UNKNOWN"},
 			{"users/alice/media", 400, "M_INVALID_PARAM"},
 			{"users/" + esc("@alice") + "/media", 400, "M_INVALID_PARAM"},
+			{"users/" + esc("@al ice:"+siteA) + "/media", 400, "M_INVALID_PARAM"},
+			{"users/" + esc("@:"+siteA) + "/media", 400, "M_INVALID_PARAM"},
+			{"users/" + esc("@alice:bad_server") + "/media", 400, "M_UNKNOWN"},
 		}
 		for _, b := range bad {
 			e.do(siteA, "GET", b.path, tokAdmin).expect(t, b.status, b.errcode)

@@ -1,6 +1,7 @@
 package mediaadmin
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
 	"strings"
@@ -110,18 +111,22 @@ func (q query) direction() (bool, error) {
 	return d == "b", err
 }
 
-// localUser checks a user ID path parameter of the user media endpoints as
-// Synapse does: malformed, 400 M_INVALID_PARAM; of another server, 400
-// M_UNKNOWN "Can only look up local users".
+// localUser checks a user ID path parameter of the user media endpoints
+// with matrix.SplitUserID, answering as Synapse does: no '@', 400
+// M_INVALID_PARAM "Expected UserID string to start with '@'"; no ':' or an
+// invalid localpart or length, 400 M_INVALID_PARAM "Expected UserID of the
+// form '@localname:domain'"; an invalid server name or one of another
+// server, 400 M_UNKNOWN "Can only look up local users".
 func localUser(userID, serverName string) error {
-	if !strings.HasPrefix(userID, "@") {
+	_, server, err := matrix.SplitUserID(userID)
+	switch {
+	case errors.Is(err, matrix.ErrUserIDNoSigil):
 		return matrix.InvalidParam("Expected UserID string to start with '@'")
-	}
-	_, domain, ok := strings.Cut(userID[1:], ":")
-	if !ok {
+	case errors.Is(err, matrix.ErrInvalidServerName):
+		return matrix.Unknown(http.StatusBadRequest, "Can only look up local users")
+	case err != nil:
 		return matrix.InvalidParam("Expected UserID of the form '@localname:domain'")
-	}
-	if domain != serverName {
+	case server != serverName:
 		return matrix.Unknown(http.StatusBadRequest, "Can only look up local users")
 	}
 	return nil
