@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -237,11 +235,6 @@ func (p *AdminPolicy) markNoAPI(status int, errcode string) {
 	}
 }
 
-// adminErrorBody is the standard Matrix error body.
-type adminErrorBody struct {
-	ErrCode string `json:"errcode"`
-}
-
 // adminResponse is the body of a successful admin API answer.
 type adminResponse struct {
 	Admin *bool `json:"admin"`
@@ -250,34 +243,14 @@ type adminResponse struct {
 // ask makes one admin API request and caches what it learns.
 func (p *AdminPolicy) ask(ctx context.Context, userID, token string) (bool, error) {
 	u := p.baseURL + synapseAdminPath + url.PathEscape(userID) + "/admin"
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	a, err := GetHomeserver(ctx, p.client, u, token, maxAdminBody, "admin api")
 	if err != nil {
-		return false, fmt.Errorf("building admin api request: %w: %w", ErrHomeserverUnavailable, err)
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Accept", "application/json")
-	resp, err := p.client.Do(req)
-	if err != nil {
-		return false, classifyAdminTransportError(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAdminBody+1))
-	if err != nil {
-		return false, classifyAdminTransportError(err)
-	}
-	if len(body) > maxAdminBody {
-		return false, fmt.Errorf("reading admin api response: body over %d bytes: %w", maxAdminBody, ErrHomeserverUnavailable)
-	}
-	var eb adminErrorBody
-	if resp.StatusCode != http.StatusOK {
-		// Not every server answers errors in JSON (a reverse proxy's 404
-		// page); errcode then stays empty.
-		_ = json.Unmarshal(body, &eb)
+		return false, err
 	}
 	switch {
-	case resp.StatusCode == http.StatusOK:
+	case a.Status == http.StatusOK:
 		var ar adminResponse
-		if err := json.Unmarshal(body, &ar); err != nil {
+		if err := json.Unmarshal(a.Body, &ar); err != nil {
 			return false, fmt.Errorf("decoding admin api response: %w: %w", ErrHomeserverUnavailable, err)
 		}
 		if ar.Admin == nil {
@@ -285,35 +258,23 @@ func (p *AdminPolicy) ask(ctx context.Context, userID, token string) (bool, erro
 		}
 		p.store(userID, *ar.Admin)
 		return *ar.Admin, nil
-	case eb.ErrCode == "M_UNRECOGNIZED" && resp.StatusCode >= 400 && resp.StatusCode < 500,
-		resp.StatusCode == http.StatusNotFound && eb.ErrCode != "M_NOT_FOUND",
-		resp.StatusCode == http.StatusMethodNotAllowed:
+	case a.NoSuchAPI():
 		// No such API: Dendrite, Conduit, or /_synapse not proxied.
-		p.markNoAPI(resp.StatusCode, eb.ErrCode)
+		p.markNoAPI(a.Status, a.ErrCode)
 		return false, nil
-	case resp.StatusCode == http.StatusForbidden,
-		resp.StatusCode == http.StatusNotFound,
-		resp.StatusCode == http.StatusBadRequest:
+	case a.Status == http.StatusForbidden,
+		a.Status == http.StatusNotFound,
+		a.Status == http.StatusBadRequest:
 		// 403: the requester is not a homeserver admin (Synapse checks the
 		// requester, who is the user). 404 M_NOT_FOUND / 400: the
 		// homeserver does not know the user as a local one.
 		p.store(userID, false)
 		return false, nil
-	case resp.StatusCode == http.StatusUnauthorized:
+	case a.Status == http.StatusUnauthorized:
 		// The token stopped working since it was authenticated; say no, but
 		// do not remember it for the user, whose other tokens may work.
 		return false, nil
 	default:
-		return false, fmt.Errorf("checking admin status: homeserver answered %d: %w", resp.StatusCode, ErrHomeserverUnavailable)
+		return false, fmt.Errorf("checking admin status: homeserver answered %d: %w", a.Status, ErrHomeserverUnavailable)
 	}
-}
-
-// classifyAdminTransportError maps a failed admin API round trip to
-// ErrHomeserverTimeout or ErrHomeserverUnavailable.
-func classifyAdminTransportError(err error) error {
-	var ne net.Error
-	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
-		return fmt.Errorf("calling admin api: %w: %w", ErrHomeserverTimeout, err)
-	}
-	return fmt.Errorf("calling admin api: %w: %w", ErrHomeserverUnavailable, err)
 }

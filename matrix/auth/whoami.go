@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -66,39 +64,20 @@ type whoamiResponse struct {
 	IsGuest  bool   `json:"is_guest"`
 }
 
-// matrixErrorBody is the standard Matrix error body.
-type matrixErrorBody struct {
-	ErrCode string `json:"errcode"`
-}
-
 // CheckToken implements TokenChecker. The token never appears in returned
 // errors.
 func (w *Whoami) CheckToken(ctx context.Context, token string) (User, error) {
 	if token == "" || !validTokenChars(token) {
 		return User{}, fmt.Errorf("checking access token: malformed token: %w", ErrUnknownToken)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, w.url, nil)
+	a, err := GetHomeserver(ctx, w.client, w.url, token, maxWhoamiBody, "whoami")
 	if err != nil {
-		return User{}, fmt.Errorf("building whoami request: %w: %w", ErrHomeserverUnavailable, err)
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Accept", "application/json")
-	resp, err := w.client.Do(req)
-	if err != nil {
-		return User{}, classifyTransportError(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxWhoamiBody+1))
-	if err != nil {
-		return User{}, classifyTransportError(err)
-	}
-	if len(body) > maxWhoamiBody {
-		return User{}, fmt.Errorf("reading whoami response: body over %d bytes: %w", maxWhoamiBody, ErrHomeserverUnavailable)
+		return User{}, err
 	}
 	switch {
-	case resp.StatusCode == http.StatusOK:
+	case a.Status == http.StatusOK:
 		var wr whoamiResponse
-		if err := json.Unmarshal(body, &wr); err != nil {
+		if err := json.Unmarshal(a.Body, &wr); err != nil {
 			return User{}, fmt.Errorf("decoding whoami response: %w: %w", ErrHomeserverUnavailable, err)
 		}
 		if _, _, err := matrix.SplitUserID(wr.UserID); err != nil {
@@ -107,28 +86,15 @@ func (w *Whoami) CheckToken(ctx context.Context, token string) (User, error) {
 			return User{}, fmt.Errorf("decoding whoami response: user_id: %w: %w", ErrHomeserverUnavailable, err)
 		}
 		return User{UserID: wr.UserID, DeviceID: wr.DeviceID, IsGuest: wr.IsGuest}, nil
-	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
-		var eb matrixErrorBody
-		if err := json.Unmarshal(body, &eb); err == nil {
-			switch eb.ErrCode {
-			case "M_UNKNOWN_TOKEN", "M_MISSING_TOKEN":
-				return User{}, fmt.Errorf("checking access token: homeserver answered %d %s: %w", resp.StatusCode, eb.ErrCode, ErrUnknownToken)
-			}
+	case a.Status == http.StatusUnauthorized || a.Status == http.StatusForbidden:
+		switch a.ErrCode {
+		case "M_UNKNOWN_TOKEN", "M_MISSING_TOKEN":
+			return User{}, fmt.Errorf("checking access token: homeserver answered %d %s: %w", a.Status, a.ErrCode, ErrUnknownToken)
 		}
-		return User{}, fmt.Errorf("checking access token: homeserver answered %d without a token error: %w", resp.StatusCode, ErrHomeserverUnavailable)
+		return User{}, fmt.Errorf("checking access token: homeserver answered %d without a token error: %w", a.Status, ErrHomeserverUnavailable)
 	default:
-		return User{}, fmt.Errorf("checking access token: homeserver answered %d: %w", resp.StatusCode, ErrHomeserverUnavailable)
+		return User{}, fmt.Errorf("checking access token: homeserver answered %d: %w", a.Status, ErrHomeserverUnavailable)
 	}
-}
-
-// classifyTransportError maps a failed round trip to ErrHomeserverTimeout or
-// ErrHomeserverUnavailable.
-func classifyTransportError(err error) error {
-	var ne net.Error
-	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
-		return fmt.Errorf("calling whoami: %w: %w", ErrHomeserverTimeout, err)
-	}
-	return fmt.Errorf("calling whoami: %w: %w", ErrHomeserverUnavailable, err)
 }
 
 // validTokenChars reports whether a token can be sent in a header at all:

@@ -3,10 +3,7 @@ package mediaadmin
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"sync"
@@ -37,77 +34,9 @@ type homeserver struct {
 	client *http.Client
 }
 
-// hsAnswer is a homeserver response read in full.
-type hsAnswer struct {
-	status  int
-	body    []byte
-	errcode string
-	message string
-}
-
 // get makes one GET request to path (already escaped) with token.
-func (h *homeserver) get(ctx context.Context, token, path string, limit int64) (hsAnswer, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.base+path, nil)
-	if err != nil {
-		return hsAnswer{}, fmt.Errorf("building homeserver request: %w: %w", auth.ErrHomeserverUnavailable, err)
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Accept", "application/json")
-	resp, err := h.client.Do(req)
-	if err != nil {
-		return hsAnswer{}, classifyTransportError(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
-	if err != nil {
-		return hsAnswer{}, classifyTransportError(err)
-	}
-	if int64(len(body)) > limit {
-		return hsAnswer{}, fmt.Errorf("reading homeserver answer: body over %d bytes: %w", limit, auth.ErrHomeserverUnavailable)
-	}
-	a := hsAnswer{status: resp.StatusCode, body: body}
-	if a.status != http.StatusOK {
-		// Not every server answers errors in JSON (a reverse proxy's 404
-		// page); errcode then stays empty.
-		var eb struct {
-			ErrCode string `json:"errcode"`
-			Error   string `json:"error"`
-		}
-		_ = json.Unmarshal(body, &eb)
-		a.errcode, a.message = eb.ErrCode, eb.Error
-	}
-	return a, nil
-}
-
-// classifyTransportError maps a failed round trip to ErrHomeserverTimeout
-// or ErrHomeserverUnavailable.
-func classifyTransportError(err error) error {
-	var ne net.Error
-	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout()) {
-		return fmt.Errorf("calling homeserver: %w: %w", auth.ErrHomeserverTimeout, err)
-	}
-	return fmt.Errorf("calling homeserver: %w: %w", auth.ErrHomeserverUnavailable, err)
-}
-
-// noSuchAPI reports whether an answer says the homeserver lacks the
-// endpoint: 404 without M_NOT_FOUND (M_UNRECOGNIZED, or no JSON at all from
-// a reverse proxy), 405, or a 4xx M_UNRECOGNIZED.
-func (a hsAnswer) noSuchAPI() bool {
-	return (a.status == http.StatusNotFound && a.errcode != matrix.CodeNotFound) ||
-		a.status == http.StatusMethodNotAllowed ||
-		(a.errcode == matrix.CodeUnrecognized && a.status >= 400 && a.status < 500)
-}
-
-// describe renders an answer's status and error for messages.
-func (a hsAnswer) describe() string {
-	s := fmt.Sprint(a.status)
-	if a.errcode != "" {
-		s += " " + a.errcode
-	}
-	if a.message != "" {
-		s += ": " + a.message
-	}
-	return s
+func (h *homeserver) get(ctx context.Context, token, path string, limit int64) (auth.HomeserverAnswer, error) {
+	return auth.GetHomeserver(ctx, h.client, h.base+path, token, limit, "homeserver")
 }
 
 // roomMedia asks the homeserver for the media of room (Synapse's GET
@@ -125,12 +54,12 @@ func (h *homeserver) roomMedia(ctx context.Context, token, roomID string) ([]sto
 		return nil, fmt.Errorf("listing media of room %s: %w", roomID, err)
 	}
 	switch {
-	case a.status == http.StatusOK:
+	case a.Status == http.StatusOK:
 		var body struct {
 			Local  []string `json:"local"`
 			Remote []string `json:"remote"`
 		}
-		if err := json.Unmarshal(a.body, &body); err != nil {
+		if err := json.Unmarshal(a.Body, &body); err != nil {
 			return nil, fmt.Errorf("listing media of room %s: decoding the homeserver's answer: %w: %w", roomID, auth.ErrHomeserverUnavailable, err)
 		}
 		refs := make([]storage.MediaRef, 0, len(body.Local)+len(body.Remote))
@@ -140,22 +69,22 @@ func (h *homeserver) roomMedia(ctx context.Context, token, roomID string) ([]sto
 			}
 		}
 		return refs, nil
-	case a.noSuchAPI():
+	case a.NoSuchAPI():
 		return nil, matrix.NewError(http.StatusNotImplemented, matrix.CodeUnrecognized,
 			"The homeserver does not list a room's media (GET /_synapse/admin/v1/room/{roomId}/media answered "+
-				a.describe()+"); quarantine by user or media ID instead")
-	case a.status == http.StatusUnauthorized || a.status == http.StatusForbidden:
-		return nil, matrix.Forbidden("The homeserver refused to list the room's media for this access token (" + a.describe() + ")")
-	case a.status == http.StatusNotFound:
-		return nil, matrix.NotFound("The homeserver does not know the room (" + a.describe() + ")")
-	case a.status == http.StatusBadRequest:
-		code := a.errcode
+				a.Describe()+"); quarantine by user or media ID instead")
+	case a.Status == http.StatusUnauthorized || a.Status == http.StatusForbidden:
+		return nil, matrix.Forbidden("The homeserver refused to list the room's media for this access token (" + a.Describe() + ")")
+	case a.Status == http.StatusNotFound:
+		return nil, matrix.NotFound("The homeserver does not know the room (" + a.Describe() + ")")
+	case a.Status == http.StatusBadRequest:
+		code := a.ErrCode
 		if code == "" {
 			code = matrix.CodeUnknown
 		}
-		return nil, matrix.NewError(http.StatusBadRequest, code, "The homeserver refused to list the room's media ("+a.describe()+")")
+		return nil, matrix.NewError(http.StatusBadRequest, code, "The homeserver refused to list the room's media ("+a.Describe()+")")
 	default:
-		return nil, fmt.Errorf("listing media of room %s: homeserver answered %s: %w", roomID, a.describe(), auth.ErrHomeserverUnavailable)
+		return nil, fmt.Errorf("listing media of room %s: homeserver answered %s: %w", roomID, a.Describe(), auth.ErrHomeserverUnavailable)
 	}
 }
 
@@ -177,11 +106,11 @@ func (h *homeserver) profile(ctx context.Context, token, userID string) (p profi
 	if err != nil {
 		return profile{}, false, fmt.Errorf("looking up the profile of %s: %w", userID, err)
 	}
-	switch a.status {
+	switch a.Status {
 	case http.StatusOK:
 		// Values of other types (a homeserver bug) count as unset.
 		var raw map[string]json.RawMessage
-		if err := json.Unmarshal(a.body, &raw); err != nil {
+		if err := json.Unmarshal(a.Body, &raw); err != nil {
 			return profile{}, false, fmt.Errorf("looking up the profile of %s: decoding: %w: %w", userID, auth.ErrHomeserverUnavailable, err)
 		}
 		p.AvatarURL = jsonString(raw["avatar_url"])
@@ -190,7 +119,7 @@ func (h *homeserver) profile(ctx context.Context, token, userID string) (p profi
 	case http.StatusNotFound:
 		return profile{}, false, nil
 	default:
-		return profile{}, false, fmt.Errorf("looking up the profile of %s: homeserver answered %s: %w", userID, a.describe(), auth.ErrHomeserverUnavailable)
+		return profile{}, false, fmt.Errorf("looking up the profile of %s: homeserver answered %s: %w", userID, a.Describe(), auth.ErrHomeserverUnavailable)
 	}
 }
 
