@@ -22,8 +22,9 @@ readonly STATICCHECK_VERSION=v0.8.2
 readonly MODULE=github.com/caddy-matrix-media/caddy-matrix-media
 # Debian packages: cgo toolchain and libvips headers for the build, PostgreSQL
 # server binaries for throwaway test clusters, redis-server and wrk for
-# integration tests and benchmarks.
-readonly APT_PACKAGES=(libvips-dev pkg-config gcc postgresql redis-server wrk)
+# integration tests and benchmarks, chromium for the test that opens an
+# export archive's index.html in a headless browser.
+readonly APT_PACKAGES=(libvips-dev pkg-config gcc postgresql redis-server wrk chromium)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly ROOT
