@@ -230,6 +230,10 @@ type envOptions struct {
 	purger RemotePurger
 	// noHomeserver leaves SiteConfig.HomeserverURL empty.
 	noHomeserver bool
+	// export and allowUserExport are SiteConfig.Export and
+	// SiteConfig.AllowUserExport of both sites.
+	export          ExportFunc
+	allowUserExport bool
 }
 
 func newEnv(t *testing.T, driver string, opts ...envOptions) *env {
@@ -292,7 +296,8 @@ func newEnv(t *testing.T, driver string, opts ...envOptions) *env {
 		t.Fatal(err)
 	}
 	for _, name := range []string{siteA, siteB} {
-		cfg := SiteConfig{ServerName: name, Auth: authn, Admins: admins, Service: e.svc, Client: e.hs.srv.Client()}
+		cfg := SiteConfig{ServerName: name, Auth: authn, Admins: admins, Service: e.svc, Client: e.hs.srv.Client(),
+			Export: o.export, AllowUserExport: o.allowUserExport}
 		if !o.noHomeserver {
 			cfg.HomeserverURL = e.hs.srv.URL
 		}

@@ -3,7 +3,10 @@
 // protection, deletion of local media, purge of the remote cache, listings
 // and usage) and the Synapse-compatible media admin API that exposes them on
 // each site (SiteAPI), so that tools written for Synapse (synadm, admin web
-// consoles) work unchanged.
+// consoles) work unchanged. The SiteAPI also answers the module's own
+// export endpoints (export.go): who may export what is decided here, the
+// archive itself is written by an ExportFunc (package mediaarchive, wired
+// by the Caddy layer) and streamed to the client.
 //
 // The Service knows nothing of HTTP: the Caddy layer calls it from the
 // SiteAPI of each site, from Caddy's admin API and from the command line.

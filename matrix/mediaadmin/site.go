@@ -52,6 +52,14 @@ type SiteConfig struct {
 	Service *Service
 	// Logger logs failures. Default: the Service's logger.
 	Logger *zap.Logger
+	// Export writes the archives of the export endpoints (see
+	// exportPrefix). Default: none; those endpoints then answer 404
+	// M_UNRECOGNIZED.
+	Export ExportFunc
+	// AllowUserExport lets every user of the site export their own media
+	// (GET /_matrix_media/v1/export/user/{their own ID}); media admins may
+	// always export any local user and the whole server. Default false.
+	AllowUserExport bool
 }
 
 // SiteAPI answers Synapse's media admin API for one site (the paths
@@ -84,6 +92,13 @@ type SiteConfig struct {
 //	DELETE users/{userId}/media               {"deleted_media": [...], "total": n}; 400 M_UNKNOWN
 //	                                          "Can only look up local users" for another server
 //	GET    statistics/users/media             {"users": [...], "total": n, "next_token": m}
+//
+// The module's own export endpoints are answered too (ZIP archives of
+// package mediaarchive's format, streamed; see exportPrefix):
+//
+//	GET /_matrix_media/v1/export/user/{userId}       a local user's media: media admins, or the
+//	                                                 user themself with SiteConfig.AllowUserExport
+//	GET /_matrix_media/v1/export/server/{serverName} the site's local media: media admins only
 //
 // Query parameters are checked with Synapse's rules: a missing required
 // integer is 400 M_MISSING_PARAM; a malformed or negative integer, an
@@ -136,8 +151,8 @@ func NewSiteAPI(cfg SiteConfig) (*SiteAPI, error) {
 }
 
 // IsAdminPath reports whether the API answers path (see the package
-// function IsAdminPath).
-func (a *SiteAPI) IsAdminPath(path string) bool { return IsAdminPath(path) }
+// functions IsAdminPath and IsExportPath).
+func (a *SiteAPI) IsAdminPath(path string) bool { return IsAdminPath(path) || IsExportPath(path) }
 
 // caller is an authenticated admin making a request.
 type caller struct {
@@ -193,6 +208,10 @@ func (a *SiteAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
+	if ert, ok := parseExportRoute(r.URL.EscapedPath()); ok {
+		a.serveExport(w, r, ert)
+		return
+	}
 	rt, ok := parseRoute(r.Method, r.URL.EscapedPath())
 	if !ok {
 		a.finish(w, r, epUnknown, nil, matrix.Unrecognized("Unrecognized request"))
@@ -213,25 +232,35 @@ func (a *SiteAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // authenticate checks that the request comes from a media admin.
 func (a *SiteAPI) authenticate(r *http.Request) (caller, error) {
-	creds := auth.RequestCredentials(r)
-	if creds.Token == "" {
-		return caller{}, matrix.MissingToken("Missing access token")
-	}
-	user, err := a.cfg.Auth.Authenticate(r.Context(), creds)
+	c, admin, err := a.identify(r)
 	if err != nil {
-		return caller{}, fmt.Errorf("authenticating: %w", err)
-	}
-	if user.IsGuest {
-		return caller{}, matrix.GuestAccessForbidden("Guest access not allowed")
-	}
-	admin, err := a.cfg.Admins.IsAdmin(r.Context(), user, creds.Token)
-	if err != nil {
-		return caller{}, fmt.Errorf("checking admin status: %w", err)
+		return caller{}, err
 	}
 	if !admin {
 		return caller{}, matrix.Forbidden("You are not a server admin")
 	}
-	return caller{user: user, token: creds.Token}, nil
+	return c, nil
+}
+
+// identify authenticates the request's user, who must present an access
+// token and not be a guest, and tells whether they are a media admin.
+func (a *SiteAPI) identify(r *http.Request) (caller, bool, error) {
+	creds := auth.RequestCredentials(r)
+	if creds.Token == "" {
+		return caller{}, false, matrix.MissingToken("Missing access token")
+	}
+	user, err := a.cfg.Auth.Authenticate(r.Context(), creds)
+	if err != nil {
+		return caller{}, false, fmt.Errorf("authenticating: %w", err)
+	}
+	if user.IsGuest {
+		return caller{}, false, matrix.GuestAccessForbidden("Guest access not allowed")
+	}
+	admin, err := a.cfg.Admins.IsAdmin(r.Context(), user, creds.Token)
+	if err != nil {
+		return caller{}, false, fmt.Errorf("checking admin status: %w", err)
+	}
+	return caller{user: user, token: creds.Token}, admin, nil
 }
 
 // finish writes the response: body as JSON with 200, or err mapped by
@@ -276,6 +305,8 @@ func (a *SiteAPI) writeError(w http.ResponseWriter, r *http.Request, ep endpoint
 		me = matrix.UnknownToken("Unrecognised access token")
 	case errors.Is(err, auth.ErrForbidden):
 		me = matrix.Forbidden("The application service may not act as this user")
+	case errors.Is(err, ErrExportBusy):
+		me = matrix.LimitExceeded("Too many media exports are running; try again later", exportRetryAfter)
 	case errors.As(err, &open):
 		w.Header().Set("Retry-After", strconv.Itoa(int(open.RetryAfter/time.Second)+1))
 		me = matrix.Unknown(http.StatusBadGateway, "The homeserver is failing; access tokens cannot be checked for now")
