@@ -36,9 +36,11 @@ const adminPrefix = "/matrix_media/"
 //	POST   /matrix_media/delete              {"media":[...]}, {"user_id":"@u:s","limit":n} or {"server_name":"s","before_ts":ms,"size_gt":n}
 //	GET    /matrix_media/media/<server>/<id> what is stored about one media item
 //	GET    /matrix_media/usage?server_name=s per-user media counts and bytes (order_by, dir, from, limit, search_term, from_ts, until_ts)
+//	GET    /matrix_media/export?user=@u:s    a ZIP archive of the user's media (package mediaarchive), streamed
+//	GET    /matrix_media/export?server=s     a ZIP archive of the server name's local media, streamed
 //
 // The operators' endpoints are described in adminops.go; they log
-// "caddy-admin-api" as who asked.
+// "caddy-admin-api" as who asked. Exports are in export.go.
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -67,6 +69,7 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "delete", Handler: onResources((*resources).serveDelete)},
 		{Pattern: adminPrefix + "media/", Handler: onResources((*resources).serveMediaInfo)},
 		{Pattern: adminPrefix + "usage", Handler: onResources((*resources).serveUsage)},
+		{Pattern: adminPrefix + "export", Handler: onResources((*resources).serveExport)},
 	}
 }
 

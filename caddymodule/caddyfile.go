@@ -525,6 +525,7 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //		}
 //		admins <user_id>...
 //		detect_homeserver_admins
+//		allow_user_export
 //		admin_token <secret> [<user_id>]
 //		signing_key <path>
 //	}
@@ -577,6 +578,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			h.DetectHomeserverAdmins = true
+		case "allow_user_export":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.AllowUserExport = true
 		case "signing_key":
 			h.SigningKey, err = singleArg(d)
 		case "admin_token":

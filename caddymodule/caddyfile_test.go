@@ -63,6 +63,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 				admins @alice:example.org @bob:example.org
 				admins @carol:example.org
 				detect_homeserver_admins
+				allow_user_export
 				admin_token {env.MEDIA_ADMIN_TOKEN}
 				admin_token {file./run/secrets/media} @automation:example.org
 				signing_key /etc/matrix-media/signing.key
@@ -75,6 +76,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 					UserNamespaces: []string{"@bridge_.*:example.org", "@puppet_.*:example.org"}}},
 				Admins:                 []string{"@alice:example.org", "@bob:example.org", "@carol:example.org"},
 				DetectHomeserverAdmins: true,
+				AllowUserExport:        true,
 				AdminTokens: []AdminTokenConfig{{Token: "{env.MEDIA_ADMIN_TOKEN}"},
 					{Token: "{file./run/secrets/media}", UserID: "@automation:example.org"}},
 				SigningKey: "/etc/matrix-media/signing.key",
@@ -96,6 +98,11 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 				server_name a
 				homeserver http://hs
 				admin_token a b c
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				server_name a
+				homeserver http://hs
+				allow_user_export yes
 			}`, wantErr: "wrong argument count"},
 		{
 			input: `matrix_media {

@@ -80,6 +80,12 @@ localhost:2019):
 
   caddy matrix-media media-info <mxc URI>
       what is stored about one media item
+
+  caddy matrix-media export (user <user_id> | server <server_name>) --out <file>
+      writes a ZIP archive of a user's media or of a server name's local
+      media: the files, manifest.json and an index.html to browse offline;
+      quarantined media are listed without their content. The file appears
+      under its name only once complete and checked (refuses to overwrite)
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			cmd.PersistentFlags().String("address", "", "The address of Caddy's admin API")
@@ -132,30 +138,37 @@ localhost:2019):
 // adminRequest sends one request to the admin API named by cmd's flags and
 // decodes a JSON answer into out.
 func adminRequest(cmd *cobra.Command, method, path string, body any, out any) error {
+	resp, err := adminResponse(cmd, method, path, body)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	return json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out)
+}
+
+// adminResponse sends one request to the admin API named by cmd's flags,
+// with body as JSON when not nil, and returns the answer (a 4xx or 5xx
+// answer is an error). The caller closes its body.
+func adminResponse(cmd *cobra.Command, method, path string, body any) (*http.Response, error) {
 	fl := cmd.Flags()
 	addr, _ := fl.GetString("address")
 	cfg, _ := fl.GetString("config")
 	adapter, _ := fl.GetString("adapter")
 	adminAddr, err := caddycmd.DetermineAdminAPIAddress(addr, nil, cfg, adapter)
 	if err != nil {
-		return fmt.Errorf("finding the admin API address: %w", err)
+		return nil, fmt.Errorf("finding the admin API address: %w", err)
 	}
 	var rd io.Reader
 	headers := http.Header{}
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
-			return fmt.Errorf("encoding request: %w", err)
+			return nil, fmt.Errorf("encoding request: %w", err)
 		}
 		rd = bytes.NewReader(b)
 		headers.Set("Content-Type", "application/json")
 	}
-	resp, err := caddycmd.AdminAPIRequest(adminAddr, method, path, headers, rd)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	return json.NewDecoder(io.LimitReader(resp.Body, 16<<20)).Decode(out)
+	return caddycmd.AdminAPIRequest(adminAddr, method, path, headers, rd)
 }
 
 func runDatastores(cmd *cobra.Command, _ []string) error {

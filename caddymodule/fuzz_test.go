@@ -13,7 +13,7 @@ import (
 // blocks, near misses and lexer edge cases.
 var caddyfileSeeds = []string{
 	"matrix_media {\n\tserver_name example.org\n\thomeserver http://127.0.0.1:8008\n}",
-	"matrix_media {\n\tserver_name example.org:8448\n\thomeserver {env.HS}\n\tmax_upload_size 50MiB\n\tmax_pending_uploads unlimited\n\tfreeze_legacy 2024-09-01T00:00:00Z\n\tadmins @a:example.org @b:example.org\n\tadmin_token s3cret @admin:example.org\n\tappservice bridge {\n\t\tas_token t\n\t\tsender_localpart bot\n\t\tuser_namespace @bridge_.*\n\t}\n}",
+	"matrix_media {\n\tserver_name example.org:8448\n\thomeserver {env.HS}\n\tmax_upload_size 50MiB\n\tmax_pending_uploads unlimited\n\tfreeze_legacy 2024-09-01T00:00:00Z\n\tadmins @a:example.org @b:example.org\n\tallow_user_export\n\tadmin_token s3cret @admin:example.org\n\tappservice bridge {\n\t\tas_token t\n\t\tsender_localpart bot\n\t\tuser_namespace @bridge_.*\n\t}\n}",
 	"matrix_media {\n\tdatabase postgres \"postgres://u@h/db\"\n\tstorage_path /var/lib/media\n\tdatastore s3 {\n\t\tbucket b\n\t\tendpoint http://127.0.0.1:9000\n\t}\n\tthumbnails {\n\t\tsize 32 32 crop\n\t\tmax_frames 10\n\t}\n\tpreviews off\n\tfederation {\n\t\tmax_remote_size 10MiB\n\t}\n}",
 	"matrix_media {\n\tmax_upload_size -1\n\tpending_expiry 0s\n\tmax_pending_uploads 99999999999999999999\n}",
 	"matrix_media extra {\n}",

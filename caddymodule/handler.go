@@ -45,6 +45,10 @@ const DefaultHomeserverTimeout = 10 * time.Second
 // paths of Synapse's admin API (quarantine, protect, delete, purge, user
 // media, statistics: see matrix/mediaadmin), for the site's media admins;
 // the rest of /_synapse/admin/ goes to the next handler like any other path.
+// So are the module's media exports, GET /_matrix_media/v1/export/user/{userId}
+// and /_matrix_media/v1/export/server/{serverName} (ZIP archives, see
+// package mediaarchive), for media admins and, with allow_user_export, for
+// users exporting their own media.
 //
 // Content and metadata live in the matrix_media app, shared by all sites; the
 // app is created with its defaults when the config does not set it.
@@ -122,6 +126,12 @@ type Handler struct {
 	// {file.*} are resolved (keep secrets out of the config that way).
 	// Default: none.
 	AdminTokens []AdminTokenConfig `json:"admin_tokens,omitempty"`
+
+	// AllowUserExport lets every user of the site download an archive of
+	// their own media (GET /_matrix_media/v1/export/user/{their user ID});
+	// media admins may always export any local user and the whole server.
+	// Default false.
+	AllowUserExport bool `json:"allow_user_export,omitempty"`
 
 	// SigningKey is the path of this site's federation signing key file
 	// (Synapse format "ed25519 <id> <seed>", or Dendrite's PEM; create one
@@ -265,13 +275,15 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	h.res = app.res
 	if app.res.admin != nil {
 		h.admin, err = mediaadmin.NewSiteAPI(mediaadmin.SiteConfig{
-			ServerName:    h.ServerName,
-			Auth:          authn,
-			Admins:        admins,
-			HomeserverURL: homeserver,
-			Client:        hsClient,
-			Service:       app.res.admin,
-			Logger:        ctx.Logger().Named("admin"),
+			ServerName:      h.ServerName,
+			Auth:            authn,
+			Admins:          admins,
+			HomeserverURL:   homeserver,
+			Client:          hsClient,
+			Service:         app.res.admin,
+			Logger:          ctx.Logger().Named("admin"),
+			Export:          app.res.export,
+			AllowUserExport: h.AllowUserExport,
 		})
 		if err != nil {
 			return fmt.Errorf("configuring the media admin API of %s: %w", h.ServerName, err)
@@ -360,7 +372,7 @@ func homeserverKey(u string) string { return strings.TrimRight(u, "/") }
 // ServeHTTP serves media requests and the media paths of Synapse's admin
 // API, and passes every other request to next.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	if h.admin != nil && mediaadmin.IsAdminPath(r.URL.EscapedPath()) {
+	if h.admin != nil && (mediaadmin.IsAdminPath(r.URL.EscapedPath()) || mediaadmin.IsExportPath(r.URL.EscapedPath())) {
 		return h.serveAdmin(w, r)
 	}
 	if !mediaapi.IsMediaPath(r.URL.Path) {
@@ -391,7 +403,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 }
 
 // serveAdmin answers one request of Synapse's media admin API (the rest of
-// /_synapse/admin/ goes to the homeserver).
+// /_synapse/admin/ goes to the homeserver) or of the media exports.
 func (h *Handler) serveAdmin(w http.ResponseWriter, r *http.Request) error {
 	if !h.res.acquire() {
 		w.Header().Set("Retry-After", "1")

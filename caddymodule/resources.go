@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -107,6 +108,14 @@ type resources struct {
 	admin        *mediaadmin.Service
 	adminMetrics *mediaadmin.Metrics
 
+	// thumbs is the thumbnail generator (nil when thumbnails are off), here
+	// for the previews of media exports, with their bounds.
+	thumbs                 *thumbnails.Generator
+	exportPreviewMaxSource int64
+	exportPreviewTimeout   time.Duration
+	// exports admits the media exports running at once (export.go).
+	exports chan struct{}
+
 	// stopExpiry stops the expiry and access flush loops, the job runner
 	// (its jobs stay running in the database, released for the next
 	// runner) and the retention scheduler: background work of the
@@ -152,7 +161,10 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 			redirects[d.Name] = mediaapi.RedirectPolicy{Lifetime: d.Redirect.Lifetime, CDNBaseURL: d.Redirect.CDN}
 		}
 	}
-	var thumbnailer mediaapi.Thumbnailer
+	var (
+		thumbnailer mediaapi.Thumbnailer
+		generator   *thumbnails.Generator
+	)
 	if !s.thumbnails.disabled {
 		g, err := thumbnails.New(s.thumbnails.generator)
 		if err != nil {
@@ -160,7 +172,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 			_ = stores.Close()
 			return nil, fmt.Errorf("starting the thumbnail generator: %w", err)
 		}
-		thumbnailer = g
+		thumbnailer, generator = g, g
 	}
 	repo, err := mediaapi.NewRepository(stores, meta, mediaapi.RepositoryOptions{
 		Thumbnailer:               thumbnailer,
@@ -210,6 +222,11 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		stopExpiry: stop,
 		closed:     make(chan struct{}),
 		drainWait:  defaultDrainWait,
+
+		thumbs:                 generator,
+		exportPreviewMaxSource: min(cmp.Or(s.thumbnails.maxSource, thumbnails.DefaultMaxSourceBytes), exportPreviewMaxSource),
+		exportPreviewTimeout:   cmp.Or(s.thumbnails.timeout, defaultExportPreviewTimeout),
+		exports:                make(chan struct{}, maxConcurrentExports),
 	}
 	res.adminMetrics = mediaadmin.NewMetrics()
 	if res.admin, err = newAdminService(res, res.purger, res.adminMetrics); err != nil {

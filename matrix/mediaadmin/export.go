@@ -106,7 +106,7 @@ func (a *SiteAPI) serveExport(w http.ResponseWriter, r *http.Request, rt exportR
 		userID = rt.subject
 	}
 	start := time.Now()
-	started, err := StreamArchive(w, exportFilename(a.cfg.ServerName, userID), func(out io.Writer) error {
+	started, err := StreamArchive(w, ExportFilename(a.cfg.ServerName, userID), func(out io.Writer) error {
 		return a.cfg.Export(r.Context(), out, a.cfg.ServerName, userID)
 	})
 	fields := []zap.Field{zap.String("actor", c.actor()), zap.String("server_name", a.cfg.ServerName),
@@ -149,9 +149,10 @@ func (a *SiteAPI) mayExport(rt exportRoute, c caller, admin bool) error {
 	return nil
 }
 
-// exportFilename is the archive's name offered to the client: the server
-// name and, for a user, the localpart, in file-name-safe ASCII.
-func exportFilename(serverName, userID string) string {
+// ExportFilename is the name offered for the archive of serverName's media
+// (of userID only, when set): the server name and, for a user, the
+// localpart, in file-name-safe ASCII, e.g. "media-alice-example.org.zip".
+func ExportFilename(serverName, userID string) string {
 	name := "media-" + serverName
 	if local, _, ok := matrix.SplitUserID(userID); ok {
 		name = "media-" + local + "-" + serverName
