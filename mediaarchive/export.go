@@ -50,9 +50,9 @@ type Selection struct {
 
 // UserSelection selects a user's media on the server name of their ID.
 func UserSelection(userID string) (Selection, error) {
-	_, server, ok := matrix.SplitUserID(userID)
-	if !ok {
-		return Selection{}, fmt.Errorf("%w: %q is not a Matrix user ID", ErrInvalidSelection, userID)
+	_, server, err := matrix.SplitUserID(userID)
+	if err != nil {
+		return Selection{}, fmt.Errorf("%w: %w", ErrInvalidSelection, err)
 	}
 	return Selection{ServerName: server, UserID: userID}, nil
 }
@@ -65,8 +65,8 @@ func (s Selection) subject() (Subject, error) {
 	if s.UserID == "" {
 		return Subject{Kind: KindServer, ServerName: s.ServerName}, nil
 	}
-	if !matrix.ValidUserID(s.UserID) {
-		return Subject{}, fmt.Errorf("%w: %q is not a Matrix user ID", ErrInvalidSelection, s.UserID)
+	if _, _, err := matrix.SplitUserID(s.UserID); err != nil {
+		return Subject{}, fmt.Errorf("%w: %w", ErrInvalidSelection, err)
 	}
 	return Subject{Kind: KindUser, ServerName: s.ServerName, UserID: s.UserID}, nil
 }

@@ -223,7 +223,7 @@ func checkHeader(h Manifest) error {
 	case !matrix.ValidServerName(s.ServerName):
 		return fmt.Errorf("%w: export server name %.300q is not a server name", ErrInvalidArchive, s.ServerName)
 	case s.Kind == KindServer && s.UserID == "":
-	case s.Kind == KindUser && matrix.ValidUserID(s.UserID):
+	case s.Kind == KindUser && validUserID(s.UserID):
 	default:
 		return fmt.Errorf("%w: export subject %.300q/%.300q is neither a user nor a server", ErrInvalidArchive, s.Kind, s.UserID)
 	}
@@ -241,7 +241,7 @@ func checkItem(it Item) error {
 		return errors.New("invalid media ID")
 	case it.MXC != "mxc://"+it.ServerName+"/"+it.MediaID:
 		return errors.New("mxc URI does not match the server name and media ID")
-	case it.UserID != "" && !matrix.ValidUserID(it.UserID):
+	case it.UserID != "" && !validUserID(it.UserID):
 		return errors.New("invalid user ID")
 	case !validSHA256(it.SHA256):
 		return errors.New("sha256 is not 64 lowercase hex digits")
@@ -260,6 +260,12 @@ func checkItem(it Item) error {
 		return fmt.Errorf("thumbnail %.300q is not a safe path under %s", it.Thumbnail, thumbnailDir)
 	}
 	return nil
+}
+
+// validUserID reports whether s is a user ID (matrix.SplitUserID).
+func validUserID(s string) bool {
+	_, _, err := matrix.SplitUserID(s)
+	return err == nil
 }
 
 // validSHA256 reports whether s is 64 lowercase hex digits.

@@ -141,8 +141,6 @@ func (a *SiteAPI) mayExport(rt exportRoute, c caller, admin bool) error {
 		return matrix.Forbidden("You are not a server admin")
 	case rt.ep == epExportServer && rt.subject != a.cfg.ServerName:
 		return matrix.Unknown(http.StatusBadRequest, "Can only export this server's media")
-	case rt.ep == epExportUser && !matrix.ValidUserID(rt.subject):
-		return matrix.InvalidParam("Expected UserID of the form '@localname:domain'")
 	case rt.ep == epExportUser:
 		return localUser(rt.subject, a.cfg.ServerName)
 	}
@@ -154,7 +152,7 @@ func (a *SiteAPI) mayExport(rt exportRoute, c caller, admin bool) error {
 // localpart, in file-name-safe ASCII, e.g. "media-alice-example.org.zip".
 func ExportFilename(serverName, userID string) string {
 	name := "media-" + serverName
-	if local, _, ok := matrix.SplitUserID(userID); ok {
+	if local, _, err := matrix.SplitUserID(userID); err == nil {
 		name = "media-" + local + "-" + serverName
 	}
 	safe := strings.Map(func(r rune) rune {
