@@ -46,8 +46,8 @@ var (
 	ErrConflict = errors.New("media ID already used by other content")
 	// ErrInvalid reports an item that cannot be stored as it is: a server
 	// name or media ID the module does not accept, a recorded hash that is
-	// not a SHA-256, a negative size (other than -1) or no way to open its
-	// bytes. See ValidateItem.
+	// not a SHA-256, a negative size (other than -1), or (for Run) no way
+	// to open its bytes. See ValidateItem.
 	ErrInvalid = errors.New("invalid media item")
 )
 
@@ -88,10 +88,11 @@ func (it Item) Ref() storage.MediaRef {
 	return storage.MediaRef{ServerName: it.ServerName, MediaID: it.MediaID}
 }
 
-// ValidateItem checks what a Sink relies on before storing an item: its
-// server name and media ID are valid (matrix.ValidServerName,
-// matrix.ValidMediaID), a recorded SHA256 is a lowercase hex SHA-256, Size
-// is -1 or more, and Open is set. The error wraps ErrInvalid.
+// ValidateItem checks the metadata a Sink relies on before storing an item
+// (Open is not its concern: a Sink is given the bytes): its server name and
+// media ID are valid (matrix.ValidServerName, matrix.ValidMediaID), a
+// recorded SHA256 is a lowercase hex SHA-256 and Size is -1 or more. The
+// error wraps ErrInvalid.
 func ValidateItem(it Item) error {
 	var why string
 	switch {
@@ -103,8 +104,6 @@ func ValidateItem(it Item) error {
 		why = fmt.Sprintf("recorded hash %q is not a lowercase hex SHA-256", it.SHA256)
 	case it.Size < -1:
 		why = fmt.Sprintf("recorded size %d is negative", it.Size)
-	case it.Open == nil:
-		why = "the source gives no way to read its bytes"
 	default:
 		return nil
 	}

@@ -59,8 +59,8 @@ func (o Options) withDefaults() Options {
 
 // Run imports the items src lists for opts.Filter into sink:
 //
-//  1. Walk the source; an item ValidateItem refuses is counted Invalid and
-//     goes no further.
+//  1. Walk the source; an item ValidateItem refuses (or without Open) is
+//     counted Invalid and goes no further.
 //  2. Ask the sink, per batch of opts.LookupBatch items, which are present.
 //     A present item is AlreadyPresent without reading its bytes when the
 //     source's recorded SHA-256 equals the stored one (or, when the source
@@ -151,7 +151,7 @@ func (r *run) pipeline(parent context.Context) error {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := ValidateItem(it); err != nil {
+		if err := validate(it); err != nil {
 			r.fail(it, ProblemInvalid, err, max(it.Size, 0))
 			return nil
 		}
@@ -177,6 +177,14 @@ func (r *run) pipeline(parent context.Context) error {
 		return fmt.Errorf("importing from %s: %w", r.rep.Source, err)
 	}
 	return nil
+}
+
+// validate is ValidateItem, and the item's bytes can be opened.
+func validate(it Item) error {
+	if it.Open == nil {
+		return fmt.Errorf("the source gives no way to read its bytes: %w", ErrInvalid)
+	}
+	return ValidateItem(it)
 }
 
 // errNeedBytes tells lookup that only the item's bytes can tell whether

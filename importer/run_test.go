@@ -475,3 +475,22 @@ func TestVerifier(t *testing.T) {
 		})
 	}
 }
+
+// noOpen lists its source's items without a way to open them.
+type noOpen struct{ *importtest.Source }
+
+func (n noOpen) Walk(ctx context.Context, f importer.Filter, fn func(importer.Item) error) error {
+	return n.Source.Walk(ctx, f, func(it importer.Item) error {
+		it.Open = nil
+		return fn(it)
+	})
+}
+
+func TestRunWithoutOpen(t *testing.T) {
+	src := noOpen{&importtest.Source{Media: []importtest.Media{importtest.New("example.org", "a", []byte("a"))}}}
+	sink := newMemSink()
+	rep, err := importer.Run(context.Background(), src, sink, importer.Options{})
+	if err != nil || rep.Invalid != 1 || rep.Total() != 1 || sink.lookups != 0 {
+		t.Errorf("Run: %v, %+v, %d lookups", err, rep.Counts, sink.lookups)
+	}
+}

@@ -28,6 +28,11 @@ type StoreSink struct {
 	// Now is the clock of quarantine records and of items without a
 	// creation time; default time.Now.
 	Now func() time.Time
+	// Quarantined, when set, is called after a quarantine was newly
+	// recorded (carried over by Put, or by Quarantine), for example to drop
+	// cached rows of media with that content; its error fails the item.
+	// Default: nothing.
+	Quarantined func(ctx context.Context, sha256 string) error
 }
 
 var _ Sink = (*StoreSink)(nil)
@@ -188,8 +193,14 @@ func (s *StoreSink) quarantine(ctx context.Context, sha256, by string) error {
 	if !ok {
 		return fmt.Errorf("quarantining %s: the metadata store %T cannot record quarantines", sha256, s.Meta)
 	}
-	if _, err := a.QuarantineContent(ctx, storage.Quarantine{SHA256: sha256, By: by, At: s.now()}); err != nil {
+	added, err := a.QuarantineContent(ctx, storage.Quarantine{SHA256: sha256, By: by, At: s.now()})
+	if err != nil {
 		return fmt.Errorf("quarantining %s: %w", sha256, err)
+	}
+	if added && s.Quarantined != nil {
+		if err := s.Quarantined(ctx, sha256); err != nil {
+			return fmt.Errorf("quarantining %s: %w", sha256, err)
+		}
 	}
 	return nil
 }

@@ -640,9 +640,6 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 	}
 
 	// Put itself, as reached when a Lookup raced with another writer.
-	open := func(b []byte) func(context.Context) (io.ReadCloser, error) {
-		return func(context.Context) (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
-	}
 	for _, tt := range []struct {
 		m    importtest.Media
 		want error
@@ -654,7 +651,6 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 		{importtest.New("example.org", "bad/id", []byte("x")), importer.ErrInvalid},
 	} {
 		it := tt.m.Item
-		it.Open = open(tt.m.Body)
 		out, err := fx.sink.Put(ctx, it, bytes.NewReader(tt.m.Body))
 		if !errors.Is(err, tt.want) || tt.want == nil && out != importer.AlreadyPresent {
 			t.Errorf("Put(%s) = %v, %v; want %v", tt.m.MediaID, out, err, tt.want)
@@ -665,6 +661,29 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 	}
 	if err := fx.sink.Quarantine(ctx, taken.SHA256, ""); !errors.Is(err, importer.ErrInvalid) {
 		t.Errorf("Quarantine(nobody) = %v", err)
+	}
+
+	// Quarantined hears of new quarantines only, from Quarantine and Put.
+	var heard []string
+	fx.sink.Quarantined = func(_ context.Context, sha string) error {
+		heard = append(heard, sha)
+		return nil
+	}
+	for range 2 {
+		if err := fx.sink.Quarantine(ctx, taken.SHA256, "@mod:example.org"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q := importtest.New("example.org", "newq", []byte("quarantined"))
+	q.QuarantinedBy = "@mod:example.org"
+	if out, err := fx.sink.Put(ctx, q.Item, bytes.NewReader(q.Body)); err != nil || out != importer.Imported {
+		t.Fatalf("Put(quarantined) = %v, %v", out, err)
+	}
+	if !slices.Equal(heard, []string{taken.SHA256, q.SHA256}) {
+		t.Errorf("Quarantined heard %v", heard)
+	}
+	if m, err := fx.meta.GetMedia(ctx, "example.org", "taken"); err != nil || !m.Refused() || m.QuarantinedBy != "@mod:example.org" {
+		t.Errorf("quarantined content: %+v, %v", m, err)
 	}
 }
 
