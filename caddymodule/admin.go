@@ -36,9 +36,13 @@ const adminPrefix = "/matrix_media/"
 //	POST   /matrix_media/delete              {"media":[...]}, {"user_id":"@u:s","limit":n} or {"server_name":"s","before_ts":ms,"size_gt":n}
 //	GET    /matrix_media/media/<server>/<id> what is stored about one media item
 //	GET    /matrix_media/usage?server_name=s per-user media counts and bytes (order_by, dir, from, limit, search_term, from_ts, until_ts)
+//	POST   /matrix_media/import/lookup       {"media":[...]}: which of them are stored (for imports)
+//	PUT    /matrix_media/import/media/<server>/<id>  store one imported item (body: its bytes)
+//	POST   /matrix_media/import/quarantine   {"sha256":"…","quarantined_by":"…"}: carry a quarantine over
 //
 // The operators' endpoints are described in adminops.go; they log
-// "caddy-admin-api" as who asked.
+// "caddy-admin-api" as who asked. The import endpoints are described in
+// import.go.
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -67,6 +71,9 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "delete", Handler: onResources((*resources).serveDelete)},
 		{Pattern: adminPrefix + "media/", Handler: onResources((*resources).serveMediaInfo)},
 		{Pattern: adminPrefix + "usage", Handler: onResources((*resources).serveUsage)},
+		{Pattern: adminPrefix + "import/lookup", Handler: onResources((*resources).serveImportLookup)},
+		{Pattern: adminPrefix + "import/media/", Handler: onResources((*resources).serveImportMedia)},
+		{Pattern: adminPrefix + "import/quarantine", Handler: onResources((*resources).serveImportQuarantine)},
 	}
 }
 
