@@ -90,7 +90,7 @@ func testItem(id, contentType, filename string, body []byte) testSourceItem {
 }
 
 // freeTCPPort returns a free port of 127.0.0.1.
-func freeTCPPort(t *testing.T) int {
+func freeTCPPort(t testing.TB) int {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -110,7 +110,7 @@ type runningCaddy struct {
 // startCaddy runs Caddy in this process: its admin API and one site,
 // example.org, served by the module with SQLite and a file datastore under
 // dir. It is stopped when the test ends.
-func startCaddy(t *testing.T, dir string) runningCaddy {
+func startCaddy(t testing.TB, dir string) runningCaddy {
 	t.Helper()
 	rc := runningCaddy{httpPort: freeTCPPort(t), token: "token-alice"}
 	rc.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
@@ -582,4 +582,25 @@ func FuzzImportItemHeader(f *testing.F) {
 			t.Fatalf("round trip: %+v -> %+v, %v", it, back, err)
 		}
 	})
+}
+
+// BenchmarkImportAdminAPI imports b.N items of 1 KiB through the admin API
+// of a Caddy running in this process (SQLite and a file datastore), as the
+// import command does.
+func BenchmarkImportAdminAPI(b *testing.B) {
+	rc := startCaddy(b, b.TempDir())
+	src := &importtest.Source{}
+	for i := range b.N {
+		body := make([]byte, 1024)
+		copy(body, fmt.Sprintf("item %d", i))
+		src.Media = append(src.Media, importtest.New("example.org", fmt.Sprintf("m%09d", i), body))
+	}
+	b.SetBytes(1024)
+	b.ResetTimer()
+	rep, err := importer.Run(context.Background(), src, &adminSink{addr: rc.admin}, importer.Options{})
+	b.StopTimer()
+	if err != nil || rep.Imported != int64(b.N) {
+		b.Fatalf("Run: %v\n%s", err, rep)
+	}
+	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "items/s")
 }

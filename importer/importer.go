@@ -9,7 +9,10 @@
 // asks the Sink which of them are already stored, and the Sink stores the
 // rest. Nothing is written for an item that is already present, so an
 // import interrupted at any point is resumed by running it again, and a
-// second full run changes nothing.
+// second full run changes nothing. StoreSink writes into this module's
+// stores; the caddymodule package has a Sink that goes through a running
+// Caddy's admin API to a StoreSink there. Package importtest has an
+// in-memory Source for tests.
 //
 // Write order (the storage package's contract): the blob is stored and its
 // SHA-256 checked against the source's recorded hash first; a quarantine
