@@ -21,6 +21,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/importer"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
@@ -86,6 +87,11 @@ func parseImportArgs(cmd *cobra.Command, args []string) (importRequest, error) {
 		return req, errors.New("--from is required: the source's configuration file")
 	}
 	req.opts.Filter.ServerNames, _ = fl.GetStringArray("server-name")
+	for _, name := range req.opts.Filter.ServerNames {
+		if !matrix.ValidServerName(name) {
+			return req, fmt.Errorf("--server-name %q is not a server name", name)
+		}
+	}
 	req.opts.Filter.IncludeRemote, _ = fl.GetBool("include-remote")
 	req.opts.DryRun, _ = fl.GetBool("dry-run")
 	req.opts.Workers, _ = fl.GetInt("workers")

@@ -474,6 +474,7 @@ func TestImportArgs(t *testing.T) {
 		{[]string{"test"}, nil, "--from is required"},
 		{[]string{"test", "a.json"}, map[string]string{"from": "b.json"}, "give the source once"},
 		{[]string{"test"}, map[string]string{"from": "a.json", "workers": "0"}, "--workers"},
+		{[]string{"test"}, map[string]string{"from": "a.json", "server-name": "https://example.org"}, "not a server name"},
 	} {
 		cmd := importCommand()
 		for k, v := range tc.flags {
