@@ -38,9 +38,13 @@ const adminPrefix = "/matrix_media/"
 //	GET    /matrix_media/usage?server_name=s per-user media counts and bytes (order_by, dir, from, limit, search_term, from_ts, until_ts)
 //	GET    /matrix_media/export?user=@u:s    a ZIP archive of the user's media (package mediaarchive), streamed
 //	GET    /matrix_media/export?server=s     a ZIP archive of the server name's local media, streamed
+//	POST   /matrix_media/import/lookup       {"media":[...]}: which of them are stored (for imports)
+//	PUT    /matrix_media/import/media/<server>/<id>  store one imported item (body: its bytes)
+//	POST   /matrix_media/import/quarantine   {"sha256":"…","quarantined_by":"…"}: carry a quarantine over
 //
 // The operators' endpoints are described in adminops.go; they log
-// "caddy-admin-api" as who asked. Exports are in export.go.
+// "caddy-admin-api" as who asked. Exports are in export.go, the import
+// endpoints in import.go.
 //
 // It acts on the running config's matrix_media app.
 type AdminAPI struct{}
@@ -70,6 +74,9 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "media/", Handler: onResources((*resources).serveMediaInfo)},
 		{Pattern: adminPrefix + "usage", Handler: onResources((*resources).serveUsage)},
 		{Pattern: adminPrefix + "export", Handler: onResources((*resources).serveExport)},
+		{Pattern: adminPrefix + "import/lookup", Handler: onResources((*resources).serveImportLookup)},
+		{Pattern: adminPrefix + "import/media/", Handler: onResources((*resources).serveImportMedia)},
+		{Pattern: adminPrefix + "import/quarantine", Handler: onResources((*resources).serveImportQuarantine)},
 	}
 }
 

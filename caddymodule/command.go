@@ -81,6 +81,20 @@ localhost:2019):
   caddy matrix-media media-info <mxc URI>
       what is stored about one media item
 
+  caddy matrix-media import <kind> --from <config file> [--server-name <name>]... [--include-remote] [--dry-run] [--workers n]
+      imports the media of another media repository (its own configuration
+      file names its database and files) into the running Caddy: server
+      names and media IDs are kept, so every mxc:// URI keeps working;
+      blobs are deduplicated and checked against the source's recorded
+      SHA-256; quarantine and protection are carried over. Items already
+      imported are skipped, so an interrupted import is resumed (and a
+      finished one checked) by running it again. --server-name limits it to
+      local media of those server names, --include-remote adds the source's
+      remote media cache, --dry-run reads and verifies everything and writes
+      nothing. Shows progress, then a report; exits non-zero when an item
+      did not match its recorded hash, conflicts with a different item here
+      or failed. Kinds: ` + importKinds() + `
+
   caddy matrix-media export (user <user_id> | server <server_name>) --out <file>
       writes a ZIP archive of a user's media or of a server name's local
       media: the files, manifest.json and an index.html to browse offline;
@@ -126,6 +140,7 @@ localhost:2019):
 			gcCmd.Flags().String("grace", "", "Grace period instead of the configured one (e.g. 10m; 0s only while no upload runs)")
 			cmd.AddCommand(gcCmd)
 			cmd.AddCommand(adminCommands()...)
+			cmd.AddCommand(importCommand())
 			cmd.AddCommand(&cobra.Command{
 				Use:   "datastores",
 				Short: "List the datastores with their blob counts and sizes",
@@ -133,6 +148,21 @@ localhost:2019):
 			})
 		},
 	})
+}
+
+// adminAddress is the address of the admin API named by cmd's flags
+// (--address, or the admin address of --config/--adapter; Caddy's default
+// otherwise).
+func adminAddress(cmd *cobra.Command) (string, error) {
+	fl := cmd.Flags()
+	addr, _ := fl.GetString("address")
+	cfg, _ := fl.GetString("config")
+	adapter, _ := fl.GetString("adapter")
+	adminAddr, err := caddycmd.DetermineAdminAPIAddress(addr, nil, cfg, adapter)
+	if err != nil {
+		return "", fmt.Errorf("finding the admin API address: %w", err)
+	}
+	return adminAddr, nil
 }
 
 // adminRequest sends one request to the admin API named by cmd's flags and
@@ -150,13 +180,9 @@ func adminRequest(cmd *cobra.Command, method, path string, body any, out any) er
 // with body as JSON when not nil, and returns the answer (a 4xx or 5xx
 // answer is an error). The caller closes its body.
 func adminResponse(cmd *cobra.Command, method, path string, body any) (*http.Response, error) {
-	fl := cmd.Flags()
-	addr, _ := fl.GetString("address")
-	cfg, _ := fl.GetString("config")
-	adapter, _ := fl.GetString("adapter")
-	adminAddr, err := caddycmd.DetermineAdminAPIAddress(addr, nil, cfg, adapter)
+	adminAddr, err := adminAddress(cmd)
 	if err != nil {
-		return nil, fmt.Errorf("finding the admin API address: %w", err)
+		return nil, err
 	}
 	var rd io.Reader
 	headers := http.Header{}
@@ -240,15 +266,22 @@ func runMigrate(cmd *cobra.Command, _ []string) error {
 	}
 }
 
-// progressBar draws a migration's progress on one terminal line (or a line
-// every few seconds when the output is not a terminal).
+// progressBar draws a migration's, a job's or an import's progress on one
+// terminal line (or a line every few seconds when the output is not a
+// terminal).
 type progressBar struct {
 	w        io.Writer
 	terminal bool
 	last     time.Time
 }
 
-func newProgressBar(f *os.File) *progressBar {
+// newProgressBar draws on w: a line redrawn in place when w is a terminal,
+// plain lines otherwise.
+func newProgressBar(w io.Writer) *progressBar {
+	f, ok := w.(*os.File)
+	if !ok {
+		return &progressBar{w: w}
+	}
 	fi, err := f.Stat()
 	return &progressBar{w: f, terminal: err == nil && fi.Mode()&os.ModeCharDevice != 0}
 }
@@ -270,10 +303,7 @@ func (b *progressBar) line(job migration) {
 	if p.TotalBlobs > 0 {
 		frac = float64(p.DoneBlobs+p.FailedBlobs) / float64(p.TotalBlobs)
 	}
-	const width = 30
-	filled := min(int(frac*width+0.5), width)
-	line := fmt.Sprintf("[%s%s] %3.0f%% %d/%d blobs, %s/%s",
-		strings.Repeat("#", filled), strings.Repeat(" ", width-filled), frac*100,
+	line := fmt.Sprintf("%s %d/%d blobs, %s/%s", meter(frac),
 		p.DoneBlobs, p.TotalBlobs, humanize.IBytes(uint64(p.DoneBytes)), humanize.IBytes(uint64(p.TotalBytes)))
 	if p.FailedBlobs > 0 {
 		line += fmt.Sprintf(", %d failed", p.FailedBlobs)
@@ -286,6 +316,15 @@ func (b *progressBar) line(job migration) {
 	} else {
 		fmt.Fprintln(b.w, line)
 	}
+}
+
+// meter draws a bar 30 characters wide filled to frac (0 to 1), and the
+// percentage.
+func meter(frac float64) string {
+	const width = 30
+	frac = min(max(frac, 0), 1)
+	filled := min(int(frac*width+0.5), width)
+	return fmt.Sprintf("[%s%s] %3.0f%%", strings.Repeat("#", filled), strings.Repeat(" ", width-filled), frac*100)
 }
 
 func (b *progressBar) finish() {

@@ -208,7 +208,7 @@ func TestWriteArchiveFile(t *testing.T) {
 	for name, body := range map[string]io.Reader{
 		"truncated":   bytes.NewReader(archive[:len(archive)-30]),
 		"not zip":     strings.NewReader("<html>proxy error</html>"),
-		"read failed": io.MultiReader(bytes.NewReader(archive[:100]), failingReader{}),
+		"read failed": io.MultiReader(bytes.NewReader(archive[:100]), failingReader{errors.New("connection reset")}),
 	} {
 		p := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".zip")
 		if _, err := writeArchiveFile(p, body, noProgress); err == nil {
@@ -221,10 +221,6 @@ func TestWriteArchiveFile(t *testing.T) {
 		}
 	}
 }
-
-type failingReader struct{}
-
-func (failingReader) Read([]byte) (int, error) { return 0, errors.New("connection reset") }
 
 // minimalArchive is a real export of one text item.
 func minimalArchive(t *testing.T) []byte {

@@ -61,7 +61,7 @@ func testAppConfig(t *testing.T) *App {
 }
 
 // fakeHomeserver answers whoami for the given tokens (token -> user ID).
-func fakeHomeserver(t *testing.T, tokens map[string]string) *httptest.Server {
+func fakeHomeserver(t testing.TB, tokens map[string]string) *httptest.Server {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/_matrix/client/v3/account/whoami" {

@@ -9,7 +9,10 @@
 // asks the Sink which of them are already stored, and the Sink stores the
 // rest. Nothing is written for an item that is already present, so an
 // import interrupted at any point is resumed by running it again, and a
-// second full run changes nothing.
+// second full run changes nothing. StoreSink writes into this module's
+// stores; the caddymodule package has a Sink that goes through a running
+// Caddy's admin API to a StoreSink there. Package importtest has an
+// in-memory Source for tests.
 //
 // Write order (the storage package's contract): the blob is stored and its
 // SHA-256 checked against the source's recorded hash first; a quarantine
@@ -23,9 +26,11 @@ package importer
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
@@ -42,6 +47,11 @@ var (
 	// item (other bytes) under the same server name and media ID, or that
 	// the ID was deleted there and is never issued again.
 	ErrConflict = errors.New("media ID already used by other content")
+	// ErrInvalid reports an item that cannot be stored as it is: a server
+	// name or media ID the module does not accept, a recorded hash that is
+	// not a SHA-256, a negative size (other than -1), or (for Run) no way
+	// to open its bytes. See ValidateItem.
+	ErrInvalid = errors.New("invalid media item")
 )
 
 // Item is one media item read from a source.
@@ -81,6 +91,28 @@ func (it Item) Ref() storage.MediaRef {
 	return storage.MediaRef{ServerName: it.ServerName, MediaID: it.MediaID}
 }
 
+// ValidateItem checks the metadata a Sink relies on before storing an item
+// (Open is not its concern: a Sink is given the bytes): its server name and
+// media ID are valid (matrix.ValidServerName, matrix.ValidMediaID), a
+// recorded SHA256 is a lowercase hex SHA-256 and Size is -1 or more. The
+// error wraps ErrInvalid.
+func ValidateItem(it Item) error {
+	var why string
+	switch {
+	case !matrix.ValidServerName(it.ServerName):
+		why = fmt.Sprintf("server name %q is not valid", it.ServerName)
+	case !matrix.ValidMediaID(it.MediaID):
+		why = fmt.Sprintf("media ID %q is not valid (want 1 to %d of [A-Za-z0-9_-])", it.MediaID, matrix.MaxMediaIDLength)
+	case it.SHA256 != "" && !storage.ValidSHA256(it.SHA256):
+		why = fmt.Sprintf("recorded hash %q is not a lowercase hex SHA-256", it.SHA256)
+	case it.Size < -1:
+		why = fmt.Sprintf("recorded size %d is negative", it.Size)
+	default:
+		return nil
+	}
+	return fmt.Errorf("%s: %w", why, ErrInvalid)
+}
+
 // Filter selects which items a Source lists.
 type Filter struct {
 	// ServerNames, when not empty, keeps only local media of these server
@@ -105,8 +137,8 @@ type Source interface {
 	Name() string
 	// Totals counts what Walk will list for f.
 	Totals(ctx context.Context, f Filter) (Totals, error)
-	// Walk calls fn for every item selected by f, in a stable order, and
-	// stops at fn's first error, returning it. It must not hold the whole
+	// Walk calls fn for every item selected by f, one call at a time, in a
+	// stable order, and stops at fn's first error, returning it. It must not hold the whole
 	// listing in memory (stream from a cursor, or page by key).
 	Walk(ctx context.Context, f Filter, fn func(Item) error) error
 	// Close releases the source's database connections.
@@ -124,10 +156,16 @@ const (
 	AlreadyPresent
 )
 
-// Present is what the target already holds for a media ref.
+// Present is what the target already holds for a media ref. Run compares
+// it with the source's item: the same SHA256 (or, when the source records
+// no hash, the same Size) means the item is already imported; anything
+// else, a pending or a deleted ID, is a conflict.
 type Present struct {
-	// SHA256 of its content; empty for a pending (not yet uploaded) item.
+	// SHA256 of its content; empty for a pending (not yet uploaded) item
+	// and for a deleted ID.
 	SHA256 string
+	// Size of its content in bytes; 0 for a pending item or a deleted ID.
+	Size int64
 	// Deleted is true for a deleted ID that is never issued again.
 	Deleted bool
 }
@@ -135,12 +173,18 @@ type Present struct {
 // Sink is where imported media goes: this module's stores directly
 // (StoreSink) or a running Caddy through its admin API.
 type Sink interface {
-	// Lookup reports which of refs the target already holds.
+	// Lookup reports which of refs the target already holds (media rows in
+	// any state, and deleted IDs); refs it does not hold are absent from
+	// the map. An error means the target could not be asked, and stops the
+	// run.
 	Lookup(ctx context.Context, refs []storage.MediaRef) (map[storage.MediaRef]Present, error)
 	// Put stores it with the bytes read from body, checking them against
 	// it.SHA256 and it.Size when set (ErrHashMismatch, and nothing is
 	// referenced). A ref already holding the same bytes gives
-	// AlreadyPresent; other bytes, or a deleted ID, give ErrConflict.
+	// AlreadyPresent; other bytes, or a deleted ID, give ErrConflict; an
+	// item ValidateItem refuses gives ErrInvalid. A carried-over quarantine
+	// (it.QuarantinedBy) is recorded before the media row (see the package
+	// doc). Put must not keep body after it returns.
 	Put(ctx context.Context, it Item, body io.Reader) (Outcome, error)
 	// Quarantine records the quarantine of content that could not be
 	// imported (its bytes are missing at the source), so that it stays

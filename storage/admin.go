@@ -285,3 +285,27 @@ type JobStore interface {
 	// running job was cancelled.
 	CancelJob(ctx context.Context, id string, at time.Time) (bool, error)
 }
+
+// MediaPresence is what a metadata store holds under one media ref: a
+// media row (in any state) or a deleted ID's tombstone.
+type MediaPresence struct {
+	// State is the row's state; empty for a tombstone.
+	State MediaState
+	// SHA256 and Size are the row's content; empty and 0 while pending and
+	// for a tombstone.
+	SHA256 string
+	Size   int64
+	// Deleted is true for an ID deleted with a tombstone (see
+	// MediaAdmin.DeleteMedia), which is never issued again.
+	Deleted bool
+}
+
+// MediaLookup is implemented by metadata stores that look many media refs
+// up at once, tombstones included (GetMedia answers ErrNotFound for a
+// deleted ID). Imports use it to skip what is already stored.
+type MediaLookup interface {
+	// LookupMedia returns what the store holds for each of refs; refs
+	// holding nothing are absent from the map. A ref with both a row and a
+	// tombstone is reported by its row.
+	LookupMedia(ctx context.Context, refs []MediaRef) (map[MediaRef]MediaPresence, error)
+}

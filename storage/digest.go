@@ -101,3 +101,19 @@ func readChunks(ctx context.Context, r io.Reader, buf []byte, fn func(chunk []by
 		}
 	}
 }
+
+// ValidSHA256 reports whether h is a blob address: exactly 64 lowercase hex
+// digits. It is the one check of a content hash given from outside (blob
+// stores' keys, dedup candidates, hashes recorded by import sources).
+func ValidSHA256(h string) bool {
+	if len(h) != sha256.Size*2 {
+		return false
+	}
+	for i := 0; i < len(h); i++ {
+		c := h[i]
+		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}

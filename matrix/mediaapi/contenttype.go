@@ -2,21 +2,15 @@ package mediaapi
 
 import "github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 
-// maxContentTypeLength bounds stored Content-Type values.
-const maxContentTypeLength = 255
-
-// checkContentType is the one check of a Content-Type before it is stored,
-// whoever supplied it (an uploader, a remote server): at most 255
-// visible-ASCII characters (spaces and tabs allowed).
+// checkContentType checks a Content-Type before it is stored, whoever
+// supplied it (an uploader, a remote server), with matrix.ValidContentType,
+// and says what is wrong with it.
 func checkContentType(ct string) *matrix.Error {
-	if len(ct) > maxContentTypeLength {
+	if len(ct) > matrix.MaxContentTypeLength {
 		return matrix.InvalidParam("Content-Type is longer than 255 characters")
 	}
-	for i := 0; i < len(ct); i++ {
-		c := ct[i]
-		if (c < 0x20 && c != '\t') || c >= 0x7f {
-			return matrix.InvalidParam("Content-Type contains invalid characters")
-		}
+	if !matrix.ValidContentType(ct) {
+		return matrix.InvalidParam("Content-Type contains invalid characters")
 	}
 	return nil
 }

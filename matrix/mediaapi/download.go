@@ -74,7 +74,7 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 	if rt.hasFileName && rt.rawFileName != "" {
 		var ok bool
 		fileName, ok = unescapeSegment(rt.rawFileName)
-		if !ok || !validFileName(fileName) {
+		if !ok || !matrix.ValidFileName(fileName) {
 			return writeErr(w, matrix.InvalidParam("Invalid file name"))
 		}
 	}

@@ -422,7 +422,7 @@ func dispositionFileName(cd string) string {
 		return ""
 	}
 	name := params["filename"]
-	if !validFileName(name) {
+	if !matrix.ValidFileName(name) {
 		return ""
 	}
 	return name

@@ -4,8 +4,6 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 )
@@ -251,23 +249,6 @@ func unescapeSegment(raw string) (string, bool) {
 		return "", false
 	}
 	return v, true
-}
-
-// maxFileNameLength bounds file names in bytes.
-const maxFileNameLength = 255
-
-// validFileName reports whether name can be stored and echoed as a file name:
-// valid UTF-8, at most 255 bytes, no control characters.
-func validFileName(name string) bool {
-	if len(name) > maxFileNameLength || !utf8.ValidString(name) {
-		return false
-	}
-	for _, c := range name {
-		if unicode.IsControl(c) {
-			return false
-		}
-	}
-	return true
 }
 
 // mediaRef unescapes and validates the route's server name and media ID.

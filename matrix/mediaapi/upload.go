@@ -44,7 +44,7 @@ func parseUploadMeta(r *http.Request) (uploadMeta, *matrix.Error) {
 		um.contentType = ct
 	}
 	name, found, ok := matrix.QueryParam(r.URL.RawQuery, "filename")
-	if found && (!ok || !validFileName(name)) {
+	if found && (!ok || !matrix.ValidFileName(name)) {
 		return um, matrix.InvalidParam("filename must be valid UTF-8 of at most 255 bytes without control characters")
 	}
 	um.filename = matrix.StripBidiControls(name)

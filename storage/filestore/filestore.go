@@ -15,7 +15,6 @@ package filestore
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -117,20 +116,6 @@ func (s *Store) removeStaleTemps(cutoff time.Time) error {
 	return nil
 }
 
-// validHash reports whether h is exactly 64 lowercase hex digits.
-func validHash(h string) bool {
-	if len(h) != sha256.Size*2 {
-		return false
-	}
-	for i := 0; i < len(h); i++ {
-		c := h[i]
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // shardDirs returns the two shard directories of a valid hash.
 func (s *Store) shardDirs(h string) (outer, inner string) {
 	outer = filepath.Join(s.blobDir, h[0:2])
@@ -146,7 +131,7 @@ func (s *Store) blobPath(h string) string {
 // checkedPath validates h and returns its blob path, or an error wrapping
 // storage.ErrNotFound for a malformed hash (which can never name a blob).
 func (s *Store) checkedPath(h string) (string, error) {
-	if !validHash(h) {
+	if !storage.ValidSHA256(h) {
 		return "", fmt.Errorf("invalid blob hash %q: %w", truncate(h, 80), storage.ErrNotFound)
 	}
 	return s.blobPath(h), nil
@@ -199,7 +184,7 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 		p.releaseCandidate()
 	}()
 
-	if validHash(opts.Candidate) {
+	if storage.ValidSHA256(opts.Candidate) {
 		p.openCandidate(opts.Candidate)
 	}
 	if p.cand == nil {
@@ -514,7 +499,7 @@ func (s *Store) List(ctx context.Context, fn func(storage.StoredBlob) error) err
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if d.IsDir() || !d.Type().IsRegular() || !validHash(d.Name()) {
+		if d.IsDir() || !d.Type().IsRegular() || !storage.ValidSHA256(d.Name()) {
 			return nil
 		}
 		info, err := d.Info()

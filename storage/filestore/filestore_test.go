@@ -305,29 +305,6 @@ func TestDeleteMalformedAndWhileOpen(t *testing.T) {
 	checkLayout(t, s)
 }
 
-func TestValidHash(t *testing.T) {
-	good := hexSum([]byte("x"))
-	tests := map[string]bool{
-		good:                    true,
-		strings.Repeat("0", 64): true,
-		strings.Repeat("f", 64): true,
-		strings.ToUpper(good):   false,
-		good[:63]:               false,
-		good + "a":              false,
-		"":                      false,
-		"g" + good[1:]:          false,
-		"/" + good[1:]:          false,
-		strings.Repeat(".", 64): false,
-		good[:63] + "\x00":      false,
-		strings.Repeat("é", 32): false,
-	}
-	for h, want := range tests {
-		if got := validHash(h); got != want {
-			t.Errorf("validHash(%q) = %v, want %v", h, got, want)
-		}
-	}
-}
-
 // patternReader yields n bytes of a cheap, non-repeating-per-chunk pattern
 // without allocating.
 type patternReader struct {

@@ -78,6 +78,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"RemoteCache", testRemoteCache},
 		{"ThumbnailExpiry", testThumbnailExpiry},
 		{"Jobs", testJobs},
+		{"LookupMedia", testLookupMedia},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -34,7 +34,7 @@ func (s *Store) List(ctx context.Context, fn func(storage.StoredBlob) error) err
 		for _, o := range page.Contents {
 			key := aws.ToString(o.Key)
 			name := path.Base(key)
-			if !validHash(name) || key != s.blobKey(name) || strings.HasSuffix(key, "/") {
+			if !storage.ValidSHA256(name) || key != s.blobKey(name) || strings.HasSuffix(key, "/") {
 				continue
 			}
 			if err := fn(storage.StoredBlob{SHA256: name, Size: aws.ToInt64(o.Size), ModTime: aws.ToTime(o.LastModified)}); err != nil {

@@ -61,7 +61,7 @@ func (s *Store) Put(ctx context.Context, r io.Reader, opts storage.PutOptions) (
 		p.w.release()
 	}()
 
-	if validHash(opts.Candidate) {
+	if storage.ValidSHA256(opts.Candidate) {
 		p.openCandidate(opts.Candidate)
 	}
 

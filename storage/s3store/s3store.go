@@ -25,7 +25,6 @@ package s3store
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -399,20 +398,6 @@ func statusCode(err error) int {
 	return 0
 }
 
-// validHash reports whether h is exactly 64 lowercase hex digits.
-func validHash(h string) bool {
-	if len(h) != sha256.Size*2 {
-		return false
-	}
-	for i := 0; i < len(h); i++ {
-		c := h[i]
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
-}
-
 // truncate shortens s for inclusion in an error message.
 func truncate(s string, n int) string {
 	if len(s) <= n {
@@ -429,7 +414,7 @@ func (s *Store) blobKey(h string) string {
 // checkedKey validates h and returns its object key, or an error wrapping
 // storage.ErrNotFound for a malformed hash (which can never name a blob).
 func (s *Store) checkedKey(h string) (string, error) {
-	if !validHash(h) {
+	if !storage.ValidSHA256(h) {
 		return "", fmt.Errorf("invalid blob hash %q: %w", truncate(h, 80), storage.ErrNotFound)
 	}
 	return s.blobKey(h), nil

@@ -532,3 +532,55 @@ func (s *Store) recordAccess(ctx context.Context, accesses []storage.Access) (er
 	}
 	return nil
 }
+
+var _ storage.MediaLookup = (*Store)(nil)
+
+// LookupMedia returns the media rows and tombstones of refs, per chunk of
+// deleteChunk refs in one query each (rows, then tombstones, joined with
+// UNION ALL).
+func (s *Store) LookupMedia(ctx context.Context, refs []storage.MediaRef) (map[storage.MediaRef]storage.MediaPresence, error) {
+	refs = sortedRefs(refs)
+	out := make(map[storage.MediaRef]storage.MediaPresence, len(refs))
+	for chunk := range slices.Chunk(refs, deleteChunk) {
+		values, args := refValues(chunk, nil)
+		_, args = refValues(chunk, args)
+		rows, err := s.read.QueryContext(ctx, s.dialect.rebind(
+			`SELECT server_name, media_id, state, sha256, size, 0 FROM media WHERE (server_name, media_id) IN `+values+`
+			UNION ALL
+			SELECT server_name, media_id, '', NULL, 0, 1 FROM deleted_media WHERE (server_name, media_id) IN `+values), args...)
+		if err != nil {
+			return nil, fmt.Errorf("looking up %d media item(s): %w", len(refs), classify(err))
+		}
+		if err := scanPresence(rows, out); err != nil {
+			return nil, fmt.Errorf("looking up %d media item(s): %w", len(refs), err)
+		}
+	}
+	return out, nil
+}
+
+// scanPresence reads the rows of LookupMedia into out; a row wins over a
+// tombstone of the same ref.
+func scanPresence(rows *sql.Rows, out map[storage.MediaRef]storage.MediaPresence) error {
+	defer rows.Close()
+	for rows.Next() {
+		var (
+			ref     storage.MediaRef
+			p       storage.MediaPresence
+			state   string
+			sha     sql.NullString
+			deleted int
+		)
+		if err := rows.Scan(&ref.ServerName, &ref.MediaID, &state, &sha, &p.Size, &deleted); err != nil {
+			return fmt.Errorf("reading row: %w", classify(err))
+		}
+		p.State, p.SHA256, p.Deleted = storage.MediaState(state), sha.String, deleted == 1
+		if prev, ok := out[ref]; ok && !prev.Deleted {
+			continue
+		}
+		out[ref] = p
+	}
+	if err := rows.Err(); err != nil {
+		return classify(err)
+	}
+	return nil
+}
