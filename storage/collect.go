@@ -64,3 +64,14 @@ type BlobCollector interface {
 	// release gives it back and must be called once when acquired.
 	LockCollector(ctx context.Context) (release func(), acquired bool, err error)
 }
+
+// ConcurrentCollector is implemented by BlobCollectors on which several
+// DeleteUnreferencedBlob calls run in parallel (each on its own database
+// connection), so that deleting many blobs gains from overlapping their
+// round trips, commits and datastore deletes. Without it, callers delete
+// one blob at a time.
+type ConcurrentCollector interface {
+	// CollectConcurrency is how many DeleteUnreferencedBlob calls are worth
+	// running at once.
+	CollectConcurrency() int
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -295,5 +296,163 @@ func TestRemoveMediaErrors(t *testing.T) {
 	fx.check(t, fx.media, other.SHA256, true)
 	if _, err := fx.meta.GetMedia(ctx, m.ServerName, m.MediaID); !errors.Is(err, storage.ErrNotFound) {
 		t.Fatalf("row after RemoveMedia: %v, want ErrNotFound", err)
+	}
+}
+
+// concurrentMeta is a metadata store that asks for n blob deletions at once
+// (storage.ConcurrentCollector); n 0 leaves the capability out.
+type concurrentMeta struct {
+	storage.MetadataStore
+	storage.MediaAdmin
+	storage.BlobCollector
+}
+
+type concurrentMetaN struct {
+	concurrentMeta
+	n int
+}
+
+func (c concurrentMetaN) CollectConcurrency() int { return c.n }
+
+// gatedStore holds every Delete until want of them are running at once (or
+// two seconds passed), records how many ran at once at most, and then fails
+// with err when set, or deletes; onDelete, when set, runs first.
+type gatedStore struct {
+	storage.BlobStore
+	want     int
+	err      error
+	onDelete func()
+
+	mu             sync.Mutex
+	inflight, peak int
+	calls          int
+	full           chan struct{}
+	fullClosed     bool
+}
+
+func newGatedStore(t *testing.T, want int) *gatedStore {
+	return &gatedStore{BlobStore: newFileStore(t), want: want, full: make(chan struct{})}
+}
+
+func (g *gatedStore) Delete(ctx context.Context, sha string) error {
+	if g.onDelete != nil {
+		g.onDelete()
+	}
+	g.mu.Lock()
+	g.calls++
+	g.inflight++
+	g.peak = max(g.peak, g.inflight)
+	if g.inflight >= g.want && !g.fullClosed {
+		close(g.full)
+		g.fullClosed = true
+	}
+	g.mu.Unlock()
+	defer func() {
+		g.mu.Lock()
+		g.inflight--
+		g.mu.Unlock()
+	}()
+	select {
+	case <-g.full:
+	case <-time.After(2 * time.Second):
+	}
+	if g.err != nil {
+		return g.err
+	}
+	return g.BlobStore.Delete(ctx, sha)
+}
+
+// TestRemoveMediaConcurrentBlobs checks that RemoveMedia deletes blobs as
+// many at once as the metadata store's ConcurrentCollector asks (one at a
+// time without it), that it stops starting deletions once the datastore is
+// unavailable or the context ends, and that in every case each blob keeps
+// its record exactly when it keeps its bytes.
+func TestRemoveMediaConcurrentBlobs(t *testing.T) {
+	unavailable := fmt.Errorf("s3 said: %w", storage.ErrUnavailable)
+	cases := []struct {
+		name        string
+		concurrency int // 0: no ConcurrentCollector
+		want        int // Deletes held until this many run at once
+		blobs       int
+		err         error
+		cancel      bool // the first Delete cancels the context
+		// expected outcome
+		peak     int
+		maxCalls int
+		deleted  int
+		wantErr  error
+	}{
+		{name: "concurrent", concurrency: 3, want: 3, blobs: 12, peak: 3, maxCalls: 12, deleted: 12},
+		{name: "sequential without the capability", want: 1, blobs: 5, peak: 1, maxCalls: 5, deleted: 5},
+		{name: "datastore unavailable", concurrency: 4, want: 4, blobs: 20, err: unavailable, peak: 4, maxCalls: 4, wantErr: storage.ErrUnavailable},
+		{name: "context cancelled", concurrency: 2, want: 1, blobs: 10, cancel: true, maxCalls: 2, wantErr: context.Canceled},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			pg := adminMetaStores[1].open(t)
+			base := concurrentMeta{pg, pg.(storage.MediaAdmin), pg.(storage.BlobCollector)}
+			var meta storage.MetadataStore = base
+			if tc.concurrency > 0 {
+				meta = concurrentMetaN{base, tc.concurrency}
+			}
+			store := newGatedStore(t, tc.want)
+			if tc.cancel {
+				store.onDelete = cancel
+			}
+			ds, err := storage.NewDatastores(storage.Datastore{Name: "media", Store: store, Kinds: []storage.Kind{storage.KindLocal}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			fx := &removeFixture{meta: meta, ds: ds}
+			var (
+				refs   []storage.MediaRef
+				hashes []string
+			)
+			for i := range tc.blobs {
+				blob := fx.ingest(t, storage.KindLocal, fmt.Sprintf("content %d", i))
+				refs = append(refs, fx.insert(t, fmt.Sprintf("m%d", i), blob))
+				hashes = append(hashes, blob.SHA256)
+			}
+			store.err = tc.err
+
+			rm, err := storage.RemoveMedia(ctx, meta, ds, refs, storage.RemoveOptions{Now: later})
+			if tc.wantErr == nil && err != nil || tc.wantErr != nil && !errors.Is(err, tc.wantErr) {
+				t.Fatalf("RemoveMedia: %v, want %v", err, tc.wantErr)
+			}
+			if len(rm.Media) != tc.blobs || rm.Blobs+rm.KeptBlobs != tc.blobs {
+				t.Fatalf("RemoveMedia = %d rows, %d blobs deleted, %d kept; want %d rows and blobs", len(rm.Media), rm.Blobs, rm.KeptBlobs, tc.blobs)
+			}
+			if !tc.cancel && rm.Blobs != tc.deleted {
+				t.Fatalf("RemoveMedia deleted %d blobs, want %d", rm.Blobs, tc.deleted)
+			}
+			store.mu.Lock()
+			peak, calls := store.peak, store.calls
+			store.mu.Unlock()
+			if tc.peak > 0 && peak != tc.peak {
+				t.Errorf("%d blob deletions ran at once at most, want %d", peak, tc.peak)
+			}
+			if calls > tc.maxCalls {
+				t.Errorf("%d blob deletions started, want at most %d", calls, tc.maxCalls)
+			}
+			// Safety: a blob keeps its record exactly when it keeps its
+			// bytes, and the blobs deleted are those counted.
+			gone := 0
+			for _, h := range hashes {
+				_, statErr := store.Stat(context.Background(), h)
+				_, recErr := meta.GetBlob(context.Background(), h)
+				switch {
+				case statErr == nil && recErr == nil:
+				case errors.Is(statErr, storage.ErrNotFound) && errors.Is(recErr, storage.ErrNotFound):
+					gone++
+				default:
+					t.Fatalf("blob %s: Stat %v, GetBlob %v; want both or neither", h[:8], statErr, recErr)
+				}
+			}
+			if gone != rm.Blobs {
+				t.Fatalf("%d blobs gone, RemoveMedia counted %d", gone, rm.Blobs)
+			}
+		})
 	}
 }

@@ -11,7 +11,27 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
-var _ storage.BlobCollector = (*Store)(nil)
+var (
+	_ storage.BlobCollector       = (*Store)(nil)
+	_ storage.ConcurrentCollector = (*Store)(nil)
+)
+
+// postgresCollectConcurrency is how many blob deletions a PostgreSQL store
+// asks callers to run at once: enough to overlap their round trips and
+// commits (PostgreSQL flushes concurrent commits together), a small share
+// of the pool's 32 connections, which requests need.
+const postgresCollectConcurrency = 4
+
+// CollectConcurrency is how many DeleteUnreferencedBlob calls are worth
+// running at once: postgresCollectConcurrency on PostgreSQL, 1 on SQLite,
+// where every write goes through the one write connection, so that more
+// would only queue ahead of other writers.
+func (s *Store) CollectConcurrency() int {
+	if s.dialect == dialectPostgres {
+		return postgresCollectConcurrency
+	}
+	return 1
+}
 
 // TouchBlob moves the last claim of the recorded blob forward to at; it
 // reports false when no record of sha256 exists. On PostgreSQL the UPDATE

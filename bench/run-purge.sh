@@ -1,0 +1,205 @@
+#!/usr/bin/env bash
+# Purge benchmark: Synapse's POST /_synapse/admin/v1/purge_media_cache over a
+# cache of ROWS remote media (PostgreSQL, file datastore) in ONE Caddy
+# process, with uploads and downloads of local media running at fixed rates
+# before and during the purge. Everything binds to 127.0.0.1.
+#
+# Usage: bench/run-purge.sh [--quick]
+#   --quick   2000 rows, 5 s before and after the purge (smoke run)
+# Env: CADDY (path to a caddy built with ./xcaddy.sh build; default ./caddy),
+#      ROWS (remote media rows, default 100000), SEED_SIZE (bytes per remote
+#      blob, default 1024), BEFORE (seconds of load before the purge, default
+#      15), AFTER (seconds of load after the purge, a control; default 15;
+#      0: none), UPLOAD_RATE and DOWNLOAD_RATE (requests started per second,
+#      default 10 and 50), UPLOAD_SIZE (bytes per upload and per downloaded
+#      media, default 65536), PG_DSN (a PostgreSQL server to use, as a
+#      connection string to a database of a role that may CREATE DATABASE;
+#      default: a throwaway cluster started in the temporary directory from
+#      /usr/lib/postgresql/*/bin with PostgreSQL's default durability, fsync
+#      and synchronous_commit on), PG_OPTS (extra "-c name=value" options of
+#      the throwaway cluster), PPROF=1 (a CPU profile of Caddy over PPROF_SECONDS,
+#      default 10, and an execution trace over 2 s, taken from the admin
+#      endpoint's /debug/pprof as the purge starts, saved next to the report).
+#
+# Scenario (issue 11 target):
+#   1. bench/purge/seed writes ROWS remote media items (50 server names) with
+#      one distinct SEED_SIZE blob each through the storage packages (bytes in
+#      the file datastore, blob record, media row), cached 48 h ago and never
+#      read since: older than the purge cutoff (24 h ago) and than the
+#      garbage collector's grace (1 h), so the purge removes rows and blobs.
+#   2. Caddy starts on that database and datastore; one site, a stand-in
+#      homeserver answering whoami, a media admin token.
+#   3. bench/purge/load uploads 50 local media, then runs uploads (fresh
+#      random UPLOAD_SIZE bytes) and downloads (of those 50, bytes checked)
+#      open-loop at the given rates for BEFORE seconds ("before"), then asks
+#      for the purge as the media admin and keeps the load running until the
+#      purge answers ("during"; Synapse's endpoint answers {"deleted": n} when
+#      the background job is done), then for AFTER seconds more ("after",
+#      the same load on the same database: a control for noise that has
+#      nothing to do with the purge). It follows the job's progress through
+#      Caddy's admin API (GET /matrix_media/jobs).
+#   Reported: items/s of the purge (deleted / time to the answer, and the
+#   job's own items over its run time), p50/p99/max latency, req/s, errors
+#   and skipped starts of uploads and downloads before, during and after the purge,
+#   and what is left afterwards (remote rows, blob records, blob files:
+#   expected 0 remote rows, and only the local media's blobs).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CADDY=${CADDY:-$ROOT/caddy}
+ROWS=${ROWS:-100000}
+SEED_SIZE=${SEED_SIZE:-1024}
+BEFORE=${BEFORE:-15}
+AFTER=${AFTER:-15}
+UPLOAD_RATE=${UPLOAD_RATE:-10}
+DOWNLOAD_RATE=${DOWNLOAD_RATE:-50}
+UPLOAD_SIZE=${UPLOAD_SIZE:-65536}
+PG_DSN=${PG_DSN:-}
+PG_OPTS=${PG_OPTS:-}
+PPROF=${PPROF:-}
+PPROF_SECONDS=${PPROF_SECONDS:-10}
+LOCAL=50
+if [[ ${1:-} == --quick ]]; then ROWS=2000; BEFORE=5; AFTER=5; fi
+
+need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
+need go; need curl; need psql
+[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/mm-bench-purge.XXXXXX)
+CADDY_PID=
+PG_BIN=
+PG_DIR=
+cleanup() {
+	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
+	if [[ -n $PG_DIR ]]; then
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+	elif [[ -n ${DB_NAME:-} ]]; then
+		psql -q -d "$PG_DSN" -c "DROP DATABASE IF EXISTS $DB_NAME" >/dev/null 2>&1 || true
+	fi
+	rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
+	echo $((20000 + RANDOM % 20000)); }
+
+# as_pg runs a PostgreSQL binary as the postgres user when this script runs
+# as root (PostgreSQL refuses root), else as the current user.
+as_pg() {
+	if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+ADMIN=$(free_port); HS=$(free_port); MM=$(free_port)
+export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
+mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config"
+
+echo "bench: building bench/purge programs" >&2
+CGO_ENABLED=1 go build -o "$WORK/bin/" ./bench/purge/seed ./bench/purge/load
+
+# The database: a fresh one on PG_DSN's server, or a throwaway cluster.
+if [[ -n $PG_DSN ]]; then
+	DB_NAME=mm_bench_purge_$$_$RANDOM
+	psql -q -v ON_ERROR_STOP=1 -d "$PG_DSN" -c "CREATE DATABASE $DB_NAME" >/dev/null
+	DSN=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$PG_DSN" "$DB_NAME")
+	PG_WHAT="server of PG_DSN, database $DB_NAME"
+else
+	for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -V -r); do
+		[[ -x $d/initdb && -x $d/pg_ctl ]] && { PG_BIN=$d; break; }
+	done
+	[[ -n $PG_BIN ]] || { echo "bench: no PostgreSQL binaries in /usr/lib/postgresql/*/bin (./xcaddy.sh deps installs them) and no PG_DSN" >&2; exit 1; }
+	PG_PORT=$(free_port)
+	PG_DIR=$WORK/pg
+	chmod 755 "$WORK"
+	mkdir -p "$PG_DIR"
+	((EUID == 0)) && chown postgres: "$PG_DIR"
+	as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres -A trust -E UTF8 --no-locale >"$WORK/initdb.log" 2>&1 ||
+		{ cat "$WORK/initdb.log" >&2; PG_DIR=; exit 1; }
+	# shellcheck disable=SC2086 # PG_OPTS is a list of options
+	as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
+		-o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=100 $PG_OPTS" start >/dev/null ||
+		{ cat "$PG_DIR/server.log" >&2; exit 1; }
+	psql -q -v ON_ERROR_STOP=1 -d "postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable" -c "CREATE DATABASE media" >/dev/null
+	DSN="postgres://postgres@127.0.0.1:$PG_PORT/media?sslmode=disable"
+	PG_WHAT="throwaway cluster $("$PG_BIN/postgres" --version | awk '{print $3}'), defaults${PG_OPTS:+ + $PG_OPTS}"
+fi
+sql() { psql -qtA -v ON_ERROR_STOP=1 -d "$DSN" -c "$1"; }
+
+REPORT=$WORK/report.txt
+say() { echo "$*" | tee -a "$REPORT"; }
+say "caddy-matrix-media purge benchmark $(date -u +%FT%TZ) on $(nproc) cores; rows=$ROWS seed_size=$SEED_SIZE before=${BEFORE}s after=${AFTER}s upload_rate=$UPLOAD_RATE/s download_rate=$DOWNLOAD_RATE/s upload_size=$UPLOAD_SIZE; PostgreSQL: $PG_WHAT"
+
+echo "bench: seeding $ROWS remote media" >&2
+SEED_OUT=$("$WORK/bin/seed" -dsn "$DSN" -store "$WORK/store" -rows "$ROWS" -size "$SEED_SIZE" -age 48h)
+say "$SEED_OUT"
+sql "ANALYZE" >/dev/null
+
+cat >"$WORK/Caddyfile" <<EOF
+{
+	admin 127.0.0.1:$ADMIN
+	auto_https off
+	default_bind 127.0.0.1
+	persist_config off
+	matrix_media {
+		storage_path $WORK/store
+		database postgres "$DSN"
+	}
+}
+# Stand-in homeserver: only whoami is needed (uploads and v1 downloads are
+# authenticated; the admin token needs no homeserver).
+http://127.0.0.1:$HS {
+	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
+}
+http://127.0.0.1:$MM {
+	matrix_media {
+		server_name localhost
+		homeserver http://127.0.0.1:$HS
+		admin_token bench-purge-admin-token-0123456789abcdef
+	}
+}
+EOF
+
+"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
+CADDY_PID=$!
+for _ in $(seq 1 100); do
+	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
+	kill -0 "$CADDY_PID" 2>/dev/null || break
+	sleep 0.1
+done
+curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+
+count_files() { find "$WORK/store/blobs" -type f | wc -l; }
+say "before: $(sql "SELECT count(*) FROM media WHERE remote") remote rows, $(sql "SELECT count(*) FROM blobs") blob records, $(count_files) blob files"
+
+PPROF_PIDS=()
+if [[ -n $PPROF ]]; then
+	# Both start BEFORE seconds from now, as the purge does.
+	(sleep "$BEFORE"; curl -fsS -o "$WORK/cpu.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=$PPROF_SECONDS" || true) &
+	PPROF_PIDS+=($!)
+	(sleep "$((BEFORE + 1))"; curl -fsS -o "$WORK/trace.out" "http://127.0.0.1:$ADMIN/debug/pprof/trace?seconds=2" || true) &
+	PPROF_PIDS+=($!)
+fi
+
+echo "bench: load for ${BEFORE}s, then the purge under load, then ${AFTER}s more" >&2
+BEFORE_TS=$(($(date +%s) * 1000 - 24 * 3600 * 1000))
+LOAD_RC=0
+"$WORK/bin/load" -base "http://127.0.0.1:$MM" -caddy-admin "http://127.0.0.1:$ADMIN" \
+	-admin-token bench-purge-admin-token-0123456789abcdef -before-ts "$BEFORE_TS" -expect "$ROWS" \
+	-before "${BEFORE}s" -after "${AFTER}s" -upload-rate "$UPLOAD_RATE" -download-rate "$DOWNLOAD_RATE" -upload-size "$UPLOAD_SIZE" \
+	-local "$LOCAL" >"$WORK/load.txt" 2>"$WORK/load.err" || LOAD_RC=$?
+for p in "${PPROF_PIDS[@]}"; do wait "$p" || true; done
+say ""
+tee -a "$REPORT" <"$WORK/load.txt"
+[[ -s $WORK/load.err ]] && { tee -a "$REPORT" <"$WORK/load.err" >&2; }
+say ""
+say "after: $(sql "SELECT count(*) FROM media WHERE remote") remote rows, $(sql "SELECT count(*) FROM media WHERE NOT remote") local rows, $(sql "SELECT count(*) FROM blobs") blob records, $(count_files) blob files"
+grep -q '"level":"error"' "$WORK/caddy.log" && { say "caddy logged errors:"; grep '"level":"error"' "$WORK/caddy.log" | head -5 | tee -a "$REPORT"; }
+
+mkdir -p "$ROOT/bench/results"
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+cp "$REPORT" "$ROOT/bench/results/purge-$STAMP.txt"
+for f in "$WORK/cpu.pprof" "$WORK/trace.out"; do
+	[[ -s $f ]] && cp "$f" "$ROOT/bench/results/purge-$STAMP.${f##*/}"
+done
+echo "report saved under bench/results/"
+exit "$LOAD_RC"
