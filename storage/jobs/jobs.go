@@ -444,7 +444,8 @@ func (r *Runner) renewLoop(ctx context.Context, p *Progress, stop <-chan struct{
 }
 
 // Wait waits until job id ends and returns it. A job run by this runner is
-// seen at once; one run elsewhere is read from the store every PollInterval
+// seen at once, and Wait returns only after its execution has wound down
+// (outcome stored, metrics counted); one run elsewhere is read from the store every PollInterval
 // (at most every second). When ctx ends first, Wait returns the job as last
 // read and ctx's error; the job goes on.
 func (r *Runner) Wait(ctx context.Context, id string) (storage.Job, error) {
@@ -456,15 +457,25 @@ func (r *Runner) Wait(ctx context.Context, id string) (storage.Job, error) {
 		if err != nil {
 			return j, fmt.Errorf("reading job %s: %w", id, err)
 		}
-		if j.State != storage.JobRunning {
-			return j, nil
-		}
 		var done <-chan struct{}
 		r.mu.Lock()
 		if e, ok := r.running[id]; ok {
 			done = e.done
 		}
 		r.mu.Unlock()
+		if j.State != storage.JobRunning {
+			// The outcome is stored; when this runner ran the job, also
+			// wait for its execution to wind down (metrics, logs), so
+			// that what the caller reads next is settled.
+			if done != nil {
+				select {
+				case <-ctx.Done():
+					return j, ctx.Err()
+				case <-done:
+				}
+			}
+			return j, nil
+		}
 		select {
 		case <-ctx.Done():
 			return j, ctx.Err()
