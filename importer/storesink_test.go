@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"maps"
 	"math/rand/v2"
 	"os"
@@ -21,101 +20,17 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/importer"
 	"github.com/caddy-matrix-media/caddy-matrix-media/importer/importtest"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
-	"github.com/caddy-matrix-media/caddy-matrix-media/internal/tests3"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
-	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
 )
 
 func TestMain(m *testing.M) { testpg.Main(m) }
 
-// importNow is the sink's clock in these tests: quarantine times carried
-// over compare equal between runs.
-func importNow() time.Time { return time.UnixMilli(1_700_000_000_000).UTC() }
-
-// fixture is a metadata store, a datastore "media" for local media and a
-// file datastore "remote" for remote media, and a StoreSink over them.
-type fixture struct {
-	meta *sqlstore.Store
-	ds   *storage.Datastores
-	sink *importer.StoreSink
-	// dirs are the roots of the file datastores; s3 is the S3 server when
-	// "media" is on S3.
-	dirs []string
-	s3   *tests3.Server
-}
-
-// backend opens a fixture.
-type backend struct {
-	name string
-	open func(t *testing.T) *fixture
-}
-
-func openSQLite(t *testing.T) *sqlstore.Store {
-	m, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatalf("opening sqlite: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-func openPostgres(t *testing.T) *sqlstore.Store {
-	m, err := sqlstore.OpenPostgres(context.Background(), testpg.DSN(t))
-	if err != nil {
-		t.Fatalf("opening postgres: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-func fileStore(t *testing.T) (storage.BlobStore, string) {
-	dir := t.TempDir()
-	s, err := filestore.New(dir)
-	if err != nil {
-		t.Fatalf("filestore.New: %v", err)
-	}
-	return s, dir
-}
-
-func newFixture(t *testing.T, meta *sqlstore.Store, media storage.BlobStore, dirs ...string) *fixture {
-	remote, dir := fileStore(t)
-	ds, err := storage.NewDatastores(
-		storage.Datastore{Name: "media", Store: media, Kinds: []storage.Kind{storage.KindLocal}},
-		storage.Datastore{Name: "remote", Store: remote, Kinds: []storage.Kind{storage.KindRemote}},
-	)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ds.Close() })
-	return &fixture{meta: meta, ds: ds, dirs: append(dirs, dir),
-		sink: &importer.StoreSink{Meta: meta, Stores: ds, Now: importNow}}
-}
-
-var backends = []backend{
-	{"sqlite+files", func(t *testing.T) *fixture {
-		media, dir := fileStore(t)
-		return newFixture(t, openSQLite(t), media, dir)
-	}},
-	{"postgres+files", func(t *testing.T) *fixture {
-		media, dir := fileStore(t)
-		return newFixture(t, openPostgres(t), media, dir)
-	}},
-	{"sqlite+s3", func(t *testing.T) *fixture {
-		srv := tests3.Start(t)
-		s3, err := s3store.New(context.Background(), s3store.Config{
-			Endpoint: srv.URL(), Bucket: srv.Bucket(), PathStyle: true,
-			AccessKeyID: srv.AccessKey(), SecretAccessKey: srv.SecretKey(), RetryMaxBackoff: 20 * time.Millisecond,
-		})
-		if err != nil {
-			t.Fatalf("s3store.New: %v", err)
-		}
-		fx := newFixture(t, openSQLite(t), s3)
-		fx.s3 = srv
-		return fx
-	}},
-}
+// fixture is an import target: importtest.LocalStore for local media (a
+// directory or S3), importtest.RemoteStore for remote media, and a
+// StoreSink over them.
+type fixture = importtest.Target
 
 // dataset is a source's media: good ones, which an import stores, and bad
 // ones, which it reports.
@@ -197,81 +112,19 @@ func (d dataset) wantCounts() importer.Counts {
 
 var allRemote = importer.Options{Filter: importer.Filter{IncludeRemote: true}}
 
-// state is what a target holds, for comparisons: every ready row, every
-// blob record by datastore, and the quarantines of the dataset's hashes.
-type state struct {
-	rows        map[storage.MediaRef]storage.Media
-	blobs       map[string][]storage.BlobRecord
-	quarantines map[string]storage.Quarantine
-}
-
-func snapshot(t *testing.T, fx *fixture, d dataset) state {
-	t.Helper()
-	ctx := context.Background()
-	st := state{rows: map[storage.MediaRef]storage.Media{}, blobs: map[string][]storage.BlobRecord{}, quarantines: map[string]storage.Quarantine{}}
-	for _, remote := range []bool{false, true} {
-		rows, err := fx.meta.ListOldMedia(ctx, storage.OldMediaQuery{Remote: remote, Before: time.Now().Add(time.Hour),
-			IncludeQuarantined: true, IncludeProtected: true, Limit: 10_000})
-		if err != nil {
-			t.Fatalf("ListOldMedia: %v", err)
-		}
-		for _, m := range rows {
-			m.LastAccessAt = time.Time{}
-			st.rows[storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID}] = m
-		}
-	}
-	for _, name := range fx.ds.Names() {
-		recs, err := fx.meta.ListBlobs(ctx, name, "", 10_000)
-		if err != nil {
-			t.Fatalf("ListBlobs: %v", err)
-		}
-		for i := range recs {
-			recs[i].CreatedAt = time.Time{}
-		}
-		st.blobs[name] = recs
-	}
-	for _, m := range append(slices.Clone(d.good), d.bad...) {
-		if q, err := fx.meta.GetQuarantine(ctx, importtest.SHA256(m.Body)); err == nil {
-			st.quarantines[q.SHA256] = q
-		}
-		if q, err := fx.meta.GetQuarantine(ctx, m.SHA256); err == nil {
-			st.quarantines[q.SHA256] = q
-		}
-	}
-	return st
-}
-
-func (a state) diff(b state) string {
+// hashes lists the content and recorded hashes of every item of d.
+func (d dataset) hashes() []string {
 	var out []string
-	for r, m := range a.rows {
-		if n, ok := b.rows[r]; !ok || !equalMedia(m, n) {
-			out = append(out, fmt.Sprintf("row %v: %+v vs %+v", r, m, n))
-		}
+	for _, m := range append(slices.Clone(d.good), d.bad...) {
+		out = append(out, importtest.SHA256(m.Body), m.SHA256)
 	}
-	for r := range b.rows {
-		if _, ok := a.rows[r]; !ok {
-			out = append(out, fmt.Sprintf("extra row %v", r))
-		}
-	}
-	if !maps.EqualFunc(a.blobs, b.blobs, slices.Equal) {
-		out = append(out, fmt.Sprintf("blobs %v vs %v", a.blobs, b.blobs))
-	}
-	if !maps.EqualFunc(a.quarantines, b.quarantines, func(x, y storage.Quarantine) bool { return x.By == y.By && x.At.Equal(y.At) }) {
-		out = append(out, fmt.Sprintf("quarantines %v vs %v", a.quarantines, b.quarantines))
-	}
-	return strings.Join(out, "\n")
+	return out
 }
 
-func equalMedia(a, b storage.Media) bool {
-	ta, tb := []time.Time{a.CreatedAt, a.UploadedAt, a.ExpiresAt, a.QuarantinedAt}, []time.Time{b.CreatedAt, b.UploadedAt, b.ExpiresAt, b.QuarantinedAt}
-	for i := range ta {
-		if !ta[i].Equal(tb[i]) {
-			return false
-		}
-	}
-	a.CreatedAt, a.UploadedAt, a.ExpiresAt, a.QuarantinedAt = time.Time{}, time.Time{}, time.Time{}, time.Time{}
-	b.CreatedAt, b.UploadedAt, b.ExpiresAt, b.QuarantinedAt = time.Time{}, time.Time{}, time.Time{}, time.Time{}
-	return a == b
+// snapshot reads what fx holds, with the quarantines of d's hashes.
+func snapshot(t *testing.T, fx *fixture, d dataset) importtest.State {
+	t.Helper()
+	return fx.Snapshot(t, d.hashes()...)
 }
 
 // checkImported checks every item of d against the target: each good item
@@ -283,7 +136,7 @@ func checkImported(t *testing.T, fx *fixture, d dataset) {
 	ctx := context.Background()
 	wantBlobs := map[string]map[string]bool{"media": {}, "remote": {}}
 	for _, it := range d.good {
-		m, err := fx.meta.GetMedia(ctx, it.ServerName, it.MediaID)
+		m, err := fx.Meta.GetMedia(ctx, it.ServerName, it.MediaID)
 		if err != nil {
 			t.Errorf("%s/%s: %v", it.ServerName, it.MediaID, err)
 			continue
@@ -305,18 +158,18 @@ func checkImported(t *testing.T, fx *fixture, d dataset) {
 			want.Datastore = "remote"
 		}
 		if it.QuarantinedBy != "" {
-			want.QuarantinedAt = importNow()
+			want.QuarantinedAt = importtest.Now()
 		}
 		got := m
 		got.LastAccessAt = time.Time{}
-		if !equalMedia(got, want) {
+		if !importtest.EqualMedia(got, want) {
 			t.Errorf("%s/%s stored as\n%+v\nwant\n%+v", it.ServerName, it.MediaID, got, want)
 		}
 		if m.Refused() != (it.QuarantinedBy != "" && !it.Protected) {
 			t.Errorf("%s/%s: Refused() = %v", it.ServerName, it.MediaID, m.Refused())
 		}
 		wantBlobs[m.Datastore][sha] = true
-		store, _ := fx.ds.Get(m.Datastore)
+		store, _ := fx.Stores.Get(m.Datastore)
 		blob, err := store.Open(ctx, sha)
 		if err != nil {
 			t.Errorf("%s/%s: row without blob: %v", it.ServerName, it.MediaID, err)
@@ -329,19 +182,19 @@ func checkImported(t *testing.T, fx *fixture, d dataset) {
 		}
 	}
 	for _, it := range d.bad {
-		if _, err := fx.meta.GetMedia(ctx, it.ServerName, it.MediaID); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := fx.Meta.GetMedia(ctx, it.ServerName, it.MediaID); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("bad item %s stored: %v", it.MediaID, err)
 		}
-		if _, err := fx.meta.GetBlob(ctx, importtest.SHA256(it.Body)); !errors.Is(err, storage.ErrNotFound) {
+		if _, err := fx.Meta.GetBlob(ctx, importtest.SHA256(it.Body)); !errors.Is(err, storage.ErrNotFound) {
 			t.Errorf("bad item %s: its bytes were recorded: %v", it.MediaID, err)
 		}
 	}
-	q, err := fx.meta.GetQuarantine(ctx, d.quarantinedMissing)
+	q, err := fx.Meta.GetQuarantine(ctx, d.quarantinedMissing)
 	if err != nil || q.By != "@mod:example.org" {
 		t.Errorf("quarantine of the missing item: %+v, %v", q, err)
 	}
 	for name, want := range wantBlobs {
-		recs, err := fx.meta.ListBlobs(ctx, name, "", 10_000)
+		recs, err := fx.Meta.ListBlobs(ctx, name, "", 10_000)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -355,49 +208,19 @@ func checkImported(t *testing.T, fx *fixture, d dataset) {
 	}
 	// Bytes on disk: exactly the recorded blobs (nothing left behind by a
 	// failed or interrupted import), no temp file.
-	if fx.s3 != nil {
-		if n := len(fx.s3.Objects(t)); n != len(wantBlobs["media"]) {
+	if fx.S3 != nil {
+		if n := len(fx.S3.Objects(t)); n != len(wantBlobs["media"]) {
 			t.Errorf("S3 holds %d objects, want %d", n, len(wantBlobs["media"]))
 		}
 	}
-	var onDisk int
-	for _, dir := range fx.dirs {
-		onDisk += len(files(t, dir))
-	}
+	st := fx.Snapshot(t)
 	wantOnDisk := len(wantBlobs["remote"])
-	if fx.s3 == nil {
+	if fx.S3 == nil {
 		wantOnDisk += len(wantBlobs["media"])
 	}
-	if onDisk != wantOnDisk {
-		t.Errorf("%d files in the file datastores, want %d: %v", onDisk, wantOnDisk, fx.dirs)
+	if len(st.Files) != wantOnDisk {
+		t.Errorf("%d files in the file datastores, want %d: %v", len(st.Files), wantOnDisk, st.Files)
 	}
-}
-
-// fileInfo is what a second run must not change about a file.
-type fileInfo struct {
-	size  int64
-	mtime time.Time
-}
-
-// files lists the regular files under dir.
-func files(t *testing.T, dir string) map[string]fileInfo {
-	t.Helper()
-	out := map[string]fileInfo{}
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		out[path] = fileInfo{fi.Size(), fi.ModTime()}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return out
 }
 
 // countingSink counts the Puts reaching a sink.
@@ -413,11 +236,11 @@ func (c *countingSink) Put(ctx context.Context, it importer.Item, body io.Reader
 
 func TestStoreSinkImport(t *testing.T) {
 	d := newDataset()
-	for _, be := range backends {
-		t.Run(be.name, func(t *testing.T) {
+	for _, be := range importtest.Backends() {
+		t.Run(be.Name, func(t *testing.T) {
 			ctx := context.Background()
-			fx := be.open(t)
-			rep, err := importer.Run(ctx, d.source(), fx.sink, allRemote)
+			fx := be.Open(t)
+			rep, err := importer.Run(ctx, d.source(), fx.Sink, allRemote)
 			if err != nil {
 				t.Fatalf("Run: %v", err)
 			}
@@ -427,11 +250,8 @@ func TestStoreSinkImport(t *testing.T) {
 			checkImported(t, fx, d)
 
 			// A second run changes nothing and writes no blob.
-			before, beforeFiles := snapshot(t, fx, d), map[string]fileInfo{}
-			for _, dir := range fx.dirs {
-				maps.Copy(beforeFiles, files(t, dir))
-			}
-			sink := &countingSink{Sink: fx.sink}
+			before := snapshot(t, fx, d)
+			sink := &countingSink{Sink: fx.Sink}
 			src := d.source()
 			rep, err = importer.Run(ctx, src, sink, allRemote)
 			if err != nil {
@@ -451,15 +271,12 @@ func TestStoreSinkImport(t *testing.T) {
 					t.Errorf("second run read %s", it.MediaID)
 				}
 			}
-			if diff := before.diff(snapshot(t, fx, d)); diff != "" {
+			after := snapshot(t, fx, d)
+			if diff := before.Diff(after); diff != "" {
 				t.Errorf("second run changed the target:\n%s", diff)
 			}
-			afterFiles := map[string]fileInfo{}
-			for _, dir := range fx.dirs {
-				maps.Copy(afterFiles, files(t, dir))
-			}
-			if !maps.Equal(beforeFiles, afterFiles) {
-				t.Errorf("second run changed the datastore files:\n%v\n%v", beforeFiles, afterFiles)
+			if touched := before.Touched(after); len(touched) > 0 {
+				t.Errorf("second run rewrote datastore files %v", touched)
 			}
 		})
 	}
@@ -469,14 +286,14 @@ func TestStoreSinkImport(t *testing.T) {
 // and local media only of the selected server names.
 func TestStoreSinkFilter(t *testing.T) {
 	d := newDataset()
-	fx := backends[0].open(t)
-	rep, err := importer.Run(context.Background(), d.source(), fx.sink, importer.Options{Filter: importer.Filter{ServerNames: []string{"other.example"}}})
+	fx := importtest.Backends()[0].Open(t)
+	rep, err := importer.Run(context.Background(), d.source(), fx.Sink, importer.Options{Filter: importer.Filter{ServerNames: []string{"other.example"}}})
 	if err != nil || rep.Imported != 1 || rep.Total() != 1 {
 		t.Fatalf("Run: %v\n%s", err, rep)
 	}
 	st := snapshot(t, fx, d)
-	if _, ok := st.rows[storage.MediaRef{ServerName: "other.example", MediaID: "dupA"}]; !ok || len(st.rows) != 1 {
-		t.Errorf("rows %v", slices.Collect(maps.Keys(st.rows)))
+	if _, ok := st.Rows[storage.MediaRef{ServerName: "other.example", MediaID: "dupA"}]; !ok || len(st.Rows) != 1 {
+		t.Errorf("rows %v", slices.Collect(maps.Keys(st.Rows)))
 	}
 }
 
@@ -486,23 +303,23 @@ func TestStoreSinkFilter(t *testing.T) {
 // result equals an uninterrupted import.
 func TestStoreSinkInterrupted(t *testing.T) {
 	d := newDataset()
-	for _, be := range backends {
-		t.Run(be.name, func(t *testing.T) {
-			ref := be.open(t)
-			if _, err := importer.Run(context.Background(), d.source(), ref.sink, allRemote); err != nil {
+	for _, be := range importtest.Backends() {
+		t.Run(be.Name, func(t *testing.T) {
+			ref := be.Open(t)
+			if _, err := importer.Run(context.Background(), d.source(), ref.Sink, allRemote); err != nil {
 				t.Fatal(err)
 			}
 			want := snapshot(t, ref, d)
 			seeds := []uint64{1, 2, 3}
-			if be.name == "sqlite+files" {
+			if be.Name == "sqlite+files" {
 				seeds = append(seeds, 4, 5, 6)
 			}
 			for _, seed := range seeds {
 				t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
-					fx := be.open(t)
+					fx := be.Open(t)
 					rng := rand.New(rand.NewPCG(seed, 42))
 					interrupt(t, fx, d, rng)
-					rep, err := importer.Run(context.Background(), d.source(), fx.sink, allRemote)
+					rep, err := importer.Run(context.Background(), d.source(), fx.Sink, allRemote)
 					if err != nil {
 						t.Fatalf("final Run: %v", err)
 					}
@@ -510,7 +327,7 @@ func TestStoreSinkInterrupted(t *testing.T) {
 						t.Errorf("final run: %+v\n%s", rep.Counts, rep)
 					}
 					checkImported(t, fx, d)
-					if diff := want.diff(snapshot(t, fx, d)); diff != "" {
+					if diff := want.Diff(snapshot(t, fx, d)); diff != "" {
 						t.Errorf("interrupted import differs from an uninterrupted one:\n%s", diff)
 					}
 				})
@@ -539,7 +356,7 @@ func interrupt(t *testing.T, fx *fixture, d dataset, rng *rand.Rand) {
 		}
 		return importtest.NoFault
 	}
-	rep, err := importer.Run(ctx, src, fx.sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4), LookupBatch: 1 + intn(8)})
+	rep, err := importer.Run(ctx, src, fx.Sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4), LookupBatch: 1 + intn(8)})
 	if !errors.Is(err, context.Canceled) {
 		t.Errorf("Run cancelled at open %d: %v", stopAt, err)
 	}
@@ -548,7 +365,7 @@ func interrupt(t *testing.T, fx *fixture, d dataset, rng *rand.Rand) {
 
 	delay := time.Duration(intn(30_000)) * time.Microsecond
 	ctx, cancel = context.WithTimeout(context.Background(), delay)
-	rep, err = importer.Run(ctx, d.source(), fx.sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4), LookupBatch: 1 + intn(8)})
+	rep, err = importer.Run(ctx, d.source(), fx.Sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4), LookupBatch: 1 + intn(8)})
 	if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("Run with a deadline: %v", err)
 	}
@@ -558,7 +375,7 @@ func interrupt(t *testing.T, fx *fixture, d dataset, rng *rand.Rand) {
 	src = d.source()
 	faults := []importtest.Fault{importtest.NoFault, importtest.FailOpen, importtest.BreakRead, importtest.ShortBody}
 	src.Fault = func(storage.MediaRef) importtest.Fault { return faults[intn(len(faults))] }
-	rep, err = importer.Run(context.Background(), src, fx.sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4)})
+	rep, err = importer.Run(context.Background(), src, fx.Sink, importer.Options{Filter: allRemote.Filter, Workers: 1 + intn(4)})
 	if err != nil {
 		t.Errorf("Run with faults: %v", err)
 	}
@@ -577,10 +394,10 @@ type withoutLookup struct {
 }
 
 func TestStoreSinkConflicts(t *testing.T) {
-	for _, be := range backends[:2] {
+	for _, be := range importtest.Backends()[:2] {
 		for _, batched := range []bool{true, false} {
-			t.Run(fmt.Sprintf("%s/batched=%v", be.name, batched), func(t *testing.T) {
-				testConflicts(t, be.open(t), batched)
+			t.Run(fmt.Sprintf("%s/batched=%v", be.Name, batched), func(t *testing.T) {
+				testConflicts(t, be.Open(t), batched)
 			})
 		}
 	}
@@ -589,18 +406,18 @@ func TestStoreSinkConflicts(t *testing.T) {
 func testConflicts(t *testing.T, fx *fixture, batched bool) {
 	ctx := context.Background()
 	if !batched {
-		fx.sink.Meta = withoutLookup{fx.meta, fx.meta, fx.meta}
+		fx.Sink.Meta = withoutLookup{fx.Meta, fx.Meta, fx.Meta}
 	}
 	taken := importtest.New("example.org", "taken", []byte("the target's own"))
 	gone := importtest.New("example.org", "gone", []byte("deleted here"))
 	first := &importtest.Source{Media: []importtest.Media{taken, gone}}
-	if rep, err := importer.Run(ctx, first, fx.sink, importer.Options{}); err != nil || rep.Imported != 2 {
+	if rep, err := importer.Run(ctx, first, fx.Sink, importer.Options{}); err != nil || rep.Imported != 2 {
 		t.Fatalf("setup: %v\n%s", err, rep)
 	}
-	if _, err := fx.meta.DeleteMedia(ctx, []storage.MediaRef{gone.Ref()}, true, importNow()); err != nil {
+	if _, err := fx.Meta.DeleteMedia(ctx, []storage.MediaRef{gone.Ref()}, true, importtest.Now()); err != nil {
 		t.Fatal(err)
 	}
-	if err := fx.meta.CreatePending(ctx, storage.Media{ServerName: "example.org", MediaID: "pend", UserID: "@alice:example.org",
+	if err := fx.Meta.CreatePending(ctx, storage.Media{ServerName: "example.org", MediaID: "pend", UserID: "@alice:example.org",
 		CreatedAt: time.Now(), ExpiresAt: time.Now().Add(time.Hour)}, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -612,9 +429,9 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 	unknownTaken := importtest.New("example.org", "taken", []byte("the source's"))
 	unknownTaken.SHA256, unknownTaken.Size = "", -1
 	tooBig := importtest.New("example.org", "toobig", make([]byte, 2000))
-	fx.sink.MaxSize = 1000
+	fx.Sink.MaxSize = 1000
 	src := &importtest.Source{Media: []importtest.Media{otherTaken, sameGone, pend, unknownTaken, tooBig}}
-	rep, err := importer.Run(ctx, src, fx.sink, importer.Options{Workers: 1})
+	rep, err := importer.Run(ctx, src, fx.Sink, importer.Options{Workers: 1})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -624,14 +441,14 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 	if k := problems(rep)["toobig"]; k != importer.ProblemFailed || !strings.Contains(rep.Problems[len(rep.Problems)-1].Error, "limit") {
 		t.Errorf("too big: %v\n%s", k, rep)
 	}
-	m, err := fx.meta.GetMedia(ctx, "example.org", "taken")
+	m, err := fx.Meta.GetMedia(ctx, "example.org", "taken")
 	if err != nil || m.SHA256 != taken.SHA256 {
 		t.Errorf("conflicting import changed the row: %+v, %v", m, err)
 	}
-	if _, err := fx.meta.GetMedia(ctx, "example.org", "gone"); !errors.Is(err, storage.ErrNotFound) {
+	if _, err := fx.Meta.GetMedia(ctx, "example.org", "gone"); !errors.Is(err, storage.ErrNotFound) {
 		t.Errorf("deleted ID re-created: %v", err)
 	}
-	if m, err := fx.meta.GetMedia(ctx, "example.org", "pend"); err != nil || m.State != storage.StatePending {
+	if m, err := fx.Meta.GetMedia(ctx, "example.org", "pend"); err != nil || m.State != storage.StatePending {
 		t.Errorf("pending item: %+v, %v", m, err)
 	}
 	if src.Opens(otherTaken.Ref()) != 1 || (batched && src.Opens(gone.Ref()) != 0) {
@@ -651,38 +468,38 @@ func testConflicts(t *testing.T, fx *fixture, batched bool) {
 		{importtest.New("example.org", "bad/id", []byte("x")), importer.ErrInvalid},
 	} {
 		it := tt.m.Item
-		out, err := fx.sink.Put(ctx, it, bytes.NewReader(tt.m.Body))
+		out, err := fx.Sink.Put(ctx, it, bytes.NewReader(tt.m.Body))
 		if !errors.Is(err, tt.want) || tt.want == nil && out != importer.AlreadyPresent {
 			t.Errorf("Put(%s) = %v, %v; want %v", tt.m.MediaID, out, err, tt.want)
 		}
 	}
-	if err := fx.sink.Quarantine(ctx, "ABC", "@mod:example.org"); !errors.Is(err, importer.ErrInvalid) {
+	if err := fx.Sink.Quarantine(ctx, "ABC", "@mod:example.org"); !errors.Is(err, importer.ErrInvalid) {
 		t.Errorf("Quarantine(bad hash) = %v", err)
 	}
-	if err := fx.sink.Quarantine(ctx, taken.SHA256, ""); !errors.Is(err, importer.ErrInvalid) {
+	if err := fx.Sink.Quarantine(ctx, taken.SHA256, ""); !errors.Is(err, importer.ErrInvalid) {
 		t.Errorf("Quarantine(nobody) = %v", err)
 	}
 
 	// Quarantined hears of new quarantines only, from Quarantine and Put.
 	var heard []string
-	fx.sink.Quarantined = func(_ context.Context, sha string) error {
+	fx.Sink.Quarantined = func(_ context.Context, sha string) error {
 		heard = append(heard, sha)
 		return nil
 	}
 	for range 2 {
-		if err := fx.sink.Quarantine(ctx, taken.SHA256, "@mod:example.org"); err != nil {
+		if err := fx.Sink.Quarantine(ctx, taken.SHA256, "@mod:example.org"); err != nil {
 			t.Fatal(err)
 		}
 	}
 	q := importtest.New("example.org", "newq", []byte("quarantined"))
 	q.QuarantinedBy = "@mod:example.org"
-	if out, err := fx.sink.Put(ctx, q.Item, bytes.NewReader(q.Body)); err != nil || out != importer.Imported {
+	if out, err := fx.Sink.Put(ctx, q.Item, bytes.NewReader(q.Body)); err != nil || out != importer.Imported {
 		t.Fatalf("Put(quarantined) = %v, %v", out, err)
 	}
 	if !slices.Equal(heard, []string{taken.SHA256, q.SHA256}) {
 		t.Errorf("Quarantined heard %v", heard)
 	}
-	if m, err := fx.meta.GetMedia(ctx, "example.org", "taken"); err != nil || !m.Refused() || m.QuarantinedBy != "@mod:example.org" {
+	if m, err := fx.Meta.GetMedia(ctx, "example.org", "taken"); err != nil || !m.Refused() || m.QuarantinedBy != "@mod:example.org" {
 		t.Errorf("quarantined content: %+v, %v", m, err)
 	}
 }

@@ -231,6 +231,11 @@ func populate(t *testing.T, fx *fixture) []want {
 	pngHash := fx.store(t, png)
 	remoteHash := fx.store(t, remote)
 	absentHash := dendriteHash([]byte("never stored"))
+	// A file overwritten after Dendrite stored it: the same length, other
+	// bytes, at the path of the hash Dendrite recorded.
+	original, overwritten := []byte("what Dendrite stored"), []byte("what replaced it....")
+	overwrittenHash := dendriteHash(original)
+	writeFile(t, filepath.Join(fx.basePath, filepath.FromSlash(hashPath(overwrittenHash))), overwritten)
 
 	// A symbolic link in base_path leading outside it is never followed.
 	outside := filepath.Join(fx.dir, "outside-secret")
@@ -262,6 +267,9 @@ func populate(t *testing.T, fx *fixture) []want {
 		{"r1", "remote.example", "application/octet-stream", int64(len(remote)), ms + 9, "100%.bin", remoteHash, "@alice:" + fixtureServer},
 		// The same media ID on two origins is two items.
 		{"a1", "remote.example", "text/plain", int64(len(text)), ms + 10, "r.txt", textHash, ""},
+		// An ID the module does not accept ('=' is outside [A-Za-z0-9_-]).
+		{"a1=", fixtureServer, "text/plain", int64(len(text)), ms + 11, "eq.txt", textHash, "@alice:" + fixtureServer},
+		{"d1", fixtureServer, "text/plain", int64(len(original)), ms + 12, "changed.txt", overwrittenHash, "@bob:" + fixtureServer},
 	}
 	fx.insert(t, rows...)
 
@@ -275,6 +283,7 @@ func populate(t *testing.T, fx *fixture) []want {
 		{item: local("a1", alice, "text/plain; charset=utf-8", "café ☕ 100%.txt", int64(len(text)), 0, hexSHA(text)), body: text},
 		{item: importer.Item{ServerName: "remote.example", MediaID: "a1", Remote: true, ContentType: "text/plain", Filename: "r.txt",
 			CreatedAt: time.UnixMilli(ms + 10).UTC(), Size: int64(len(text)), SHA256: hexSHA(text)}, body: text},
+		{item: local("a1=", alice, "text/plain", "eq.txt", int64(len(text)), 11, hexSHA(text)), body: text},
 		{item: local("a2", bob, "text/plain", "copy.txt", int64(len(text)), 1, hexSHA(text)), body: text},
 		{item: local("b1", alice, "image/png", "", int64(len(png)), 2, hexSHA(png)), body: png},
 		{item: local("b2", alice, "image/png", "chunked.png", -1, 3, hexSHA(png)), body: png},
@@ -283,6 +292,7 @@ func populate(t *testing.T, fx *fixture) []want {
 		{item: local("c3", alice, "text/plain", "link.txt", 6, 6, hexSHA([]byte("escape"))), openErr: notRegular},
 		{item: local("c4", alice, "text/plain", "dir.txt", 6, 7, hexSHA([]byte("a directory"))), openErr: importer.ErrMissing},
 		{item: local("c5", alice, "text/plain", "short.txt", 6, 8, ""), openErr: ErrInvalidHash},
+		{item: local("d1", bob, "text/plain", "changed.txt", int64(len(original)), 12, hexSHA(original)), body: overwritten},
 		{item: importer.Item{ServerName: "remote.example", MediaID: "r1", Remote: true, ContentType: "application/octet-stream", Filename: "100%.bin",
 			CreatedAt: time.UnixMilli(ms + 9).UTC(), Size: int64(len(remote)), SHA256: hexSHA(remote)}, body: remote},
 	}

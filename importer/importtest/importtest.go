@@ -1,6 +1,12 @@
-// Package importtest provides an in-memory importer.Source for tests of
-// importer.Run, of sinks and of the import command: items with their bytes,
-// missing bytes, and faults injected into opening and reading.
+// Package importtest helps test imports. It provides an in-memory
+// importer.Source for tests of importer.Run, of sinks and of the import
+// command (items with their bytes, missing bytes, and faults injected into
+// opening and reading); real import targets (Target: SQLite or PostgreSQL
+// with file or S3 datastores, and a StoreSink over them) with snapshots of
+// what they hold; CheckImported, which checks every item of an import in a
+// target; and Pipeline, the end-to-end test of a real source (first import,
+// second import, interrupted imports) that the source packages run with
+// their fixtures.
 package importtest
 
 import (

@@ -82,7 +82,7 @@ func (s *fileStore) open(_ context.Context, location string) (io.ReadCloser, err
 		return nil, fmt.Errorf("%s: %w", s, s.rootErr)
 	}
 	if location == "." || !fs.ValidPath(location) {
-		return nil, fmt.Errorf("%s: location %q is not a path inside the datastore", s, location)
+		return nil, fmt.Errorf("%s: location %q is not a path inside the datastore: %w", s, location, importer.ErrInvalid)
 	}
 	// O_NONBLOCK: opening a named pipe must not wait for a writer; it
 	// changes nothing for regular files.
@@ -258,7 +258,7 @@ func (s *s3Store) String() string {
 
 func (s *s3Store) open(ctx context.Context, location string) (io.ReadCloser, error) {
 	if location == "" {
-		return nil, fmt.Errorf("%s: empty location", s)
+		return nil, fmt.Errorf("%s: empty location: %w", s, importer.ErrInvalid)
 	}
 	out, err := s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(s.bucket), Key: aws.String(location)})
 	if err != nil {

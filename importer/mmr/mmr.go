@@ -44,6 +44,7 @@ import (
 	_ "github.com/jackc/pgx/v5/stdlib"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/importer"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
 // QuarantinedBy is the quarantining actor recorded for media that
@@ -381,8 +382,10 @@ func (s *source) item(r mediaRow) importer.Item {
 	if r.quarantined {
 		it.QuarantinedBy = QuarantinedBy
 	}
+	// storage.ValidSHA256 accepts lowercase hex only; matrix-media-repo
+	// writes lowercase, and a hash recorded in capitals is the same hash.
 	hash := strings.ToLower(r.sha256)
-	hashOK := validSHA256(hash)
+	hashOK := storage.ValidSHA256(hash)
 	if hashOK {
 		it.SHA256 = hash
 	}
@@ -407,20 +410,4 @@ func (s *source) open(ctx context.Context, r mediaRow) (io.ReadCloser, error) {
 		return nil, fmt.Errorf("media %s/%s: %w", r.origin, r.mediaID, err)
 	}
 	return body, nil
-}
-
-// validSHA256 reports whether h is 64 lowercase hex digits. It is the
-// check storage.ValidSHA256 makes on the core branch; this copy goes when
-// that branch is merged.
-func validSHA256(h string) bool {
-	if len(h) != 64 {
-		return false
-	}
-	for i := 0; i < len(h); i++ {
-		c := h[i]
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
-			return false
-		}
-	}
-	return true
 }

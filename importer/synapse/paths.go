@@ -16,8 +16,9 @@ import (
 
 // ErrInvalidPath reports a row whose IDs do not name a file of the media
 // store (characters a path cannot carry safely, or too short to split as
-// Synapse does). Its Open touches no file.
-var ErrInvalidPath = errors.New("synapse row names no valid media store path")
+// Synapse does). Its Open touches no file. It wraps importer.ErrInvalid, so
+// that an import counts such a row as invalid.
+var ErrInvalidPath = fmt.Errorf("synapse row names no valid media store path: %w", importer.ErrInvalid)
 
 // minIDLength is the shortest ID Synapse can store: it splits IDs into
 // id[0:2]/id[2:4]/id[4:] and refuses an empty component.
