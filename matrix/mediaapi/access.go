@@ -98,16 +98,18 @@ func (a *accessRecorder) signalFull() {
 	}
 }
 
-// take returns the reads noted so far and starts afresh.
+// take returns the reads noted so far (nil for a kind without any) and
+// starts afresh.
 func (a *accessRecorder) take() (media, thumbs map[mediaKey]time.Time) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	media, thumbs = a.media, a.thumbs
-	if len(media) > 0 {
-		a.media = make(map[mediaKey]time.Time, len(media))
+	// An empty map stays in place and nil is returned for it: a map handed
+	// out must never be the one note writes into.
+	if len(a.media) > 0 {
+		media, a.media = a.media, make(map[mediaKey]time.Time, len(a.media))
 	}
-	if len(thumbs) > 0 {
-		a.thumbs = make(map[mediaKey]time.Time, len(thumbs))
+	if len(a.thumbs) > 0 {
+		thumbs, a.thumbs = a.thumbs, make(map[mediaKey]time.Time, len(a.thumbs))
 	}
 	return media, thumbs
 }

@@ -3,6 +3,7 @@ package mediaapi
 import (
 	"context"
 	"errors"
+	"strconv"
 	"testing"
 	"time"
 
@@ -73,6 +74,35 @@ func accessEnv(t *testing.T, opts ...envOption) (*env, *adminMeta) {
 	}
 	e := newEnv(t, append([]envOption{func(_ *SiteConfig, o *RepositoryOptions) { o.Thumbnailer = g }}, opts...)...)
 	return e, e.needAdmin()
+}
+
+// TestAccessRecorderTakeWhileNoting: take never hands out a map that note
+// still writes into, also when a kind had nothing to take (the race
+// detector catches a shared map).
+func TestAccessRecorderTakeWhileNoting(t *testing.T) {
+	a := newAccessRecorder(1 << 16)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := range 2000 {
+			a.note(mediaKey{"s", strconv.Itoa(i)}, t0, i%2 == 0)
+		}
+	}()
+	taken := 0
+	for {
+		media, thumbs := a.take()
+		taken += len(media) + len(thumbs)
+		select {
+		case <-done:
+			media, thumbs = a.take()
+			if taken += len(media) + len(thumbs); taken != 2000 {
+				t.Fatalf("took %d reads, want 2000", taken)
+			}
+			return
+		default:
+		}
+	}
 }
 
 // TestAccessBatched: reads are written only by a flush, one batch per kind
