@@ -10,9 +10,10 @@
 # Usage: bench/run-import.sh [--quick]
 #   --quick   5,000 small media and 4 x 64 MiB (a smoke run)
 # Env: CADDY (path to a caddy built with ./xcaddy.sh build; default ./caddy),
-#      BENCH_DIR (where the work directory goes; default /tmp; it needs about
-#        3x the large dataset plus 3 GB free, checked first; it is removed
-#        at the end),
+#      BENCH_DIR (where the work directory goes; default /tmp; it needs room
+#        for a dataset's source, its cp and one import per --workers value,
+#        about 6.5 GiB with the defaults, checked first; it is removed at
+#        the end),
 #      SMALL_N (small media, default 100000; 0 skips the dataset),
 #      SMALL_MIN/SMALL_MAX (their sizes in bytes, default 1024/8192),
 #      SMALL_WORKERS (--workers of the small imports, default "4 8"),
@@ -60,10 +61,15 @@ need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1" >&2; exit
 need go; need curl; need sqlite3; need sha256sum
 [[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
 
-# Space: the source, its cp and the imported copy of the large dataset
-# (the small one is removed before), plus slack for directories and
-# databases.
-NEED_KB=$(((3 * LARGE_N * LARGE_MIB * 1024) + 3 * 1024 * 1024))
+# Space: a dataset's source, its cp and one imported copy per --workers
+# value are kept until the dataset is done (see dataset); a small item takes
+# up to its size plus a directory block in each, rounded up to 8 KiB here.
+# The datasets come one after the other; plus 1 GiB of slack.
+n_small_w=$(wc -w <<<"$SMALL_WORKERS")
+n_large_w=$(wc -w <<<"$LARGE_WORKERS")
+SMALL_KB=$((SMALL_N * (SMALL_MAX / 1024 + 8) * (2 + n_small_w)))
+LARGE_KB=$((LARGE_N * LARGE_MIB * 1024 * (2 + n_large_w)))
+NEED_KB=$(((SMALL_KB > LARGE_KB ? SMALL_KB : LARGE_KB) + 1024 * 1024))
 AVAIL_KB=$(df -Pk "$BENCH_DIR" | awk 'NR == 2 {print $4}')
 ((AVAIL_KB > NEED_KB)) || { echo "bench: $BENCH_DIR has $((AVAIL_KB / 1024)) MiB free, need $((NEED_KB / 1024)) MiB" >&2; exit 1; }
 
@@ -160,6 +166,12 @@ check_blobs() {
 }
 
 # dataset NAME N MIN MAX SEED WORKERS...
+#
+# Nothing of a dataset is deleted before all its runs are done: right after
+# many files were deleted, ext4's inode allocator skips (and scans past) the
+# recently freed inodes, which makes creating files and directories
+# measurably slower for a while; a run that follows a mass deletion would
+# pay for it and the cp run before it would not.
 dataset() {
 	local name=$1 n=$2 min=$3 max=$4 seed=$5
 	shift 5
@@ -181,8 +193,6 @@ dataset() {
 	sync
 	cp_s=$(since "$t0")
 	say "   cp -r media_store + sync:           $(printf '%7.2f' "$cp_s") s  $(printf '%7s' "$(per_s "$items" "$cp_s")") items/s  $(printf '%7s' "$(mb_s "$bytes" "$cp_s")") MB/s"
-	rm -rf "$dir/cp"
-	sync
 
 	local w
 	for w in "$@"; do
@@ -210,7 +220,6 @@ dataset() {
 		say "   second run (no-op), --workers $w:   $(printf '%7.2f' "$secs") s  $(printf '%7s' "$(per_s "$items" "$secs")") items/s"
 		stop_caddy
 		check_blobs "$src" "$cdir"
-		rm -rf "$cdir"
 	done
 	rm -rf "$dir"
 	sync
