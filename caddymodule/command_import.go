@@ -194,6 +194,22 @@ type adminSink struct {
 	addr string
 }
 
+// importSendChunk is the most an item's body is sent in at once: its bytes
+// are read from the source and written to the connection in pieces of this
+// size (net/http's own copy of a request body uses 32 KiB), so that a large
+// item costs few system calls on either side.
+const importSendChunk = 256 << 10
+
+// sendChunk is the piece size for a body of size bytes (-1: unknown): the
+// whole body and one byte more (to see its end in the same read) when that
+// is less than importSendChunk.
+func sendChunk(size int64) int {
+	if size >= 0 && size < importSendChunk {
+		return int(size) + 1
+	}
+	return importSendChunk
+}
+
 var _ importer.Sink = (*adminSink)(nil)
 
 // request sends one request and decodes its JSON answer into out; refused
@@ -253,7 +269,7 @@ func (s *adminSink) Put(ctx context.Context, it importer.Item, body io.Reader) (
 	if err != nil {
 		return 0, err
 	}
-	gate := &gatedBody{ctx: ctx, r: body}
+	gate := &gatedBody{ctx: ctx, r: body, chunk: sendChunk(it.Size)}
 	path := adminPrefix + "import/media/" + url.PathEscape(it.ServerName) + "/" + url.PathEscape(it.MediaID)
 	var ans importPutAnswer
 	err = s.request(http.MethodPut, path, http.Header{importItemHeader: {hdr}, "Content-Type": {"application/octet-stream"}}, gate, &ans)
@@ -290,6 +306,8 @@ func (s *adminSink) Quarantine(ctx context.Context, sha256, by string) error {
 type gatedBody struct {
 	ctx context.Context
 	r   io.Reader
+	// chunk is the size of the pieces WriteTo sends.
+	chunk int
 
 	mu     sync.Mutex
 	closed bool
@@ -319,6 +337,32 @@ func (g *gatedBody) Read(p []byte) (int, error) {
 		g.err = err
 	}
 	return n, err
+}
+
+// WriteTo implements io.WriterTo, which the HTTP client's copy of a
+// request body prefers: the body is sent in pieces of g.chunk bytes, each
+// read through Read (and so through the gate). The buffer is WriteTo's own,
+// so a piece read before shut may still be written to w afterwards without
+// touching anything of Put's.
+func (g *gatedBody) WriteTo(w io.Writer) (int64, error) {
+	buf := make([]byte, max(g.chunk, 1))
+	var total int64
+	for {
+		n, err := g.Read(buf)
+		if n > 0 {
+			wn, werr := w.Write(buf[:n])
+			total += int64(wn)
+			if werr != nil {
+				return total, werr
+			}
+		}
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // shut stops further reads, waiting for one in progress, and returns the

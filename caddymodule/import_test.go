@@ -605,3 +605,88 @@ func BenchmarkImportAdminAPI(b *testing.B) {
 	}
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "items/s")
 }
+
+// readSizes records the sizes of the reads asked of it.
+type readSizes struct {
+	r     io.Reader
+	sizes []int
+}
+
+func (s *readSizes) Read(p []byte) (int, error) {
+	s.sizes = append(s.sizes, len(p))
+	return s.r.Read(p)
+}
+
+// TestGatedBodyWriteTo checks the pieces an item's body is sent in (the
+// HTTP client copies request bodies through WriteTo), the bytes sent, and
+// the gate: nothing is read after shut or after ctx ended.
+func TestGatedBodyWriteTo(t *testing.T) {
+	ctx := context.Background()
+	for _, tt := range []struct {
+		size     int
+		wantRead int
+	}{
+		{0, 1},
+		{10, 11},
+		{importSendChunk - 1, importSendChunk},
+		{importSendChunk, importSendChunk},
+		{600_000, importSendChunk},
+	} {
+		t.Run(fmt.Sprint(tt.size), func(t *testing.T) {
+			body := make([]byte, tt.size)
+			for i := range body {
+				body[i] = byte(i * 7)
+			}
+			src := &readSizes{r: bytes.NewReader(body)}
+			g := &gatedBody{ctx: ctx, r: src, chunk: sendChunk(int64(tt.size))}
+			var out bytes.Buffer
+			n, err := g.WriteTo(&out)
+			if err != nil || n != int64(tt.size) || !bytes.Equal(out.Bytes(), body) {
+				t.Fatalf("WriteTo = %d, %v; %d bytes out, equal %v", n, err, out.Len(), bytes.Equal(out.Bytes(), body))
+			}
+			for _, s := range src.sizes {
+				if s != tt.wantRead {
+					t.Fatalf("reads of %v bytes, want %d each", src.sizes, tt.wantRead)
+				}
+			}
+			if err := g.shut(); err != nil {
+				t.Errorf("shut = %v", err)
+			}
+		})
+	}
+
+	t.Run("shut", func(t *testing.T) {
+		src := &readSizes{r: bytes.NewReader(make([]byte, 100))}
+		g := &gatedBody{ctx: ctx, r: src, chunk: sendChunk(100)}
+		if err := g.shut(); err != nil {
+			t.Fatal(err)
+		}
+		var out bytes.Buffer
+		if n, err := g.WriteTo(&out); !errors.Is(err, errGateShut) || n != 0 || len(src.sizes) != 0 {
+			t.Errorf("WriteTo after shut = %d, %v after %d reads", n, err, len(src.sizes))
+		}
+	})
+	t.Run("cancelled", func(t *testing.T) {
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		src := &readSizes{r: bytes.NewReader(make([]byte, 100))}
+		g := &gatedBody{ctx: cctx, r: src, chunk: sendChunk(100)}
+		if _, err := g.WriteTo(io.Discard); !errors.Is(err, context.Canceled) || len(src.sizes) != 0 {
+			t.Errorf("WriteTo with a cancelled context = %v after %d reads", err, len(src.sizes))
+		}
+		if err := g.shut(); !errors.Is(err, context.Canceled) {
+			t.Errorf("shut = %v", err)
+		}
+	})
+	t.Run("body error", func(t *testing.T) {
+		boom := errors.New("disk failed")
+		g := &gatedBody{ctx: ctx, r: io.MultiReader(bytes.NewReader(make([]byte, 300_000)), failingReader{boom}), chunk: importSendChunk}
+		var out bytes.Buffer
+		if n, err := g.WriteTo(&out); !errors.Is(err, boom) || n != 300_000 || out.Len() != 300_000 {
+			t.Errorf("WriteTo = %d, %v; %d bytes out", n, err, out.Len())
+		}
+		if err := g.shut(); !errors.Is(err, boom) {
+			t.Errorf("shut = %v", err)
+		}
+	})
+}

@@ -67,8 +67,10 @@ func (o Options) withDefaults() Options {
 //     records no hash, its recorded size equals the stored size), and a
 //     Conflict when they differ or the ID is pending or deleted there.
 //  3. The other items go to opts.Workers workers, each of which opens an
-//     item and streams it into Sink.Put through a verifier of the recorded
-//     hash and size (a dry run only reads and verifies). An item whose
+//     item and streams it into Sink.Put, which checks the recorded hash and
+//     size as it stores the bytes (its contract); the recorded size is also
+//     checked on the way, so that an overlong body stops at once. A dry run
+//     only reads the bytes and checks their hash and size. An item whose
 //     bytes are missing but whose source quarantined it (with a recorded
 //     hash) has its quarantine recorded with Sink.Quarantine.
 //
@@ -257,11 +259,17 @@ func (r *run) store(ctx context.Context, t task) {
 		return
 	}
 	defer rc.Close()
-	v := newVerifier(&countingReader{r: rc, n: &r.bytes}, it.SHA256, it.Size)
+	body := &countingReader{r: rc, n: &r.bytes}
 	var out Outcome
+	var v *verifier
 	if r.opts.DryRun {
+		v = newVerifier(body, it.SHA256, it.Size)
 		out, err = check(v, t.present)
 	} else {
+		// The sink hashes the bytes as it stores them and checks the
+		// recorded hash before anything refers to them (Sink.Put); hashing
+		// them here as well would double the work of every import.
+		v = newSizeVerifier(body, it.Size)
 		out, err = r.sink.Put(ctx, it, v)
 		if v.err != nil && errors.Is(v.err, ErrHashMismatch) {
 			// The sink may report the reader's error in its own way (a

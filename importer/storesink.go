@@ -76,9 +76,11 @@ func (s *StoreSink) Lookup(ctx context.Context, refs []storage.MediaRef) (map[st
 //
 //  1. check the item (ValidateItem);
 //  2. store the bytes with storage.IngestTo in the datastore of the item's
-//     kind (deduplicated), read through a verifier of the recorded hash and
-//     size, so that wrong bytes never complete a blob; the result's hash
-//     is compared with the recorded one once more;
+//     kind (deduplicated), with the recorded size and hash as
+//     PutOptions.ExpectedSize and ExpectedSHA256: the store hashes the
+//     bytes once, as it writes them, and checks both before the blob is put
+//     in place, so that wrong bytes never complete a blob; the result's
+//     hash is compared with the recorded one once more;
 //  3. record a carried-over quarantine by the content's hash;
 //  4. insert the media row with every field of the item. An ID that is
 //     taken is AlreadyPresent when it holds the same content, else (other
@@ -92,14 +94,14 @@ func (s *StoreSink) Put(ctx context.Context, it Item, body io.Reader) (Outcome, 
 	if err := ValidateItem(it); err != nil {
 		return 0, err
 	}
-	v := newVerifier(body, it.SHA256, it.Size)
 	kind := storage.KindLocal
 	if it.Remote {
 		kind = storage.KindRemote
 	}
-	res, err := storage.IngestTo(ctx, s.Stores, s.Meta, kind, v, storage.PutOptions{MaxSize: s.MaxSize, ExpectedSize: it.Size})
+	opts := storage.PutOptions{MaxSize: s.MaxSize, ExpectedSize: it.Size, ExpectedSHA256: it.SHA256}
+	res, err := storage.IngestTo(ctx, s.Stores, s.Meta, kind, body, opts)
 	switch {
-	case errors.Is(err, storage.ErrSizeMismatch) && !errors.Is(err, ErrHashMismatch):
+	case (errors.Is(err, storage.ErrSizeMismatch) || errors.Is(err, storage.ErrHashMismatch)) && !errors.Is(err, ErrHashMismatch):
 		return 0, fmt.Errorf("storing %s: %w: %w", refString(it), ErrHashMismatch, err)
 	case err != nil:
 		return 0, fmt.Errorf("storing %s: %w", refString(it), err)

@@ -538,3 +538,80 @@ func BenchmarkImportSmall(b *testing.B) {
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "items/s")
 	_ = os.RemoveAll(dir)
 }
+
+// TestStoreSinkPutVerifies calls Put with bytes that do not match the
+// recorded hash or size: new bytes, bytes already stored under another item
+// (in the item's datastore and in the other one, so that every
+// deduplication path of the store is taken), a body shorter and one longer
+// than recorded. Each is ErrHashMismatch, and no row, blob record or blob
+// file is added. The same bytes with their own hash are then imported.
+func TestStoreSinkPutVerifies(t *testing.T) {
+	for _, be := range backends {
+		t.Run(be.name, func(t *testing.T) {
+			ctx := context.Background()
+			fx := be.open(t)
+			local := importtest.New("example.org", "local", pattern("stored locally", 200_000))
+			remote := importtest.New("remote.example", "remote", pattern("stored remotely", 3000))
+			remote.Remote = true
+			seed := &importtest.Source{Media: []importtest.Media{local, remote}}
+			if rep, err := importer.Run(ctx, seed, fx.sink, allRemote); err != nil || rep.Imported != 2 {
+				t.Fatalf("setup: %v\n%s", err, rep)
+			}
+			recorded := func() int {
+				n := 0
+				for _, ds := range []string{"media", "remote"} {
+					recs, err := fx.meta.ListBlobs(ctx, ds, "", 100)
+					if err != nil {
+						t.Fatal(err)
+					}
+					n += len(recs)
+				}
+				return n
+			}
+			onDisk := func() int {
+				n := 0
+				for _, dir := range fx.dirs {
+					n += len(files(t, dir))
+				}
+				if fx.s3 != nil {
+					n += len(fx.s3.Objects(t))
+				}
+				return n
+			}
+			wantRecorded, wantOnDisk := recorded(), onDisk()
+			wrong := importtest.SHA256([]byte("not these bytes"))
+			for _, tt := range []struct {
+				name string
+				body []byte
+				size int64
+				sha  string
+			}{
+				{"new bytes", pattern("fresh", 70_000), 70_000, wrong},
+				{"new bytes, size unknown", pattern("fresh", 70_000), -1, wrong},
+				{"bytes stored in the item's datastore", local.Body, local.Size, wrong},
+				{"bytes stored in another datastore", remote.Body, remote.Size, wrong},
+				{"shorter than recorded", local.Body[:1000], local.Size, local.SHA256},
+				{"longer than recorded", append(slices.Clone(local.Body), 'x'), local.Size, ""},
+			} {
+				it := importer.Item{ServerName: "example.org", MediaID: "checked", ContentType: "application/octet-stream",
+					Size: tt.size, SHA256: tt.sha}
+				_, err := fx.sink.Put(ctx, it, bytes.NewReader(tt.body))
+				if !errors.Is(err, importer.ErrHashMismatch) {
+					t.Errorf("%s: Put error = %v, want ErrHashMismatch", tt.name, err)
+				}
+				if _, err := fx.meta.GetMedia(ctx, "example.org", "checked"); !errors.Is(err, storage.ErrNotFound) {
+					t.Errorf("%s: a row was inserted: %v", tt.name, err)
+				}
+				if n, m := recorded(), onDisk(); n != wantRecorded || m != wantOnDisk {
+					t.Errorf("%s: %d blob records and %d blob files, want %d and %d", tt.name, n, m, wantRecorded, wantOnDisk)
+				}
+			}
+			body := pattern("fresh", 70_000)
+			it := importer.Item{ServerName: "example.org", MediaID: "checked", ContentType: "application/octet-stream",
+				Size: int64(len(body)), SHA256: importtest.SHA256(body)}
+			if out, err := fx.sink.Put(ctx, it, bytes.NewReader(body)); err != nil || out != importer.Imported {
+				t.Fatalf("Put with the right hash: %v, %v", out, err)
+			}
+		})
+	}
+}

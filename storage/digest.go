@@ -46,17 +46,31 @@ func (d *Digest) Add(chunk []byte) (offset int64, err error) {
 // Size is the length of the body so far.
 func (d *Digest) Size() int64 { return d.size }
 
-// Finish checks that the body had its announced length and returns its
-// hashes and size (Existed is left to the store).
+// Finish checks that the body had its announced length and its expected
+// SHA-256 (when PutOptions set them) and returns its hashes and size
+// (Existed is left to the store).
 func (d *Digest) Finish() (PutResult, error) {
 	if d.opts.ExpectedSize >= 0 && d.size != d.opts.ExpectedSize {
 		return PutResult{}, fmt.Errorf("got %d bytes, announced %d: %w", d.size, d.opts.ExpectedSize, ErrSizeMismatch)
 	}
-	return PutResult{
+	res := PutResult{
 		SHA256:       hex.EncodeToString(d.hash.Sum(nil)),
 		Size:         d.size,
 		PrefixSHA256: hex.EncodeToString(d.prefix.Sum(nil)),
-	}, nil
+	}
+	if err := checkExpectedSHA256(d.opts, res.SHA256); err != nil {
+		return PutResult{}, err
+	}
+	return res, nil
+}
+
+// checkExpectedSHA256 fails, wrapping ErrHashMismatch, when opts expects a
+// SHA-256 (PutOptions.ExpectedSHA256) and sum is another.
+func checkExpectedSHA256(opts PutOptions, sum string) error {
+	if opts.ExpectedSHA256 != "" && sum != opts.ExpectedSHA256 {
+		return fmt.Errorf("body hashes to %s, expected %.80s: %w", sum, opts.ExpectedSHA256, ErrHashMismatch)
+	}
+	return nil
 }
 
 // Stream is the common course of a store's Put: it reads r in chunks of up

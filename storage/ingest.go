@@ -64,7 +64,9 @@ const compareChunk = 64 << 10
 // prefix: a likely duplicate. A body that ends before its head is complete
 // fails with ErrSizeMismatch; an announced length over opts.MaxSize fails
 // with ErrTooLarge before anything is read. A Candidate already set in opts
-// is kept when the lookup finds none.
+// is kept when the lookup finds none. A body that does not hash to
+// opts.ExpectedSHA256 (when set) fails with ErrHashMismatch once read:
+// nothing is written or recorded for it, and no duplicate is relied on.
 //
 // When the lookup finds a likely duplicate in the kind's datastore, that store
 // compares the bytes itself (PutOptions.Candidate). When the duplicate lives
@@ -133,6 +135,12 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 		res, err = store.Put(ctx, body, opts)
 	}
 	if err != nil {
+		return IngestResult{}, fmt.Errorf("ingesting body into datastore %s: %w", target, err)
+	}
+	// The stores check opts.ExpectedSHA256 before a blob is put in place, and
+	// putComparing before it relies on a duplicate; this is the last guard
+	// before the blob is recorded.
+	if err := checkExpectedSHA256(opts, res.SHA256); err != nil {
 		return IngestResult{}, fmt.Errorf("ingesting body into datastore %s: %w", target, err)
 	}
 	wroteTarget := !res.Existed
@@ -247,6 +255,9 @@ func putComparing(ctx context.Context, candStore BlobStore, cand BlobRecord, bod
 		}
 		sum := hex.EncodeToString(h.Sum(nil))
 		if more == 0 && sum == cand.SHA256 && matched == opts.ExpectedSize {
+			if err := checkExpectedSHA256(opts, sum); err != nil {
+				return PutResult{}, false, err
+			}
 			return PutResult{
 				SHA256:       sum,
 				Size:         matched,

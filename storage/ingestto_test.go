@@ -358,3 +358,65 @@ func TestIngestToUnknownCandidateDatastore(t *testing.T) {
 		fx.check(t, "b", body)
 	})
 }
+
+// TestIngestToExpectedSHA256 ingests bodies that do not hash to the
+// expected SHA-256 along every path of IngestTo (a new body; a duplicate in
+// the kind's datastore; a duplicate in another datastore, compared there; a
+// body diverging from such a duplicate): each fails with ErrHashMismatch,
+// and no blob or record is added. A body that matches is stored as usual.
+func TestIngestToExpectedSHA256(t *testing.T) {
+	stored := randomBytes(40, 3*storage.PrefixSize+1000)
+	diverging := bytes.Clone(stored)
+	diverging[2*storage.PrefixSize] ^= 0xff
+	fresh := randomBytes(41, 5000)
+	wrong := hexSum([]byte("something else"))
+	tests := []struct {
+		name string
+		kind storage.Kind
+		body []byte
+	}{
+		{"new body", storage.KindLocal, fresh},
+		{"duplicate in the kind's datastore", storage.KindLocal, stored},
+		{"duplicate in another datastore", storage.KindRemote, stored},
+		{"diverging from a duplicate in another datastore", storage.KindRemote, diverging},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			forEachMulti(t, func(t *testing.T, fx *multiFixture) {
+				ctx := context.Background()
+				fx.ingest(t, storage.KindLocal, stored, true)
+				for _, known := range []bool{true, false} {
+					opts := storage.PutOptions{ExpectedSize: -1, ExpectedSHA256: wrong}
+					if known {
+						opts.ExpectedSize = int64(len(tt.body))
+					}
+					_, err := storage.IngestTo(ctx, fx.ds, fx.meta, tt.kind, bytes.NewReader(tt.body), opts)
+					if !errors.Is(err, storage.ErrHashMismatch) {
+						t.Fatalf("IngestTo (known length %v) error = %v, want ErrHashMismatch", known, err)
+					}
+				}
+				for _, name := range []string{"a", "b"} {
+					want := 0
+					if name == "a" {
+						want = 1
+					}
+					if blobs, temps := fx.files(t, name); blobs != want || temps != 0 {
+						t.Errorf("%s holds %d blobs and %d temp files, want %d and 0", name, blobs, temps, want)
+					}
+				}
+				if h := hexSum(tt.body); h != hexSum(stored) {
+					if _, err := fx.meta.GetBlob(ctx, h); !errors.Is(err, storage.ErrNotFound) {
+						t.Errorf("GetBlob of the refused body = %v, want ErrNotFound", err)
+					}
+				}
+				fx.check(t, "a", stored)
+
+				opts := storage.PutOptions{ExpectedSize: int64(len(tt.body)), ExpectedSHA256: hexSum(tt.body)}
+				res, err := storage.IngestTo(ctx, fx.ds, fx.meta, tt.kind, bytes.NewReader(tt.body), opts)
+				if err != nil || res.SHA256 != hexSum(tt.body) {
+					t.Fatalf("IngestTo with the right hash = %+v, %v", res, err)
+				}
+			})
+		})
+	}
+}

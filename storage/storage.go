@@ -34,6 +34,9 @@ var (
 	ErrTooLarge = errors.New("body exceeds size limit")
 	// ErrSizeMismatch reports that a body was not exactly as long as announced.
 	ErrSizeMismatch = errors.New("body length differs from the announced length")
+	// ErrHashMismatch reports that a body did not hash to the SHA-256 it was
+	// expected to have (PutOptions.ExpectedSHA256).
+	ErrHashMismatch = errors.New("body does not hash to the expected SHA-256")
 	// ErrConflict reports that a row with the same key already exists, or that a
 	// pending media item was already completed.
 	ErrConflict = errors.New("conflict")
@@ -55,6 +58,14 @@ type PutOptions struct {
 	// (from Content-Length); -1 means unknown. A body of another length makes Put
 	// fail with ErrSizeMismatch and keep nothing.
 	ExpectedSize int64
+	// ExpectedSHA256, when not empty, is the lowercase hex SHA-256 the body
+	// must hash to (a hash recorded elsewhere, such as an import source's). A
+	// body that hashes to anything else makes Put fail with ErrHashMismatch
+	// and keep nothing: the check is made once the body has been read and
+	// before the blob is put in place, so wrong bytes never become a blob.
+	// A value that is not a valid hash therefore matches no body. Empty (the
+	// default) means no expectation.
+	ExpectedSHA256 string
 	// Candidate is the hash of a stored blob that probably holds the same bytes
 	// (same size and prefix). The store then compares the incoming bytes with it
 	// instead of writing them, and only writes from the first byte that differs,

@@ -12,7 +12,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -48,6 +50,7 @@ func Run(t *testing.T, newStore func(t *testing.T) storage.BlobStore) {
 	t.Run("SmallReads", func(t *testing.T) { testSmallReads(t, open) })
 	t.Run("MaxSize", func(t *testing.T) { testMaxSize(t, open) })
 	t.Run("ExpectedSizeMismatch", func(t *testing.T) { testExpectedSize(t, open) })
+	t.Run("ExpectedSHA256", func(t *testing.T) { testExpectedSHA256(t, open) })
 	t.Run("ReaderError", func(t *testing.T) { testReaderError(t, open) })
 	t.Run("ContextCancelled", func(t *testing.T) { testContextCancelled(t, open) })
 	t.Run("Candidate", func(t *testing.T) { testCandidate(t, open) })
@@ -360,6 +363,96 @@ func testExpectedSize(t *testing.T, open opener) {
 				mustMissing(t, s, SHA256Hex(body[:tt.expected]))
 			}
 		})
+	}
+}
+
+// testExpectedSHA256 stores bodies with PutOptions.ExpectedSHA256: the
+// body's own hash is stored as usual; any other hash (another body's, a
+// malformed one) fails with ErrHashMismatch and keeps nothing, whether the
+// body would have been new, was already stored, or equals a candidate.
+func testExpectedSHA256(t *testing.T, open opener) {
+	ctx := context.Background()
+	base := RandomBytes(900, multiChunk)
+	other := SHA256Hex(withByteChanged(base, len(base)/2))
+	t.Run("Matching", func(t *testing.T) {
+		s := open(t)
+		mustPut(t, s, base, storage.PutOptions{ExpectedSize: int64(len(base)), ExpectedSHA256: SHA256Hex(base)}, false)
+		mustHave(t, s, base)
+		mustPut(t, s, nil, storage.PutOptions{ExpectedSize: -1, ExpectedSHA256: SHA256Hex(nil)}, false)
+	})
+	for _, tt := range []struct {
+		name   string
+		body   []byte
+		expect string
+	}{
+		{"OtherHash", base, other},
+		{"OtherHashSmall", base[:1000], other},
+		{"Empty", nil, other},
+		{"Uppercase", base, strings.ToUpper(SHA256Hex(base))},
+		{"Malformed", base, "not-a-hash"},
+	} {
+		for _, known := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/knownLength=%v", tt.name, known), func(t *testing.T) {
+				s := open(t)
+				opts := storage.PutOptions{ExpectedSize: -1, ExpectedSHA256: tt.expect}
+				if known {
+					opts.ExpectedSize = int64(len(tt.body))
+				}
+				_, err := s.Put(ctx, bytes.NewReader(tt.body), opts)
+				if !errors.Is(err, storage.ErrHashMismatch) {
+					t.Fatalf("Put error = %v, want ErrHashMismatch", err)
+				}
+				mustMissing(t, s, SHA256Hex(tt.body))
+				mustMissing(t, s, other)
+				mustList(t, s, nil)
+			})
+		}
+	}
+	t.Run("AlreadyStored", func(t *testing.T) {
+		s := open(t)
+		mustPut(t, s, base, storage.PutOptions{ExpectedSize: -1}, false)
+		_, err := s.Put(ctx, bytes.NewReader(base), storage.PutOptions{ExpectedSize: -1, ExpectedSHA256: other})
+		if !errors.Is(err, storage.ErrHashMismatch) {
+			t.Fatalf("Put error = %v, want ErrHashMismatch", err)
+		}
+		mustHave(t, s, base)
+		mustList(t, s, [][]byte{base})
+	})
+	for _, body := range [][]byte{base, withByteChanged(base, 300_000)} {
+		t.Run(fmt.Sprintf("Candidate/equal=%v", bytes.Equal(body, base)), func(t *testing.T) {
+			s := open(t)
+			cand := mustPut(t, s, base, storage.PutOptions{ExpectedSize: -1}, false)
+			_, err := s.Put(ctx, bytes.NewReader(body),
+				storage.PutOptions{ExpectedSize: int64(len(body)), Candidate: cand.SHA256, ExpectedSHA256: other})
+			if !errors.Is(err, storage.ErrHashMismatch) {
+				t.Fatalf("Put error = %v, want ErrHashMismatch", err)
+			}
+			mustHave(t, s, base)
+			mustList(t, s, [][]byte{base})
+		})
+	}
+}
+
+// mustList checks that the store lists exactly the blobs of bodies.
+func mustList(t *testing.T, s storage.BlobStore, bodies [][]byte) {
+	t.Helper()
+	l, ok := s.(storage.Lister)
+	if !ok {
+		t.Fatalf("%T does not implement storage.Lister", s)
+	}
+	want := map[string]bool{}
+	for _, b := range bodies {
+		want[SHA256Hex(b)] = true
+	}
+	got := map[string]bool{}
+	if err := l.List(context.Background(), func(b storage.StoredBlob) error {
+		got[b.SHA256] = true
+		return nil
+	}); err != nil {
+		t.Fatalf("List: %v", err)
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("List gave %v, want %v", slices.Collect(maps.Keys(got)), slices.Collect(maps.Keys(want)))
 	}
 }
 
