@@ -546,21 +546,21 @@ func BenchmarkImportSmall(b *testing.B) {
 // than recorded. Each is ErrHashMismatch, and no row, blob record or blob
 // file is added. The same bytes with their own hash are then imported.
 func TestStoreSinkPutVerifies(t *testing.T) {
-	for _, be := range backends {
-		t.Run(be.name, func(t *testing.T) {
+	for _, be := range importtest.Backends() {
+		t.Run(be.Name, func(t *testing.T) {
 			ctx := context.Background()
-			fx := be.open(t)
+			fx := be.Open(t)
 			local := importtest.New("example.org", "local", pattern("stored locally", 200_000))
 			remote := importtest.New("remote.example", "remote", pattern("stored remotely", 3000))
 			remote.Remote = true
 			seed := &importtest.Source{Media: []importtest.Media{local, remote}}
-			if rep, err := importer.Run(ctx, seed, fx.sink, allRemote); err != nil || rep.Imported != 2 {
+			if rep, err := importer.Run(ctx, seed, fx.Sink, allRemote); err != nil || rep.Imported != 2 {
 				t.Fatalf("setup: %v\n%s", err, rep)
 			}
 			recorded := func() int {
 				n := 0
 				for _, ds := range []string{"media", "remote"} {
-					recs, err := fx.meta.ListBlobs(ctx, ds, "", 100)
+					recs, err := fx.Meta.ListBlobs(ctx, ds, "", 100)
 					if err != nil {
 						t.Fatal(err)
 					}
@@ -569,14 +569,8 @@ func TestStoreSinkPutVerifies(t *testing.T) {
 				return n
 			}
 			onDisk := func() int {
-				n := 0
-				for _, dir := range fx.dirs {
-					n += len(files(t, dir))
-				}
-				if fx.s3 != nil {
-					n += len(fx.s3.Objects(t))
-				}
-				return n
+				st := fx.Snapshot(t)
+				return len(st.Files) + len(st.Objects)
 			}
 			wantRecorded, wantOnDisk := recorded(), onDisk()
 			wrong := importtest.SHA256([]byte("not these bytes"))
@@ -595,11 +589,11 @@ func TestStoreSinkPutVerifies(t *testing.T) {
 			} {
 				it := importer.Item{ServerName: "example.org", MediaID: "checked", ContentType: "application/octet-stream",
 					Size: tt.size, SHA256: tt.sha}
-				_, err := fx.sink.Put(ctx, it, bytes.NewReader(tt.body))
+				_, err := fx.Sink.Put(ctx, it, bytes.NewReader(tt.body))
 				if !errors.Is(err, importer.ErrHashMismatch) {
 					t.Errorf("%s: Put error = %v, want ErrHashMismatch", tt.name, err)
 				}
-				if _, err := fx.meta.GetMedia(ctx, "example.org", "checked"); !errors.Is(err, storage.ErrNotFound) {
+				if _, err := fx.Meta.GetMedia(ctx, "example.org", "checked"); !errors.Is(err, storage.ErrNotFound) {
 					t.Errorf("%s: a row was inserted: %v", tt.name, err)
 				}
 				if n, m := recorded(), onDisk(); n != wantRecorded || m != wantOnDisk {
@@ -609,7 +603,7 @@ func TestStoreSinkPutVerifies(t *testing.T) {
 			body := pattern("fresh", 70_000)
 			it := importer.Item{ServerName: "example.org", MediaID: "checked", ContentType: "application/octet-stream",
 				Size: int64(len(body)), SHA256: importtest.SHA256(body)}
-			if out, err := fx.sink.Put(ctx, it, bytes.NewReader(body)); err != nil || out != importer.Imported {
+			if out, err := fx.Sink.Put(ctx, it, bytes.NewReader(body)); err != nil || out != importer.Imported {
 				t.Fatalf("Put with the right hash: %v, %v", out, err)
 			}
 		})
