@@ -383,6 +383,7 @@ func (s storeSettings) withCacheSize(n int) (storeSettings, error) {
 // config's policies in place.
 func (a *App) Start() error {
 	a.res.gc.configure(a.gcPolicy)
+	a.res.jobs.retention.SetGrace(a.gcPolicy.grace)
 	a.res.jobs.retention.SetPolicy(a.retentionPolicy)
 	return nil
 }

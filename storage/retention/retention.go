@@ -136,14 +136,15 @@ type Service struct {
 	meta   Store
 	stores *storage.Datastores
 	runner *jobs.Runner
-	grace  time.Duration
 	batch  int
 	now    func() time.Time
 	logger *zap.Logger
 
-	// policy changes on reload; wake tells RunScheduler to re-read it.
+	// policy and grace change on reload (SetPolicy, SetGrace); wake tells
+	// RunScheduler to re-read the policy.
 	mu     sync.Mutex
 	policy Policy
+	grace  time.Duration
 	wake   chan struct{}
 }
 
@@ -189,6 +190,26 @@ func (s *Service) SetPolicy(p Policy) {
 		default:
 		}
 	}
+}
+
+// SetGrace changes the grace period of the batches that start from now on
+// (blobs claimed within it are left to the orphan collector); 0 or less
+// means DefaultGrace. Caddy passes the orphan collector's configured
+// grace, so that both treat uploads in progress alike.
+func (s *Service) SetGrace(d time.Duration) {
+	if d <= 0 {
+		d = DefaultGrace
+	}
+	s.mu.Lock()
+	s.grace = d
+	s.mu.Unlock()
+}
+
+// currentGrace is the grace period in force.
+func (s *Service) currentGrace() time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.grace
 }
 
 // Policy returns the current policy.
@@ -524,7 +545,7 @@ func (s *Service) expireThumbnails(ctx context.Context, p *jobs.Progress, cutoff
 // remove removes refs through storage.RemoveMedia, counts and logs them.
 func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.MediaRef, what string) (storage.Removed, error) {
 	removed, err := storage.RemoveMedia(ctx, s.meta, s.stores, refs, storage.RemoveOptions{
-		Tombstone: false, Grace: s.grace, Now: s.now,
+		Tombstone: false, Grace: s.currentGrace(), Now: s.now,
 	})
 	p.Add(int64(len(removed.Media)), removed.Bytes)
 	if len(removed.Media) > 0 {
@@ -554,7 +575,7 @@ func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.M
 // the bytes freed and the blobs deleted; an error stops at the first
 // failure.
 func (s *Service) deleteBlobs(ctx context.Context, hashes []string) (freed int64, deleted int, err error) {
-	cutoff := s.now().Add(-s.grace)
+	cutoff := s.now().Add(-s.currentGrace())
 	for _, h := range hashes {
 		var size int64
 		ok, err := s.meta.DeleteUnreferencedBlob(ctx, h, cutoff, func(ctx context.Context, rec storage.BlobRecord) error {

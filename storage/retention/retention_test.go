@@ -646,3 +646,38 @@ func TestPurgeResumes(t *testing.T) {
 		}
 	}
 }
+
+// TestSetGrace: blobs claimed within the grace period in force (changed on
+// reload with SetGrace) are left to the orphan collector, older ones go
+// with their rows; 0 restores the default.
+func TestSetGrace(t *testing.T) {
+	fx := newFixture(t, backends[0].newDB)
+	ctx := context.Background()
+	first := fx.add(t, item{server: remoteServer, id: "first", remote: true, body: body("first", 100), age: 20 * day})
+	firstHash := fx.hashOf(t, first)
+	svc, _ := fx.service(t, fx.meta, "a", 10, 0)
+	svc.SetGrace(40 * day)
+	if got := svc.currentGrace(); got != 40*day {
+		t.Fatalf("grace = %v after SetGrace(40 days)", got)
+	}
+	if n, err := svc.PurgeRemote(ctx, fx.now.Add(-5*day), "@admin:example.org"); err != nil || n != 1 {
+		t.Fatalf("PurgeRemote = %d, %v; want 1", n, err)
+	}
+	if fx.mediaExists(t, first) || !fx.blobExists(t, firstHash) {
+		t.Fatalf("with a 40-day grace: media exists %v, blob exists %v; want the row gone and the blob kept",
+			fx.mediaExists(t, first), fx.blobExists(t, firstHash))
+	}
+	svc.SetGrace(0)
+	if got := svc.currentGrace(); got != DefaultGrace {
+		t.Fatalf("grace = %v after SetGrace(0), want %v", got, DefaultGrace)
+	}
+	svc.SetGrace(time.Millisecond)
+	second := fx.add(t, item{server: remoteServer, id: "second", remote: true, body: body("second", 100), age: 20 * day})
+	secondHash := fx.hashOf(t, second)
+	if n, err := svc.PurgeRemote(ctx, fx.now.Add(-5*day), "@admin:example.org"); err != nil || n != 1 {
+		t.Fatalf("PurgeRemote = %d, %v; want 1", n, err)
+	}
+	if fx.mediaExists(t, second) || fx.blobExists(t, secondHash) {
+		t.Fatal("with a 1 ms grace the blob of a purged item should be gone with its row")
+	}
+}
