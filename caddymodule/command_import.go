@@ -54,9 +54,6 @@ var importSources = map[string]importSourceOpener{
 
 // importKinds lists the kinds of importSources, for help texts.
 func importKinds() string {
-	if len(importSources) == 0 {
-		return "(none registered)"
-	}
 	return strings.Join(slices.Sorted(maps.Keys(importSources)), ", ")
 }
 

@@ -84,7 +84,7 @@ const pageScript = `({
 // a file of the archive.
 func TestIndexInChromium(t *testing.T) {
 	exe := chromiumPath(t)
-	e := newEnv(t, backends[0].open)
+	e := newEnv(t, backends[0].Open)
 	fx := fixtures(t, "sqlite")
 	seed(t, e, fx)
 

@@ -174,9 +174,9 @@ func entry(t *testing.T, zr *zip.Reader, name string) ([]byte, *zip.File) {
 // is in the archive.
 func TestExport(t *testing.T) {
 	for _, b := range backends {
-		t.Run(b.name, func(t *testing.T) {
-			e := newEnv(t, b.open)
-			fx := fixtures(t, b.name)
+		t.Run(b.Name, func(t *testing.T) {
+			e := newEnv(t, b.Open)
+			fx := fixtures(t, b.Name)
 			rows := seed(t, e, fx)
 			byID := map[string]fixture{}
 			for _, f := range fx {
@@ -322,7 +322,7 @@ func checkExport(t *testing.T, zr *zip.Reader, man Manifest, sum Summary, sel Se
 // an error and no file, and exports bytes that do not match their SHA-256
 // as read, with an error, without failing the export.
 func TestExportMissingAndDamaged(t *testing.T) {
-	e := newEnv(t, backends[0].open)
+	e := newEnv(t, backends[0].Open)
 	at := ms(2025, 1, 2, 3, 4, 5, 6)
 	gone := e.put(t, storage.Media{ServerName: "example.org", MediaID: "gone", UserID: alice, ContentType: "text/plain", Filename: "gone.txt", CreatedAt: at}, []byte("gone"))
 	bad := e.put(t, storage.Media{ServerName: "example.org", MediaID: "rotten", UserID: alice, ContentType: "text/plain", Filename: "rotten.txt", CreatedAt: at}, []byte("good bytes"))
@@ -363,7 +363,7 @@ func TestExportMissingAndDamaged(t *testing.T) {
 // item sorting before the cursor is uploaded: every item present from start to
 // end is exported exactly once.
 func TestExportUserPagingUnderChanges(t *testing.T) {
-	e := newEnv(t, backends[0].open)
+	e := newEnv(t, backends[0].Open)
 	at := ms(2025, 6, 1, 0, 0, 0, 0)
 	var stable []string
 	for i := range 30 {
@@ -435,7 +435,7 @@ func (h *hookAdmin) ListUserMedia(ctx context.Context, q storage.UserMediaQuery)
 // anything is written; a failing writer and a cancelled context fail the
 // export.
 func TestExportErrors(t *testing.T) {
-	e := newEnv(t, backends[0].open)
+	e := newEnv(t, backends[0].Open)
 	e.put(t, storage.Media{ServerName: "example.org", MediaID: "one", UserID: alice, ContentType: "text/plain", CreatedAt: ms(2025, 1, 1, 0, 0, 0, 0)}, []byte("one"))
 	for _, sel := range []Selection{{}, {ServerName: "bad server"}, {ServerName: "example.org", UserID: "alice"}, {ServerName: "example.org", UserID: "@alice"}} {
 		var buf bytes.Buffer

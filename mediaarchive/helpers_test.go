@@ -12,11 +12,11 @@ import (
 	"image/png"
 	"io"
 	"math/rand/v2"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testmeta"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
@@ -26,27 +26,7 @@ import (
 func TestMain(m *testing.M) { testpg.Main(m) }
 
 // backends are the metadata stores exports are tested on.
-var backends = []struct {
-	name string
-	open func(t *testing.T) storage.MetadataStore
-}{
-	{"sqlite", func(t *testing.T) storage.MetadataStore {
-		m, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "meta.db"))
-		if err != nil {
-			t.Fatalf("opening sqlite metadata store: %v", err)
-		}
-		t.Cleanup(func() { m.Close() })
-		return m
-	}},
-	{"postgres", func(t *testing.T) storage.MetadataStore {
-		m, err := sqlstore.OpenPostgres(context.Background(), testpg.DSN(t))
-		if err != nil {
-			t.Fatalf("opening postgres metadata store: %v", err)
-		}
-		t.Cleanup(func() { m.Close() })
-		return m
-	}},
-}
+var backends = testmeta.Backends
 
 // faultyStore is a BlobStore that can pretend blobs are missing or serve
 // other bytes for them.
@@ -82,7 +62,7 @@ type env struct {
 	stores *storage.Datastores
 }
 
-func newEnv(t *testing.T, open func(t *testing.T) storage.MetadataStore) *env {
+func newEnv(t *testing.T, open func(t testing.TB) *sqlstore.Store) *env {
 	t.Helper()
 	fs, err := filestore.New(t.TempDir())
 	if err != nil {
@@ -96,7 +76,7 @@ func newEnv(t *testing.T, open func(t *testing.T) storage.MetadataStore) *env {
 	}
 	t.Cleanup(func() { stores.Close() })
 	meta := open(t)
-	return &env{meta: meta, admin: meta.(storage.MediaAdmin), blobs: blobs, stores: stores}
+	return &env{meta: meta, admin: meta, blobs: blobs, stores: stores}
 }
 
 func (e *env) source() ExportSource { return ExportSource{Meta: e.meta, Stores: e.stores} }

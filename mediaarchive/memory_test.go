@@ -36,7 +36,7 @@ func TestExportMemoryBounded(t *testing.T) {
 	if testing.Short() {
 		t.Skip("writes 200 MiB; skipped under -short")
 	}
-	e := newEnv(t, backends[0].open)
+	e := newEnv(t, backends[0].Open)
 	const items, size = 50, 4 << 20
 	r := rand.NewChaCha8([32]byte{7})
 	buf := make([]byte, size)

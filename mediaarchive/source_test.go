@@ -32,9 +32,9 @@ func wantImportItem(m storage.Media) importer.Item {
 // ErrMissing), and that Totals and the filter agree.
 func TestRoundTrip(t *testing.T) {
 	for _, b := range backends {
-		t.Run(b.name, func(t *testing.T) {
-			e := newEnv(t, b.open)
-			fx := fixtures(t, b.name)
+		t.Run(b.Name, func(t *testing.T) {
+			e := newEnv(t, b.Open)
+			fx := fixtures(t, b.Name)
 			rows := seed(t, e, fx)
 			content := map[string][]byte{}
 			for _, f := range fx {

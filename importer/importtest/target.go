@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/importer"
-	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testmeta"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/tests3"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
@@ -65,9 +65,9 @@ type Backend struct {
 // file datastore for local media, and SQLite with an S3 one.
 func Backends() []Backend {
 	return []Backend{
-		{"sqlite+files", func(t testing.TB) *Target { return newFileTarget(t, openSQLite(t)) }},
-		{"postgres+files", func(t testing.TB) *Target { return newFileTarget(t, openPostgres(t)) }},
-		{"sqlite+s3", func(t testing.TB) *Target { return newS3Target(t, openSQLite(t)) }},
+		{"sqlite+files", func(t testing.TB) *Target { return newFileTarget(t, testmeta.SQLite(t)) }},
+		{"postgres+files", func(t testing.TB) *Target { return newFileTarget(t, testmeta.Postgres(t)) }},
+		{"sqlite+s3", func(t testing.TB) *Target { return newS3Target(t, testmeta.SQLite(t)) }},
 	}
 }
 
@@ -82,28 +82,6 @@ func BackendNamed(t testing.TB, name string) Backend {
 	}
 	t.Fatalf("no import target backend %q", name)
 	return Backend{}
-}
-
-// openSQLite opens a fresh SQLite metadata store.
-func openSQLite(t testing.TB) *sqlstore.Store {
-	t.Helper()
-	m, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(t.TempDir(), "meta.db"))
-	if err != nil {
-		t.Fatalf("opening sqlite: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
-}
-
-// openPostgres opens a metadata store on a fresh PostgreSQL database.
-func openPostgres(t testing.TB) *sqlstore.Store {
-	t.Helper()
-	m, err := sqlstore.OpenPostgres(context.Background(), testpg.DSN(t))
-	if err != nil {
-		t.Fatalf("opening postgres: %v", err)
-	}
-	t.Cleanup(func() { m.Close() })
-	return m
 }
 
 // fileStore opens a file datastore in a fresh directory.
