@@ -40,6 +40,7 @@ const adminPrefix = "/matrix_media/"
 //	GET    /matrix_media/export?server=s     a ZIP archive of the server name's local media, streamed
 //	POST   /matrix_media/import/lookup       {"media":[...]}: which of them are stored (for imports)
 //	PUT    /matrix_media/import/media/<server>/<id>  store one imported item (body: its bytes)
+//	PUT    /matrix_media/import/file/<server>/<id>   store one imported item read from a local file
 //	POST   /matrix_media/import/quarantine   {"sha256":"…","quarantined_by":"…"}: carry a quarantine over
 //
 // The operators' endpoints are described in adminops.go; they log
@@ -76,6 +77,7 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "export", Handler: onResources((*resources).serveExport)},
 		{Pattern: adminPrefix + "import/lookup", Handler: onResources((*resources).serveImportLookup)},
 		{Pattern: adminPrefix + "import/media/", Handler: onResources((*resources).serveImportMedia)},
+		{Pattern: adminPrefix + "import/file/", Handler: onResources((*resources).serveImportFile)},
 		{Pattern: adminPrefix + "import/quarantine", Handler: onResources((*resources).serveImportQuarantine)},
 	}
 }

@@ -70,6 +70,7 @@ func importCommand() *cobra.Command {
 	c.Flags().Bool("include-remote", false, "Also import the source's cache of remote media")
 	c.Flags().Bool("dry-run", false, "Read and verify every item that would be imported, write nothing")
 	c.Flags().Int("workers", importer.DefaultWorkers, "How many items are read and stored at once")
+	c.Flags().Bool("send-bytes", false, "Always send the bytes to Caddy, even when Caddy could read the source's files itself (same machine)")
 	return c
 }
 
@@ -128,7 +129,8 @@ func runImport(cmd *cobra.Command, args []string) error {
 	}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt)
 	defer stop()
-	return runImportWith(ctx, req, &adminSink{addr: addr}, cmd.OutOrStdout(), newProgressBar(cmd.ErrOrStderr()))
+	sendBytes, _ := cmd.Flags().GetBool("send-bytes")
+	return runImportWith(ctx, req, &adminSink{addr: addr, streamOnly: sendBytes}, cmd.OutOrStdout(), newProgressBar(cmd.ErrOrStderr()))
 }
 
 // runImportWith runs the import into sink, drawing progress on bar and
@@ -189,6 +191,9 @@ func importProgressLine(p importer.Progress) string {
 type adminSink struct {
 	// addr is the admin API's address.
 	addr string
+	// streamOnly sends every item's bytes, never asking Caddy to read the
+	// source's files itself (--send-bytes).
+	streamOnly bool
 }
 
 // importSendChunk is the most an item's body is sent in at once: its bytes
@@ -276,6 +281,47 @@ func (s *adminSink) Put(ctx context.Context, it importer.Item, body io.Reader) (
 	if err != nil {
 		return 0, fmt.Errorf("storing mxc://%s/%s: %w", it.ServerName, it.MediaID, err)
 	}
+	return importOutcome(it, ans)
+}
+
+var _ importer.FileSink = (*adminSink)(nil)
+
+// PutFile implements importer.FileSink: Caddy is asked to read f's file
+// itself (importfile.go). A Caddy that cannot, or that predates the
+// endpoint (404), gives an error wrapping importer.ErrFileUnreachable.
+func (s *adminSink) PutFile(ctx context.Context, it importer.Item, f *os.File) (importer.Outcome, error) {
+	if s.streamOnly {
+		return 0, fmt.Errorf("--send-bytes: %w", importer.ErrFileUnreachable)
+	}
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	file, err := localFileName(f)
+	if err != nil {
+		return 0, err
+	}
+	fileHdr, err := file.encode()
+	if err != nil {
+		return 0, err
+	}
+	hdr, err := newImportItem(it).encode()
+	if err != nil {
+		return 0, err
+	}
+	path := adminPrefix + "import/file/" + url.PathEscape(it.ServerName) + "/" + url.PathEscape(it.MediaID)
+	var ans importPutAnswer
+	err = s.request(http.MethodPut, path, http.Header{importItemHeader: {hdr}, importFileHeader: {fileHdr}}, nil, &ans)
+	if err != nil {
+		if !errors.Is(err, importer.ErrFileUnreachable) && strings.Contains(err.Error(), "HTTP 404") {
+			err = fmt.Errorf("%w: %w", err, importer.ErrFileUnreachable)
+		}
+		return 0, fmt.Errorf("storing mxc://%s/%s: %w", it.ServerName, it.MediaID, err)
+	}
+	return importOutcome(it, ans)
+}
+
+// importOutcome reads the answer of a stored item.
+func importOutcome(it importer.Item, ans importPutAnswer) (importer.Outcome, error) {
 	switch ans.Outcome {
 	case outcomeImported:
 		return importer.Imported, nil
@@ -405,6 +451,8 @@ func importAnswerError(err error) error {
 		importCodeMismatch:    importer.ErrHashMismatch,
 		importCodeTooLarge:    storage.ErrTooLarge,
 		importCodeUnavailable: storage.ErrUnavailable,
+		// Caddy cannot read the source's file itself: send the bytes.
+		importCodeFileUnreachable: importer.ErrFileUnreachable,
 	}
 	kind, ok := kinds[e.Code]
 	if !ok {

@@ -21,6 +21,7 @@ import (
 //	POST /matrix_media/import/lookup                   {"media":["mxc://s/id",...]} -> {"present":{"mxc://s/id":{"sha256":"…","size":n,"deleted":false},...}}
 //	PUT  /matrix_media/import/media/<server>/<id>      the item's bytes as the body, its metadata in the
 //	                                                   Matrix-Media-Import-Item header -> {"outcome":"imported"|"already_present"}
+//	PUT  /matrix_media/import/file/<server>/<id>       no body: Caddy reads the source's file itself (importfile.go)
 //	POST /matrix_media/import/quarantine               {"sha256":"…","quarantined_by":"…"} -> {}
 //
 // The body of the PUT is streamed into the stores (importer.StoreSink),
@@ -181,6 +182,8 @@ const (
 // code.
 func importErrorStatus(err error) (int, string) {
 	switch {
+	case errors.Is(err, importer.ErrFileUnreachable):
+		return http.StatusBadRequest, importCodeFileUnreachable
 	case errors.Is(err, importer.ErrInvalid):
 		return http.StatusBadRequest, importCodeInvalid
 	case errors.Is(err, importer.ErrConflict):
@@ -258,6 +261,11 @@ func (res *resources) serveImportMedia(w http.ResponseWriter, r *http.Request) e
 	if err != nil {
 		return writeImportError(w, err)
 	}
+	return writeImportOutcome(w, out)
+}
+
+// writeImportOutcome answers a stored item.
+func writeImportOutcome(w http.ResponseWriter, out importer.Outcome) error {
 	name := outcomeImported
 	if out == importer.AlreadyPresent {
 		name = outcomeAlreadyPresent

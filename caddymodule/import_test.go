@@ -45,6 +45,8 @@ type testSourceItem struct {
 	QuarantinedBy string `json:"quarantined_by,omitempty"`
 	Protected     bool   `json:"protected,omitempty"`
 	Missing       bool   `json:"missing,omitempty"`
+	// File names a file holding the bytes (opened as an *os.File).
+	File string `json:"file,omitempty"`
 }
 
 // openTestSource is the "test" import kind: an importtest.Source read from
@@ -64,7 +66,7 @@ func openTestSource(_ context.Context, from string) (importer.Source, error) {
 			ServerName: it.ServerName, MediaID: it.MediaID, Remote: it.Remote, UserID: it.UserID,
 			ContentType: it.ContentType, Filename: it.Filename, CreatedAt: time.UnixMilli(it.CreatedTS).UTC(),
 			Size: it.Size, SHA256: it.SHA256, QuarantinedBy: it.QuarantinedBy, Protected: it.Protected,
-		}, Body: it.Body, Missing: it.Missing})
+		}, Body: it.Body, Missing: it.Missing, File: it.File})
 	}
 	return src, nil
 }

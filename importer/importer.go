@@ -28,6 +28,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
@@ -190,4 +191,24 @@ type Sink interface {
 	// imported (its bytes are missing at the source), so that it stays
 	// refused here. sha256 is the source's recorded hash.
 	Quarantine(ctx context.Context, sha256, by string) error
+}
+
+// ErrFileUnreachable is a FileSink's answer when it cannot read the
+// source's file itself (another machine or container, no permission, or
+// the path no longer names the file that was opened). Run then sends the
+// bytes through Put, for that item and every later one.
+var ErrFileUnreachable = errors.New("the target cannot read the source's file itself")
+
+// FileSink is a Sink that can read an item's bytes from the source's own
+// file: a Caddy on the same machine opens the file and reads it directly
+// instead of receiving its bytes over a socket, which saves a copy of every
+// byte on each side. Run uses it for items whose Open returns an *os.File.
+type FileSink interface {
+	Sink
+	// PutFile is Put with the bytes of f, a regular file the source opened
+	// (at its start); the target reads the same file itself and makes sure
+	// it is the same file (not merely the same path). It returns an error
+	// wrapping ErrFileUnreachable, having stored nothing, when it cannot.
+	// PutFile must not keep f after it returns.
+	PutFile(ctx context.Context, it Item, f *os.File) (Outcome, error)
 }

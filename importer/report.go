@@ -117,6 +117,12 @@ type Report struct {
 	MoreProblems int64
 	// Elapsed is how long the run took.
 	Elapsed time.Duration
+	// ReadByTarget counts the items whose bytes the target read from the
+	// source's files itself (see FileSink).
+	ReadByTarget int64
+	// StreamedBecause is why a FileSink could not read the source's files
+	// itself, after which the bytes were sent; empty when it never refused.
+	StreamedBecause string
 }
 
 // OK reports whether nothing went wrong that needs the operator: no hash
@@ -150,6 +156,12 @@ func (r Report) String() string {
 	}
 	for _, row := range rows {
 		fmt.Fprintf(&b, "  %-22s %d%s\n", row.label+":", row.n, row.extra)
+	}
+	if r.ReadByTarget > 0 {
+		fmt.Fprintf(&b, "  %d items were read by the target from the source's files directly\n", r.ReadByTarget)
+	}
+	if r.StreamedBecause != "" {
+		fmt.Fprintf(&b, "  bytes were sent to the target, which could not read the source's files: %s\n", r.StreamedBecause)
 	}
 	if len(r.Problems) > 0 {
 		fmt.Fprintf(&b, "problems:\n")

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -106,6 +107,9 @@ type run struct {
 
 	// bytes counts Progress.Bytes; updated by workers as they read.
 	bytes atomic.Int64
+	// streamOnly is set once a FileSink could not read a source file
+	// itself: later items are sent through Put without asking again.
+	streamOnly atomic.Bool
 
 	mu  sync.Mutex
 	rep Report
@@ -259,6 +263,9 @@ func (r *run) store(ctx context.Context, t task) {
 		return
 	}
 	defer rc.Close()
+	if done := r.storeFile(ctx, it, rc); done {
+		return
+	}
 	body := &countingReader{r: rc, n: &r.bytes}
 	var out Outcome
 	var v *verifier
@@ -282,6 +289,45 @@ func (r *run) store(ctx context.Context, t task) {
 		return
 	}
 	r.finish(out, v.n, max(it.Size-v.n, 0))
+}
+
+// storeFile has a FileSink read the item's file itself, when the sink is
+// one, rc is a file and no earlier item was refused; done is false when
+// the item is still to be sent through Put (rc is then at its start).
+func (r *run) storeFile(ctx context.Context, it Item, rc io.ReadCloser) (done bool) {
+	fs, ok := r.sink.(FileSink)
+	f, isFile := rc.(*os.File)
+	if !ok || !isFile || r.opts.DryRun || r.streamOnly.Load() {
+		return false
+	}
+	out, err := fs.PutFile(ctx, it, f)
+	if errors.Is(err, ErrFileUnreachable) {
+		r.streamOnly.Store(true)
+		r.mu.Lock()
+		if r.rep.StreamedBecause == "" {
+			r.rep.StreamedBecause = err.Error()
+		}
+		r.mu.Unlock()
+		if _, serr := f.Seek(0, io.SeekStart); serr != nil {
+			r.failItem(ctx, it, fmt.Errorf("rewinding the source's file: %w", serr), 0)
+			return true
+		}
+		return false
+	}
+	if err != nil {
+		r.failItem(ctx, it, err, 0)
+		return true
+	}
+	size := it.Size
+	if fi, serr := f.Stat(); serr == nil {
+		size = fi.Size()
+	}
+	r.mu.Lock()
+	r.rep.ReadByTarget++
+	r.mu.Unlock()
+	r.bytes.Add(size)
+	r.finish(out, size, max(it.Size-size, 0))
+	return true
 }
 
 // check is the dry run of Sink.Put: it reads the item to its end through

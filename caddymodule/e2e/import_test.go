@@ -161,6 +161,11 @@ func importAndVerify(t *testing.T, store dendriteStore) storeState {
 	}
 	t.Logf("imported %d items in %v", len(store.items), time.Since(began).Round(time.Millisecond))
 	wantCounts(t, "import", r, map[string]int{"imported": len(store.items)})
+	// Caddy runs on this machine as the same user: it reads Dendrite's
+	// files itself instead of receiving their bytes.
+	if !strings.Contains(r.stdout, fmt.Sprintf("%d items were read by the target from the source's files directly", len(store.items))) {
+		t.Errorf("Caddy did not read Dendrite's files itself:\n%v", r)
+	}
 	if !strings.Contains(r.stderr, fmt.Sprintf("%d/%d items", len(store.items), len(store.items))) {
 		t.Errorf("no final progress line with the item counts:\n%v", r)
 	}
