@@ -62,6 +62,9 @@ type Metrics struct {
 	accessFlushed     *prometheus.CounterVec
 	accessFlushErrors prometheus.Counter
 	accessDropped     prometheus.Counter
+	// limitRejections counts requests refused by quotas and rate limits,
+	// per site (LimitRejected).
+	limitRejections *prometheus.CounterVec
 
 	// durationBy and counters resolve label values once, so that observing a
 	// request allocates nothing.
@@ -181,6 +184,10 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "access_dropped_total",
 			Help: "Reads whose last-access time was not recorded because the in-memory access buffer was full.",
 		}),
+		limitRejections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "limit_rejections_total",
+			Help: "Requests refused by a quota or a rate limit, by site (server_name) and reason (see the README's fair-use section for the reasons).",
+		}, []string{"server_name", "reason"}),
 	}
 	for ep := endpoint(0); ep < numEndpoints; ep++ {
 		m.durationBy[ep] = m.duration.WithLabelValues(endpointNames[ep])
@@ -194,7 +201,18 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
 		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
 		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning,
-		m.accessFlushed, m.accessFlushErrors, m.accessDropped}
+		m.accessFlushed, m.accessFlushErrors, m.accessDropped, m.limitRejections}
+}
+
+// LimitRejected counts one request of the site serverName refused by a
+// quota or rate limit. Reasons are short fixed names: quota_bytes,
+// quota_files, quota_window_bytes, quota_window_files, quota_pending,
+// quota_upload_size for quotas; rate_<class>_<ip|user> (for example
+// rate_upload_ip, rate_download_bytes_user) and rate_failed_auth_ip for
+// rate limits. Never a user ID or address: those would make a label per
+// user.
+func (m *Metrics) LimitRejected(serverName, reason string) {
+	m.limitRejections.WithLabelValues(serverName, reason).Inc()
 }
 
 // remoteFetch records one remote fetch.
