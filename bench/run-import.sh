@@ -20,6 +20,13 @@
 #      LARGE_N (large media, default 16; 0 skips), LARGE_MIB (their size,
 #        default 128: 16 x 128 MiB = 2 GiB),
 #      LARGE_WORKERS (default "4"),
+#      MODES (how the bytes reach Caddy, default "file": "file" lets Caddy
+#        read the source's files itself, as the command does when Caddy is
+#        on the same machine; "bytes" sends them over the admin socket,
+#        --send-bytes; "file bytes" measures both),
+#      ROUNDS (default 1: how many times each dataset's cp and imports are
+#        repeated, interleaved, each import compared with the cp of its
+#        round),
 #      PROFILE (seconds of CPU profile to take from Caddy's admin
 #        /debug/pprof/profile at the start of the first large import, saved
 #        under bench/results/; default 0: none).
@@ -55,6 +62,8 @@ LARGE_N=${LARGE_N:-16}
 LARGE_MIB=${LARGE_MIB:-128}
 LARGE_WORKERS=${LARGE_WORKERS:-4}
 PROFILE=${PROFILE:-0}
+MODES=${MODES:-file}
+ROUNDS=${ROUNDS:-1}
 if [[ ${1:-} == --quick ]]; then SMALL_N=5000; LARGE_N=4; LARGE_MIB=64; fi
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1" >&2; exit 1; }; }
@@ -65,10 +74,11 @@ need go; need curl; need sqlite3; need sha256sum
 # value are kept until the dataset is done (see dataset); a small item takes
 # up to its size plus a directory block in each, rounded up to 8 KiB here.
 # The datasets come one after the other; plus 1 GiB of slack.
-n_small_w=$(wc -w <<<"$SMALL_WORKERS")
-n_large_w=$(wc -w <<<"$LARGE_WORKERS")
-SMALL_KB=$((SMALL_N * (SMALL_MAX / 1024 + 8) * (2 + n_small_w)))
-LARGE_KB=$((LARGE_N * LARGE_MIB * 1024 * (2 + n_large_w)))
+n_modes=$(wc -w <<<"$MODES")
+n_small_w=$(($(wc -w <<<"$SMALL_WORKERS") * n_modes))
+n_large_w=$(($(wc -w <<<"$LARGE_WORKERS") * n_modes))
+SMALL_KB=$((SMALL_N * (SMALL_MAX / 1024 + 8) * (1 + ROUNDS * (1 + n_small_w))))
+LARGE_KB=$((LARGE_N * LARGE_MIB * 1024 * (1 + ROUNDS * (1 + n_large_w))))
 NEED_KB=$(((SMALL_KB > LARGE_KB ? SMALL_KB : LARGE_KB) + 1024 * 1024))
 AVAIL_KB=$(df -Pk "$BENCH_DIR" | awk 'NR == 2 {print $4}')
 ((AVAIL_KB > NEED_KB)) || { echo "bench: $BENCH_DIR has $((AVAIL_KB / 1024)) MiB free, need $((NEED_KB / 1024)) MiB" >&2; exit 1; }
@@ -126,8 +136,8 @@ stop_caddy() {
 	CADDY_PID=
 }
 
-# import_run SRC LOG WORKERS -> prints "seconds cli_cpu": the import and a
-# sync, timed; the command's CPU from bash's times of the child.
+# import_run SRC LOG WORKERS [FLAG...] -> prints "seconds cli_cpu": the
+# import and a sync, timed; the command's CPU from bash's times of the child.
 import_run() {
 	local t0 out rc
 	sync
@@ -135,7 +145,7 @@ import_run() {
 	rc=0
 	TIMEFORMAT='%U %S'
 	out=$({ time "$CADDY" matrix-media import synapse --from "$1/homeserver.yaml" --address "127.0.0.1:$ADMIN" \
-		--workers "$3" >"$2" 2>"$2.progress"; } 2>&1) || rc=$?
+		--workers "$3" "${@:4}" >"$2" 2>"$2.progress"; } 2>&1) || rc=$?
 	sync
 	local secs
 	secs=$(since "$t0")
@@ -185,41 +195,56 @@ dataset() {
 	say ""
 	say "$name: $items media, $bytes bytes ($(mb_s "$bytes" 1) MB; $min-$max bytes each, random), Synapse media_store + SQLite homeserver.db"
 
-	echo "bench: cp -r $name" >&2
-	sync
-	local t0 cp_s
-	t0=$(now)
-	cp -r "$src/media_store" "$dir/cp"
-	sync
-	cp_s=$(since "$t0")
-	say "   cp -r media_store + sync:           $(printf '%7.2f' "$cp_s") s  $(printf '%7s' "$(per_s "$items" "$cp_s")") items/s  $(printf '%7s' "$(mb_s "$bytes" "$cp_s")") MB/s"
+	local round w mode
+	for ((round = 1; round <= ROUNDS; round++)); do
+		local tag=""
+		((ROUNDS > 1)) && tag=" (round $round)"
+		echo "bench: cp -r $name$tag" >&2
+		sync
+		local t0 cp_s
+		t0=$(now)
+		cp -r "$src/media_store" "$dir/cp-$round"
+		sync
+		cp_s=$(since "$t0")
+		say "   cp -r media_store + sync$tag:    $(printf '%7.2f' "$cp_s") s  $(printf '%7s' "$(per_s "$items" "$cp_s")") items/s  $(printf '%7s' "$(mb_s "$bytes" "$cp_s")") MB/s"
 
-	local w
-	for w in "$@"; do
-		local cdir=$dir/caddy-w$w
-		start_caddy "$cdir"
-		local prof_pid=
-		if [[ $name == large && $PROFILE -gt 0 && ! -e $RESULTS/import-$STAMP-caddy.pprof ]]; then
-			mkdir -p "$RESULTS"
-			curl -fsS -o "$RESULTS/import-$STAMP-caddy.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=$PROFILE" &
-			prof_pid=$!
-		fi
-		echo "bench: importing $name, --workers $w" >&2
-		local c0 secs cli c1
-		c0=$(cpu_s "$CADDY_PID")
-		out=$(import_run "$src" "$cdir/import1.txt" "$w")
-		read -r secs cli <<<"$out"
-		c1=$(cpu_s "$CADDY_PID")
-		check_report "$cdir/import1.txt" "imported" "$items"
-		[[ -n $prof_pid ]] && { wait "$prof_pid" || echo "bench: profile failed" >&2; }
-		say "   import --workers $w + sync:         $(printf '%7.2f' "$secs") s  $(printf '%7s' "$(per_s "$items" "$secs")") items/s  $(printf '%7s' "$(mb_s "$bytes" "$secs")") MB/s  ratio $(ratio "$cp_s" "$secs")x  (CPU s: command $cli, caddy $(sub "$c1" "$c0"))"
-		echo "bench: second run of $name, --workers $w" >&2
-		out=$(import_run "$src" "$cdir/import2.txt" "$w")
-		read -r secs cli <<<"$out"
-		check_report "$cdir/import2.txt" "already present" "$items"
-		say "   second run (no-op), --workers $w:   $(printf '%7.2f' "$secs") s  $(printf '%7s' "$(per_s "$items" "$secs")") items/s"
-		stop_caddy
-		check_blobs "$src" "$cdir"
+		for w in "$@"; do
+			for mode in $MODES; do
+				local flags=()
+				[[ $mode == bytes ]] && flags=(--send-bytes)
+				local cdir=$dir/caddy-r$round-w$w-$mode
+				start_caddy "$cdir"
+				local prof_pid=
+				if [[ $name == large && $PROFILE -gt 0 && ! -e $RESULTS/import-$STAMP-caddy.pprof ]]; then
+					mkdir -p "$RESULTS"
+					curl -fsS -o "$RESULTS/import-$STAMP-caddy.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=$PROFILE" &
+					prof_pid=$!
+				fi
+				echo "bench: importing $name, --workers $w, $mode$tag" >&2
+				local c0 secs cli c1
+				c0=$(cpu_s "$CADDY_PID")
+				out=$(import_run "$src" "$cdir/import1.txt" "$w" "${flags[@]}")
+				read -r secs cli <<<"$out"
+				c1=$(cpu_s "$CADDY_PID")
+				check_report "$cdir/import1.txt" "imported" "$items"
+				if [[ $mode == file ]] && ! grep -q "items were read by the target from the source's files directly" "$cdir/import1.txt"; then
+					echo "bench: Caddy did not read the source's files itself" >&2
+					cat "$cdir/import1.txt" >&2
+					exit 1
+				fi
+				[[ -n $prof_pid ]] && { wait "$prof_pid" || echo "bench: profile failed" >&2; }
+				say "   import --workers $w, $mode + sync:  $(printf '%7.2f' "$secs") s  $(printf '%7s' "$(per_s "$items" "$secs")") items/s  $(printf '%7s' "$(mb_s "$bytes" "$secs")") MB/s  ratio $(ratio "$cp_s" "$secs")x  (CPU s: command $cli, caddy $(sub "$c1" "$c0"))"
+				if ((round == 1)); then
+					echo "bench: second run of $name, --workers $w, $mode" >&2
+					out=$(import_run "$src" "$cdir/import2.txt" "$w" "${flags[@]}")
+					read -r secs cli <<<"$out"
+					check_report "$cdir/import2.txt" "already present" "$items"
+					say "   second run (no-op), --workers $w, $mode: $(printf '%7.2f' "$secs") s  $(printf '%7s' "$(per_s "$items" "$secs")") items/s"
+				fi
+				stop_caddy
+				check_blobs "$src" "$cdir"
+			done
+		done
 	done
 	rm -rf "$dir"
 	sync

@@ -1,7 +1,7 @@
 // Command seed writes a Synapse-shaped media repository for the import
 // benchmark (bench/run-import.sh): a homeserver.yaml, a SQLite homeserver
 // database with Synapse's media tables (the DDL of
-// importer/synapse/testdata/sqlite: full schema 72 plus deltas 86 and 91)
+// importer/synapse/synapsetest/testdata/sqlite: full schema 72 plus deltas 86 and 91)
 // and a media_store whose local_content files hold random bytes (so nothing
 // deduplicates), one local_media_repository row per file with its length
 // and SHA-256.
@@ -65,7 +65,7 @@ type medium struct {
 func main() {
 	var o options
 	flag.StringVar(&o.dir, "dir", "", "output directory (required; must not exist or be empty)")
-	flag.StringVar(&o.schema, "schema", "importer/synapse/testdata/sqlite", "directory of Synapse's SQLite media DDL files")
+	flag.StringVar(&o.schema, "schema", "importer/synapse/synapsetest/testdata/sqlite", "directory of Synapse's SQLite media DDL files")
 	flag.IntVar(&o.n, "n", 100000, "number of media")
 	flag.Int64Var(&o.min, "min", 1024, "smallest size in bytes")
 	flag.Int64Var(&o.max, "max", 8192, "largest size in bytes")
