@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"io"
@@ -197,4 +198,37 @@ func TestLocalAdminConn(t *testing.T) {
 			t.Errorf("localAdminConn(%q) = %v, want %v", tc.remote, got, tc.local)
 		}
 	}
+}
+
+// FuzzImportFileHeader checks the decoder of the Matrix-Media-Import-File
+// header: every refusal wraps importer.ErrInvalid, and what it accepts is
+// an absolute path without NUL and a size, which round-trips.
+func FuzzImportFileHeader(f *testing.F) {
+	for _, doc := range []string{
+		`{"path":"/var/lib/synapse/media_store/local_content/ab/cd/efgh","dev":65024,"ino":12345,"size":11}`,
+		`{"path":"relative","dev":1,"ino":2,"size":3}`, `{"path":"/a\u0000b","size":1}`, `{"path":"/x","size":-1}`,
+		`{"path":"/x","size":1,"extra":1}`, `{"path":"/x","dev":-1,"size":1}`, `[]`, `null`, ``,
+	} {
+		f.Add(base64.RawURLEncoding.EncodeToString([]byte(doc)))
+	}
+	f.Add("!!!")
+	f.Fuzz(func(t *testing.T, value string) {
+		got, err := decodeImportFile(value)
+		if err != nil {
+			if !errors.Is(err, importer.ErrInvalid) {
+				t.Fatalf("error %v does not wrap ErrInvalid", err)
+			}
+			return
+		}
+		if !strings.HasPrefix(got.Path, "/") || strings.ContainsRune(got.Path, 0) || got.Size < 0 {
+			t.Fatalf("accepted %+v", got)
+		}
+		again, err := got.encode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if back, err := decodeImportFile(again); err != nil || back != got {
+			t.Fatalf("round trip: %+v -> %+v, %v", got, back, err)
+		}
+	})
 }
