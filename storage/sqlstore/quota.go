@@ -134,30 +134,38 @@ func validLimits(lim storage.UploadLimits) error {
 // usageSum is what a user uploaded within one window.
 type usageSum struct{ bytes, files int64 }
 
+// windowQuery is the query of windowSums for n windows. Its parameters are
+// the cutoff of each window twice, then the user ID and the oldest cutoff;
+// its columns the bytes and files of each window.
+func (s *Store) windowQuery(n int) string {
+	cols := make([]string, 0, 2*n)
+	for range n {
+		cols = append(cols,
+			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN size ELSE 0 END), 0) AS BIGINT)`,
+			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN 1 ELSE 0 END), 0) AS BIGINT)`)
+	}
+	return s.dialect.rebind(`SELECT ` + strings.Join(cols, ", ") + ` FROM media
+		WHERE user_id = ? AND ` + s.countedRow() + ` AND ` + uploadedTS + ` >= ?`)
+}
+
 // windowSums sums the user's counted rows uploaded at or after now minus
 // each window, in one range scan of media_user_uploaded from the oldest
 // cutoff.
 func (s *Store) windowSums(ctx context.Context, tx *sql.Tx, user string, now time.Time, windows []storage.WindowLimit) ([]usageSum, error) {
-	var cols []string
-	var args []any
+	args := make([]any, 0, 2*len(windows)+2)
 	oldest := now.UnixMilli()
 	for _, w := range windows {
 		cutoff := now.Add(-w.Window).UnixMilli()
 		oldest = min(oldest, cutoff)
-		cols = append(cols,
-			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN size ELSE 0 END), 0) AS BIGINT)`,
-			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN 1 ELSE 0 END), 0) AS BIGINT)`)
 		args = append(args, cutoff, cutoff)
 	}
 	args = append(args, user, oldest)
-	query := s.dialect.rebind(`SELECT ` + strings.Join(cols, ", ") + ` FROM media
-		WHERE user_id = ? AND ` + s.countedRow() + ` AND ` + uploadedTS + ` >= ?`)
 	out := make([]usageSum, len(windows))
 	dest := make([]any, 0, 2*len(windows))
 	for i := range out {
 		dest = append(dest, &out[i].bytes, &out[i].files)
 	}
-	if err := tx.QueryRowContext(ctx, query, args...).Scan(dest...); err != nil {
+	if err := tx.QueryRowContext(ctx, s.windowQuery(len(windows)), args...).Scan(dest...); err != nil {
 		return nil, fmt.Errorf("summing recent uploads of %s: %w", user, classify(err))
 	}
 	return out, nil
