@@ -445,8 +445,8 @@ func testQuotaConcurrent(t *testing.T, s storage.MetadataStore) {
 	quotaRaces(t, []storage.MetadataStore{s})
 }
 
-// testQuotaConcurrentDeletion runs uploads and deletions of one user's
-// media at once and checks that the counters stay exact.
+// testQuotaConcurrentDeletion runs uploads, deletions and recounts of two
+// users' media at once and checks that the counters stay exact.
 func testQuotaConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	q, a := quotaStore(t, s), admin(t, s)
@@ -498,7 +498,31 @@ func testQuotaConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 			}
 		})
 	}
+	// Recounts all along find the counters exact at every commit.
+	stop := make(chan struct{})
+	var recounter sync.WaitGroup
+	recounter.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			user := []string{"", alice, bob}[i%3]
+			n, err := q.RecountUsage(ctx, user)
+			if err != nil {
+				fail(err)
+				return
+			}
+			if n != 0 {
+				fail(fmt.Errorf("RecountUsage(%q) during uploads and deletions changed %d users", user, n))
+				return
+			}
+		}
+	})
 	wg.Wait()
+	close(stop)
+	recounter.Wait()
 	for _, err := range errs {
 		t.Errorf("concurrent operation failed: %v", err)
 	}
