@@ -414,9 +414,11 @@ func newInterruptProxy(t *testing.T, admin string, after int) *interruptProxy {
 	return p
 }
 
-// isImportPut tells whether r stores one item.
+// isImportPut tells whether r stores one item: with its bytes sent, or
+// read by Caddy from the source's file.
 func isImportPut(r *http.Request) bool {
-	return r.Method == http.MethodPut && strings.HasPrefix(r.URL.Path, "/matrix_media/import/media/")
+	return r.Method == http.MethodPut && (strings.HasPrefix(r.URL.Path, "/matrix_media/import/media/") ||
+		strings.HasPrefix(r.URL.Path, "/matrix_media/import/file/"))
 }
 
 func (p *interruptProxy) isTripped() bool {

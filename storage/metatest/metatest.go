@@ -79,6 +79,14 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"ThumbnailExpiry", testThumbnailExpiry},
 		{"Jobs", testJobs},
 		{"LookupMedia", testLookupMedia},
+		{"UsageCounters", testUsageCounters},
+		{"QuotaBoundaries", testQuotaBoundaries},
+		{"QuotaWindows", testQuotaWindows},
+		{"QuotaPending", testQuotaPending},
+		{"QuotaConcurrent", testQuotaConcurrent},
+		{"QuotaConcurrentDeletion", testQuotaConcurrentDeletion},
+		{"TopUsage", testTopUsage},
+		{"RecountUsage", testRecountUsage},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -23,12 +23,7 @@ const deleteChunk = 500
 // collation (the database's default collation may order text by locale), on
 // SQLite as it is (BINARY is its default). Orders that callers compare with
 // Go's string order, and the order in which rows are locked, use it.
-func (s *Store) binary(expr string) string {
-	if s.dialect == dialectPostgres {
-		return expr + ` COLLATE "C"`
-	}
-	return expr
-}
+func (s *Store) binary(expr string) string { return s.dialect.binary(expr) }
 
 // boolLit returns the literal of a boolean column value: TRUE/FALSE on
 // PostgreSQL, 1/0 on SQLite, written literally so that the partial indexes
@@ -381,14 +376,19 @@ func refValues(refs []storage.MediaRef, args []any) (string, []any) {
 // (same order) from deadlocking, and makes a concurrent InsertThumbnail of
 // one of them (its foreign key check) wait, so no thumbnail escapes the
 // list of hashes. The transaction touches neither blobs nor quarantine rows,
-// so uploads never wait for it except on the rows it deletes.
+// so uploads never wait for it except on the rows it deletes and on the
+// usage counters of their owners.
+//
+// Deleted rows that count for a user (see quota.go) are subtracted from the
+// user's counters in the same transaction; on PostgreSQL those counters are
+// locked before the rows (lockUsersOf), the order every upload takes them in.
 func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombstone bool, at time.Time) (out storage.DeletedMedia, err error) {
 	refs = sortedRefs(refs)
 	if len(refs) == 0 {
 		return out, nil
 	}
 	what := fmt.Sprintf("deleting %d media item(s)", len(refs))
-	tx, err := s.write.BeginTx(ctx, nil)
+	tx, err := s.beginWrite(ctx)
 	if err != nil {
 		return out, fmt.Errorf("%s: beginning transaction: %w", what, classify(err))
 	}
@@ -397,6 +397,10 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 			_ = tx.Rollback()
 		}
 	}()
+	if err := s.lockUsersOf(ctx, tx, refs); err != nil {
+		return out, fmt.Errorf("%s: %w", what, err)
+	}
+	usage := map[string]usageSum{}
 	blobs := map[string]bool{}
 	for chunk := range slices.Chunk(refs, deleteChunk) {
 		values, args := refValues(chunk, nil)
@@ -418,6 +422,12 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 			found[i] = storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID}
 			if m.SHA256 != "" {
 				blobs[m.SHA256] = true
+			}
+			if m.State == storage.StateReady && counts(m) {
+				u := usage[m.UserID]
+				u.bytes += m.Size
+				u.files++
+				usage[m.UserID] = u
 			}
 		}
 		// The thumbnails are deleted explicitly (rather than by the
@@ -460,6 +470,9 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 			}
 		}
 		out.Media = append(out.Media, rows...)
+	}
+	if err := s.subtractUsage(ctx, tx, usage); err != nil {
+		return storage.DeletedMedia{}, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := tx.Commit(); err != nil {
 		return storage.DeletedMedia{}, fmt.Errorf("%s: committing: %w", what, classify(err))

@@ -25,6 +25,14 @@ func (d dialect) String() string {
 	return "sqlite"
 }
 
+// binary returns expr compared byte by byte (see Store.binary).
+func (d dialect) binary(expr string) string {
+	if d == dialectPostgres {
+		return expr + ` COLLATE "C"`
+	}
+	return expr
+}
+
 // rebind turns the '?' placeholders of a query into what the dialect expects:
 // unchanged for SQLite, $1, $2, … for PostgreSQL. A '?' inside a single-quoted
 // string literal is left alone.

@@ -275,6 +275,46 @@ var migrations = []migration{
 			`CREATE INDEX jobs_running ON jobs (created_ts, id) WHERE state = 'running'`,
 		},
 	},
+	{
+		// Per-user usage (storage.QuotaStore).
+		//   - user_usage holds, per user ID, the bytes and files of the
+		//     user's counted media rows: ready, local (remote false) and
+		//     with a user ID. The store keeps it exact in the transactions
+		//     that insert, complete and delete media rows; it starts from
+		//     the rows existing now (backfill). A row may stay at zero.
+		//   - media_user_uploaded (partial: counted rows) serves the
+		//     rolling-window sums of the Limited inserts and UploadedSince:
+		//     a range scan of one user's rows by upload time (creation time
+		//     for rows without one).
+		version: 6,
+		name:    "per-user usage",
+		sqlite: []string{
+			`CREATE TABLE user_usage (
+				user_id TEXT    NOT NULL PRIMARY KEY,
+				bytes   INTEGER NOT NULL DEFAULT 0,
+				files   INTEGER NOT NULL DEFAULT 0
+			) WITHOUT ROWID, STRICT`,
+			`INSERT INTO user_usage (user_id, bytes, files)
+				SELECT user_id, COALESCE(SUM(size), 0), COUNT(*) FROM media
+				WHERE state = 'ready' AND remote = 0 AND user_id <> ''
+				GROUP BY user_id`,
+			`CREATE INDEX media_user_uploaded ON media (user_id, COALESCE(uploaded_ts, created_ts, 0))
+				WHERE state = 'ready' AND remote = 0 AND user_id <> ''`,
+		},
+		postgres: []string{
+			`CREATE TABLE user_usage (
+				user_id TEXT   NOT NULL PRIMARY KEY,
+				bytes   BIGINT NOT NULL DEFAULT 0,
+				files   BIGINT NOT NULL DEFAULT 0
+			)`,
+			`INSERT INTO user_usage (user_id, bytes, files)
+				SELECT user_id, COALESCE(SUM(size), 0), COUNT(*) FROM media
+				WHERE state = 'ready' AND remote = FALSE AND user_id <> ''
+				GROUP BY user_id`,
+			`CREATE INDEX media_user_uploaded ON media (user_id, COALESCE(uploaded_ts, created_ts, 0))
+				WHERE state = 'ready' AND remote = FALSE AND user_id <> ''`,
+		},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

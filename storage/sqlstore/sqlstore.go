@@ -88,6 +88,9 @@ type queries struct {
 
 	createJob, getJob, listJobs, claimJob   string
 	listClaimableJobs, updateJob, cancelJob string
+
+	addUsage, subtractUsage, lockUsage, setUsage, deleteUsage string
+	getUsage, uploadedSince, topUsage                         string
 }
 
 const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote, protected`
@@ -187,10 +190,10 @@ func newQueries(d dialect) queries {
 				AND t.animated = ? AND t.format = ?`,
 	}
 	// Literals of the remote flag, as written in the partial indexes.
-	remote := "remote = 1"
+	remote, local := "remote = 1", "remote = 0"
 	notProtected := "protected = 0"
 	if d == dialectPostgres {
-		remote = "remote = TRUE"
+		remote, local = "remote = TRUE", "remote = FALSE"
 		notProtected = "protected = FALSE"
 	}
 	q.quarantine = `INSERT INTO quarantine (sha256, quarantined_by, quarantined_ts) VALUES (?, ?, ?)
@@ -231,6 +234,26 @@ func newQueries(d dialect) queries {
 	q.cancelJob = `UPDATE jobs SET state = 'cancelled', updated_ts = ?, finished_ts = ?, owner = '', lease_until = NULL
 		WHERE id = ? AND state = 'running'`
 
+	// Per-user usage (see quota.go). addUsage and lockUsage lock the
+	// counter row on PostgreSQL, creating it when missing; lockUsage returns
+	// the values it had (zero when new).
+	counted := `state = 'ready' AND ` + local + ` AND user_id <> ''`
+	q.addUsage = `INSERT INTO user_usage (user_id, bytes, files) VALUES (?, ?, ?)
+		ON CONFLICT (user_id) DO UPDATE SET bytes = user_usage.bytes + excluded.bytes, files = user_usage.files + excluded.files
+		RETURNING bytes, files`
+	q.subtractUsage = `UPDATE user_usage SET bytes = bytes - ?, files = files - ? WHERE user_id = ?`
+	q.lockUsage = `INSERT INTO user_usage (user_id, bytes, files) VALUES (?, 0, 0)
+		ON CONFLICT (user_id) DO UPDATE SET files = user_usage.files
+		RETURNING bytes, files`
+	q.setUsage = `INSERT INTO user_usage (user_id, bytes, files) VALUES (?, ?, ?)
+		ON CONFLICT (user_id) DO UPDATE SET bytes = excluded.bytes, files = excluded.files`
+	q.deleteUsage = `DELETE FROM user_usage WHERE user_id = ?`
+	q.getUsage = `SELECT bytes, files FROM user_usage WHERE user_id = ?`
+	q.uploadedSince = `SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM media
+		WHERE user_id = ? AND ` + counted + ` AND COALESCE(uploaded_ts, created_ts, 0) >= ?`
+	q.topUsage = `SELECT user_id, bytes, files FROM user_usage WHERE bytes <> 0 OR files <> 0
+		ORDER BY bytes DESC, ` + d.binary("user_id") + ` ASC LIMIT ?`
+
 	if d == dialectPostgres {
 		q.lockUser = fmt.Sprintf(`SELECT pg_advisory_xact_lock(%d, hashtext(?))`, pendingLockClass)
 		q.lockCollector = fmt.Sprintf(`SELECT pg_try_advisory_lock(%d)`, collectorLockKey)
@@ -247,6 +270,8 @@ func newQueries(d dialect) queries {
 		&q.listMediaByHash, &q.countUserMedia, &q.recordAccess,
 		&q.remoteCacheSize, &q.listRemoteLRU, &q.deleteOldThumbnails,
 		&q.createJob, &q.getJob, &q.listJobs, &q.claimJob, &q.listClaimableJobs, &q.updateJob, &q.cancelJob,
+		&q.addUsage, &q.subtractUsage, &q.lockUsage, &q.setUsage, &q.deleteUsage,
+		&q.getUsage, &q.uploadedSince, &q.topUsage,
 	} {
 		*p = d.rebind(*p)
 	}
@@ -617,16 +642,55 @@ func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, 
 // InsertMedia stores a ready media item (an empty m.State means ready) with
 // its Protected flag. An existing (ServerName, MediaID), or one deleted with
 // a tombstone (DeleteMedia), gives an error wrapping storage.ErrConflict.
-// m.SHA256 must name a blob recorded with RecordBlob.
+// m.SHA256 must name a blob recorded with RecordBlob. A local item with a
+// user ID adds to the user's usage in the same transaction (see quota.go).
 func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
+	return s.insertMedia(ctx, m, nil)
+}
+
+// insertMedia is InsertMedia, checking lim when it is not nil (see
+// InsertMediaLimited).
+func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.UploadLimits) (err error) {
 	if m.State != "" && m.State != storage.StateReady {
 		return fmt.Errorf("inserting media %s/%s: state %q is not %q (use CreatePending)", m.ServerName, m.MediaID, m.State, storage.StateReady)
 	}
 	if m.SHA256 == "" {
 		return fmt.Errorf("inserting media %s/%s: a ready item needs a blob hash", m.ServerName, m.MediaID)
 	}
-	if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
+	if lim != nil {
+		if err := validLimits(*lim); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
+	}
+	if !counts(m) {
+		if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
+		}
+		return nil
+	}
+	tx, err := s.beginWrite(ctx)
+	if err != nil {
+		return fmt.Errorf("inserting media %s/%s: beginning transaction: %w", m.ServerName, m.MediaID, classify(err))
+	}
+	defer func() {
+		if err != nil {
+			_ = tx.Rollback()
+		}
+	}()
+	newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
+	if err != nil {
+		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+	}
+	if lim != nil {
+		if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
+			return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
+		}
+	}
+	if err := s.insertMediaRow(ctx, tx, m, storage.StateReady); err != nil {
 		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
+	}
+	if err := tx.Commit(); err != nil {
+		return fmt.Errorf("inserting media %s/%s: committing: %w", m.ServerName, m.MediaID, classify(err))
 	}
 	return nil
 }
@@ -715,34 +779,36 @@ func (s *Store) OldestPendingExpiry(ctx context.Context, serverName, userID stri
 // ContentType, Filename and UploadedAt from m; UploadedAt defaults to the
 // current time when zero) and clears its expiry. It is one conditional UPDATE
 // that succeeds only if the item is pending, belongs to m.UserID and has not
-// expired at m.UploadedAt. Otherwise a follow-up read picks the error:
+// expired at m.UploadedAt, in a transaction that first adds the item to the
+// user's usage (see quota.go). Otherwise a follow-up read picks the error:
 // storage.ErrNotFound when the item is missing or expired,
 // storage.ErrConflict when it is already ready or belongs to another user.
 // m.SHA256 must name a blob recorded with RecordBlob.
 func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
+	return s.completePending(ctx, m, nil)
+}
+
+// completePending is CompletePending, checking lim when it is not nil (see
+// CompletePendingLimited).
+func (s *Store) completePending(ctx context.Context, m storage.Media, lim *storage.UploadLimits) error {
 	if m.SHA256 == "" {
 		return fmt.Errorf("completing pending media %s/%s: no blob hash", m.ServerName, m.MediaID)
+	}
+	if lim != nil {
+		if err := validLimits(*lim); err != nil {
+			return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
 	}
 	uploaded := m.UploadedAt
 	if uploaded.IsZero() {
 		uploaded = time.Now()
 	}
 	at := uploaded.UnixMilli()
-	res, err := s.write.ExecContext(ctx, s.q.completePending,
-		m.SHA256, m.Size, m.ContentType, m.Filename, at,
-		m.ServerName, m.MediaID, m.UserID, at)
-	if isForeignKeyViolation(err) {
-		return fmt.Errorf("completing pending media %s/%s: blob %s is not recorded (RecordBlob must come first): %w",
-			m.ServerName, m.MediaID, m.SHA256, err)
-	}
+	done, err := s.completeTx(ctx, m, at, lim)
 	if err != nil {
-		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
+		return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, err)
 	}
-	n, err := res.RowsAffected()
-	if err != nil {
-		return fmt.Errorf("completing pending media %s/%s: reading affected rows: %w", m.ServerName, m.MediaID, classify(err))
-	}
-	if n == 1 {
+	if done {
 		return nil
 	}
 
@@ -771,6 +837,54 @@ func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 		// was replaced in between, which no method of this store does.
 		return fmt.Errorf("completing pending media %s/%s: row changed concurrently: %w", m.ServerName, m.MediaID, storage.ErrConflict)
 	}
+}
+
+// completeTx runs the transaction of completePending: the user's usage
+// (checked against lim when not nil), then the conditional UPDATE. It
+// reports whether the UPDATE changed the row; when it did not, nothing was
+// written. Pending rows are always local, so the item counts when it has a
+// user ID. The returned error is not yet prefixed.
+func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *storage.UploadLimits) (done bool, err error) {
+	tx, err := s.beginWrite(ctx)
+	if err != nil {
+		return false, fmt.Errorf("beginning transaction: %w", classify(err))
+	}
+	defer func() {
+		if err != nil || !done {
+			_ = tx.Rollback()
+		}
+	}()
+	if m.UserID != "" {
+		newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
+		if err != nil {
+			return false, err
+		}
+		if lim != nil {
+			if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
+				return false, fmt.Errorf("for %s: %w", m.UserID, err)
+			}
+		}
+	}
+	res, err := tx.ExecContext(ctx, s.q.completePending,
+		m.SHA256, m.Size, m.ContentType, m.Filename, at,
+		m.ServerName, m.MediaID, m.UserID, at)
+	if isForeignKeyViolation(err) {
+		return false, fmt.Errorf("blob %s is not recorded (RecordBlob must come first): %w", m.SHA256, err)
+	}
+	if err != nil {
+		return false, classify(err)
+	}
+	n, err := res.RowsAffected()
+	if err != nil {
+		return false, fmt.Errorf("reading affected rows: %w", classify(err))
+	}
+	if n == 0 {
+		return false, nil
+	}
+	if err := tx.Commit(); err != nil {
+		return false, fmt.Errorf("committing: %w", classify(err))
+	}
+	return true, nil
 }
 
 // DeleteExpiredPending removes pending items whose expiry is at or before now
