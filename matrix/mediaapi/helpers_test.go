@@ -182,13 +182,8 @@ func newEnvOn(t testing.TB, open func(testing.TB) *sqlstore.Store, extra func(di
 		t.Fatal(err)
 	}
 	// The repository's store is a wrapper: give it the SQL store's usage
-	// counters, or (while the SQL store has none) a fake computing them
-	// from its rows (quota_test.go).
-	if qs, ok := any(sq).(storage.QuotaStore); ok {
-		repo.quotas = qs
-	} else if admin != nil {
-		repo.quotas = &fakeQuotaStore{meta: sq, admin: admin.MediaAdmin}
-	}
+	// counters.
+	repo.quotas = sq
 	clock := testclock.New(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
 	repo.now = clock.Now
 	hs := fakeHomeserver(t)

@@ -15,6 +15,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testmeta"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
@@ -91,15 +92,34 @@ func (e *env) mediaRows(user string) []storage.Media {
 	return page
 }
 
-// quotaBackends are the metadata stores the quota tests run on: SQLite,
-// and PostgreSQL once sqlstore keeps usage counters itself (before, the
-// tests run on the fake of quotafake_test.go over SQLite).
-func quotaBackends(t *testing.T, run func(t *testing.T, open func(testing.TB) *sqlstore.Store)) {
-	t.Run("sqlite", func(t *testing.T) { run(t, nil) })
+// opener opens the metadata store of a test env (nil: SQLite).
+type opener = func(testing.TB) *sqlstore.Store
+
+// TestQuotaBackends runs the quota tests on SQLite and PostgreSQL.
+func TestQuotaBackends(t *testing.T) {
+	tests := []struct {
+		name string
+		run  func(t *testing.T, open opener)
+	}{
+		{"BytesBoundary", quotaBytesBoundary},
+		{"ChunkedOver", quotaChunkedOver},
+		{"FilesAndDedup", quotaFilesAndDedup},
+		{"Windows", quotaWindows},
+		{"DeletionRestores", quotaDeletionRestores},
+		{"Put", quotaPut},
+		{"Race", quotaRace},
+	}
+	for _, b := range testmeta.Backends {
+		t.Run(b.Name, func(t *testing.T) {
+			for _, tt := range tests {
+				t.Run(tt.name, func(t *testing.T) { tt.run(t, b.Open) })
+			}
+		})
+	}
 }
 
-func TestQuotaBytesBoundary(t *testing.T) {
-	quotaBackends(t, func(t *testing.T, open func(testing.TB) *sqlstore.Store) {
+func quotaBytesBoundary(t *testing.T, open opener) {
+	{
 		e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{
 			{Users: "@bob:*", MaxBytes: 1},
 			{Users: "@*:test", MaxBytes: 100},
@@ -134,7 +154,7 @@ func TestQuotaBytesBoundary(t *testing.T) {
 		if used, files := e.usage("alice"); used != 100 || files != 3 {
 			t.Fatalf("usage = %d, %d; want 100, 3", used, files)
 		}
-	})
+	}
 }
 
 // TestQuotaZeroIsNoLimit proves that 0 (and absent) limits never refuse an
@@ -163,8 +183,8 @@ func TestQuotaZeroIsNoLimit(t *testing.T) {
 	}
 }
 
-func TestQuotaChunkedOver(t *testing.T) {
-	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "@alice:test", MaxBytes: 100}}}))
+func quotaChunkedOver(t *testing.T, open opener) {
+	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "@alice:test", MaxBytes: 100}}}))
 	rec := e.do(uploadReq("alice", bytes.Repeat([]byte("q"), 101), true))
 	expectError(t, rec, 403, "M_FORBIDDEN")
 	if files := e.blobFiles(); len(files) != 0 {
@@ -183,12 +203,12 @@ func TestQuotaChunkedOver(t *testing.T) {
 	// Nothing left: a streamed body is refused unread.
 	expectError(t, e.do(uploadReq("alice", []byte("x"), true)), 403, "M_FORBIDDEN")
 	// The site's size limit still answers 413 when it is the tighter one.
-	e2 := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 10 << 20}}}))
+	e2 := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 10 << 20}}}))
 	expectError(t, e2.do(uploadReq("alice", bytes.Repeat([]byte("q"), 1<<20+1), true)), 413, "M_TOO_LARGE")
 }
 
-func TestQuotaFilesAndDedup(t *testing.T) {
-	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxFiles: 3, MaxBytes: 250}}}))
+func quotaFilesAndDedup(t *testing.T, open opener) {
+	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxFiles: 3, MaxBytes: 250}}}))
 	same := bytes.Repeat([]byte("d"), 100)
 	e.upload("alice", same, "", "")
 	// The same bytes again count in full: 200 of 250.
@@ -211,8 +231,8 @@ func TestQuotaFilesAndDedup(t *testing.T) {
 	e.upload("bob", same, "", "")
 }
 
-func TestQuotaWindows(t *testing.T) {
-	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{
+func quotaWindows(t *testing.T, open opener) {
+	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{
 		{Window: time.Hour, MaxBytes: 100},
 		{Window: 24 * time.Hour, MaxFiles: 3},
 	}}}}))
@@ -243,8 +263,8 @@ func TestQuotaWindows(t *testing.T) {
 	e.upload("alice", []byte("4"), "", "")
 }
 
-func TestQuotaDeletionRestores(t *testing.T) {
-	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100}}}))
+func quotaDeletionRestores(t *testing.T, open opener) {
+	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100}}}))
 	id := e.upload("alice", bytes.Repeat([]byte("x"), 100), "", "")
 	expectError(t, e.do(uploadReq("alice", []byte("y"), false)), 403, "M_FORBIDDEN")
 	if _, err := e.needAdmin().DeleteMedia(context.Background(), []storage.MediaRef{{ServerName: testServer, MediaID: id}}, false, e.clock.Now()); err != nil {
@@ -347,8 +367,8 @@ func TestQuotaUploadSizeAndPending(t *testing.T) {
 	}
 }
 
-func TestQuotaPut(t *testing.T) {
-	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 50}}}))
+func quotaPut(t *testing.T, open opener) {
+	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 50}}}))
 	id := e.create("alice")
 	path := "/_matrix/media/v3/upload/test/" + id
 	expectError(t, e.do(req{method: "PUT", path: path, token: "alice", body: bytes.Repeat([]byte("p"), 51)}), 403, "M_FORBIDDEN")
@@ -366,9 +386,9 @@ func TestQuotaPut(t *testing.T) {
 
 // TestQuotaRace has two uploads pass the early check together and race for
 // the last bytes of the quota: the row's transaction lets one in.
-func TestQuotaRace(t *testing.T) {
+func quotaRace(t *testing.T, open opener) {
 	for _, put := range []bool{false, true} {
-		e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100}}}))
+		e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100}}}))
 		var arrived sync.WaitGroup
 		arrived.Add(2)
 		e.repo.hooks.uploadReceived = func() {
