@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
 	"strconv"
@@ -160,16 +161,16 @@ func runUsageCommand(cmd *cobra.Command, args []string) error {
 		if err := adminRequest(cmd, http.MethodPost, adminPrefix+"usage/recount", adminRecountRequest{UserID: user}, &out); err != nil {
 			return err
 		}
-		fmt.Printf("usage counters of %d users corrected\n", out.Changed)
+		fmt.Fprintf(cmd.OutOrStdout(), "usage counters of %d users corrected\n", out.Changed)
 		return nil
 	case top > 0:
 		var out adminTopUsage
 		if err := adminRequest(cmd, http.MethodGet, adminPrefix+"usage/top?limit="+strconv.Itoa(top), nil, &out); err != nil {
 			return err
 		}
-		fmt.Printf("%-40s %10s %12s\n", "USER", "FILES", "BYTES")
+		fmt.Fprintf(cmd.OutOrStdout(), "%-40s %10s %12s\n", "USER", "FILES", "BYTES")
 		for _, u := range out.Users {
-			fmt.Printf("%-40s %10d %12s\n", u.UserID, u.Files, humanize.IBytes(uint64(u.Bytes)))
+			fmt.Fprintf(cmd.OutOrStdout(), "%-40s %10d %12s\n", u.UserID, u.Files, humanize.IBytes(uint64(u.Bytes)))
 		}
 		return nil
 	case len(args) == 1:
@@ -177,17 +178,17 @@ func runUsageCommand(cmd *cobra.Command, args []string) error {
 		if err := adminRequest(cmd, http.MethodGet, adminPrefix+"usage/user/"+url.PathEscape(args[0]), nil, &rep); err != nil {
 			return err
 		}
-		printUserQuota(rep)
+		printUserQuota(cmd.OutOrStdout(), rep)
 		return nil
 	}
 	return runUsage(cmd, args)
 }
 
 // printUserQuota prints a user's usage report.
-func printUserQuota(rep mediaapi.UserQuotaReport) {
-	fmt.Printf("%s stores %s in %d files\n", rep.UserID, humanize.IBytes(uint64(rep.Bytes)), rep.Files)
+func printUserQuota(out io.Writer, rep mediaapi.UserQuotaReport) {
+	fmt.Fprintf(out, "%s stores %s in %d files\n", rep.UserID, humanize.IBytes(uint64(rep.Bytes)), rep.Files)
 	if len(rep.Sites) == 0 {
-		fmt.Println("no site has quotas")
+		fmt.Fprintln(out, "no site has quotas")
 	}
 	limit := func(n int64, bytes bool) string {
 		switch {
@@ -200,23 +201,23 @@ func printUserQuota(rep mediaapi.UserQuotaReport) {
 	}
 	for _, s := range rep.Sites {
 		if s.Rule == 0 {
-			fmt.Printf("  %s: no rule matches (no quota)\n", s.ServerName)
+			fmt.Fprintf(out, "  %s: no rule matches (no quota)\n", s.ServerName)
 			continue
 		}
-		fmt.Printf("  %s: rule %d (%s): bytes %s, files %s, largest upload %s",
+		fmt.Fprintf(out, "  %s: rule %d (%s): bytes %s, files %s, largest upload %s",
 			s.ServerName, s.Rule, s.Users, limit(s.MaxBytes, true), limit(s.MaxFiles, false), humanize.IBytes(uint64(s.MaxUploadSize)))
 		switch {
 		case s.MaxPending < 0:
-			fmt.Print(", pending IDs: no limit")
+			fmt.Fprint(out, ", pending IDs: no limit")
 		case s.MaxPending > 0:
-			fmt.Printf(", pending IDs: %d", s.MaxPending)
+			fmt.Fprintf(out, ", pending IDs: %d", s.MaxPending)
 		}
 		if s.ExemptAdmins || s.ExemptAppservices {
-			fmt.Printf(" (exempt: admins %t, appservices %t)", s.ExemptAdmins, s.ExemptAppservices)
+			fmt.Fprintf(out, " (exempt: admins %t, appservices %t)", s.ExemptAdmins, s.ExemptAppservices)
 		}
-		fmt.Println()
+		fmt.Fprintln(out)
 		for _, w := range s.Windows {
-			fmt.Printf("    last %s: %s of %s, %d of %s files\n", w.Window,
+			fmt.Fprintf(out, "    last %s: %s of %s, %d of %s files\n", w.Window,
 				humanize.IBytes(uint64(w.UsedBytes)), limit(w.MaxBytes, true), w.UsedFiles, limit(w.MaxFiles, false))
 		}
 	}

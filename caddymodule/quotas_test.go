@@ -3,14 +3,19 @@ package caddymodule
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/spf13/cobra"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 )
@@ -211,5 +216,154 @@ func TestQuotaHandlerProvisionErrors(t *testing.T) {
 			t.Errorf("Test %d: provision error %v, want one naming quota rule 1", i, err)
 		}
 		cancel()
+	}
+}
+
+// startQuotaCaddy runs Caddy in this process (admin API and example.org)
+// with a quota of 100 bytes for everyone; stopped when the test ends.
+func startQuotaCaddy(t *testing.T) runningCaddy {
+	t.Helper()
+	dir := t.TempDir()
+	rc := runningCaddy{httpPort: freeTCPPort(t), token: "token-alice"}
+	rc.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
+	hs := fakeHomeserver(t, map[string]string{rc.token: "@alice:example.org"})
+	cf := fmt.Sprintf(`{
+	admin %s
+	default_bind 127.0.0.1
+	auto_https off
+	persist_config off
+	skip_install_trust
+	http_port %d
+	matrix_media {
+		database sqlite %s
+		storage_path %s
+	}
+}
+
+http://example.org:%d {
+	matrix_media {
+		server_name example.org
+		homeserver %s
+		quotas {
+			rule @*:example.org {
+				max_bytes 100
+				window 1h max_files 10
+			}
+		}
+	}
+}
+`, rc.admin, rc.httpPort, filepath.Join(dir, "media.db"), filepath.Join(dir, "media"), rc.httpPort, hs.URL)
+	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
+	if err != nil {
+		t.Fatalf("adapting Caddyfile: %v (%v)", err, warnings)
+	}
+	if err := caddy.Load(cfg, true); err != nil {
+		t.Fatalf("starting caddy: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping caddy: %v", err)
+		}
+	})
+	return rc
+}
+
+// upload sends body over HTTP (chunked: without Content-Length).
+func (rc runningCaddy) upload(t *testing.T, body []byte, chunked bool) (int, string) {
+	t.Helper()
+	var rd io.Reader = bytes.NewReader(body)
+	if chunked {
+		rd = io.MultiReader(rd) // hides the length: sent chunked
+	}
+	req, err := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/_matrix/media/v3/upload", rc.httpPort), rd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = "example.org"
+	req.Header.Set("Authorization", "Bearer "+rc.token)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// runUsageCLI runs "caddy matrix-media usage" against rc.
+func (rc runningCaddy) runUsageCLI(t *testing.T, args []string, flags map[string]string) (string, error) {
+	t.Helper()
+	var cmd *cobra.Command
+	for _, c := range adminCommands() {
+		if c.Name() == "usage" {
+			cmd = c
+		}
+	}
+	cmd.Flags().String("address", "", "")
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("adapter", "", "")
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	if err := cmd.Flags().Set("address", rc.admin); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range flags {
+		if err := cmd.Flags().Set(k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := cmd.RunE(cmd, args)
+	return out.String(), err
+}
+
+// TestQuotaRunningCaddy enforces a quota over real HTTP (a chunked body
+// cut at the bound) and runs the usage command forms against the admin API.
+func TestQuotaRunningCaddy(t *testing.T) {
+	rc := startQuotaCaddy(t)
+	if st, body := rc.upload(t, bytes.Repeat([]byte("a"), 60), false); st != 200 {
+		t.Fatalf("upload: %d %s", st, body)
+	}
+	if st, body := rc.upload(t, bytes.Repeat([]byte("b"), 41), true); st != 403 || !strings.Contains(body, `"M_FORBIDDEN"`) {
+		t.Fatalf("chunked upload over quota: %d %s", st, body)
+	}
+	if st, body := rc.upload(t, bytes.Repeat([]byte("c"), 41), false); st != 403 || !strings.Contains(body, "quota") {
+		t.Fatalf("upload over quota: %d %s", st, body)
+	}
+	if st, body := rc.upload(t, bytes.Repeat([]byte("d"), 40), true); st != 200 {
+		t.Fatalf("chunked upload of the rest: %d %s", st, body)
+	}
+
+	out, err := rc.runUsageCLI(t, []string{"@alice:example.org"}, nil)
+	if err != nil || !strings.Contains(out, "@alice:example.org stores 100 B in 2 files") ||
+		!strings.Contains(out, "example.org: rule 1 (@*:example.org): bytes 100 B, files no limit") ||
+		!strings.Contains(out, "last 1h0m0s: 100 B of no limit, 2 of 10 files") {
+		t.Fatalf("usage <user>: %v\n%s", err, out)
+	}
+	out, err = rc.runUsageCLI(t, nil, map[string]string{"top": "3"})
+	if err != nil || !strings.Contains(out, "@alice:example.org") || !strings.Contains(out, "100 B") {
+		t.Fatalf("usage --top: %v\n%s", err, out)
+	}
+	out, err = rc.runUsageCLI(t, nil, map[string]string{"recount": "true", "user": "@alice:example.org"})
+	if err != nil || out != "usage counters of 0 users corrected\n" {
+		t.Fatalf("usage --recount: %v %q", err, out)
+	}
+	// The statistics form keeps working.
+	if _, err := rc.runUsageCLI(t, nil, map[string]string{"server-name": "example.org"}); err != nil {
+		t.Fatalf("usage --server-name: %v", err)
+	}
+	for _, tc := range []struct {
+		args  []string
+		flags map[string]string
+		want  string
+	}{
+		{[]string{"@a:x", "@b:x"}, nil, "at most one user ID"},
+		{[]string{"@a:x"}, map[string]string{"recount": "true"}, "--recount takes --user"},
+		{nil, map[string]string{"user": "@a:x"}, "--user goes with --recount"},
+		{nil, nil, "--server-name is required"},
+		{[]string{"nobody"}, nil, "not a Matrix user ID"},
+	} {
+		if _, err := rc.runUsageCLI(t, tc.args, tc.flags); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("usage %v %v: %v, want an error with %q", tc.args, tc.flags, err, tc.want)
+		}
 	}
 }
