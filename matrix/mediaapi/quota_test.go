@@ -387,16 +387,33 @@ func quotaPut(t *testing.T, open opener) {
 // TestQuotaRace has two uploads pass the early check together and race for
 // the last bytes of the quota: the row's transaction lets one in.
 func quotaRace(t *testing.T, open opener) {
-	for _, put := range []bool{false, true} {
+	for _, tc := range []struct {
+		name          string
+		put, twoRepos bool
+	}{{"upload", false, false}, {"put", true, false}, {"upload, two instances", false, true}, {"put, two instances", true, true}} {
 		e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100}}}))
 		var arrived sync.WaitGroup
 		arrived.Add(2)
-		e.repo.hooks.uploadReceived = func() {
+		hook := func() {
 			arrived.Done()
 			arrived.Wait()
 		}
+		e.repo.hooks.uploadReceived = hook
+		sites := [2]*Site{e.site, e.site}
+		if tc.twoRepos {
+			// A second instance: its own repository (caches, waiters, PUT
+			// locks) on the same database and datastores.
+			repo2, err := NewRepository(e.repo.stores, e.repo.meta, RepositoryOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			repo2.now, repo2.quotas, repo2.hooks.uploadReceived = e.clock.Now, e.sql, hook
+			if sites[1], err = NewSite(e.site.cfg, repo2, e.site.auth); err != nil {
+				t.Fatal(err)
+			}
+		}
 		reqs := [2]req{uploadReq("alice", bytes.Repeat([]byte("1"), 60), false), uploadReq("alice", bytes.Repeat([]byte("2"), 60), false)}
-		if put {
+		if tc.put {
 			for i := range reqs {
 				reqs[i] = req{method: "PUT", path: "/_matrix/media/v3/upload/test/" + e.create("alice"), token: "alice", body: reqs[i].body}
 			}
@@ -404,14 +421,14 @@ func quotaRace(t *testing.T, open opener) {
 		var codes [2]int
 		var wg sync.WaitGroup
 		for i := range 2 {
-			wg.Go(func() { codes[i] = e.do(reqs[i]).Code })
+			wg.Go(func() { codes[i] = serve(sites[i], reqs[i]).Code })
 		}
 		wg.Wait()
 		if !(codes[0] == 200 && codes[1] == 403 || codes[0] == 403 && codes[1] == 200) {
-			t.Fatalf("put %t: codes %v, want one 200 and one 403", put, codes)
+			t.Fatalf("%s: codes %v, want one 200 and one 403", tc.name, codes)
 		}
 		if used, files := e.usage("alice"); used != 60 || files != 1 {
-			t.Fatalf("usage = %d, %d", used, files)
+			t.Fatalf("%s: usage = %d, %d", tc.name, used, files)
 		}
 	}
 }
