@@ -189,6 +189,24 @@ func checkImported(t *testing.T, fx *fixture, d dataset) {
 			t.Errorf("bad item %s: its bytes were recorded: %v", it.MediaID, err)
 		}
 	}
+	// Imported local media counts for its users' quotas (dupA and dupB
+	// share their content and count twice); remote media does not.
+	usage := map[string]storage.UserUsage{}
+	for _, it := range d.good {
+		if !it.Remote && it.UserID != "" {
+			u := usage[it.UserID]
+			u.UserID, u.Bytes, u.Files = it.UserID, u.Bytes+int64(len(it.Body)), u.Files+1
+			usage[it.UserID] = u
+		}
+	}
+	if len(usage) < 2 {
+		t.Fatalf("the dataset has local media of %d users, want several", len(usage))
+	}
+	for user, want := range usage {
+		if got, err := fx.Meta.UserUsage(ctx, user); err != nil || got != want {
+			t.Errorf("UserUsage(%s) = %+v, %v; want %+v", user, got, err, want)
+		}
+	}
 	q, err := fx.Meta.GetQuarantine(ctx, d.quarantinedMissing)
 	if err != nil || q.By != "@mod:example.org" {
 		t.Errorf("quarantine of the missing item: %+v, %v", q, err)

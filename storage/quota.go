@@ -83,7 +83,7 @@ type UploadLimits struct {
 	MaxFiles int64
 	// Windows bound what the user uploaded within rolling windows ending
 	// at Now (rows whose UploadedAt, or CreatedAt when that is zero, is
-	// after Now minus the window; deleted rows no longer count).
+	// at or after Now minus the window; deleted rows no longer count).
 	Windows []WindowLimit
 	// Now ends the rolling windows; the zero time means time.Now().
 	Now time.Time
@@ -113,7 +113,8 @@ type UserUsage struct {
 type QuotaStore interface {
 	// InsertMediaLimited is InsertMedia that first checks lim for
 	// m.UserID in the same transaction; an item that would exceed a limit
-	// gives a *QuotaExceededError and writes nothing.
+	// gives a *QuotaExceededError and writes nothing. An item that does
+	// not count (remote, or without a user ID) is inserted unchecked.
 	InsertMediaLimited(ctx context.Context, m Media, lim UploadLimits) error
 	// CompletePendingLimited is CompletePending checked the same way.
 	CompletePendingLimited(ctx context.Context, m Media, lim UploadLimits) error

@@ -18,6 +18,15 @@
 // equals the reference time counts as expired (for the pending limit,
 // OldestPendingExpiry, CompletePending and DeleteExpiredPending alike); and
 // CreatePending judges expiry of the user's other items at m.CreatedAt.
+//
+// Every store of this module also implements the optional capabilities
+// (storage.MediaAdmin, Retainer, JobStore, MediaLookup, BlobCollector,
+// QuotaStore), which Run checks as well. For storage.QuotaStore the suite
+// pins down: a rolling window holds the rows uploaded at or after Now minus
+// the window (a row exactly at the cutoff counts); limits are checked in the
+// order stored bytes, stored files, then each window (bytes before files);
+// Used excludes the refused item. RunQuotaInstances races quota-limited
+// uploads through two handles on one database.
 package metatest
 
 import (

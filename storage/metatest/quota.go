@@ -352,14 +352,13 @@ func testQuotaPending(t *testing.T, s storage.MetadataStore) {
 	wantExact(t, q)
 }
 
-// quotaRace has goroutines upload items of size bytes for one user through
+// quotaRace has goroutines upload items of size bytes for user through
 // the stores in turn (alternating InsertMediaLimited and, on reservations,
 // CompletePendingLimited) under lim, and checks that exactly fit succeed
 // and the others get a quota error.
-func quotaRace(t *testing.T, stores []storage.MetadataStore, name string, goroutines int, size int64, lim storage.UploadLimits, fit int) {
+func quotaRace(t *testing.T, stores []storage.MetadataStore, name, alice string, goroutines int, size int64, lim storage.UploadLimits, fit int) {
 	t.Helper()
 	ctx := context.Background()
-	const alice = "@alice:example.org"
 	s0 := stores[0]
 	b := sizedBlob(t, s0, name, size)
 	for i := range goroutines {
@@ -425,14 +424,17 @@ func quotaRace(t *testing.T, stores []storage.MetadataStore, name string, gorout
 // database).
 func quotaRaces(t *testing.T, stores []storage.MetadataStore) {
 	ctx := context.Background()
+	const alice = "@alice:example.org"
+	// A user without counters yet: the first uploads race to create them.
+	quotaRace(t, stores, "new", "@new:example.org", 16, 100, storage.UploadLimits{MaxBytes: 350}, 3)
 	// Stored bytes: 1000 used, 9,500 left, 16 uploads of 1000 bytes.
-	mustNil(t, "InsertMedia", stores[0].InsertMedia(ctx, owned(sizedBlob(t, stores[0], "base", 1000), "base", "@alice:example.org", t0)))
-	quotaRace(t, stores, "bytes", 16, 1000, storage.UploadLimits{MaxBytes: 10_500}, 9)
+	mustNil(t, "InsertMedia", stores[0].InsertMedia(ctx, owned(sizedBlob(t, stores[0], "base", 1000), "base", alice, t0)))
+	quotaRace(t, stores, "bytes", alice, 16, 1000, storage.UploadLimits{MaxBytes: 10_500}, 9)
 	// Stored files: 10 stored, 14 allowed.
-	quotaRace(t, stores, "files", 12, 1, storage.UploadLimits{MaxFiles: 14}, 4)
+	quotaRace(t, stores, "files", alice, 12, 1, storage.UploadLimits{MaxFiles: 14}, 4)
 	// A rolling window: uploads since an hour ago (the 14 above at t0) may
 	// hold 19 files.
-	quotaRace(t, stores, "window", 12, 7, storage.UploadLimits{
+	quotaRace(t, stores, "window", alice, 12, 7, storage.UploadLimits{
 		Windows: []storage.WindowLimit{{Window: time.Hour, MaxFiles: 19}, {Window: 2 * time.Hour, MaxBytes: 1 << 40}},
 		Now:     t0.Add(time.Minute)}, 5)
 }
@@ -443,8 +445,8 @@ func testQuotaConcurrent(t *testing.T, s storage.MetadataStore) {
 	quotaRaces(t, []storage.MetadataStore{s})
 }
 
-// testQuotaConcurrentDeletion runs uploads and deletions of one user's
-// media at once and checks that the counters stay exact.
+// testQuotaConcurrentDeletion runs uploads, deletions and recounts of two
+// users' media at once and checks that the counters stay exact.
 func testQuotaConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	q, a := quotaStore(t, s), admin(t, s)
@@ -496,7 +498,31 @@ func testQuotaConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 			}
 		})
 	}
+	// Recounts all along find the counters exact at every commit.
+	stop := make(chan struct{})
+	var recounter sync.WaitGroup
+	recounter.Go(func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			user := []string{"", alice, bob}[i%3]
+			n, err := q.RecountUsage(ctx, user)
+			if err != nil {
+				fail(err)
+				return
+			}
+			if n != 0 {
+				fail(fmt.Errorf("RecountUsage(%q) during uploads and deletions changed %d users", user, n))
+				return
+			}
+		}
+	})
 	wg.Wait()
+	close(stop)
+	recounter.Wait()
 	for _, err := range errs {
 		t.Errorf("concurrent operation failed: %v", err)
 	}
