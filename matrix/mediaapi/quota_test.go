@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -506,3 +507,36 @@ func TestUserQuotaReport(t *testing.T) {
 }
 
 var _ http.Handler = (*Site)(nil)
+
+// BenchmarkUploadQuota uploads distinct 100 KiB bodies on SQLite without
+// quotas and with a rule whose limits are never reached (stored bytes and
+// files, one rolling window), side by side.
+func BenchmarkUploadQuota(b *testing.B) {
+	for _, tc := range []struct {
+		name string
+		q    QuotaConfig
+	}{
+		{"off", QuotaConfig{}},
+		{"on", QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 1 << 50, MaxFiles: 1 << 40,
+			Windows: []QuotaWindow{{Window: time.Hour, MaxBytes: 1 << 50, MaxFiles: 1 << 40}}}}}},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			e := newEnv(b, withQuotas(tc.q))
+			body := bytes.Repeat([]byte("q"), 100<<10)
+			b.SetBytes(int64(len(body)))
+			b.ReportAllocs()
+			n := 0
+			for b.Loop() {
+				n++
+				copy(body, strconv.Itoa(n)+"/")
+				hr := httptest.NewRequest("POST", "http://media.test/_matrix/media/v3/upload", bytes.NewReader(body))
+				hr.Header.Set("Authorization", "Bearer alice")
+				rec := httptest.NewRecorder()
+				e.site.ServeHTTP(rec, hr)
+				if rec.Code != 200 {
+					b.Fatalf("upload: %d %s", rec.Code, rec.Body)
+				}
+			}
+		})
+	}
+}
