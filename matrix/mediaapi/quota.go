@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -153,6 +154,12 @@ func (q *QuotaRule) validate() error {
 		return fmt.Errorf("negative max_upload_size %d", q.MaxUploadSize)
 	case q.CanUpgrade && q.InfoURI == "":
 		return errors.New("can_upgrade needs an info_uri (it is sent with M_USER_LIMIT_EXCEEDED only)")
+	}
+	if q.InfoURI != "" {
+		u, err := url.Parse(q.InfoURI)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return fmt.Errorf("info_uri %q is not an http(s) URL", q.InfoURI)
+		}
 	}
 	for j, w := range q.Windows {
 		switch {

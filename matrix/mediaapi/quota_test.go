@@ -471,6 +471,8 @@ func TestQuotaConfigValidation(t *testing.T) {
 		{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: 0, MaxBytes: 1}}}}},
 		{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: time.Hour, MaxFiles: -1}}}}},
 		{Rules: []QuotaRule{{Users: "*", CanUpgrade: true}}},
+		{Rules: []QuotaRule{{Users: "*", InfoURI: "example.org/plans"}}},
+		{Rules: []QuotaRule{{Users: "*", InfoURI: "javascript:alert(1)"}}},
 	} {
 		if _, err := NewSite(SiteConfig{ServerName: "v.test", Quotas: q}, e.repo, stubAuth{}); err == nil {
 			t.Errorf("accepted %+v", q)
