@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -17,6 +18,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testmeta"
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
@@ -538,6 +540,76 @@ func BenchmarkUploadQuota(b *testing.B) {
 				if rec.Code != 200 {
 					b.Fatalf("upload: %d %s", rec.Code, rec.Body)
 				}
+			}
+		})
+	}
+}
+
+// TestQuotaRaceTwoStores races two uploads for the last bytes of a quota
+// through two instances that share nothing but the database and the
+// datastore: two repositories on two store objects (two connection pools;
+// for SQLite, two handles on one file).
+func TestQuotaRaceTwoStores(t *testing.T) {
+	for _, backend := range []string{"sqlite", "postgres"} {
+		t.Run(backend, func(t *testing.T) {
+			var open func() *sqlstore.Store
+			switch backend {
+			case "sqlite":
+				path := filepath.Join(t.TempDir(), "shared.db")
+				open = func() *sqlstore.Store {
+					s, err := sqlstore.OpenSQLite(context.Background(), path)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { _ = s.Close() })
+					return s
+				}
+			default:
+				dsn := testpg.DSN(t)
+				open = func() *sqlstore.Store {
+					s, err := sqlstore.OpenPostgres(context.Background(), dsn)
+					if err != nil {
+						t.Fatal(err)
+					}
+					t.Cleanup(func() { _ = s.Close() })
+					return s
+				}
+			}
+			first := open()
+			e := newEnvOn(t, func(testing.TB) *sqlstore.Store { return first }, nil,
+				withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 100, Windows: []QuotaWindow{{Window: time.Hour, MaxFiles: 1}}}}}))
+			second := open()
+			repo2, err := NewRepository(e.repo.stores, second, RepositoryOptions{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			repo2.now = e.clock.Now
+			site2, err := NewSite(e.site.cfg, repo2, e.site.auth)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var arrived sync.WaitGroup
+			arrived.Add(2)
+			hook := func() {
+				arrived.Done()
+				arrived.Wait()
+			}
+			e.repo.hooks.uploadReceived, repo2.hooks.uploadReceived = hook, hook
+			sites := [2]*Site{e.site, site2}
+			var codes [2]int
+			var wg sync.WaitGroup
+			for i := range 2 {
+				wg.Go(func() {
+					codes[i] = serve(sites[i], uploadReq("alice", bytes.Repeat([]byte{byte('a' + i)}, 50), false)).Code
+				})
+			}
+			wg.Wait()
+			// 50 + 50 fits the bytes, but the window allows one file.
+			if !(codes[0] == 200 && codes[1] == 403 || codes[0] == 403 && codes[1] == 200) {
+				t.Fatalf("codes %v, want one 200 and one 403", codes)
+			}
+			if used, files := e.usage("alice"); used != 50 || files != 1 {
+				t.Fatalf("usage = %d, %d", used, files)
 			}
 		})
 	}
