@@ -36,6 +36,9 @@ const adminPrefix = "/matrix_media/"
 //	POST   /matrix_media/delete              {"media":[...]}, {"user_id":"@u:s","limit":n} or {"server_name":"s","before_ts":ms,"size_gt":n}
 //	GET    /matrix_media/media/<server>/<id> what is stored about one media item
 //	GET    /matrix_media/usage?server_name=s per-user media counts and bytes (order_by, dir, from, limit, search_term, from_ts, until_ts)
+//	GET    /matrix_media/usage/top?limit=n   the users storing the most bytes (usage counters, quotaadmin.go)
+//	GET    /matrix_media/usage/user/<user>   one user's usage, quota rule per site and window usage
+//	POST   /matrix_media/usage/recount       {"user_id":"@u:s"} (optional): rebuild usage counters
 //	GET    /matrix_media/export?user=@u:s    a ZIP archive of the user's media (package mediaarchive), streamed
 //	GET    /matrix_media/export?server=s     a ZIP archive of the server name's local media, streamed
 //	POST   /matrix_media/import/lookup       {"media":[...]}: which of them are stored (for imports)
@@ -74,6 +77,7 @@ func (a AdminAPI) Routes() []caddy.AdminRoute {
 		{Pattern: adminPrefix + "delete", Handler: onResources((*resources).serveDelete)},
 		{Pattern: adminPrefix + "media/", Handler: onResources((*resources).serveMediaInfo)},
 		{Pattern: adminPrefix + "usage", Handler: onResources((*resources).serveUsage)},
+		{Pattern: adminPrefix + "usage/", Handler: onResources((*resources).serveUsageSub)},
 		{Pattern: adminPrefix + "export", Handler: onResources((*resources).serveExport)},
 		{Pattern: adminPrefix + "import/lookup", Handler: onResources((*resources).serveImportLookup)},
 		{Pattern: adminPrefix + "import/media/", Handler: onResources((*resources).serveImportMedia)},

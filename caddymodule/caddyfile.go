@@ -528,9 +528,23 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //		allow_user_export
 //		admin_token <secret> [<user_id>]
 //		signing_key <path>
+//		quotas {
+//			exempt_admins
+//			exempt_appservices
+//			rule <user glob> {
+//				max_bytes <size>
+//				max_files <n>
+//				max_pending <n>|unlimited
+//				max_upload_size <size>
+//				window <duration> [max_bytes <size>] [max_files <n>]
+//				info_uri <url>
+//				can_upgrade
+//			}
+//		}
 //	}
 //
-// server_name and homeserver are required. appservice_registration,
+// In quota rules 0 means no limit (see QuotaConfig); rule and window may be
+// repeated. server_name and homeserver are required. appservice_registration,
 // appservice, admins, admin_token and user_namespace may be repeated.
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume the directive name
@@ -585,6 +599,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.AllowUserExport = true
 		case "signing_key":
 			h.SigningKey, err = singleArg(d)
+		case "quotas":
+			h.Quotas, err = parseQuotas(d)
 		case "admin_token":
 			args := d.RemainingArgs()
 			if len(args) < 1 || len(args) > 2 {

@@ -78,6 +78,16 @@ localhost:2019):
   caddy matrix-media usage --server-name <name> [--order-by ...] [--limit n]
       per-user media counts and bytes
 
+  caddy matrix-media usage <user_id>
+      what the user stores (usage counters), the quota rule of each site
+      with quotas and the user's rolling-window usage
+
+  caddy matrix-media usage --top <n>
+      the n users storing the most bytes
+
+  caddy matrix-media usage --recount [--user <user_id>]
+      rebuilds the usage counters from the media rows (repairs drift)
+
   caddy matrix-media media-info <mxc URI>
       what is stored about one media item
 

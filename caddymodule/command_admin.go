@@ -53,10 +53,12 @@ func adminCommands() []*cobra.Command {
 	purge.Flags().Bool("detach", false, "Start the purge and return without waiting")
 
 	usage := &cobra.Command{
-		Use:   "usage --server-name <name> [--order-by user_id|media_length|media_count] [--desc] [--limit n] [--search <text>]",
-		Short: "Per-user media counts and bytes of one server name",
-		RunE:  runUsage,
+		Use: "usage (--server-name <name> [--order-by user_id|media_length|media_count] [--desc] [--limit n] [--search <text>]" +
+			" | <user_id> | --top <n> | --recount [--user <user_id>])",
+		Short: "Per-user media counts and bytes; one user's usage and quota rules; usage counter recounts",
+		RunE:  runUsageCommand,
 	}
+	addUsageFlags(usage)
 	usage.Flags().String("server-name", "", "The server name whose local media are counted")
 	usage.Flags().String("order-by", "media_length", "Sort key: user_id, media_length or media_count")
 	usage.Flags().Bool("desc", true, "Largest first")

@@ -24,6 +24,8 @@ var caddyfileSeeds = []string{
 	"",
 	"matrix_media `unterminated",
 	"matrix_media {\n\tfreeze_legacy yesterday\n\tsigning_key\n}",
+	"matrix_media {\n\tserver_name a.test\n\thomeserver http://hs\n\tquotas {\n\t\texempt_admins\n\t\trule @*:a.test {\n\t\t\tmax_bytes 1GiB\n\t\t\tmax_pending unlimited\n\t\t\twindow 1h max_bytes 0 max_files 3\n\t\t\tinfo_uri https://a.test/q\n\t\t\tcan_upgrade\n\t\t}\n\t}\n}",
+	"matrix_media {\n\tquotas {\n\t\trule * {\n\t\t\twindow -1h max_files\n\t\t}\n\t}\n}",
 }
 
 // caddyfileDispenser lexes input as Caddyfile tokens. (NewTestDispenser

@@ -143,6 +143,10 @@ type Handler struct {
 	// Placeholders {env.*} and {file.*} are resolved.
 	SigningKey string `json:"signing_key,omitempty"`
 
+	// Quotas are per-user quotas of this site (see QuotaConfig in
+	// quotas.go and the README's "Fair use: quotas"). Default: none.
+	Quotas *QuotaConfig `json:"quotas,omitempty"`
+
 	site *mediaapi.Site
 	// admin answers Synapse's media admin API for this site (nil when the
 	// metadata store cannot administer media).
@@ -267,6 +271,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Federation:         fedCfg,
 		Remote:             remote,
 		Previews:           previewerOf(app),
+		Quotas:             h.Quotas.mediaQuotas(),
 	}, app.res.repo, authn)
 	if err != nil {
 		return fmt.Errorf("configuring media site %s: %w", h.ServerName, err)

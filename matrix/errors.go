@@ -30,6 +30,9 @@ const (
 	CodeUnknown               = "M_UNKNOWN"
 	CodeUnauthorized          = "M_UNAUTHORIZED"
 	CodeResourceLimitExceeded = "M_RESOURCE_LIMIT_EXCEEDED"
+	// CodeUserLimitExceeded (Matrix v1.18, MSC4335) is a limit of the
+	// user's account, sent with info_uri and optionally can_upgrade.
+	CodeUserLimitExceeded = "M_USER_LIMIT_EXCEEDED"
 )
 
 // Error is a Matrix error response: an HTTP status and a JSON body

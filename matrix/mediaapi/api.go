@@ -17,6 +17,7 @@
 //	GET  /_matrix/media/{v3,r0,v1}/thumbnail/{serverName}/{mediaId}            (no auth)
 //	GET  /_matrix/client/v1/media/thumbnail/{serverName}/{mediaId}              (auth, guests ok)
 //	GET  /_matrix/media/{v3,r0,v1}/preview_url, /_matrix/client/v1/media/preview_url (auth)
+//	GET  /_matrix/client/v1/media/usage, /_matrix/media/unstable/org.matrix.msc4034/usage (auth; MSC4034)
 //	GET  /_matrix/federation/v1/media/{download,thumbnail}/{mediaId}            (X-Matrix)
 //
 // (HEAD is accepted wherever GET is on client endpoints; the MSC3916 unstable
@@ -46,6 +47,11 @@
 // admin layer, matrix/mediaadmin, does). This invalidates this process's
 // cache only; other instances sharing the database keep a stale row until
 // it is evicted (issue 15).
+//
+// Quotas: a site's per-user quota rules (SiteConfig.Quotas) are enforced on
+// uploads before, while and after the body is read (quota.go); the usage
+// endpoint answers what the caller stores and config advertises the
+// caller's limits.
 //
 // Last access: downloads and thumbnail reads are noted in memory and
 // written in batches (RunAccessFlush, every AccessFlushInterval, default
@@ -160,6 +166,10 @@ type SiteConfig struct {
 	FreezeLegacy bool
 	// FreezeSince is the freeze cut-off; zero means every media item.
 	FreezeSince time.Time
+
+	// Quotas are the site's per-user quotas (quota.go). Default: none.
+	// Rules need a metadata store that keeps usage (storage.QuotaStore).
+	Quotas QuotaConfig
 }
 
 // Repository is the state every site shares: the stores, the hot metadata
@@ -219,6 +229,12 @@ type Repository struct {
 
 	// hooks are called at points of the remote path, for tests.
 	hooks testHooks
+
+	// quotas is the metadata store's usage capability (nil when it has
+	// none: then no site may have quota rules and the usage endpoint
+	// answers 404 M_UNRECOGNIZED); quotaSites are the sites with rules.
+	quotas     storage.QuotaStore
+	quotaSites quotaSites
 
 	// admin is the metadata store's takedown capability; nil when the
 	// store has none (then nothing is quarantined and no access is
@@ -337,6 +353,9 @@ type testHooks struct {
 	// thumbnailJoined is called once a request joined a thumbnail
 	// generation.
 	thumbnailJoined func()
+	// uploadReceived is called when an upload's body is stored, before its
+	// row is written.
+	uploadReceived func()
 }
 
 // RedirectPolicy configures presigned download redirects for a datastore.
@@ -434,6 +453,9 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.remoteMaxSize = DefaultMaxUploadSize
 	}
 	r.waits.init()
+	if qs, ok := meta.(storage.QuotaStore); ok {
+		r.quotas = qs
+	}
 	if admin, ok := meta.(storage.MediaAdmin); ok {
 		r.admin = admin
 		r.access = newAccessRecorder(cmp.Or(opts.AccessBufferSize, DefaultAccessBufferSize))
@@ -563,6 +585,8 @@ type Site struct {
 	mxcPrefix    string
 	downloadWait time.Duration
 	maxPending   int
+	// quota is the validated quota policy (nil: no quotas).
+	quota *quotaPolicy
 	// closeOnce unregisters the server name once (Close).
 	closeOnce sync.Once
 }
@@ -601,6 +625,13 @@ func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site,
 	if cfg.MaxDownloadTimeout == 0 {
 		cfg.MaxDownloadTimeout = DefaultMaxDownloadTimeout
 	}
+	quota, err := newQuotaPolicy(cfg.Quotas)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("building site: %w", err)
+	case quota != nil && repo.quotas == nil:
+		return nil, errors.New("building site: quotas need a metadata store that keeps per-user usage (the SQL store)")
+	}
 	s := &Site{
 		cfg:          cfg,
 		repo:         repo,
@@ -609,8 +640,12 @@ func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site,
 		mxcPrefix:    "mxc://" + cfg.ServerName + "/",
 		downloadWait: min(DefaultDownloadTimeout, cfg.MaxDownloadTimeout),
 		maxPending:   max(cfg.MaxPendingUploads, 0),
+		quota:        quota,
 	}
 	repo.locals.register(cfg.ServerName)
+	if quota != nil {
+		repo.quotaSites.add(s)
+	}
 	return s, nil
 }
 
@@ -699,6 +734,8 @@ func (s *Site) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			status = s.serveFederation(w, r, &rt)
 		case epPreview:
 			status = s.servePreview(w, r)
+		case epUsage:
+			status = s.serveUsage(w, r)
 		}
 	}
 	s.repo.metrics.observe(rt.ep, status, start)
@@ -782,10 +819,13 @@ func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool
 	return user, 0
 }
 
-// serveConfig answers GET config with {"m.upload.size": MaxUploadSize}.
+// serveConfig answers GET config with {"m.upload.size": MaxUploadSize};
+// on a site with quotas, the caller's rule decides m.upload.size and adds
+// its storage limits (configBodyFor).
 func (s *Site) serveConfig(w http.ResponseWriter, r *http.Request) int {
-	if _, st := s.authenticate(w, r, false); st != 0 {
+	user, st := s.authenticate(w, r, false)
+	if st != 0 {
 		return st
 	}
-	return writeJSON(w, s.configBody)
+	return writeJSON(w, s.configBodyFor(s.quotaFor(r, user)))
 }

@@ -134,16 +134,28 @@ func newEnv(t testing.TB, opts ...envOption) *env {
 // when extra is set, so one of them must take local.
 func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, opts ...envOption) *env {
 	t.Helper()
+	return newEnvOn(t, nil, extra, opts...)
+}
+
+// newEnvOn is newEnvWithStores on the metadata store open returns (nil:
+// SQLite in the env's directory).
+func newEnvOn(t testing.TB, open func(testing.TB) *sqlstore.Store, extra func(dir string) []storage.Datastore, opts ...envOption) *env {
+	t.Helper()
 	dir := t.TempDir()
 	blobs, err := filestore.New(filepath.Join(dir, "blobs"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	sq, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(dir, "meta.db"))
-	if err != nil {
-		t.Fatal(err)
+	var sq *sqlstore.Store
+	if open != nil {
+		sq = open(t)
+	} else {
+		sq, err = sqlstore.OpenSQLite(context.Background(), filepath.Join(dir, "meta.db"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = sq.Close() })
 	}
-	t.Cleanup(func() { _ = sq.Close() })
 	meta := &countingMeta{MetadataStore: sq}
 	cfg := SiteConfig{ServerName: testServer, MaxUploadSize: 1 << 20}
 	ropts := RepositoryOptions{}
@@ -169,6 +181,9 @@ func newEnvWithStores(t testing.TB, extra func(dir string) []storage.Datastore, 
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The repository's store is a wrapper: give it the SQL store's usage
+	// counters.
+	repo.quotas = sq
 	clock := testclock.New(time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC))
 	repo.now = clock.Now
 	hs := fakeHomeserver(t)

@@ -33,7 +33,8 @@ import (
 //	caddy_matrix_media_access_dropped_total                  counter (reads not recorded because the access buffer was full)
 //
 // endpoint is one of unknown, upload, create, upload_put, download, config,
-// options; code is the HTTP status (499 when the client went away before an
+// options, thumbnail, federation_download, federation_thumbnail,
+// preview_url, usage; code is the HTTP status (499 when the client went away before an
 // answer), so label cardinality is bounded.
 type Metrics struct {
 	requests      *prometheus.CounterVec

@@ -72,7 +72,10 @@ func (r *Repository) IsLocal(serverName string) bool { return r.locals.has(serve
 // longer served, e.g. from the Caddy handler's Cleanup after a reload. It is
 // safe to call more than once.
 func (s *Site) Close() {
-	s.closeOnce.Do(func() { s.repo.locals.unregister(s.cfg.ServerName) })
+	s.closeOnce.Do(func() {
+		s.repo.locals.unregister(s.cfg.ServerName)
+		s.repo.quotaSites.remove(s)
+	})
 }
 
 // resolveOptions say how a request may find its media.

@@ -33,6 +33,7 @@ const (
 	epFedDownload
 	epFedThumbnail
 	epPreview
+	epUsage
 	numEndpoints
 )
 
@@ -49,6 +50,7 @@ var endpointNames = [numEndpoints]string{
 	epFedDownload:  "federation_download",
 	epFedThumbnail: "federation_thumbnail",
 	epPreview:      "preview_url",
+	epUsage:        "usage",
 }
 
 // allowHeaders are the Allow header values of 405 responses, per endpoint.
@@ -62,6 +64,7 @@ var allowHeaders = [numEndpoints][]string{
 	epFedDownload:  hdr("GET, OPTIONS"),
 	epFedThumbnail: hdr("GET, OPTIONS"),
 	epPreview:      hdr("GET, OPTIONS"),
+	epUsage:        hdr("GET, HEAD, OPTIONS"),
 }
 
 // route is a parsed request path. Parameters are kept escaped, as they
@@ -86,7 +89,7 @@ func (rt *route) allows(method string) bool {
 		return method == http.MethodPost
 	case epUploadPut:
 		return method == http.MethodPut
-	case epDownload, epConfig, epThumbnail:
+	case epDownload, epConfig, epThumbnail, epUsage:
 		return method == http.MethodGet || method == http.MethodHead
 	case epFedDownload, epFedThumbnail, epPreview:
 		return method == http.MethodGet
@@ -137,6 +140,10 @@ func parseRoute(p string) route {
 		case "v3", "r0", "v1":
 		case "unstable":
 			const msc2246 = "fi.mau.msc2246/"
+			if rest == "org.matrix.msc4034/usage" {
+				rt.ep = epUsage
+				return rt
+			}
 			if !strings.HasPrefix(rest, msc2246) {
 				return route{}
 			}
@@ -169,6 +176,11 @@ func parseRoute(p string) route {
 		return rt
 	case strings.HasPrefix(p, prefixClientV1):
 		rest = p[len(prefixClientV1):]
+		if rest == "usage" {
+			// MSC4034: only on the authenticated v1 prefix.
+			rt.ep = epUsage
+			return rt
+		}
 	case strings.HasPrefix(p, prefixClientUnstable):
 		rest = p[len(prefixClientUnstable):]
 	case strings.HasPrefix(p, prefixFederationV1):

@@ -66,24 +66,49 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// receiveUpload checks the announced size and the upload's metadata (content
-// type, file name), then streams the body into the blob store. On failure it
-// writes the error response and returns its status.
-func (s *Site) receiveUpload(w http.ResponseWriter, r *http.Request) (uploadMeta, storage.IngestResult, int) {
-	if r.ContentLength > s.cfg.MaxUploadSize {
-		return uploadMeta{}, storage.IngestResult{}, writeErr(w, s.tooLarge())
+// admitUpload decides, before the body is read, whether user may upload it:
+// the announced size against the user's largest upload (413), then the
+// user's quota (checkQuota, 403). On refusal it writes the error response
+// and returns its status; otherwise it returns what the upload may add.
+func (s *Site) admitUpload(w http.ResponseWriter, r *http.Request, user auth.User) (*uploadQuota, int) {
+	rule := s.quotaFor(r, user)
+	maxUpload := s.maxUploadFor(rule)
+	if r.ContentLength > maxUpload {
+		return nil, writeErr(w, s.tooLarge(rule, maxUpload))
 	}
+	q, err := s.checkQuota(r.Context(), rule, user.UserID, r.ContentLength)
+	if err != nil {
+		if qe, ok := asQuotaExceeded(err); ok {
+			return nil, writeErr(w, s.quotaError(rule, qe))
+		}
+		return nil, s.internalError(w, "checking the quota of an upload", err)
+	}
+	return q, 0
+}
+
+// receiveUpload checks the upload's metadata (content type, file name),
+// then streams the body into the blob store within the bounds of q. On
+// failure it writes the error response and returns its status.
+func (s *Site) receiveUpload(w http.ResponseWriter, r *http.Request, q *uploadQuota) (uploadMeta, storage.IngestResult, int) {
 	um, merr := parseUploadMeta(r)
 	if merr != nil {
 		return uploadMeta{}, storage.IngestResult{}, writeErr(w, merr)
 	}
-	res, st := s.ingest(w, r)
+	res, st := s.ingest(w, r, q)
+	if st == 0 && s.repo.hooks.uploadReceived != nil {
+		s.repo.hooks.uploadReceived()
+	}
 	return um, res, st
 }
 
-// tooLarge is the error for a body over the site's upload limit.
-func (s *Site) tooLarge() *matrix.Error {
-	return matrix.TooLarge("Upload is larger than the limit of " + strconv.FormatInt(s.cfg.MaxUploadSize, 10) + " bytes")
+// tooLarge is the error for a body over the user's upload limit (the
+// site's, or the one of the user's quota rule, which is then counted as a
+// quota refusal).
+func (s *Site) tooLarge(rule *QuotaRule, limit int64) *matrix.Error {
+	if rule != nil && rule.MaxUploadSize > 0 {
+		s.repo.metrics.LimitRejected(s.cfg.ServerName, "quota_upload_size")
+	}
+	return matrix.TooLarge("Upload is larger than the limit of " + strconv.FormatInt(limit, 10) + " bytes")
 }
 
 // ingest streams the request body into the blob store (deduplicating) and
@@ -91,8 +116,12 @@ func (s *Site) tooLarge() *matrix.Error {
 // status. The store runs detached from the request's context: a client that
 // goes away mid-body ends it through the body's read error, while one that
 // goes away after its last byte still gets its upload stored (and recorded
-// by the caller, see recordCtx), never a half-done one.
-func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestResult, int) {
+// by the caller, see recordCtx), never a half-done one. The body is bounded
+// by the user's largest upload and by the bytes their quota has left
+// (q.ingestBound): a body of unknown length that passes the quota's bound
+// is cut, its partial blob discarded by the store, and refused as over
+// quota (403), not as too large.
+func (s *Site) ingest(w http.ResponseWriter, r *http.Request, q *uploadQuota) (storage.IngestResult, int) {
 	expected := r.ContentLength
 	if expected < 0 {
 		expected = -1
@@ -101,10 +130,18 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestRes
 	if r.Body == nil {
 		body.r = http.NoBody
 	}
+	bound, byQuota := q.ingestBound()
+	if bound == 0 {
+		// PutOptions.MaxSize 0 would be no bound: only an empty body fits.
+		body.r = io.LimitReader(body.r, 1)
+	}
 	res, err := storage.IngestTo(context.WithoutCancel(r.Context()), s.repo.stores, s.repo.meta, storage.KindLocal, body, storage.PutOptions{
-		MaxSize:      s.cfg.MaxUploadSize,
+		MaxSize:      bound,
 		ExpectedSize: expected,
 	})
+	if err == nil && bound == 0 && res.Size > 0 {
+		err = storage.ErrTooLarge
+	}
 	switch {
 	case err == nil:
 		s.repo.metrics.uploadBytes.Add(float64(res.Size))
@@ -114,8 +151,10 @@ func (s *Site) ingest(w http.ResponseWriter, r *http.Request) (storage.IngestRes
 			s.repo.metrics.datastoreBytes(res.Datastore, "in").Add(float64(res.Size))
 		}
 		return res, 0
+	case errors.Is(err, storage.ErrTooLarge) && byQuota:
+		return res, writeErr(w, s.quotaError(q.rule, q.overBound()))
 	case errors.Is(err, storage.ErrTooLarge):
-		return res, writeErr(w, s.tooLarge())
+		return res, writeErr(w, s.tooLarge(q.rule, q.maxUpload))
 	case errors.Is(err, storage.ErrSizeMismatch):
 		return res, writeErr(w, matrix.Unknown(http.StatusBadRequest, "Request body length differs from Content-Length"))
 	case body.err != nil || r.Context().Err() != nil:
@@ -152,7 +191,11 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		return st
 	}
 	gen := s.repo.cacheGen.Load()
-	um, res, st := s.receiveUpload(w, r)
+	q, st := s.admitUpload(w, r, user)
+	if st != 0 {
+		return st
+	}
+	um, res, st := s.receiveUpload(w, r, q)
 	if st != 0 {
 		return st
 	}
@@ -177,10 +220,19 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	var err error
 	for range idAttempts {
 		m.MediaID = matrix.NewMediaID()
-		err = s.repo.meta.InsertMedia(ctx, m)
+		if q.limits.Now.IsZero() {
+			err = s.repo.meta.InsertMedia(ctx, m)
+		} else {
+			err = s.repo.quotas.InsertMediaLimited(ctx, m, q.limits)
+		}
 		if !errors.Is(err, storage.ErrConflict) {
 			break
 		}
+	}
+	if qe, ok := asQuotaExceeded(err); ok {
+		// Another upload of the user took the room meanwhile; the blob
+		// stays unreferenced for the collector.
+		return writeErr(w, s.quotaError(q.rule, qe))
 	}
 	if err != nil {
 		return s.internalError(w, "recording upload", err)
@@ -232,6 +284,7 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	maxPending := s.maxPendingFor(s.quotaFor(r, user))
 	now := s.repo.now()
 	m := storage.Media{
 		ServerName: s.cfg.ServerName,
@@ -243,7 +296,7 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 	var err error
 	for range idAttempts {
 		m.MediaID = matrix.NewMediaID()
-		err = s.repo.meta.CreatePending(r.Context(), m, s.maxPending)
+		err = s.repo.meta.CreatePending(r.Context(), m, maxPending)
 		if !errors.Is(err, storage.ErrConflict) {
 			break
 		}
@@ -264,6 +317,7 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 		case !errors.Is(oerr, storage.ErrNotFound):
 			s.repo.logger.Error("finding oldest pending upload", zap.Error(oerr))
 		}
+		s.repo.metrics.LimitRejected(s.cfg.ServerName, "quota_pending")
 		return writeErr(w, matrix.LimitExceeded("Too many pending uploads", retry))
 	default:
 		return s.internalError(w, "creating pending media", err)
@@ -309,7 +363,11 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 		return writeErr(w, matrix.NotFound("Media ID has expired"))
 	}
 
-	um, res, st := s.receiveUpload(w, r)
+	q, st := s.admitUpload(w, r, user)
+	if st != 0 {
+		return st
+	}
+	um, res, st := s.receiveUpload(w, r, q)
 	if st != 0 {
 		return st
 	}
@@ -324,8 +382,15 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	m.ContentType = um.contentType
 	m.Filename = um.filename
 	m.UploadedAt = s.repo.now()
-	err = s.repo.meta.CompletePending(ctx, m)
+	if q.limits.Now.IsZero() {
+		err = s.repo.meta.CompletePending(ctx, m)
+	} else {
+		err = s.repo.quotas.CompletePendingLimited(ctx, m, q.limits)
+	}
+	qe, overQuota := asQuotaExceeded(err)
 	switch {
+	case overQuota:
+		return writeErr(w, s.quotaError(q.rule, qe))
 	case err == nil:
 	case errors.Is(err, storage.ErrConflict):
 		return writeErr(w, matrix.CannotOverwriteMedia("Media ID already has content"))
