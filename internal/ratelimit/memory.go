@@ -79,7 +79,7 @@ func (l *Memory) Len() int {
 func (l *Memory) Max() int { return l.perShard * memoryShards }
 
 // Take implements Limiter.
-func (l *Memory) Take(_ context.Context, cost float64, buckets ...Bucket) Decision {
+func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
 	now := l.now()
 	ns := now.UnixNano()
 	// Lock the shards involved in ascending order (buckets of one call
@@ -111,18 +111,21 @@ func (l *Memory) Take(_ context.Context, cost float64, buckets ...Bucket) Decisi
 		s, ok := l.shards[l.shardOf(b.Key)].m.Get(b.Key)
 		level := refill(s, ok, b.Rule, ns)
 		lv = append(lv, level)
-		if ok2, wait := allows(level, b.Rule, cost); !ok2 {
+		if ok2, wait := allows(level, b.Rule, b.Cost); !ok2 {
 			if d.Allowed {
 				d.Allowed, d.Refused = false, i
 			}
 			d.RetryAfter = max(d.RetryAfter, wait)
 		}
 	}
-	if !d.Allowed || cost == 0 {
+	if !d.Allowed {
 		return d
 	}
 	for i, b := range buckets {
-		level := lv[i] - cost
+		if b.Cost == 0 {
+			continue
+		}
+		level := lv[i] - b.Cost
 		m := l.shards[l.shardOf(b.Key)].m
 		if level >= b.Rule.Burst {
 			m.Delete(b.Key)

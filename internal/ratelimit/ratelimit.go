@@ -57,17 +57,21 @@ func (r Rule) Valid() error {
 	return nil
 }
 
-// Bucket names one bucket and its rule.
+// Bucket names one bucket, its rule and what a request takes from it.
 type Bucket struct {
 	// Key identifies the bucket in the store.
 	Key string
 	// Rule is its shape.
 	Rule Rule
+	// Cost is what the request takes (not negative): 1 for a request,
+	// its bytes for a volume; 0 asks whether the bucket would allow
+	// anything without charging it.
+	Cost float64
 }
 
 // Decision is the outcome of a Take.
 type Decision struct {
-	// Allowed is true when the cost was taken from every bucket.
+	// Allowed is true when every bucket's cost was taken.
 	Allowed bool
 	// Refused is the index of the (first) bucket that refused, when not
 	// Allowed.
@@ -79,13 +83,12 @@ type Decision struct {
 
 // Limiter takes costs from buckets.
 type Limiter interface {
-	// Take takes cost from every bucket when each of them allows it, and
-	// from none otherwise (atomically for the buckets of one call). It
+	// Take takes each bucket's cost when every bucket allows its own, and
+	// nothing otherwise (atomically for the buckets of one call). It
 	// never fails: a store that cannot answer allows (fails open) and
-	// reports it its own way. Buckets must have valid rules; cost must not
-	// be negative (zero asks whether the buckets would allow anything,
-	// without charging).
-	Take(ctx context.Context, cost float64, buckets ...Bucket) Decision
+	// reports it its own way. Buckets must have valid rules and costs
+	// that are not negative.
+	Take(ctx context.Context, buckets ...Bucket) Decision
 }
 
 // state is a bucket's level at a time (Unix nanoseconds).

@@ -23,6 +23,8 @@ type step struct {
 	advance time.Duration
 	cost    float64
 	buckets []Bucket
+	// costs, when set, are the buckets' own costs (instead of cost).
+	costs []float64
 	allowed bool
 	refused int
 	// retry is the expected RetryAfter, within a millisecond.
@@ -35,6 +37,16 @@ var (
 )
 
 func b(key string, r Rule) []Bucket { return []Bucket{{Key: key, Rule: r}} }
+
+// withCost sets the cost of every bucket.
+func withCost(bs []Bucket, cost float64) []Bucket {
+	out := make([]Bucket, len(bs))
+	for i, b := range bs {
+		b.Cost = cost
+		out[i] = b
+	}
+	return out
+}
 
 var limiterCases = []struct {
 	name  string
@@ -75,12 +87,19 @@ var limiterCases = []struct {
 	}},
 	{"several buckets: all or nothing", []step{
 		{cost: 3, buckets: b("user", perSecond3), allowed: true},
-		{cost: 1, buckets: []Bucket{{"ip", perSecond3}, {"user", perSecond3}}, refused: 1, retry: time.Second},
+		{cost: 1, buckets: []Bucket{{Key: "ip", Rule: perSecond3}, {Key: "user", Rule: perSecond3}}, refused: 1, retry: time.Second},
 		// The IP bucket was not charged by the refusal.
 		{cost: 3, buckets: b("ip", perSecond3), allowed: true},
-		{advance: 2 * time.Second, cost: 1, buckets: []Bucket{{"ip", perSecond3}, {"user", perSecond3}}, allowed: true},
-		{cost: 1, buckets: []Bucket{{"ip", perSecond3}, {"user", perSecond3}}, allowed: true},
-		{cost: 1, buckets: []Bucket{{"ip", perSecond3}, {"user", perSecond3}}, refused: 0, retry: time.Second},
+		{advance: 2 * time.Second, cost: 1, buckets: []Bucket{{Key: "ip", Rule: perSecond3}, {Key: "user", Rule: perSecond3}}, allowed: true},
+		{cost: 1, buckets: []Bucket{{Key: "ip", Rule: perSecond3}, {Key: "user", Rule: perSecond3}}, allowed: true},
+		{cost: 1, buckets: []Bucket{{Key: "ip", Rule: perSecond3}, {Key: "user", Rule: perSecond3}}, refused: 0, retry: time.Second},
+	}},
+	{"a request and its bytes in one call", []step{
+		{buckets: []Bucket{{Key: "n", Rule: perSecond3}, {Key: "bytes", Rule: bytes100}}, costs: []float64{1, 250}, allowed: true},
+		// Bytes in debt: refused, and the request bucket not charged.
+		{buckets: []Bucket{{Key: "n", Rule: perSecond3}, {Key: "bytes", Rule: bytes100}}, costs: []float64{1, 0}, refused: 1, retry: 15 * time.Second},
+		{cost: 2, buckets: b("n", perSecond3), allowed: true},
+		{cost: 1, buckets: b("n", perSecond3), refused: 0, retry: time.Second},
 	}},
 	{"a cost above a request rule's burst needs a full bucket and is charged whole", []step{
 		{cost: 10, buckets: b("big", perSecond3), allowed: true},
@@ -98,7 +117,11 @@ func runCases(t *testing.T, mk func(t *testing.T, clock *testclock.Clock) Limite
 			l := mk(t, clock)
 			for i, s := range tc.steps {
 				clock.Advance(s.advance)
-				d := l.Take(context.Background(), s.cost, s.buckets...)
+				bs := withCost(s.buckets, s.cost)
+				for j, c := range s.costs {
+					bs[j].Cost = c
+				}
+				d := l.Take(context.Background(), bs...)
 				if d.Allowed != s.allowed {
 					t.Fatalf("step %d: Allowed = %v, want %v (%+v)", i, d.Allowed, s.allowed, d)
 				}
@@ -164,17 +187,17 @@ func TestMemoryExpiresFullBuckets(t *testing.T) {
 	clock := testclock.New(t0)
 	l := NewMemory(MemoryOptions{Max: 1600, Now: clock.Now})
 	ctx := context.Background()
-	l.Take(ctx, 0, b("peek", perSecond3)...)
+	l.Take(ctx, withCost(b("peek", perSecond3), 0)...)
 	if l.Len() != 0 {
 		t.Fatalf("a peek stored a bucket: Len = %d", l.Len())
 	}
-	l.Take(ctx, 2, b("k", perSecond3)...)
+	l.Take(ctx, withCost(b("k", perSecond3), 2)...)
 	if l.Len() != 1 {
 		t.Fatalf("Len = %d after a take, want 1", l.Len())
 	}
 	clock.Advance(2 * time.Second)
 	// Expired: the lookup drops it and the bucket is full (3 allowed).
-	if d := l.Take(ctx, 3, b("k", perSecond3)...); !d.Allowed {
+	if d := l.Take(ctx, withCost(b("k", perSecond3), 3)...); !d.Allowed {
 		t.Fatalf("bucket not refilled after 2s: %+v", d)
 	}
 }
@@ -196,7 +219,7 @@ func TestMemoryFlood(t *testing.T) {
 	var peak uint64
 	rule := Rule{Rate: 0.001, Burst: 5}
 	for i := range keys {
-		l.Take(ctx, 1, Bucket{Key: "ip:" + strconv.Itoa(i), Rule: rule})
+		l.Take(ctx, Bucket{Key: "ip:" + strconv.Itoa(i), Rule: rule, Cost: 1})
 		if i%100000 == 99999 {
 			if n := l.Len(); n > l.Max() {
 				t.Fatalf("after %d keys: %d buckets, more than Max %d", i+1, n, l.Max())
@@ -216,10 +239,10 @@ func TestMemoryFlood(t *testing.T) {
 		t.Errorf("heap grew by %d bytes for %d buckets", after-before, maxKeys)
 	}
 	// The most recent keys are still limited, the oldest were forgotten.
-	if d := l.Take(ctx, 5, Bucket{Key: "ip:" + strconv.Itoa(keys-1), Rule: rule}); d.Allowed {
+	if d := l.Take(ctx, Bucket{Key: "ip:" + strconv.Itoa(keys-1), Rule: rule, Cost: 5}); d.Allowed {
 		t.Error("the most recent key's bucket was forgotten")
 	}
-	if d := l.Take(ctx, 5, Bucket{Key: "ip:0", Rule: rule}); !d.Allowed {
+	if d := l.Take(ctx, Bucket{Key: "ip:0", Rule: rule, Cost: 5}); !d.Allowed {
 		t.Error("the oldest key's bucket was kept")
 	}
 }
@@ -235,7 +258,7 @@ func TestMemoryConcurrent(t *testing.T) {
 	for range 8 {
 		wg.Go(func() {
 			for range 50 {
-				if l.Take(context.Background(), 1, Bucket{Key: "x", Rule: rule}, Bucket{Key: "y", Rule: rule}).Allowed {
+				if l.Take(context.Background(), Bucket{Key: "x", Rule: rule, Cost: 1}, Bucket{Key: "y", Rule: rule, Cost: 1}).Allowed {
 					allowed.Add(1)
 				}
 			}
@@ -262,13 +285,14 @@ func TestRedisShared(t *testing.T) {
 	bl := NewRedis(newClient(), RedisOptions{RetryInterval: 20 * time.Millisecond, OnFailOpen: func(error) { failB.Add(1) }})
 	ctx := context.Background()
 	rule := Rule{Rate: 0.01, Burst: 3}
-	bk := Bucket{Key: "ip:192.0.2.1", Rule: rule}
+	bk := Bucket{Key: "ip:192.0.2.1", Rule: rule, Cost: 1}
+	peek := Bucket{Key: bk.Key, Rule: rule}
 	for i := range 3 {
-		if !a.Take(ctx, 1, bk).Allowed {
+		if !a.Take(ctx, bk).Allowed {
 			t.Fatalf("take %d through A refused", i+1)
 		}
 	}
-	d := bl.Take(ctx, 1, bk)
+	d := bl.Take(ctx, bk)
 	if d.Allowed {
 		t.Fatal("B allowed a request of a bucket A emptied")
 	}
@@ -286,7 +310,7 @@ func TestRedisShared(t *testing.T) {
 
 	srv.Stop()
 	for i := range 5 {
-		if !a.Take(ctx, 1, bk).Allowed {
+		if !a.Take(ctx, bk).Allowed {
 			t.Fatalf("take %d with Redis stopped refused: must fail open", i+1)
 		}
 	}
@@ -299,7 +323,7 @@ func TestRedisShared(t *testing.T) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		before := failA.Load()
-		a.Take(ctx, 0, bk)
+		a.Take(ctx, peek)
 		if failA.Load() == before {
 			break
 		}
@@ -309,13 +333,13 @@ func TestRedisShared(t *testing.T) {
 		time.Sleep(25 * time.Millisecond)
 	}
 	for i := range 3 {
-		if !a.Take(ctx, 1, bk).Allowed {
+		if !a.Take(ctx, bk).Allowed {
 			t.Fatalf("take %d after restart refused (the restarted server is empty)", i+1)
 		}
 	}
 	for time.Now().Before(deadline) {
 		before := failB.Load()
-		d = bl.Take(ctx, 1, bk)
+		d = bl.Take(ctx, bk)
 		if failB.Load() == before {
 			break
 		}
@@ -338,7 +362,7 @@ func BenchmarkTake(b *testing.B) {
 		b.ResetTimer()
 		i := 0
 		for b.Loop() {
-			if !l.Take(ctx, 1, Bucket{Key: keys[i&1023], Rule: rule}).Allowed {
+			if !l.Take(ctx, Bucket{Key: keys[i&1023], Rule: rule, Cost: 1}).Allowed {
 				b.Fatal("refused")
 			}
 			i++
@@ -351,7 +375,7 @@ func BenchmarkTake(b *testing.B) {
 		b.RunParallel(func(pb *testing.PB) {
 			i := 0
 			for pb.Next() {
-				l.Take(context.Background(), 1, Bucket{Key: "k" + strconv.Itoa(i&255), Rule: rule})
+				l.Take(context.Background(), Bucket{Key: "k" + strconv.Itoa(i&255), Rule: rule, Cost: 1})
 				i++
 			}
 		})

@@ -76,8 +76,8 @@ type Redis struct {
 }
 
 // takeScript refills, decides and charges. KEYS are the buckets; ARGV[1] is
-// the time in microseconds (negative: the server's clock), ARGV[2] the
-// cost, then rate, burst and debt (0 or 1) for each key. It answers
+// the time in microseconds (negative: the server's clock), then rate,
+// burst, debt (0 or 1) and cost for each key. It answers
 // {allowed, refused index (0-based, -1), wait in seconds as a string}.
 var takeScript = redis.NewScript(`
 local now = tonumber(ARGV[1])
@@ -85,14 +85,14 @@ if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-local cost = tonumber(ARGV[2])
 local levels = {}
 local refused = -1
 local wait = 0
 for i = 1, #KEYS do
-  local rate = tonumber(ARGV[3*i])
-  local burst = tonumber(ARGV[3*i+1])
-  local debt = ARGV[3*i+2] == '1'
+  local rate = tonumber(ARGV[4*i-2])
+  local burst = tonumber(ARGV[4*i-1])
+  local debt = ARGV[4*i] == '1'
+  local cost = tonumber(ARGV[4*i+1])
   local v = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = burst
   if v[1] and v[2] then
@@ -116,10 +116,11 @@ end
 if refused >= 0 then
   return {0, refused, tostring(wait)}
 end
-if cost > 0 then
-  for i = 1, #KEYS do
-    local rate = tonumber(ARGV[3*i])
-    local burst = tonumber(ARGV[3*i+1])
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[4*i-2])
+  local burst = tonumber(ARGV[4*i-1])
+  local cost = tonumber(ARGV[4*i+1])
+  if cost > 0 then
     local level = levels[i] - cost
     if level >= burst then
       redis.call('DEL', KEYS[i])
@@ -161,7 +162,7 @@ func NewRedis(client redis.Scripter, opts RedisOptions) *Redis {
 
 // Take implements Limiter. It fails open: when Redis does not answer (or
 // failed less than RetryInterval ago) the request is allowed.
-func (l *Redis) Take(ctx context.Context, cost float64, buckets ...Bucket) Decision {
+func (l *Redis) Take(ctx context.Context, buckets ...Bucket) Decision {
 	allowed := Decision{Allowed: true, Refused: -1}
 	if len(buckets) == 0 {
 		return allowed
@@ -170,7 +171,7 @@ func (l *Redis) Take(ctx context.Context, cost float64, buckets ...Bucket) Decis
 		l.failOpen(ErrRedisDown)
 		return allowed
 	}
-	d, err := l.take(ctx, cost, buckets)
+	d, err := l.take(ctx, buckets)
 	if err != nil {
 		if ctx.Err() == nil {
 			// A client that went away is not Redis's fault.
@@ -196,23 +197,24 @@ func (l *Redis) failOpen(err error) {
 }
 
 // take runs the script once.
-func (l *Redis) take(ctx context.Context, cost float64, buckets []Bucket) (Decision, error) {
+func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
 	ctx, cancel := context.WithTimeout(ctx, l.timeout)
 	defer cancel()
 	keys := make([]string, len(buckets))
-	args := make([]any, 0, 2+3*len(buckets))
+	args := make([]any, 0, 1+4*len(buckets))
 	now := int64(-1)
 	if l.now != nil {
 		now = l.now().UnixMicro()
 	}
-	args = append(args, now, strconv.FormatFloat(cost, 'g', -1, 64))
+	args = append(args, now)
 	for i, b := range buckets {
 		keys[i] = l.prefix + b.Key
 		debt := "0"
 		if b.Rule.Debt {
 			debt = "1"
 		}
-		args = append(args, strconv.FormatFloat(b.Rule.Rate, 'g', -1, 64), strconv.FormatFloat(b.Rule.Burst, 'g', -1, 64), debt)
+		args = append(args, strconv.FormatFloat(b.Rule.Rate, 'g', -1, 64), strconv.FormatFloat(b.Rule.Burst, 'g', -1, 64), debt,
+			strconv.FormatFloat(b.Cost, 'g', -1, 64))
 	}
 	res, err := takeScript.Run(ctx, l.client, keys, args...).Slice()
 	if err != nil {

@@ -24,11 +24,15 @@ type limiterGate struct {
 
 func (g *limiterGate) AllowCheck(ctx context.Context) (bool, time.Duration) {
 	g.asks.Add(1)
-	d := g.l.Take(ctx, 0, g.b)
+	d := g.l.Take(ctx, g.b)
 	return d.Allowed, d.RetryAfter
 }
 
-func (g *limiterGate) CheckFailed(ctx context.Context) { g.l.Take(ctx, 1, g.b) }
+func (g *limiterGate) CheckFailed(ctx context.Context) {
+	b := g.b
+	b.Cost = 1
+	g.l.Take(ctx, b)
+}
 
 func randomToken(t testing.TB) string {
 	var b [16]byte
