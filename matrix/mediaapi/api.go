@@ -47,6 +47,13 @@
 // cache only; other instances sharing the database keep a stale row until
 // it is evicted (issue 15).
 //
+// Rate limits (SiteConfig.RateLimits, ratelimit.go): token buckets per
+// client IP (WithClientIP; IPv6 per /64) and per user, per class (uploads,
+// downloads, thumbnails, previews, remote fetches, upload and download
+// bytes, failed token checks), answered with 429 M_LIMIT_EXCEEDED and
+// Retry-After. Unknown tokens are refused per IP before the homeserver is
+// asked once the IP's failed_auth bucket is empty (auth.CheckGate).
+//
 // Last access: downloads and thumbnail reads are noted in memory and
 // written in batches (RunAccessFlush, every AccessFlushInterval, default
 // 30 s; FlushAccess), never one database write per read (access.go).
@@ -160,6 +167,9 @@ type SiteConfig struct {
 	FreezeLegacy bool
 	// FreezeSince is the freeze cut-off; zero means every media item.
 	FreezeSince time.Time
+
+	// RateLimits are the site's rate limits (ratelimit.go). Default: none.
+	RateLimits *RateLimits
 }
 
 // Repository is the state every site shares: the stores, the hot metadata
@@ -563,6 +573,8 @@ type Site struct {
 	mxcPrefix    string
 	downloadWait time.Duration
 	maxPending   int
+	// rate are the site's rate limits; nil when there are none.
+	rate *siteLimits
 	// closeOnce unregisters the server name once (Close).
 	closeOnce sync.Once
 }
@@ -609,6 +621,10 @@ func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site,
 		mxcPrefix:    "mxc://" + cfg.ServerName + "/",
 		downloadWait: min(DefaultDownloadTimeout, cfg.MaxDownloadTimeout),
 		maxPending:   max(cfg.MaxPendingUploads, 0),
+	}
+	var err error
+	if s.rate, err = newSiteLimits(cfg.ServerName, cfg.RateLimits); err != nil {
+		return nil, fmt.Errorf("building site: %w", err)
 	}
 	repo.locals.register(cfg.ServerName)
 	return s, nil
@@ -755,10 +771,16 @@ func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool
 	if creds.Token == "" {
 		return auth.User{}, writeErr(w, matrix.MissingToken("Missing access token"))
 	}
+	if s.rate != nil {
+		creds.Gate = s.checkGate(r)
+	}
 	user, err := s.auth.Authenticate(r.Context(), creds)
 	if err != nil {
 		var open *auth.CircuitOpenError
+		var failed *auth.FailedChecksError
 		switch {
+		case errors.As(err, &failed):
+			return auth.User{}, s.failedChecks(w, failed)
 		case errors.Is(err, auth.ErrUnknownToken):
 			return auth.User{}, writeErr(w, matrix.UnknownToken("Unrecognised access token"))
 		case errors.Is(err, auth.ErrForbidden):

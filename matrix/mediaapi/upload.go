@@ -151,11 +151,15 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	if st := s.limit(w, r, &user, uploadCosts(r)...); st != 0 {
+		return st
+	}
 	gen := s.repo.cacheGen.Load()
 	um, res, st := s.receiveUpload(w, r)
 	if st != 0 {
 		return st
 	}
+	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
 	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
@@ -230,6 +234,9 @@ func (s *Site) isAdmin(r *http.Request, user auth.User) bool {
 func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
+		return st
+	}
+	if st := s.limit(w, r, &user, rateCost{RateUpload, 1}); st != 0 {
 		return st
 	}
 	now := s.repo.now()
@@ -308,11 +315,15 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	case !s.repo.now().Before(m.ExpiresAt):
 		return writeErr(w, matrix.NotFound("Media ID has expired"))
 	}
+	if st := s.limit(w, r, &user, uploadCosts(r)...); st != 0 {
+		return st
+	}
 
 	um, res, st := s.receiveUpload(w, r)
 	if st != 0 {
 		return st
 	}
+	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
 	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
