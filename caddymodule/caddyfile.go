@@ -30,6 +30,7 @@ func init() {
 //		media_cache_size <entries>
 //		max_upload_size <size>
 //		token_cache_size <entries>
+//		rate_limit_keys <entries>
 //		token_cache_ttl <duration>
 //		token_negative_ttl <duration>
 //		redis <url>
@@ -140,6 +141,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.MediaCacheSize, err = positiveInt(d)
 		case "max_upload_size":
 			a.MaxUploadSize, err = byteSize(d)
+		case "rate_limit_keys":
+			a.RateLimitKeys, err = positiveInt(d)
 		case "token_cache_size":
 			a.TokenCacheSize, err = positiveInt(d)
 		case "token_cache_ttl":
@@ -528,6 +531,14 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //		allow_user_export
 //		admin_token <secret> [<user_id>]
 //		signing_key <path>
+//		rate_limits {
+//			<class> [per_ip|per_user] <limit>/<window> [burst <n>]
+//			<class> [per_ip|per_user] off
+//			exempt <cidr|address>...
+//			exempt_loopback
+//			exempt_admins
+//			exempt_appservices
+//		}
 //	}
 //
 // server_name and homeserver are required. appservice_registration,
@@ -585,6 +596,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.AllowUserExport = true
 		case "signing_key":
 			h.SigningKey, err = singleArg(d)
+		case "rate_limits":
+			h.RateLimits, err = parseRateLimits(d)
 		case "admin_token":
 			args := d.RemainingArgs()
 			if len(args) < 1 || len(args) > 2 {
