@@ -24,7 +24,7 @@ type step struct {
 	cost    float64
 	buckets []Bucket
 	// costs, when set, are the buckets' own costs (instead of cost).
-	costs []float64
+	costs   []float64
 	allowed bool
 	refused int
 	// retry is the expected RetryAfter, within a millisecond.
