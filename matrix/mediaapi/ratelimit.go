@@ -298,9 +298,14 @@ func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *
 
 // uploadCosts are the costs of an upload request: one upload and its
 // announced bytes (nothing yet when the length is unknown: chargeUpload
-// charges them afterwards).
-func uploadCosts(r *http.Request) []rateCost {
-	return []rateCost{{RateUpload, 1}, {RateUploadBytes, float64(max(r.ContentLength, 0))}}
+// charges them afterwards; nothing for a length over the upload limit,
+// which is refused with 413 next).
+func (s *Site) uploadCosts(r *http.Request) []rateCost {
+	n := r.ContentLength
+	if n < 0 || n > s.cfg.MaxUploadSize {
+		n = 0
+	}
+	return []rateCost{{RateUpload, 1}, {RateUploadBytes, float64(n)}}
 }
 
 // chargeUpload charges the bytes of an upload received without a

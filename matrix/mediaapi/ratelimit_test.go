@@ -198,7 +198,10 @@ func TestRateLimitRequests(t *testing.T) {
 			steps: func(*env) []step {
 				chunked := uploadReq("bob", 300)
 				chunked.chunked = true
+				tooLarge := uploadReq("alice", 2<<20)
 				return []step{
+					// Refused with 413: its announced size is not charged.
+					{ip: "192.0.2.1", r: tooLarge, status: 413},
 					{ip: "192.0.2.1", r: uploadReq("alice", 250), status: 200},
 					{ip: "192.0.2.1", r: uploadReq("alice", 1), status: 429, retry: 15*time.Second + 1},
 					{ip: "192.0.2.1", r: chunked, status: 200},

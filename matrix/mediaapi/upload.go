@@ -151,7 +151,7 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
-	if st := s.limit(w, r, &user, uploadCosts(r)...); st != 0 {
+	if st := s.limit(w, r, &user, s.uploadCosts(r)...); st != 0 {
 		return st
 	}
 	gen := s.repo.cacheGen.Load()
@@ -315,7 +315,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	case !s.repo.now().Before(m.ExpiresAt):
 		return writeErr(w, matrix.NotFound("Media ID has expired"))
 	}
-	if st := s.limit(w, r, &user, uploadCosts(r)...); st != 0 {
+	if st := s.limit(w, r, &user, s.uploadCosts(r)...); st != 0 {
 		return st
 	}
 
