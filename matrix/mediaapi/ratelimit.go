@@ -122,6 +122,9 @@ type siteLimits struct {
 	RateLimits
 	// keyPrefix starts every bucket key: the server name.
 	keyPrefix string
+	// prefixes start the bucket keys of each class and scope:
+	// "<server>\x00<class>\x00ip:" and "...\x00user:".
+	prefixes [NumRateClasses][2]string
 	// reasons are the LimitRejected reasons, by class and scope.
 	reasons [NumRateClasses][2]string
 	// messages are the error messages, by class.
@@ -153,6 +156,7 @@ func newSiteLimits(serverName string, rl *RateLimits) (*siteLimits, error) {
 			hasRule = true
 		}
 		l.reasons[c] = [2]string{"rate_" + c.String() + "_ip", "rate_" + c.String() + "_user"}
+		l.prefixes[c] = [2]string{l.keyPrefix + c.String() + "\x00ip:", l.keyPrefix + c.String() + "\x00user:"}
 		l.messages[c] = "Too many requests (" + c.String() + "), retry later"
 	}
 	l.messages[RateUploadBytes] = "Too many bytes uploaded lately, retry later"
@@ -200,14 +204,17 @@ func clientIP(r *http.Request) netip.Addr {
 	return ip.WithZone("").Unmap()
 }
 
-// ipBucketName is the part of a bucket key naming a client IP: the address
-// for IPv4, its /64 for IPv6 (one subscriber's usual allocation).
-func ipBucketName(ip netip.Addr) string {
+// ipKey returns prefix followed by the name of a client IP: the address
+// for IPv4, its /64 for IPv6 (one subscriber's usual allocation), built
+// with one allocation.
+func ipKey(prefix string, ip netip.Addr) string {
+	var buf [96]byte
+	b := append(buf[:0], prefix...)
 	if ip.Is6() {
 		p, _ := ip.Prefix(64)
-		return p.String()
+		return string(p.AppendTo(b))
 	}
-	return ip.String()
+	return string(ip.AppendTo(b))
 }
 
 // rateRequest is the limit state of one request: its client IP, once
@@ -264,23 +271,21 @@ func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *
 	var arr [4]ratelimit.Bucket
 	var scopes [4]rateScope
 	var classes [4]RateClass
-	bs := arr[:0]
-	add := func(c RateClass, sc rateScope, rule ratelimit.Rule, name string, cost float64) {
-		if len(bs) == len(arr) {
-			return
-		}
-		scopes[len(bs)], classes[len(bs)] = sc, c
-		bs = append(bs, ratelimit.Bucket{Key: l.keyPrefix + rateClassNames[c] + "\x00" + name, Rule: rule, Cost: cost})
-	}
+	n := 0
 	for _, c := range costs {
 		rules := &l.Classes[c.class]
-		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() {
-			add(c.class, scopeIP, rules.PerIP, "ip:"+ipBucketName(rr.ip), c.cost)
+		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() && n < len(arr) {
+			arr[n] = ratelimit.Bucket{Key: ipKey(l.prefixes[c.class][scopeIP], rr.ip), Rule: rules.PerIP, Cost: c.cost}
+			scopes[n], classes[n] = scopeIP, c.class
+			n++
 		}
-		if user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) {
-			add(c.class, scopeUser, rules.PerUser, "user:"+user.UserID, c.cost)
+		if user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) && n < len(arr) {
+			arr[n] = ratelimit.Bucket{Key: l.prefixes[c.class][scopeUser] + user.UserID, Rule: rules.PerUser, Cost: c.cost}
+			scopes[n], classes[n] = scopeUser, c.class
+			n++
 		}
 	}
+	bs := arr[:n]
 	if len(bs) == 0 {
 		return nil
 	}
@@ -356,26 +361,25 @@ func (l *siteLimits) has(c RateClass) bool {
 }
 
 // authGate is the auth.CheckGate of one request: the failed_auth bucket of
-// its client IP.
+// its client IP (named only when asked: most tokens are cached).
 type authGate struct {
-	l      ratelimit.Limiter
-	bucket ratelimit.Bucket
+	l  *siteLimits
+	ip netip.Addr
+}
+
+// bucket is the gate's bucket, with cost.
+func (g *authGate) bucket(cost float64) ratelimit.Bucket {
+	return ratelimit.Bucket{Key: ipKey(g.l.prefixes[RateFailedAuth][scopeIP], g.ip), Rule: g.l.Classes[RateFailedAuth].PerIP, Cost: cost}
 }
 
 // AllowCheck implements auth.CheckGate: the bucket is positive.
 func (g *authGate) AllowCheck(ctx context.Context) (bool, time.Duration) {
-	b := g.bucket
-	b.Cost = 0
-	d := g.l.Take(ctx, b)
+	d := g.l.Limiter.Take(ctx, g.bucket(0))
 	return d.Allowed, d.RetryAfter
 }
 
 // CheckFailed implements auth.CheckGate: one rejected token.
-func (g *authGate) CheckFailed(ctx context.Context) {
-	b := g.bucket
-	b.Cost = 1
-	g.l.Take(ctx, b)
-}
+func (g *authGate) CheckFailed(ctx context.Context) { g.l.Limiter.Take(ctx, g.bucket(1)) }
 
 // checkGate returns the request's gate for unknown tokens, nil when
 // failed_auth is not limited or the client is exempt.
@@ -388,10 +392,7 @@ func (s *Site) checkGate(r *http.Request) auth.CheckGate {
 	if rr.exempt || !rr.ip.IsValid() {
 		return nil
 	}
-	return &authGate{l: l.Limiter, bucket: ratelimit.Bucket{
-		Key:  l.keyPrefix + "failed_auth\x00ip:" + ipBucketName(rr.ip),
-		Rule: l.Classes[RateFailedAuth].PerIP,
-	}}
+	return &authGate{l: l, ip: rr.ip}
 }
 
 // failedChecks answers a request refused by its check gate.
