@@ -31,11 +31,14 @@ type MemoryOptions struct {
 // concurrent use.
 //
 // Buckets live in capped.Maps (the module's one bounded-cache type), one
-// per shard, each bounded by Max/16 (so at most Max in all): a bucket
-// expires when it would be full again, and an expired bucket is dropped
-// when it is looked up or when its shard needs room; a full bucket is never
-// stored. A shard's own mutex makes read-modify-write of its buckets
-// atomic.
+// per shard, each bounded by Max/16 (so at most Max in all), least recently
+// used evicted first: idle keys go first, and forgetting a bucket only
+// refills it. A bucket found refilled when it is taken from, or left full,
+// is deleted (a full bucket and no bucket are the same). Entries carry no
+// expiry of their own: capped.Map drops expired entries only when they are
+// looked up (which is when a bucket is refilled anyway) or in LRU order, so
+// an expiry would buy nothing but clock reads. A shard's own mutex makes
+// read-modify-write of its buckets atomic.
 type Memory struct {
 	now      func() time.Time
 	perShard int
@@ -80,17 +83,19 @@ func (l *Memory) Max() int { return l.perShard * memoryShards }
 
 // Take implements Limiter.
 func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
-	now := l.now()
-	ns := now.UnixNano()
-	// Lock the shards involved in ascending order (buckets of one call
-	// are few), so that the call is atomic.
-	var idx [4]int
-	shards := idx[:0]
+	ns := l.now().UnixNano()
+	// The shard of each bucket, and the shards to lock in ascending order
+	// (buckets of one call are few), so that the call is atomic.
+	var idx, order [4]int
+	var levels [4]float64
+	of, shards, lv := idx[:0], order[:0], levels[:0]
 	if len(buckets) > len(idx) {
-		shards = make([]int, 0, len(buckets))
+		of, shards, lv = make([]int, 0, len(buckets)), make([]int, 0, len(buckets)), make([]float64, 0, len(buckets))
 	}
 	for _, b := range buckets {
-		shards = insertSorted(shards, l.shardOf(b.Key))
+		i := l.shardOf(b.Key)
+		of = append(of, i)
+		shards = insertSorted(shards, i)
 	}
 	for _, i := range shards {
 		l.shards[i].mu.Lock()
@@ -101,14 +106,9 @@ func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
 		}
 	}()
 
-	var levels [4]float64
-	lv := levels[:0]
-	if len(buckets) > len(levels) {
-		lv = make([]float64, 0, len(buckets))
-	}
 	d := Decision{Allowed: true, Refused: -1}
 	for i, b := range buckets {
-		s, ok := l.shards[l.shardOf(b.Key)].m.Get(b.Key)
+		s, ok := l.shards[of[i]].m.Get(b.Key)
 		level := refill(s, ok, b.Rule, ns)
 		lv = append(lv, level)
 		if ok2, wait := allows(level, b.Rule, b.Cost); !ok2 {
@@ -122,16 +122,15 @@ func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
 		return d
 	}
 	for i, b := range buckets {
-		if b.Cost == 0 {
-			continue
-		}
 		level := lv[i] - b.Cost
-		m := l.shards[l.shardOf(b.Key)].m
+		m := l.shards[of[i]].m
 		if level >= b.Rule.Burst {
 			m.Delete(b.Key)
 			continue
 		}
-		m.PutUntil(b.Key, state{level: level, at: ns}, now.Add(fullIn(level, b.Rule)))
+		if b.Cost != 0 {
+			m.Put(b.Key, state{level: level, at: ns})
+		}
 	}
 	return d
 }

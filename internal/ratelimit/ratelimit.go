@@ -10,9 +10,9 @@
 // Redis cannot be reached, see NewRedis).
 //
 // A bucket that has refilled to its burst is the same as no bucket at all,
-// so stores forget it then: a memory bucket expires when it would be full
-// again (and is dropped when looked up or when room is needed), a Redis
-// key gets that time as its expiry.
+// so stores may forget it then: a memory bucket found full is deleted (and
+// the least recently used go first when room is needed), a Redis key gets
+// the time it takes to be full again as its expiry.
 //
 // Two kinds of rule: request rules (Debt false) allow a request when the
 // bucket holds its whole cost, normally 1; volume rules (Debt true, for

@@ -181,8 +181,8 @@ func TestRuleValid(t *testing.T) {
 	}
 }
 
-// TestMemoryExpiresFullBuckets checks that a bucket is forgotten once it
-// would be full again, and that peeks and full buckets store nothing.
+// TestMemoryExpiresFullBuckets checks that a bucket found full again is
+// forgotten, and that peeks and full buckets store nothing.
 func TestMemoryExpiresFullBuckets(t *testing.T) {
 	clock := testclock.New(t0)
 	l := NewMemory(MemoryOptions{Max: 1600, Now: clock.Now})
@@ -196,7 +196,10 @@ func TestMemoryExpiresFullBuckets(t *testing.T) {
 		t.Fatalf("Len = %d after a take, want 1", l.Len())
 	}
 	clock.Advance(2 * time.Second)
-	// Expired: the lookup drops it and the bucket is full (3 allowed).
+	// Refilled: a peek finds it full and drops it.
+	if d := l.Take(ctx, withCost(b("k", perSecond3), 0)...); !d.Allowed || l.Len() != 0 {
+		t.Fatalf("refilled bucket: %+v, Len %d", d, l.Len())
+	}
 	if d := l.Take(ctx, withCost(b("k", perSecond3), 3)...); !d.Allowed {
 		t.Fatalf("bucket not refilled after 2s: %+v", d)
 	}
