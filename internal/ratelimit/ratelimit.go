@@ -127,14 +127,6 @@ func allows(level float64, rule Rule, cost float64) (bool, time.Duration) {
 	return false, secondsToDuration((need - level) / rule.Rate)
 }
 
-// fullIn is how long a bucket at level takes to be full again.
-func fullIn(level float64, rule Rule) time.Duration {
-	if level >= rule.Burst {
-		return 0
-	}
-	return secondsToDuration((rule.Burst - level) / rule.Rate)
-}
-
 // secondsToDuration converts seconds to a Duration, rounding up and
 // saturating.
 func secondsToDuration(s float64) time.Duration {
