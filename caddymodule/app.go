@@ -95,6 +95,13 @@ type App struct {
 	// beyond it. An entry takes about 200 bytes. Default 100000.
 	TokenCacheSize int `json:"token_cache_size,omitempty"`
 
+	// RateLimitKeys bounds how many rate-limit buckets (one per client IP
+	// or user, per class and site) are kept in memory when redis is not
+	// set; beyond it the least recently used is forgotten (that key starts
+	// again with a full bucket). A bucket takes about 100-200 bytes.
+	// Default 100000.
+	RateLimitKeys int `json:"rate_limit_keys,omitempty"`
+
 	// TokenCacheTTL is how long a valid access token is trusted without
 	// asking the homeserver again. Logouts through the matrix_media
 	// handler invalidate tokens at once (on every instance sharing Redis),
@@ -249,6 +256,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.auth.metrics.Collectors()); err != nil {
+		return err
+	}
+	if err := a.provisionLimiter(ctx); err != nil {
 		return err
 	}
 	if a.previewer, err = newPreviewer(a.Previews); err != nil {

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/ratelimit"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth/redisbus"
 
@@ -47,7 +48,11 @@ func (b *pooledBus) Destruct() error { return b.bus.Close() }
 type authState struct {
 	cache   *auth.TokenCache
 	metrics *auth.Metrics
-	keys    []string
+	// bus is the Redis bus, nil without redis.
+	bus  *redisbus.Bus
+	keys []string
+	// limiter holds the rate-limit buckets (ratelimit.go).
+	limiter ratelimit.Limiter
 }
 
 // acquireAuthState loads (or creates) the token cache and, when redisURL is
@@ -95,6 +100,7 @@ func acquireAuthState(ctx context.Context, size int, ttl, negativeTTL time.Durat
 		return nil, fmt.Errorf("connecting to redis: %w", err)
 	}
 	pc.cache.SetPublisher(val.(*pooledBus).bus)
+	st.bus = val.(*pooledBus).bus
 	st.keys = append(st.keys, bk)
 	return st, nil
 }

@@ -30,6 +30,7 @@ func init() {
 //		media_cache_size <entries>
 //		max_upload_size <size>
 //		token_cache_size <entries>
+//		rate_limit_keys <entries>
 //		token_cache_ttl <duration>
 //		token_negative_ttl <duration>
 //		redis <url>
@@ -140,6 +141,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.MediaCacheSize, err = positiveInt(d)
 		case "max_upload_size":
 			a.MaxUploadSize, err = byteSize(d)
+		case "rate_limit_keys":
+			a.RateLimitKeys, err = positiveInt(d)
 		case "token_cache_size":
 			a.TokenCacheSize, err = positiveInt(d)
 		case "token_cache_ttl":
@@ -541,6 +544,14 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //				can_upgrade
 //			}
 //		}
+//		rate_limits {
+//			<class> [per_ip|per_user] <limit>/<window> [burst <n>]
+//			<class> [per_ip|per_user] off
+//			exempt <cidr|address>...
+//			exempt_loopback
+//			exempt_admins
+//			exempt_appservices
+//		}
 //	}
 //
 // In quota rules 0 means no limit (see QuotaConfig); rule and window may be
@@ -601,6 +612,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.SigningKey, err = singleArg(d)
 		case "quotas":
 			h.Quotas, err = parseQuotas(d)
+		case "rate_limits":
+			h.RateLimits, err = parseRateLimits(d)
 		case "admin_token":
 			args := d.RemainingArgs()
 			if len(args) < 1 || len(args) > 2 {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -146,8 +147,14 @@ type Handler struct {
 	// Quotas are per-user quotas of this site (see QuotaConfig in
 	// quotas.go and the README's "Fair use: quotas"). Default: none.
 	Quotas *QuotaConfig `json:"quotas,omitempty"`
+	// RateLimits are the site's rate limits per client IP and per user
+	// (see RateLimitsConfig for the classes and their defaults). Default:
+	// none.
+	RateLimits *RateLimitsConfig `json:"rate_limits,omitempty"`
 
 	site *mediaapi.Site
+	// clientIP passes Caddy's client_ip to the media API (rate limits on).
+	clientIP bool
 	// admin answers Synapse's media admin API for this site (nil when the
 	// metadata store cannot administer media).
 	admin  *mediaadmin.SiteAPI
@@ -259,6 +266,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if maxUpload == 0 {
 		maxUpload = app.MaxUploadSize
 	}
+	rateLimits, err := h.RateLimits.build(app.limiter())
+	if err != nil {
+		return err
+	}
+	h.clientIP = rateLimits != nil
+	logRateLimits(ctx.Logger(), h.ServerName, rateLimits, app.auth.bus != nil)
 	site, err := mediaapi.NewSite(mediaapi.SiteConfig{
 		ServerName:         h.ServerName,
 		MaxUploadSize:      maxUpload,
@@ -272,6 +285,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		Remote:             remote,
 		Previews:           previewerOf(app),
 		Quotas:             h.Quotas.mediaQuotas(),
+		RateLimits:         rateLimits,
 	}, app.res.repo, authn)
 	if err != nil {
 		return fmt.Errorf("configuring media site %s: %w", h.ServerName, err)
@@ -403,8 +417,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			r.RequestURI = orig.RequestURI
 		}
 	}
+	if h.clientIP {
+		r = withClientIP(r)
+	}
 	h.site.ServeHTTP(w, r)
 	return nil
+}
+
+// withClientIP passes Caddy's client_ip (the connection's address, or the
+// forwarded one from a trusted proxy) to the media API.
+func withClientIP(r *http.Request) *http.Request {
+	s, _ := caddyhttp.GetVar(r.Context(), caddyhttp.ClientIPVarKey).(string)
+	ip, err := netip.ParseAddr(s)
+	if err != nil {
+		return r
+	}
+	return r.WithContext(mediaapi.WithClientIP(r.Context(), ip))
 }
 
 // serveAdmin answers one request of Synapse's media admin API (the rest of

@@ -3,7 +3,8 @@
 // one bounded-cache type of the module: remembered fetch failures, circuit
 // breakers, verify keys, server discovery answers and URL previews all keep
 // their entries in a Map, so that "bounded" means the same thing everywhere
-// (at most Max entries; the least recently used goes first). The token
+// (at most Max entries; the least recently used goes first); the in-memory
+// rate-limit buckets (internal/ratelimit) are kept in Maps too. The token
 // cache (matrix/auth) and the media row cache (matrix/mediaapi) are
 // deliberate exceptions: their doc comments say why.
 //

@@ -33,6 +33,10 @@ type Credentials struct {
 	// AssertedUserID is the user_id query parameter: an appservice acting
 	// as one of its users. Ignored for tokens that are not as_tokens.
 	AssertedUserID string
+	// Gate, when set, rations homeserver checks of tokens the cache does
+	// not know for the client presenting them (failed checks per client
+	// IP). Default: none, every unknown token is checked.
+	Gate CheckGate
 }
 
 // Errors returned by Authenticator implementations (wrapped with %w).

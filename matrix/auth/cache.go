@@ -196,8 +196,11 @@ func (c *TokenCache) Breaker(homeserver string, opts BreakerOptions) *Breaker {
 // Check returns the owner of token on homeserver, from the cache or by asking
 // checker. Only answers are cached (a user, or ErrUnknownToken); homeserver
 // failures are not, and are counted by the homeserver's breaker when breaker
-// is not nil.
-func (c *TokenCache) Check(ctx context.Context, homeserver string, token string, checker TokenChecker, breaker *Breaker) (User, error) {
+// is not nil. A gate, when not nil, is asked before a new homeserver check
+// is started (a refusal is a *FailedChecksError, and the homeserver is not
+// asked) and told when the homeserver rejected the token; cached answers
+// and checks already in flight do not involve it.
+func (c *TokenCache) Check(ctx context.Context, homeserver string, token string, checker TokenChecker, breaker *Breaker, gate CheckGate) (User, error) {
 	key := cacheKey{homeserver: homeserver, token: HashToken(token)}
 	now := c.now()
 
@@ -219,12 +222,22 @@ func (c *TokenCache) Check(ctx context.Context, homeserver string, token string,
 	}
 	c.metrics.miss()
 	f, waiting := c.flights[key]
+	if !waiting && gate != nil {
+		// Asked without the lock (the gate may be remote); the flight
+		// map is looked at again afterwards.
+		c.mu.Unlock()
+		if ok, retry := gate.AllowCheck(ctx); !ok {
+			return User{}, &FailedChecksError{RetryAfter: retry}
+		}
+		c.mu.Lock()
+		f, waiting = c.flights[key]
+	}
 	if !waiting {
 		f = &flight{done: make(chan struct{})}
 		c.flights[key] = f
 		epoch := c.epoch
 		c.mu.Unlock()
-		go c.fly(ctx, key, token, epoch, f, checker, breaker)
+		go c.fly(ctx, key, token, epoch, f, checker, breaker, gate)
 	} else {
 		c.mu.Unlock()
 	}
@@ -239,7 +252,7 @@ func (c *TokenCache) Check(ctx context.Context, homeserver string, token string,
 // fly performs one homeserver check for every caller waiting on f. It runs
 // detached from the first caller's cancellation (others may still wait); the
 // checker's own timeout bounds it.
-func (c *TokenCache) fly(ctx context.Context, key cacheKey, token string, epoch uint64, f *flight, checker TokenChecker, breaker *Breaker) {
+func (c *TokenCache) fly(ctx context.Context, key cacheKey, token string, epoch uint64, f *flight, checker TokenChecker, breaker *Breaker, gate CheckGate) {
 	ctx = context.WithoutCancel(ctx)
 	var (
 		user User
@@ -256,6 +269,9 @@ func (c *TokenCache) fly(ctx context.Context, key cacheKey, token string, epoch 
 		c.metrics.whoami(c.now().Sub(start), err)
 		if breaker != nil {
 			breaker.Record(err == nil || errors.Is(err, ErrUnknownToken))
+		}
+		if gate != nil && errors.Is(err, ErrUnknownToken) {
+			gate.CheckFailed(ctx)
 		}
 	}
 	f.user, f.err = user, err

@@ -111,7 +111,7 @@ func (s *SiteAuthenticator) Authenticate(ctx context.Context, c Credentials) (Us
 			return u, err
 		}
 	}
-	return s.cache.Check(ctx, s.homeserver, c.Token, s.checker, s.breaker)
+	return s.cache.Check(ctx, s.homeserver, c.Token, s.checker, s.breaker, c.Gate)
 }
 
 // Logout records that the homeserver confirmed the logout of token (all:

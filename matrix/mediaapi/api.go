@@ -53,6 +53,13 @@
 // endpoint answers what the caller stores and config advertises the
 // caller's limits.
 //
+// Rate limits (SiteConfig.RateLimits, ratelimit.go): token buckets per
+// client IP (WithClientIP; IPv6 per /64) and per user, per class (uploads,
+// downloads, thumbnails, previews, remote fetches, upload and download
+// bytes, failed token checks), answered with 429 M_LIMIT_EXCEEDED and
+// Retry-After. Unknown tokens are refused per IP before the homeserver is
+// asked once the IP's failed_auth bucket is empty (auth.CheckGate).
+//
 // Last access: downloads and thumbnail reads are noted in memory and
 // written in batches (RunAccessFlush, every AccessFlushInterval, default
 // 30 s; FlushAccess), never one database write per read (access.go).
@@ -170,6 +177,8 @@ type SiteConfig struct {
 	// Quotas are the site's per-user quotas (quota.go). Default: none.
 	// Rules need a metadata store that keeps usage (storage.QuotaStore).
 	Quotas QuotaConfig
+	// RateLimits are the site's rate limits (ratelimit.go). Default: none.
+	RateLimits *RateLimits
 }
 
 // Repository is the state every site shares: the stores, the hot metadata
@@ -587,6 +596,8 @@ type Site struct {
 	maxPending   int
 	// quota is the validated quota policy (nil: no quotas).
 	quota *quotaPolicy
+	// rate are the site's rate limits; nil when there are none.
+	rate *siteLimits
 	// closeOnce unregisters the server name once (Close).
 	closeOnce sync.Once
 }
@@ -641,6 +652,9 @@ func NewSite(cfg SiteConfig, repo *Repository, authn auth.Authenticator) (*Site,
 		downloadWait: min(DefaultDownloadTimeout, cfg.MaxDownloadTimeout),
 		maxPending:   max(cfg.MaxPendingUploads, 0),
 		quota:        quota,
+	}
+	if s.rate, err = newSiteLimits(cfg.ServerName, cfg.RateLimits); err != nil {
+		return nil, fmt.Errorf("building site: %w", err)
 	}
 	repo.locals.register(cfg.ServerName)
 	if quota != nil {
@@ -792,10 +806,16 @@ func (s *Site) authenticate(w http.ResponseWriter, r *http.Request, guestOK bool
 	if creds.Token == "" {
 		return auth.User{}, writeErr(w, matrix.MissingToken("Missing access token"))
 	}
+	if s.rate != nil {
+		creds.Gate = s.checkGate(r)
+	}
 	user, err := s.auth.Authenticate(r.Context(), creds)
 	if err != nil {
 		var open *auth.CircuitOpenError
+		var failed *auth.FailedChecksError
 		switch {
+		case errors.As(err, &failed):
+			return auth.User{}, s.failedChecks(w, failed)
 		case errors.Is(err, auth.ErrUnknownToken):
 			return auth.User{}, writeErr(w, matrix.UnknownToken("Unrecognised access token"))
 		case errors.Is(err, auth.ErrForbidden):

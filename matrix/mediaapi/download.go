@@ -17,6 +17,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
@@ -60,11 +61,17 @@ func (r *Repository) cachePut(gen uint64, k mediaKey, e *mediaEntry) {
 // serveDownload handles GET and HEAD of
 // .../download/{serverName}/{mediaId}[/{fileName}].
 func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) int {
+	var user *auth.User
 	if !rt.legacy {
 		// Authenticated media (MSC3916): guests may download (MSC4189).
-		if _, st := s.authenticate(w, r, true); st != 0 {
+		u, st := s.authenticate(w, r, true)
+		if st != 0 {
 			return st
 		}
+		user = &u
+	}
+	if st := s.limit(w, r, user, rateCost{RateDownload, 1}); st != 0 {
+		return st
 	}
 	server, id, merr := rt.mediaRef()
 	if merr != nil {
@@ -82,7 +89,8 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 	if merr != nil {
 		return writeErr(w, merr)
 	}
-	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout}
+	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout,
+		admitFetch: s.remoteAdmission(r, user)}
 	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && !rt.legacy {
 		// A first download of remote media streams while it is stored.
 		o.stream = &streamTarget{w: w, r: r, fileName: fileName}
@@ -90,6 +98,11 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 	e, err := s.resolve(r.Context(), server, id, o)
 	if err != nil {
 		return s.fail(w, r, err)
+	}
+	if s.rate.has(RateDownloadBytes) {
+		if st := s.limit(w, r, user, rateCost{RateDownloadBytes, downloadCost(r, e)}); st != 0 {
+			return st
+		}
 	}
 	s.repo.noteAccess(&e.m)
 	return s.sendMedia(w, r, e, fileName, rt.legacy)

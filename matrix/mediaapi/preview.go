@@ -49,6 +49,9 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	if st := s.limit(w, r, &user, rateCost{RatePreview, 1}); st != 0 {
+		return st
+	}
 	raw, found, ok := matrix.QueryParam(r.URL.RawQuery, "url")
 	if !found || raw == "" {
 		return writeErr(w, matrix.MissingParam("Missing url parameter"))

@@ -490,7 +490,7 @@ func mapFederationError(err error) error {
 // media, under an internal media ID that no request can name ('~' is not
 // allowed in media IDs). The fetch is admitted by the same bounds as remote
 // media.
-func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration) (*mediaEntry, error) {
+func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration, admitFetch func() error) (*mediaEntry, error) {
 	anim := "s"
 	if k.Animated {
 		anim = "a"
@@ -499,6 +499,11 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 	ik := mediaKey{k.ServerName, internalID}
 	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
 		return e, err
+	}
+	if admitFetch != nil {
+		if err := admitFetch(); err != nil {
+			return nil, err
+		}
 	}
 	f, key, e, err := s.joinFlight(ctx, ik)
 	if f == nil {

@@ -88,6 +88,10 @@ type resolveOptions struct {
 	// timeout is how long to wait for a pending upload (timeout_ms), here
 	// or on the remote server.
 	timeout time.Duration
+	// admitFetch, when set, is asked before the request fetches remote
+	// media that is not cached (or joins such a fetch); its error is the
+	// answer (a rate limit).
+	admitFetch func() error
 	// stream, when set, is the response of a whole GET: if this request
 	// leads a new remote fetch, the bytes are sent to it while they are
 	// stored, and resolve returns a *respondedError.
@@ -196,6 +200,11 @@ func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOp
 		// Not cached: decided before anything is fetched or stored.
 		if !s.mayFetch(o) {
 			return nil, errMediaNotFound
+		}
+		if o.admitFetch != nil {
+			if err := o.admitFetch(); err != nil {
+				return nil, err
+			}
 		}
 		if e, err = s.fetchOrJoin(ctx, server, id, o); err != nil {
 			return nil, err

@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 )
@@ -184,11 +185,17 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	if s.repo.thumbs == nil {
 		return writeErr(w, matrix.Unrecognized("Thumbnails are not enabled on this server"))
 	}
+	var user *auth.User
 	if !rt.legacy {
 		// Guests may thumbnail (MSC4189).
-		if _, st := s.authenticate(w, r, true); st != 0 {
+		u, st := s.authenticate(w, r, true)
+		if st != 0 {
 			return st
 		}
+		user = &u
+	}
+	if st := s.limit(w, r, user, rateCost{RateThumbnail, 1}); st != 0 {
+		return st
 	}
 	server, id, merr := rt.mediaRef()
 	if merr != nil {
@@ -202,13 +209,14 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	if merr != nil {
 		return writeErr(w, merr)
 	}
-	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout}
+	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout,
+		admitFetch: s.remoteAdmission(r, user)}
 	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && !s.isLocal(server) && s.repo.thumbPolicy.FetchRemote && s.mayFetch(o) {
 		// The remote's own thumbnail, unless it cannot make one: then
 		// the original, thumbnailed here.
 		w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
 		k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
-		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, timeout)
+		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, timeout, o.admitFetch)
 		if err == nil {
 			te, err = s.admitRemoteThumbnail(r.Context(), server, id, te)
 		}

@@ -190,6 +190,9 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	if st := s.limit(w, r, &user, s.uploadCosts(r)...); st != 0 {
+		return st
+	}
 	gen := s.repo.cacheGen.Load()
 	q, st := s.admitUpload(w, r, user)
 	if st != 0 {
@@ -199,6 +202,7 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
+	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
 	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
@@ -285,6 +289,9 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 		return st
 	}
 	maxPending := s.maxPendingFor(s.quotaFor(r, user))
+	if st := s.limit(w, r, &user, rateCost{RateUpload, 1}); st != 0 {
+		return st
+	}
 	now := s.repo.now()
 	m := storage.Media{
 		ServerName: s.cfg.ServerName,
@@ -362,6 +369,9 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	case !s.repo.now().Before(m.ExpiresAt):
 		return writeErr(w, matrix.NotFound("Media ID has expired"))
 	}
+	if st := s.limit(w, r, &user, s.uploadCosts(r)...); st != 0 {
+		return st
+	}
 
 	q, st := s.admitUpload(w, r, user)
 	if st != 0 {
@@ -371,6 +381,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	if st != 0 {
 		return st
 	}
+	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
 	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {

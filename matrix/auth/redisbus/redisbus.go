@@ -185,6 +185,10 @@ func (b *Bus) Publish(ctx context.Context, inv auth.Invalidation) error {
 	return nil
 }
 
+// Client returns the bus's Redis client, for other users of the same
+// server (the rate limiter). It stays usable until Close.
+func (b *Bus) Client() *redis.Client { return b.client }
+
 // Close stops receiving, waits for the receiving goroutine to end and closes
 // the connections to Redis. Calling Close again returns the first result.
 func (b *Bus) Close() error {

@@ -1,0 +1,250 @@
+package ratelimit
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync/atomic"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// Defaults of RedisOptions.
+const (
+	// DefaultRedisPrefix is the default RedisOptions.Prefix.
+	DefaultRedisPrefix = "caddy-matrix-media:ratelimit:"
+	// DefaultRedisTimeout is the default RedisOptions.Timeout.
+	DefaultRedisTimeout = 250 * time.Millisecond
+	// DefaultRedisRetryInterval is the default RedisOptions.RetryInterval.
+	DefaultRedisRetryInterval = time.Second
+)
+
+// ErrRedisDown is what RedisOptions.OnFailOpen receives for decisions taken
+// without asking Redis, during RetryInterval after a failure.
+var ErrRedisDown = errors.New("redis was unreachable moments ago")
+
+// RedisOptions configure a Redis limiter.
+type RedisOptions struct {
+	// Prefix starts every key, so that several applications can share one
+	// Redis database. Default DefaultRedisPrefix.
+	Prefix string
+	// Timeout bounds one Take's round trip. Default 250ms.
+	Timeout time.Duration
+	// RetryInterval is how long, after a failed round trip, decisions are
+	// taken without asking Redis (failing open at once instead of waiting
+	// for a dead server on every request). The client reconnects on the
+	// next attempt after it. Default 1s.
+	RetryInterval time.Duration
+	// Now is the clock. Default: Redis's own clock (TIME, read in the
+	// script), so that instances with skewed clocks agree.
+	Now func() time.Time
+	// OnFailOpen is called for every decision taken without Redis (the
+	// request was allowed), with the error. Default: nothing.
+	OnFailOpen func(err error)
+	// Logger receives one warning when Redis becomes unreachable and one
+	// notice when it answers again. Default: no logs.
+	Logger *zap.Logger
+}
+
+// Redis is a Limiter keeping its buckets in Redis, shared by every process
+// that uses the same server and prefix. Each Take is one round trip: a Lua
+// script (EVALSHA; EVAL once after the server lost its script cache) that
+// refills, decides and charges every bucket of the call atomically. A
+// bucket is a hash {l: level, t: time in microseconds} whose expiry is the
+// time it takes to be full again, so idle keys vanish on their own.
+//
+// When Redis cannot be reached, Take allows (fails open) and reports it to
+// OnFailOpen. The keys of one call must be in one hash slot for Redis
+// Cluster; plain servers and replicas work as they are.
+type Redis struct {
+	client  redis.Scripter
+	prefix  string
+	timeout time.Duration
+	retry   time.Duration
+	now     func() time.Time
+	onFail  func(error)
+	log     *zap.Logger
+
+	// downUntil is when (Unix nanoseconds, by the local clock) Redis is
+	// next asked after a failure; down is true between a failure and the
+	// next success.
+	downUntil atomic.Int64
+	down      atomic.Bool
+}
+
+// takeScript refills, decides and charges. KEYS are the buckets; ARGV[1] is
+// the time in microseconds (negative: the server's clock), then rate,
+// burst, debt (0 or 1) and cost for each key. It answers
+// {allowed, refused index (0-based, -1), wait in seconds as a string}.
+var takeScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local levels = {}
+local refused = -1
+local wait = 0
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[4*i-2])
+  local burst = tonumber(ARGV[4*i-1])
+  local debt = ARGV[4*i] == '1'
+  local cost = tonumber(ARGV[4*i+1])
+  local v = redis.call('HMGET', KEYS[i], 'l', 't')
+  local level = burst
+  if v[1] and v[2] then
+    local el = (now - tonumber(v[2])) / 1e6
+    if el < 0 then el = 0 end
+    level = math.min(burst, tonumber(v[1]) + el * rate)
+  end
+  levels[i] = level
+  local w = -1
+  if debt then
+    if level <= 0 then w = -level / rate end
+  else
+    local need = math.min(cost, burst)
+    if level < need then w = (need - level) / rate end
+  end
+  if w >= 0 then
+    if refused < 0 then refused = i - 1 end
+    if w > wait then wait = w end
+  end
+end
+if refused >= 0 then
+  return {0, refused, tostring(wait)}
+end
+for i = 1, #KEYS do
+  local rate = tonumber(ARGV[4*i-2])
+  local burst = tonumber(ARGV[4*i-1])
+  local cost = tonumber(ARGV[4*i+1])
+  if cost > 0 then
+    local level = levels[i] - cost
+    if level >= burst then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('HSET', KEYS[i], 'l', tostring(level), 't', tostring(now))
+      redis.call('PEXPIRE', KEYS[i], math.ceil((burst - level) / rate * 1000) + 1)
+    end
+  end
+end
+return {1, -1, '0'}
+`)
+
+// NewRedis returns a limiter on client (a *redis.Client, shared with other
+// users of the same server; the limiter does not close it).
+func NewRedis(client redis.Scripter, opts RedisOptions) *Redis {
+	l := &Redis{
+		client:  client,
+		prefix:  opts.Prefix,
+		timeout: opts.Timeout,
+		retry:   opts.RetryInterval,
+		now:     opts.Now,
+		onFail:  opts.OnFailOpen,
+		log:     opts.Logger,
+	}
+	if l.prefix == "" {
+		l.prefix = DefaultRedisPrefix
+	}
+	if l.timeout <= 0 {
+		l.timeout = DefaultRedisTimeout
+	}
+	if l.retry <= 0 {
+		l.retry = DefaultRedisRetryInterval
+	}
+	if l.log == nil {
+		l.log = zap.NewNop()
+	}
+	return l
+}
+
+// Take implements Limiter. It fails open: when Redis does not answer (or
+// failed less than RetryInterval ago) the request is allowed.
+func (l *Redis) Take(ctx context.Context, buckets ...Bucket) Decision {
+	allowed := Decision{Allowed: true, Refused: -1}
+	if len(buckets) == 0 {
+		return allowed
+	}
+	if time.Now().UnixNano() < l.downUntil.Load() {
+		l.failOpen(ErrRedisDown)
+		return allowed
+	}
+	d, err := l.take(ctx, buckets)
+	if err != nil {
+		if ctx.Err() == nil {
+			// A client that went away is not Redis's fault.
+			l.downUntil.Store(time.Now().Add(l.retry).UnixNano())
+			if !l.down.Swap(true) {
+				l.log.Warn("redis unreachable: rate limits fail open (requests are allowed) until it answers again", zap.Error(err))
+			}
+		}
+		l.failOpen(err)
+		return allowed
+	}
+	if l.down.Swap(false) {
+		l.log.Info("redis reachable again: rate limits shared again")
+	}
+	return d
+}
+
+// failOpen reports a decision taken without Redis.
+func (l *Redis) failOpen(err error) {
+	if l.onFail != nil {
+		l.onFail(err)
+	}
+}
+
+// take runs the script once.
+func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
+	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+	defer cancel()
+	keys := make([]string, len(buckets))
+	args := make([]any, 0, 1+4*len(buckets))
+	now := int64(-1)
+	if l.now != nil {
+		now = l.now().UnixMicro()
+	}
+	args = append(args, now)
+	for i, b := range buckets {
+		keys[i] = l.prefix + b.Key
+		debt := "0"
+		if b.Rule.Debt {
+			debt = "1"
+		}
+		args = append(args, strconv.FormatFloat(b.Rule.Rate, 'g', -1, 64), strconv.FormatFloat(b.Rule.Burst, 'g', -1, 64), debt,
+			strconv.FormatFloat(b.Cost, 'g', -1, 64))
+	}
+	res, err := takeScript.Run(ctx, l.client, keys, args...).Slice()
+	if err != nil {
+		return Decision{}, fmt.Errorf("rate limit script: %w", err)
+	}
+	if len(res) != 3 {
+		return Decision{}, fmt.Errorf("rate limit script: unexpected answer %v", res)
+	}
+	ok, _ := res[0].(int64)
+	refused, _ := res[1].(int64)
+	ws, _ := res[2].(string)
+	wait, err := strconv.ParseFloat(ws, 64)
+	if err != nil {
+		return Decision{}, fmt.Errorf("rate limit script: bad wait %q: %w", ws, err)
+	}
+	if ok == 1 {
+		return Decision{Allowed: true, Refused: -1}, nil
+	}
+	if refused < 0 || int(refused) >= len(buckets) {
+		return Decision{}, fmt.Errorf("rate limit script: refused bucket %d of %d", refused, len(buckets))
+	}
+	d := Decision{Refused: int(refused), RetryAfter: secondsToDuration(wait)}
+	if d.RetryAfter <= 0 {
+		d.RetryAfter = time.Nanosecond
+	}
+	if buckets[d.Refused].Rule.Debt {
+		d.RetryAfter += time.Nanosecond
+	}
+	return d, nil
+}
+
+// Interface guard.
+var _ Limiter = (*Redis)(nil)
