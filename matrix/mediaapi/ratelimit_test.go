@@ -86,7 +86,7 @@ func rejections(e *env, reason string) float64 {
 	return m.GetCounter().GetValue()
 }
 
-func uploadReq(token string, n int) req {
+func rateUploadReq(token string, n int) req {
 	return req{method: "POST", path: "/_matrix/media/v3/upload", token: token, body: bytes.Repeat([]byte("u"), n)}
 }
 
@@ -111,13 +111,13 @@ func TestRateLimitRequests(t *testing.T) {
 			rl:   RateLimits{Classes: [NumRateClasses]RateRules{RateUpload: {PerUser: perMinute(2)}}},
 			steps: func(*env) []step {
 				return []step{
-					{ip: "192.0.2.1", r: uploadReq("alice", 10), status: 200},
-					{ip: "192.0.2.2", r: uploadReq("alice", 10), status: 200},
-					{ip: "192.0.2.3", r: uploadReq("alice", 10), status: 429, retry: 30 * time.Second},
-					{ip: "192.0.2.1", r: uploadReq("bob", 10), status: 200},
+					{ip: "192.0.2.1", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "192.0.2.2", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "192.0.2.3", r: rateUploadReq("alice", 10), status: 429, retry: 30 * time.Second},
+					{ip: "192.0.2.1", r: rateUploadReq("bob", 10), status: 200},
 					// /create is an upload too.
 					{ip: "192.0.2.1", r: req{method: "POST", path: "/_matrix/media/v1/create", token: "alice"}, status: 429, retry: 30 * time.Second},
-					{advance: 30 * time.Second, ip: "192.0.2.1", r: uploadReq("alice", 10), status: 200},
+					{advance: 30 * time.Second, ip: "192.0.2.1", r: rateUploadReq("alice", 10), status: 200},
 				}
 			},
 			reason: "rate_upload_user", count: 2,
@@ -127,13 +127,13 @@ func TestRateLimitRequests(t *testing.T) {
 			rl:   RateLimits{Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: perMinute(2)}}},
 			steps: func(*env) []step {
 				return []step{
-					{ip: "2001:db8:1:2::1", r: uploadReq("alice", 10), status: 200},
-					{ip: "2001:db8:1:2::ffff", r: uploadReq("bob", 10), status: 200},
-					{ip: "2001:db8:1:2:3::", r: uploadReq("bob", 10), status: 429, retry: 30 * time.Second},
-					{ip: "2001:db8:1:3::1", r: uploadReq("bob", 10), status: 200},
-					{ip: "::ffff:192.0.2.7", r: uploadReq("bob", 10), status: 200},
-					{ip: "192.0.2.7", r: uploadReq("alice", 10), status: 200},
-					{ip: "192.0.2.7", r: uploadReq("alice", 10), status: 429, retry: 30 * time.Second},
+					{ip: "2001:db8:1:2::1", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "2001:db8:1:2::ffff", r: rateUploadReq("bob", 10), status: 200},
+					{ip: "2001:db8:1:2:3::", r: rateUploadReq("bob", 10), status: 429, retry: 30 * time.Second},
+					{ip: "2001:db8:1:3::1", r: rateUploadReq("bob", 10), status: 200},
+					{ip: "::ffff:192.0.2.7", r: rateUploadReq("bob", 10), status: 200},
+					{ip: "192.0.2.7", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "192.0.2.7", r: rateUploadReq("alice", 10), status: 429, retry: 30 * time.Second},
 				}
 			},
 			reason: "rate_upload_ip", count: 2,
@@ -144,11 +144,11 @@ func TestRateLimitRequests(t *testing.T) {
 				Exempt: []netip.Prefix{netip.MustParsePrefix("10.1.0.0/16")}},
 			steps: func(*env) []step {
 				return []step{
-					{ip: "10.1.2.3", r: uploadReq("alice", 10), status: 200},
-					{ip: "10.1.2.3", r: uploadReq("alice", 10), status: 200},
-					{ip: "10.1.9.9", r: uploadReq("alice", 10), status: 200},
-					{ip: "10.2.0.1", r: uploadReq("alice", 10), status: 200},
-					{ip: "10.2.0.1", r: uploadReq("alice", 10), status: 429, retry: time.Minute},
+					{ip: "10.1.2.3", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "10.1.2.3", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "10.1.9.9", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "10.2.0.1", r: rateUploadReq("alice", 10), status: 200},
+					{ip: "10.2.0.1", r: rateUploadReq("alice", 10), status: 429, retry: time.Minute},
 				}
 			},
 			reason: "rate_upload_ip", count: 1,
@@ -196,16 +196,16 @@ func TestRateLimitRequests(t *testing.T) {
 			name: "upload bytes per user: announced up front, chunked charged after",
 			rl:   RateLimits{Classes: [NumRateClasses]RateRules{RateUploadBytes: {PerUser: ratelimit.Rule{Rate: 10, Burst: 100}}}},
 			steps: func(*env) []step {
-				chunked := uploadReq("bob", 300)
+				chunked := rateUploadReq("bob", 300)
 				chunked.chunked = true
-				tooLarge := uploadReq("alice", 2<<20)
+				tooLarge := rateUploadReq("alice", 2<<20)
 				return []step{
 					// Refused with 413: its announced size is not charged.
 					{ip: "192.0.2.1", r: tooLarge, status: 413},
-					{ip: "192.0.2.1", r: uploadReq("alice", 250), status: 200},
-					{ip: "192.0.2.1", r: uploadReq("alice", 1), status: 429, retry: 15*time.Second + 1},
+					{ip: "192.0.2.1", r: rateUploadReq("alice", 250), status: 200},
+					{ip: "192.0.2.1", r: rateUploadReq("alice", 1), status: 429, retry: 15*time.Second + 1},
 					{ip: "192.0.2.1", r: chunked, status: 200},
-					{ip: "192.0.2.1", r: uploadReq("bob", 1), status: 429, retry: 20*time.Second + 1},
+					{ip: "192.0.2.1", r: rateUploadReq("bob", 1), status: 429, retry: 20*time.Second + 1},
 				}
 			},
 			reason: "rate_upload_bytes_user", count: 2,
@@ -215,8 +215,8 @@ func TestRateLimitRequests(t *testing.T) {
 			rl:   RateLimits{Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: perMinute(1)}}, ExemptAppservices: true},
 			steps: func(*env) []step {
 				return []step{
-					{ip: "192.0.2.1", r: uploadReq("alice", 1), status: 200},
-					{ip: "192.0.2.1", r: uploadReq("alice", 1), status: 429, retry: time.Minute},
+					{ip: "192.0.2.1", r: rateUploadReq("alice", 1), status: 200},
+					{ip: "192.0.2.1", r: rateUploadReq("alice", 1), status: 429, retry: time.Minute},
 				}
 			},
 			reason: "rate_upload_ip", count: 1,
@@ -255,7 +255,7 @@ func TestRateLimitExemptAdmins(t *testing.T) {
 	e, _ := rateEnv(t, RateLimits{Classes: [NumRateClasses]RateRules{RateUpload: {PerUser: perMinute(1)}}, ExemptAdmins: true},
 		func(c *SiteConfig, _ *RepositoryOptions) { c.Admins = admins })
 	for i := range 3 {
-		if rec := e.from("192.0.2.1", uploadReq("alice", 1)); rec.Code != 200 {
+		if rec := e.from("192.0.2.1", rateUploadReq("alice", 1)); rec.Code != 200 {
 			t.Fatalf("admin upload %d: %d %s", i, rec.Code, rec.Body.String())
 		}
 	}
@@ -263,8 +263,8 @@ func TestRateLimitExemptAdmins(t *testing.T) {
 	if admins.asked.Load() != 2 {
 		t.Errorf("admin checks: %d, want 2", admins.asked.Load())
 	}
-	e.from("192.0.2.1", uploadReq("bob", 1))
-	expectLimited(t, e.from("192.0.2.1", uploadReq("bob", 1)), time.Minute)
+	e.from("192.0.2.1", rateUploadReq("bob", 1))
+	expectLimited(t, e.from("192.0.2.1", rateUploadReq("bob", 1)), time.Minute)
 }
 
 func TestRateLimitThumbnailRemote(t *testing.T) {
