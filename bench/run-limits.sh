@@ -34,14 +34,17 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 QUOTAS=${QUOTAS:-1}
 QUOTA_BLOCK=
+# QUOTA_WINDOW=none leaves the rolling window out of the rule.
+QUOTA_WINDOW=${QUOTA_WINDOW:-window 1h max_bytes 100TiB max_files 1000000000}
+[[ $QUOTA_WINDOW == none ]] && QUOTA_WINDOW=
 if [[ $QUOTAS == 1 ]]; then
-	QUOTA_BLOCK='quotas {
+	QUOTA_BLOCK="quotas {
 			rule @*:localhost {
 				max_bytes 100TiB
 				max_files 1000000000
-				window 1h max_bytes 100TiB max_files 1000000000
+				$QUOTA_WINDOW
 			}
-		}'
+		}"
 fi
 REDIS=${REDIS:-}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; DURATION=3; fi
