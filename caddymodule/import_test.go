@@ -114,6 +114,13 @@ type runningCaddy struct {
 // dir. It is stopped when the test ends.
 func startCaddy(t testing.TB, dir string) runningCaddy {
 	t.Helper()
+	return startCaddySite(t, dir, "")
+}
+
+// startCaddySite is startCaddy with siteExtra (Caddyfile lines) added to the
+// site's matrix_media block.
+func startCaddySite(t testing.TB, dir, siteExtra string) runningCaddy {
+	t.Helper()
 	rc := runningCaddy{httpPort: freeTCPPort(t), token: "token-alice"}
 	rc.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
 	hs := fakeHomeserver(t, map[string]string{rc.token: "@alice:example.org"})
@@ -134,9 +141,10 @@ http://example.org:%d {
 	matrix_media {
 		server_name example.org
 		homeserver %s
+		%s
 	}
 }
-`, rc.admin, rc.httpPort, filepath.Join(dir, "media.db"), filepath.Join(dir, "media"), rc.httpPort, hs.URL)
+`, rc.admin, rc.httpPort, filepath.Join(dir, "media.db"), filepath.Join(dir, "media"), rc.httpPort, hs.URL, siteExtra)
 	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), nil)
 	if err != nil {
 		t.Fatalf("adapting Caddyfile: %v (%v)", err, warnings)

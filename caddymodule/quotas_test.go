@@ -7,13 +7,11 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/spf13/cobra"
 
@@ -219,54 +217,14 @@ func TestQuotaHandlerProvisionErrors(t *testing.T) {
 	}
 }
 
-// startQuotaCaddy runs Caddy in this process (admin API and example.org)
-// with a quota of 100 bytes for everyone; stopped when the test ends.
-func startQuotaCaddy(t *testing.T) runningCaddy {
-	t.Helper()
-	dir := t.TempDir()
-	rc := runningCaddy{httpPort: freeTCPPort(t), token: "token-alice"}
-	rc.admin = fmt.Sprintf("127.0.0.1:%d", freeTCPPort(t))
-	hs := fakeHomeserver(t, map[string]string{rc.token: "@alice:example.org"})
-	cf := fmt.Sprintf(`{
-	admin %s
-	default_bind 127.0.0.1
-	auto_https off
-	persist_config off
-	skip_install_trust
-	http_port %d
-	matrix_media {
-		database sqlite %s
-		storage_path %s
-	}
-}
-
-http://example.org:%d {
-	matrix_media {
-		server_name example.org
-		homeserver %s
-		quotas {
+// quotaSite is the quota of startCaddySite in the quota tests: 100 bytes
+// for everyone, and 10 files an hour.
+const quotaSite = `quotas {
 			rule @*:example.org {
 				max_bytes 100
 				window 1h max_files 10
 			}
-		}
-	}
-}
-`, rc.admin, rc.httpPort, filepath.Join(dir, "media.db"), filepath.Join(dir, "media"), rc.httpPort, hs.URL)
-	cfg, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cf), nil)
-	if err != nil {
-		t.Fatalf("adapting Caddyfile: %v (%v)", err, warnings)
-	}
-	if err := caddy.Load(cfg, true); err != nil {
-		t.Fatalf("starting caddy: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := caddy.Stop(); err != nil {
-			t.Errorf("stopping caddy: %v", err)
-		}
-	})
-	return rc
-}
+		}`
 
 // upload sends body over HTTP (chunked: without Content-Length).
 func (rc runningCaddy) upload(t *testing.T, body []byte, chunked bool) (int, string) {
@@ -319,7 +277,7 @@ func (rc runningCaddy) runUsageCLI(t *testing.T, args []string, flags map[string
 // TestQuotaRunningCaddy enforces a quota over real HTTP (a chunked body
 // cut at the bound) and runs the usage command forms against the admin API.
 func TestQuotaRunningCaddy(t *testing.T) {
-	rc := startQuotaCaddy(t)
+	rc := startCaddySite(t, t.TempDir(), quotaSite)
 	if st, body := rc.upload(t, bytes.Repeat([]byte("a"), 60), false); st != 200 {
 		t.Fatalf("upload: %d %s", st, body)
 	}

@@ -222,6 +222,13 @@ func (e *env) do(r req) *httptest.ResponseRecorder {
 }
 
 func serve(h http.Handler, r req) *httptest.ResponseRecorder {
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, r.request())
+	return rec
+}
+
+// request builds the HTTP request r describes.
+func (r req) request() *http.Request {
 	var body io.Reader
 	if r.body != nil {
 		body = bytes.NewReader(r.body)
@@ -237,9 +244,7 @@ func serve(h http.Handler, r req) *httptest.ResponseRecorder {
 	for k, v := range r.header {
 		hr.Header.Set(k, v)
 	}
-	rec := httptest.NewRecorder()
-	h.ServeHTTP(rec, hr)
-	return rec
+	return hr
 }
 
 // errcode returns the errcode of a JSON error body ("" when not JSON).

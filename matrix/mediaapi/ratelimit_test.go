@@ -37,21 +37,7 @@ func rateEnv(t *testing.T, rl RateLimits, opts ...envOption) (*env, *testclock.C
 
 // from is r sent by the client at ip (as the Caddy layer passes it).
 func (e *env) from(ip string, r req) *httptest.ResponseRecorder {
-	var body io.Reader
-	if r.body != nil {
-		body = bytes.NewReader(r.body)
-	}
-	hr := httptest.NewRequest(r.method, "http://media.test"+r.path, body)
-	if r.chunked {
-		hr.ContentLength = -1
-		hr.Body = io.NopCloser(body)
-	}
-	if r.token != "" {
-		hr.Header.Set("Authorization", "Bearer "+r.token)
-	}
-	for k, v := range r.header {
-		hr.Header.Set(k, v)
-	}
+	hr := r.request()
 	hr = hr.WithContext(WithClientIP(hr.Context(), netip.MustParseAddr(ip)))
 	rec := httptest.NewRecorder()
 	e.site.ServeHTTP(rec, hr)

@@ -2,10 +2,7 @@ package sqlstore
 
 import (
 	"context"
-	"database/sql"
 	"fmt"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -115,23 +112,10 @@ func TestUpgradeTo6(t *testing.T) {
 	ctx := context.Background()
 	for _, be := range backends {
 		t.Run(be.name, func(t *testing.T) {
-			dsn := be.newDB(t)
-			d, driver, raw := dialectSQLite, "sqlite3", "file:"+dsn+"?_foreign_keys=1"
+			dsn, db := databaseAtVersion(t, be, 5)
 			remote := "1"
 			if be.name == "postgres" {
-				d, driver, raw = dialectPostgres, "pgx", dsn
 				remote = "TRUE"
-			} else if err := os.MkdirAll(filepath.Dir(dsn), 0o750); err != nil {
-				t.Fatal(err)
-			}
-			db, err := sql.Open(driver, raw)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for range 5 {
-				if _, err := migrateStep(ctx, db, d); err != nil {
-					t.Fatal(err)
-				}
 			}
 			sha := strings.Repeat("ab", 32)
 			for _, q := range []string{

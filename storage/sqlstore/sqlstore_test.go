@@ -387,22 +387,7 @@ func TestUpgradeTo5(t *testing.T) {
 	ctx := context.Background()
 	for _, be := range backends {
 		t.Run(be.name, func(t *testing.T) {
-			dsn := be.newDB(t)
-			d, driver, raw := dialectSQLite, "sqlite3", "file:"+dsn+"?_foreign_keys=1"
-			if be.name == "postgres" {
-				d, driver, raw = dialectPostgres, "pgx", dsn
-			} else if err := os.MkdirAll(filepath.Dir(dsn), 0o750); err != nil {
-				t.Fatal(err)
-			}
-			db, err := sql.Open(driver, raw)
-			if err != nil {
-				t.Fatal(err)
-			}
-			for range 4 {
-				if _, err := migrateStep(ctx, db, d); err != nil {
-					t.Fatal(err)
-				}
-			}
+			dsn, db := databaseAtVersion(t, be, 4)
 			sha := strings.Repeat("ab", 32)
 			for _, q := range []string{
 				`INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts) VALUES ('` + sha + `', 3, 'p', 'files', 1000)`,
@@ -438,4 +423,29 @@ func TestUpgradeTo5(t *testing.T) {
 			}
 		})
 	}
+}
+
+// databaseAtVersion creates a fresh database of backend be migrated to
+// schema version n only (the older schema an upgrade test starts from),
+// opened directly; it returns the DSN mustOpen takes and the handle, which
+// the test closes before opening the store.
+func databaseAtVersion(t *testing.T, be backend, n int) (string, *sql.DB) {
+	t.Helper()
+	dsn := be.newDB(t)
+	d, driver, raw := dialectSQLite, "sqlite3", "file:"+dsn+"?_foreign_keys=1"
+	if be.name == "postgres" {
+		d, driver, raw = dialectPostgres, "pgx", dsn
+	} else if err := os.MkdirAll(filepath.Dir(dsn), 0o750); err != nil {
+		t.Fatal(err)
+	}
+	db, err := sql.Open(driver, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		if _, err := migrateStep(context.Background(), db, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dsn, db
 }
