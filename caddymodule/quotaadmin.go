@@ -85,10 +85,10 @@ func (res *resources) serveUsageSub(w http.ResponseWriter, r *http.Request) erro
 	return apiError(http.StatusNotFound, fmt.Errorf("unknown usage endpoint %q", rest))
 }
 
-// validUserID checks the shape of a user ID (@localpart:server_name).
+// validUserID is the module's one check of a user ID (matrix.SplitUserID).
 func validUserID(s string) bool {
-	local, server, ok := strings.Cut(strings.TrimPrefix(s, "@"), ":")
-	return strings.HasPrefix(s, "@") && ok && local != "" && !strings.ContainsAny(local, " \t\r\n") && matrix.ValidServerName(server)
+	_, _, err := matrix.SplitUserID(s)
+	return err == nil
 }
 
 func serveTopUsage(qs storage.QuotaStore, w http.ResponseWriter, r *http.Request) error {

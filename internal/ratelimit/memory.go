@@ -111,7 +111,7 @@ func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
 		s, ok := l.shards[of[i]].m.Get(b.Key)
 		level := refill(s, ok, b.Rule, ns)
 		lv = append(lv, level)
-		if ok2, wait := allows(level, b.Rule, b.Cost); !ok2 {
+		if ok2, wait := allows(level, b.Rule, b.Cost); !ok2 && !b.Force {
 			if d.Allowed {
 				d.Allowed, d.Refused = false, i
 			}

@@ -67,6 +67,12 @@ type Bucket struct {
 	// its bytes for a volume; 0 asks whether the bucket would allow
 	// anything without charging it.
 	Cost float64
+	// Force charges Cost without asking whether the bucket allows it, for
+	// what already happened (the bytes of an upload received without a
+	// length, a token the homeserver rejected): such a charge is never
+	// refused, so it cannot be lost to a concurrent request that emptied
+	// the bucket, and it never refuses the other buckets of its Take.
+	Force bool
 }
 
 // Decision is the outcome of a Take.

@@ -38,6 +38,16 @@ var (
 
 func b(key string, r Rule) []Bucket { return []Bucket{{Key: key, Rule: r}} }
 
+// forced marks every bucket Force.
+func forced(bs []Bucket) []Bucket {
+	out := make([]Bucket, len(bs))
+	for i, b := range bs {
+		b.Force = true
+		out[i] = b
+	}
+	return out
+}
+
 // withCost sets the cost of every bucket.
 func withCost(bs []Bucket, cost float64) []Bucket {
 	out := make([]Bucket, len(bs))
@@ -75,6 +85,18 @@ var limiterCases = []struct {
 		{cost: 1, buckets: b("v", bytes100), allowed: true},
 		// Level 0.01 - 1: 99 ms until positive.
 		{cost: 0, buckets: b("v", bytes100), refused: 0, retry: 99 * time.Millisecond},
+	}},
+	{"a forced charge is never refused and always taken", []step{
+		{cost: 3, buckets: b("f", perSecond3), allowed: true},
+		// Empty, yet the forced charges are taken: the level goes to -2.
+		{cost: 1, buckets: forced(b("f", perSecond3)), allowed: true},
+		{cost: 1, buckets: forced(b("f", perSecond3)), allowed: true},
+		// 3 s until a whole token again.
+		{cost: 1, buckets: b("f", perSecond3), refused: 0, retry: 3 * time.Second},
+		{advance: 3 * time.Second, cost: 1, buckets: b("f", perSecond3), allowed: true},
+		// A forced bucket does not refuse the other buckets of its Take.
+		{cost: 500, buckets: append(forced(b("v2", bytes100)), b("f2", perSecond3)...), allowed: true},
+		{cost: 1, buckets: b("v2", bytes100), refused: 0, retry: 40 * time.Second},
 	}},
 	{"a peek charges nothing", []step{
 		{cost: 0, buckets: b("p", perSecond3), allowed: true},

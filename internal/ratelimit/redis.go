@@ -92,6 +92,7 @@ for i = 1, #KEYS do
   local rate = tonumber(ARGV[4*i-2])
   local burst = tonumber(ARGV[4*i-1])
   local debt = ARGV[4*i] == '1'
+  local force = ARGV[4*i] == '2'
   local cost = tonumber(ARGV[4*i+1])
   local v = redis.call('HMGET', KEYS[i], 'l', 't')
   local level = burst
@@ -102,7 +103,9 @@ for i = 1, #KEYS do
   end
   levels[i] = level
   local w = -1
-  if debt then
+  if force then
+    w = -1
+  elseif debt then
     if level <= 0 then w = -level / rate end
   else
     local need = math.min(cost, burst)
@@ -209,8 +212,13 @@ func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
 	args = append(args, now)
 	for i, b := range buckets {
 		keys[i] = l.prefix + b.Key
+		// The mode: "2" charges without a check (Force), "1" is a debt
+		// rule, "0" a plain one.
 		debt := "0"
-		if b.Rule.Debt {
+		switch {
+		case b.Force:
+			debt = "2"
+		case b.Rule.Debt:
 			debt = "1"
 		}
 		args = append(args, strconv.FormatFloat(b.Rule.Rate, 'g', -1, 64), strconv.FormatFloat(b.Rule.Burst, 'g', -1, 64), debt,

@@ -70,7 +70,7 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		}
 		user = &u
 	}
-	if st := s.limit(w, r, user, rateCost{RateDownload, 1}); st != 0 {
+	if st := s.limit(w, r, user, rateCost{class: RateDownload, cost: 1}); st != 0 {
 		return st
 	}
 	server, id, merr := rt.mediaRef()
@@ -100,7 +100,7 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		return s.fail(w, r, err)
 	}
 	if s.rate.has(RateDownloadBytes) {
-		if st := s.limit(w, r, user, rateCost{RateDownloadBytes, downloadCost(r, e)}); st != 0 {
+		if st := s.limit(w, r, user, rateCost{class: RateDownloadBytes, cost: downloadCost(r, e)}); st != 0 {
 			return st
 		}
 	}

@@ -49,7 +49,7 @@ func (s *Site) servePreview(w http.ResponseWriter, r *http.Request) int {
 	if st != 0 {
 		return st
 	}
-	if st := s.limit(w, r, &user, rateCost{RatePreview, 1}); st != 0 {
+	if st := s.limit(w, r, &user, rateCost{class: RatePreview, cost: 1}); st != 0 {
 		return st
 	}
 	raw, found, ok := matrix.QueryParam(r.URL.RawQuery, "url")

@@ -240,6 +240,9 @@ func (l *siteLimits) rateRequestOf(r *http.Request) rateRequest {
 type rateCost struct {
 	class RateClass
 	cost  float64
+	// force charges cost without a check (ratelimit.Bucket.Force): for
+	// what already happened, never refused.
+	force bool
 }
 
 // limit takes the costs from the buckets of the request's client IP and
@@ -275,12 +278,12 @@ func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *
 	for _, c := range costs {
 		rules := &l.Classes[c.class]
 		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() && n < len(arr) {
-			arr[n] = ratelimit.Bucket{Key: ipKey(l.prefixes[c.class][scopeIP], rr.ip), Rule: rules.PerIP, Cost: c.cost}
+			arr[n] = ratelimit.Bucket{Key: ipKey(l.prefixes[c.class][scopeIP], rr.ip), Rule: rules.PerIP, Cost: c.cost, Force: c.force}
 			scopes[n], classes[n] = scopeIP, c.class
 			n++
 		}
 		if user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) && n < len(arr) {
-			arr[n] = ratelimit.Bucket{Key: l.prefixes[c.class][scopeUser] + user.UserID, Rule: rules.PerUser, Cost: c.cost}
+			arr[n] = ratelimit.Bucket{Key: l.prefixes[c.class][scopeUser] + user.UserID, Rule: rules.PerUser, Cost: c.cost, Force: c.force}
 			scopes[n], classes[n] = scopeUser, c.class
 			n++
 		}
@@ -310,17 +313,17 @@ func (s *Site) uploadCosts(r *http.Request) []rateCost {
 	if n < 0 || n > s.cfg.MaxUploadSize {
 		n = 0
 	}
-	return []rateCost{{RateUpload, 1}, {RateUploadBytes, float64(n)}}
+	return []rateCost{{class: RateUpload, cost: 1}, {class: RateUploadBytes, cost: float64(n)}}
 }
 
 // chargeUpload charges the bytes of an upload received without a
-// Content-Length, once they are known. (The charge applies while the
-// bucket is positive; the next upload is refused once it is not.)
+// Content-Length, once they are known, whatever the bucket holds (the
+// next upload is refused while it is not positive).
 func (s *Site) chargeUpload(r *http.Request, user *auth.User, size int64) {
 	if r.ContentLength >= 0 || !s.rate.has(RateUploadBytes) || size <= 0 {
 		return
 	}
-	_ = s.checkLimit(r, user, rateCost{RateUploadBytes, float64(size)})
+	_ = s.checkLimit(r, user, rateCost{class: RateUploadBytes, cost: float64(size), force: true})
 }
 
 // downloadCost is what a download of e will send: the range asked for,
@@ -348,7 +351,7 @@ func (s *Site) remoteAdmission(r *http.Request, user *auth.User) func() error {
 		return nil
 	}
 	return func() error {
-		if merr := s.checkLimit(r, user, rateCost{RateRemote, 1}); merr != nil {
+		if merr := s.checkLimit(r, user, rateCost{class: RateRemote, cost: 1}); merr != nil {
 			return merr
 		}
 		return nil
@@ -379,7 +382,14 @@ func (g *authGate) AllowCheck(ctx context.Context) (bool, time.Duration) {
 }
 
 // CheckFailed implements auth.CheckGate: one rejected token.
-func (g *authGate) CheckFailed(ctx context.Context) { g.l.Limiter.Take(ctx, g.bucket(1)) }
+// The charge is forced: checks that passed AllowCheck together are all
+// charged, so concurrent unknown tokens cannot share one token of the
+// bucket.
+func (g *authGate) CheckFailed(ctx context.Context) {
+	b := g.bucket(1)
+	b.Force = true
+	g.l.Limiter.Take(ctx, b)
+}
 
 // checkGate returns the request's gate for unknown tokens, nil when
 // failed_auth is not limited or the client is exempt.

@@ -194,7 +194,7 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 		}
 		user = &u
 	}
-	if st := s.limit(w, r, user, rateCost{RateThumbnail, 1}); st != 0 {
+	if st := s.limit(w, r, user, rateCost{class: RateThumbnail, cost: 1}); st != 0 {
 		return st
 	}
 	server, id, merr := rt.mediaRef()

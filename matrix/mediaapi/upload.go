@@ -289,7 +289,7 @@ func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 		return st
 	}
 	maxPending := s.maxPendingFor(s.quotaFor(r, user))
-	if st := s.limit(w, r, &user, rateCost{RateUpload, 1}); st != 0 {
+	if st := s.limit(w, r, &user, rateCost{class: RateUpload, cost: 1}); st != 0 {
 		return st
 	}
 	now := s.repo.now()
