@@ -19,6 +19,14 @@ import (
 // (InsertMedia) count like uploads. RecountUsage rebuilds the counters from
 // the rows, for repairs.
 //
+// For the rolling windows the store also keeps, in the same transactions,
+// each user's upload history by minute (WindowResolution): bytes and files
+// per user and minute. A window sums one entry per minute rather than one
+// per upload, and reads the rows themselves only for the part of its first
+// minute that lies inside it, and only when the decision depends on it, so
+// that decisions stay exact to the millisecond. The history reaches back
+// at most MaxWindow; PruneUploadHistory trims what no window needs.
+//
 // The Limited forms check UploadLimits in the same transaction, so that
 // concurrent uploads of one user, on one instance or on several sharing the
 // database, can never together exceed a limit: of two uploads racing for the
@@ -71,6 +79,13 @@ func (e *QuotaExceededError) Error() string {
 // Is makes errors.Is(err, ErrQuotaExceeded) true.
 func (e *QuotaExceededError) Is(target error) bool { return target == ErrQuotaExceeded }
 
+// MaxWindow is the longest rolling window a store measures (a leap year).
+const MaxWindow = 366 * 24 * time.Hour
+
+// WindowResolution is the width of the time buckets in which a store keeps
+// the uploads of each user for the rolling windows (see QuotaStore).
+const WindowResolution = time.Minute
+
 // UploadLimits bound what one user may store, checked by the Limited
 // methods of QuotaStore. A field of 0 or less is no bound (what a config
 // value of 0 means is the policy layer's business, not the store's).
@@ -92,11 +107,92 @@ type UploadLimits struct {
 // WindowLimit bounds uploads within a rolling window (as Synapse's
 // media_upload_limits).
 type WindowLimit struct {
-	// Window is the length of the window (> 0).
+	// Window is the length of the window (> 0, at most MaxWindow).
 	Window time.Duration
 	// MaxBytes and MaxFiles bound the bytes and files uploaded within it;
 	// 0 or less is no bound.
 	MaxBytes, MaxFiles int64
+}
+
+// WindowUsage is what a user uploaded within one rolling window.
+type WindowUsage struct {
+	// Bytes and Files sum the user's counted rows uploaded within the
+	// window.
+	Bytes, Files int64
+}
+
+// Headroom is what one more upload of a user may add under UploadLimits.
+type Headroom struct {
+	// Bytes is the most bytes the upload may have before the tightest
+	// byte limit; -1 when no byte limit applies.
+	Bytes int64
+	// Tight is the byte limit that sets Bytes (Limit, Window, Used and
+	// Max; Adding is left zero), for the refusal of a body of unknown
+	// length that passes Bytes.
+	Tight QuotaExceededError
+}
+
+// Validate rejects windows of no length or longer than MaxWindow.
+func (lim UploadLimits) Validate() error {
+	for _, w := range lim.Windows {
+		if w.Window <= 0 || w.Window > MaxWindow {
+			return fmt.Errorf("invalid upload limits: window of %s (must be positive and at most %s)", w.Window, MaxWindow)
+		}
+	}
+	return nil
+}
+
+// bounded reports whether the window bounds anything.
+func (w WindowLimit) bounded() bool { return w.MaxBytes > 0 || w.MaxFiles > 0 }
+
+// Check decides whether one more file of size bytes (negative: a body of
+// unknown length) fits lim, given what the user stores before it (stored)
+// and what the user uploaded within each of lim.Windows (windows[i] for
+// lim.Windows[i]; windows that bound nothing are not looked at). It is the
+// one place quota decisions are made: the stores check with it in the
+// row's transaction and callers with it before a body is read.
+//
+// Limits are checked in order: stored bytes, stored files, then each window
+// in order, bytes before files; the first one exceeded gives a
+// *QuotaExceededError. A body of unknown length is refused only when a byte
+// limit has nothing left; otherwise Headroom says how far it may go.
+func (lim UploadLimits) Check(size int64, stored UserUsage, windows []WindowUsage) (Headroom, error) {
+	h := Headroom{Bytes: -1}
+	var over *QuotaExceededError
+	consider := func(limit QuotaLimit, window time.Duration, used, maxv int64) {
+		if maxv <= 0 || over != nil {
+			return
+		}
+		if limit == LimitFiles || limit == LimitWindowFiles {
+			if used+1 > maxv {
+				over = &QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: 1, Max: maxv}
+			}
+			return
+		}
+		left := maxv - used
+		switch {
+		case size >= 0 && size > left:
+			over = &QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: size, Max: maxv}
+		case size < 0 && left <= 0:
+			over = &QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: 1, Max: maxv}
+		case h.Bytes < 0 || left < h.Bytes:
+			h.Bytes = left
+			h.Tight = QuotaExceededError{Limit: limit, Window: window, Used: used, Max: maxv}
+		}
+	}
+	consider(LimitBytes, 0, stored.Bytes, lim.MaxBytes)
+	consider(LimitFiles, 0, stored.Files, lim.MaxFiles)
+	for i, w := range lim.Windows {
+		if !w.bounded() || i >= len(windows) {
+			continue
+		}
+		consider(LimitWindowBytes, w.Window, windows[i].Bytes, w.MaxBytes)
+		consider(LimitWindowFiles, w.Window, windows[i].Files, w.MaxFiles)
+	}
+	if over != nil {
+		return Headroom{}, over
+	}
+	return h, nil
 }
 
 // UserUsage is what one user stores.
@@ -121,13 +217,30 @@ type QuotaStore interface {
 	// UserUsage returns the counters of userID (zero counters for a user
 	// with none).
 	UserUsage(ctx context.Context, userID string) (UserUsage, error)
+	// CheckUpload checks, without writing, whether one more upload of
+	// size bytes (negative: unknown) by userID fits lim (UploadLimits.Check
+	// on what the user stores and uploaded within the windows), and
+	// returns its Headroom. Headroom.Bytes is exact when it is below
+	// maxSize (the most the upload may have anyway; 0 or less: unbounded)
+	// and at least maxSize otherwise. The decision is repeated by the
+	// Limited methods when the row is written; this one lets a caller
+	// refuse before reading a body.
+	CheckUpload(ctx context.Context, userID string, lim UploadLimits, size, maxSize int64) (Headroom, error)
 	// UploadedSince sums the bytes and files of userID's media rows
-	// uploaded at or after since (the rolling-window measure).
+	// uploaded at or after since (the rolling-window measure; since at
+	// most MaxWindow ago is exact, older rows may have been forgotten by
+	// PruneUploadHistory).
 	UploadedSince(ctx context.Context, userID string, since time.Time) (bytes, files int64, err error)
+	// PruneUploadHistory forgets the per-user upload history of the
+	// rolling windows before before (rounded down to WindowResolution),
+	// which no window ending now or later needs when before is at least
+	// the longest window ago; it returns how many history entries went.
+	PruneUploadHistory(ctx context.Context, before time.Time) (int64, error)
 	// TopUsage lists up to limit users with the most bytes stored, most
 	// first (ties by user ID), skipping users with nothing.
 	TopUsage(ctx context.Context, limit int) ([]UserUsage, error)
-	// RecountUsage rebuilds the counters of userID (every user when empty)
-	// from the media rows and returns how many users' counters changed.
+	// RecountUsage rebuilds the counters and the upload history of userID
+	// (every user when empty) from the media rows and returns how many
+	// users' counters, or history within MaxWindow of now, changed.
 	RecountUsage(ctx context.Context, userID string) (changed int64, err error)
 }

@@ -539,8 +539,9 @@ func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
 }
 
 // RunPendingExpiry deletes expired pending media (reserved by /create and
-// never uploaded) once right away and then every PendingCleanupInterval, until
-// ctx is done. It blocks; run it in its own goroutine for as long as the
+// never uploaded), and the per-user upload history no rolling window reaches
+// any more (pruneUploadHistory), once right away and then every
+// PendingCleanupInterval, until ctx is done. It blocks; run it in its own goroutine for as long as the
 // repository lives, e.g. from the Caddy layer's shared-resource constructor
 // with a context cancelled in the matching destructor:
 //
@@ -566,6 +567,7 @@ func (r *Repository) RunPendingExpiry(ctx context.Context) {
 			case n > 0:
 				r.logger.Info("deleted expired pending media", zap.Int64("count", n))
 			}
+			r.pruneUploadHistory(ctx)
 			return nil
 		})
 		select {

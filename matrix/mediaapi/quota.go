@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/dustin/go-humanize"
+	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/userglob"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
@@ -31,9 +32,11 @@ import (
 // An upload (POST upload, PUT of a /create ID) is checked in three steps,
 // so that nothing the user sends can get past a limit:
 //
-//  1. before the body is read: the user's stored bytes and files
-//     (QuotaStore.UserUsage) and what they uploaded within each rolling
-//     window (UploadedSince). With a Content-Length the upload is refused
+//  1. before the body is read: the user's stored bytes and files and what
+//     they uploaded within each rolling window, decided by
+//     QuotaStore.CheckUpload (storage.UploadLimits.Check, the one place
+//     quota decisions are made; one query, see the store for how windows
+//     are summed). With a Content-Length the upload is refused
 //     right there when it would not fit; without one, the bytes left become
 //     the bound of the streamed ingest, and a body that passes it is cut
 //     (its partial blob discarded by the blob store) and refused as over
@@ -165,6 +168,8 @@ func (q *QuotaRule) validate() error {
 		switch {
 		case w.Window <= 0:
 			return fmt.Errorf("window %d: the window length must be positive, got %s", j+1, w.Window)
+		case w.Window > storage.MaxWindow:
+			return fmt.Errorf("window %d: %s is longer than the longest window kept (%s)", j+1, w.Window, storage.MaxWindow)
 		case w.MaxBytes < 0 || w.MaxFiles < 0:
 			return fmt.Errorf("window %d: negative limit", j+1)
 		}
@@ -284,53 +289,15 @@ func (s *Site) checkQuota(ctx context.Context, rule *QuotaRule, userID string, s
 	if rule == nil || !rule.bounded() {
 		return q, nil
 	}
-	store := s.repo.quotas
-	now := s.repo.now()
-	q.limits = rule.limits(now)
-	// consider checks one limit: used of max, adding size (bytes) or one
-	// file, and keeps the tightest byte bound.
-	var over *storage.QuotaExceededError
-	consider := func(limit storage.QuotaLimit, window time.Duration, used, maxv int64) {
-		if maxv <= 0 || over != nil {
-			return
+	q.limits = rule.limits(s.repo.now())
+	h, err := s.repo.quotas.CheckUpload(ctx, userID, q.limits, size, q.maxUpload)
+	if err != nil {
+		if _, ok := asQuotaExceeded(err); ok {
+			return nil, err
 		}
-		if limit == storage.LimitFiles || limit == storage.LimitWindowFiles {
-			if used+1 > maxv {
-				over = &storage.QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: 1, Max: maxv}
-			}
-			return
-		}
-		left := maxv - used
-		switch {
-		case size >= 0 && size > left:
-			over = &storage.QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: size, Max: maxv}
-		case size < 0 && left <= 0:
-			// Nothing is left: a body of unknown length is refused unread.
-			over = &storage.QuotaExceededError{Limit: limit, Window: window, Used: used, Adding: 1, Max: maxv}
-		case q.left < 0 || left < q.left:
-			q.left = max(left, 0)
-			q.tight = storage.QuotaExceededError{Limit: limit, Window: window, Used: used, Max: maxv}
-		}
+		return nil, fmt.Errorf("checking the quota of %s: %w", userID, err)
 	}
-	if rule.MaxBytes > 0 || rule.MaxFiles > 0 {
-		u, err := store.UserUsage(ctx, userID)
-		if err != nil {
-			return nil, fmt.Errorf("reading the usage of %s: %w", userID, err)
-		}
-		consider(storage.LimitFiles, 0, u.Files, rule.MaxFiles)
-		consider(storage.LimitBytes, 0, u.Bytes, rule.MaxBytes)
-	}
-	for _, w := range q.limits.Windows {
-		b, f, err := store.UploadedSince(ctx, userID, now.Add(-w.Window))
-		if err != nil {
-			return nil, fmt.Errorf("reading the uploads of %s in the last %s: %w", userID, w.Window, err)
-		}
-		consider(storage.LimitWindowFiles, w.Window, f, w.MaxFiles)
-		consider(storage.LimitWindowBytes, w.Window, b, w.MaxBytes)
-	}
-	if over != nil {
-		return nil, over
-	}
+	q.left, q.tight = h.Bytes, h.Tight
 	return q, nil
 }
 
@@ -475,6 +442,44 @@ func (q *quotaSites) list() []*Site {
 		out = append(out, s)
 	}
 	return out
+}
+
+// minUploadHistory is the least upload history kept for the rolling
+// windows, whatever the rules say (so that a window added by a config
+// reload within a day finds its uploads).
+const minUploadHistory = 24 * time.Hour
+
+// uploadHistory is how far back the rolling windows of every site with
+// quota rules reach: the longest window, at least minUploadHistory.
+// Instances sharing a database should share their quota rules: each
+// prunes what its own longest window does not need.
+func (r *Repository) uploadHistory() time.Duration {
+	longest := minUploadHistory
+	for _, s := range r.quotaSites.list() {
+		for _, rule := range s.quota.rules {
+			for _, w := range rule.Windows {
+				longest = max(longest, w.Window)
+			}
+		}
+	}
+	return longest
+}
+
+// pruneUploadHistory drops the per-user upload history older than
+// uploadHistory (and a minute, for the window edge); a failure is logged
+// and tried again on the next pass.
+func (r *Repository) pruneUploadHistory(ctx context.Context) {
+	if r.quotas == nil {
+		return
+	}
+	before := r.now().Add(-r.uploadHistory() - storage.WindowResolution)
+	n, err := r.quotas.PruneUploadHistory(ctx, before)
+	switch {
+	case err != nil && ctx.Err() == nil:
+		r.logger.Error("pruning the upload history of the rolling windows", zap.Error(err))
+	case n > 0:
+		r.logger.Debug("pruned upload history", zap.Int64("minutes", n), zap.Time("before", before))
+	}
 }
 
 // ErrNoQuotaStore is returned by the usage methods of a Repository whose

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -471,6 +472,7 @@ func TestQuotaConfigValidation(t *testing.T) {
 		{Rules: []QuotaRule{{Users: "*", MaxPending: -2}}},
 		{Rules: []QuotaRule{{Users: "*", MaxUploadSize: -1}}},
 		{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: 0, MaxBytes: 1}}}}},
+		{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: storage.MaxWindow + time.Hour, MaxBytes: 1}}}}},
 		{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: time.Hour, MaxFiles: -1}}}}},
 		{Rules: []QuotaRule{{Users: "*", CanUpgrade: true}}},
 		{Rules: []QuotaRule{{Users: "*", InfoURI: "example.org/plans"}}},
@@ -612,5 +614,43 @@ func TestQuotaRaceTwoStores(t *testing.T) {
 				t.Fatalf("usage = %d, %d", used, files)
 			}
 		})
+	}
+}
+
+// TestUploadHistoryPruned checks the expiry pass's pruning of the rolling
+// windows' history: what the site's longest window (or a day, when that is
+// shorter) still reaches stays, the rest goes.
+func TestUploadHistoryPruned(t *testing.T) {
+	ctx := context.Background()
+	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", Windows: []QuotaWindow{{Window: 2 * time.Hour, MaxFiles: 100}}}}}))
+	res, err := storage.IngestTo(ctx, e.repo.stores, e.meta, storage.KindLocal, bytes.NewReader([]byte("history")), storage.PutOptions{ExpectedSize: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := e.clock.Now()
+	for i, age := range []time.Duration{72 * time.Hour, 23 * time.Hour, time.Hour} {
+		at := now.Add(-age)
+		if err := e.sql.InsertMedia(ctx, storage.Media{ServerName: testServer, MediaID: fmt.Sprintf("hist%d", i), UserID: "@alice:test",
+			SHA256: res.SHA256, Size: res.Size, ContentType: "text/plain", CreatedAt: at, UploadedAt: at}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	since := func(age time.Duration) int64 {
+		t.Helper()
+		_, files, err := e.sql.UploadedSince(ctx, "@alice:test", now.Add(-age).Truncate(time.Minute))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return files
+	}
+	if got := since(96 * time.Hour); got != 3 {
+		t.Fatalf("before pruning: %d files in 4 days, want 3", got)
+	}
+	e.repo.pruneUploadHistory(ctx)
+	if got := since(96 * time.Hour); got != 2 {
+		t.Fatalf("after pruning: %d files in 4 days, want 2 (the 3-day-old upload's minute pruned, a day kept)", got)
+	}
+	if got := since(2 * time.Hour); got != 1 {
+		t.Fatalf("after pruning: %d files in the window, want 1", got)
 	}
 }

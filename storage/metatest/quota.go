@@ -630,3 +630,214 @@ func RunQuotaInstances(t *testing.T, open func(t *testing.T) storage.MetadataSto
 	quotaRaces(t, []storage.MetadataStore{a, b})
 	wantExact(t, quotaStore(t, b))
 }
+
+// testQuotaWindowEdges checks windows whose start falls inside a minute
+// holding uploads on both sides of it: stores may keep the history by
+// minute (storage.WindowResolution), but decisions at a limit are exact to
+// the millisecond.
+func testQuotaWindowEdges(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	q := quotaStore(t, s)
+	const alice = "@alice:example.org"
+	// The hour window starts 30 s into a minute.
+	now := t0.Truncate(time.Minute).Add(48*time.Hour + 30*time.Second)
+	cutoff := now.Add(-time.Hour)
+	b10, b20, b40 := sizedBlob(t, s, "e10", 10), sizedBlob(t, s, "e20", 20), sizedBlob(t, s, "e40", 40)
+	for _, m := range []storage.Media{
+		owned(b40, "before-minute", alice, cutoff.Add(-31*time.Second)), // the minute before: out
+		owned(b20, "just-out", alice, cutoff.Add(-time.Millisecond)),    // same minute, before: out
+		owned(b10, "at-cutoff", alice, cutoff),                          // same minute, at: in
+		owned(b10, "just-in", alice, cutoff.Add(29*time.Second)),        // same minute, after: in
+		owned(b40, "next-minute", alice, cutoff.Add(30*time.Second)),    // the next minute: in
+	} {
+		mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
+	}
+	b, f, err := q.UploadedSince(ctx, alice, cutoff)
+	mustNil(t, "UploadedSince", err)
+	if b != 60 || f != 3 {
+		t.Fatalf("UploadedSince(cutoff) = %d bytes, %d files; want 60, 3", b, f)
+	}
+	b, f, err = q.UploadedSince(ctx, alice, cutoff.Add(-time.Millisecond))
+	mustNil(t, "UploadedSince", err)
+	if b != 80 || f != 4 {
+		t.Fatalf("UploadedSince(cutoff-1ms) = %d bytes, %d files; want 80, 4", b, f)
+	}
+	// On a minute boundary the whole minute is in.
+	b, f, err = q.UploadedSince(ctx, alice, cutoff.Truncate(time.Minute))
+	mustNil(t, "UploadedSince", err)
+	if b != 80 || f != 4 {
+		t.Fatalf("UploadedSince(cutoff's minute) = %d bytes, %d files; want 80, 4", b, f)
+	}
+	window := func(maxBytes, maxFiles int64) storage.UploadLimits {
+		return storage.UploadLimits{Windows: []storage.WindowLimit{{Window: time.Hour, MaxBytes: maxBytes, MaxFiles: maxFiles}}, Now: now}
+	}
+	tests := []struct {
+		name string
+		lim  storage.UploadLimits
+		want storage.QuotaExceededError
+	}{
+		{"bytes: exactly at the limit", window(70, 0), storage.QuotaExceededError{}},
+		{"bytes: one over", window(69, 0),
+			storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 60, Adding: 10, Max: 69}},
+		{"files: exactly at the limit", window(0, 4), storage.QuotaExceededError{}},
+		{"files: one over", window(0, 3),
+			storage.QuotaExceededError{Limit: storage.LimitWindowFiles, Window: time.Hour, Used: 3, Adding: 1, Max: 3}},
+	}
+	a := admin(t, s)
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			m := owned(b10, "edge-try"+strconv.Itoa(i), alice, now)
+			h, err := q.CheckUpload(ctx, alice, tt.lim, 10, 0)
+			ierr := q.InsertMediaLimited(ctx, m, tt.lim)
+			if tt.want == (storage.QuotaExceededError{}) {
+				mustNil(t, "CheckUpload", err)
+				mustNil(t, "InsertMediaLimited", ierr)
+				if tt.lim.Windows[0].MaxBytes > 0 && h.Bytes != tt.lim.Windows[0].MaxBytes-60 {
+					t.Fatalf("CheckUpload headroom = %d bytes; want %d", h.Bytes, tt.lim.Windows[0].MaxBytes-60)
+				}
+				_, err := a.DeleteMedia(ctx, []storage.MediaRef{ref(m)}, false, now)
+				mustNil(t, "DeleteMedia", err)
+			} else {
+				wantQuotaError(t, "CheckUpload", err, tt.want)
+				wantQuotaError(t, "InsertMediaLimited", ierr, tt.want)
+			}
+		})
+	}
+	// Deleting the row in the edge minute before the cutoff changes nothing
+	// inside the window; deleting the one after it frees its bytes.
+	_, err = a.DeleteMedia(ctx, []storage.MediaRef{{ServerName: "example.org", MediaID: "just-out"}}, false, now)
+	mustNil(t, "DeleteMedia(just-out)", err)
+	wantQuotaError(t, "after deleting just-out", q.InsertMediaLimited(ctx, owned(b10, "edge-a", alice, now), window(69, 0)),
+		storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 60, Adding: 10, Max: 69})
+	_, err = a.DeleteMedia(ctx, []storage.MediaRef{{ServerName: "example.org", MediaID: "just-in"}}, false, now)
+	mustNil(t, "DeleteMedia(just-in)", err)
+	mustNil(t, "after deleting just-in", q.InsertMediaLimited(ctx, owned(b10, "edge-b", alice, now), window(60, 0)))
+	b, f, err = q.UploadedSince(ctx, alice, cutoff.Add(-time.Millisecond))
+	mustNil(t, "UploadedSince", err)
+	if b != 60 || f != 3 {
+		t.Fatalf("UploadedSince(cutoff-1ms) after deletions = %d bytes, %d files; want 60, 3", b, f)
+	}
+	// Windows longer than storage.MaxWindow are invalid.
+	long := storage.UploadLimits{Windows: []storage.WindowLimit{{Window: storage.MaxWindow + time.Second, MaxBytes: 1}}, Now: now}
+	if err := q.InsertMediaLimited(ctx, owned(b10, "edge-long", alice, now), long); err == nil || errors.Is(err, storage.ErrQuotaExceeded) {
+		t.Fatalf("InsertMediaLimited with a window over MaxWindow: %v, want an invalid-limits error", err)
+	}
+	if _, err := q.CheckUpload(ctx, alice, long, 1, 0); err == nil || errors.Is(err, storage.ErrQuotaExceeded) {
+		t.Fatalf("CheckUpload with a window over MaxWindow: %v, want an invalid-limits error", err)
+	}
+	wantExact(t, q)
+}
+
+// testCheckUpload checks the decision before a body is read: the same
+// refusals as the Limited insertion, and the headroom of a body of unknown
+// length.
+func testCheckUpload(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	q := quotaStore(t, s)
+	const alice = "@alice:example.org"
+	now := t0.Truncate(time.Minute).Add(72*time.Hour + 20*time.Second)
+	b100 := sizedBlob(t, s, "c100", 100)
+	// 300 bytes stored, 200 of them uploaded within the hour, 100 of those
+	// in the minute the hour starts in (after its start).
+	for i, at := range []time.Time{now.Add(-3 * time.Hour), now.Add(-time.Hour + 5*time.Second), now.Add(-time.Minute)} {
+		mustNil(t, "InsertMedia", s.InsertMedia(ctx, owned(b100, "c"+strconv.Itoa(i), alice, at)))
+	}
+	hour := func(maxBytes, maxFiles int64) storage.WindowLimit {
+		return storage.WindowLimit{Window: time.Hour, MaxBytes: maxBytes, MaxFiles: maxFiles}
+	}
+	tests := []struct {
+		name          string
+		lim           storage.UploadLimits
+		size, maxSize int64
+		want          storage.Headroom
+		over          storage.QuotaExceededError
+	}{
+		{"no limits", storage.UploadLimits{}, 50, 0, storage.Headroom{Bytes: -1}, storage.QuotaExceededError{}},
+		{"stored bytes: headroom", storage.UploadLimits{MaxBytes: 1000}, 50, 0,
+			storage.Headroom{Bytes: 700, Tight: storage.QuotaExceededError{Limit: storage.LimitBytes, Used: 300, Max: 1000}}, storage.QuotaExceededError{}},
+		{"stored bytes: exactly fits", storage.UploadLimits{MaxBytes: 350}, 50, 0,
+			storage.Headroom{Bytes: 50, Tight: storage.QuotaExceededError{Limit: storage.LimitBytes, Used: 300, Max: 350}}, storage.QuotaExceededError{}},
+		{"stored bytes: one over", storage.UploadLimits{MaxBytes: 349}, 50, 0, storage.Headroom{},
+			storage.QuotaExceededError{Limit: storage.LimitBytes, Used: 300, Adding: 50, Max: 349}},
+		{"stored files: one over", storage.UploadLimits{MaxFiles: 3}, 1, 0, storage.Headroom{},
+			storage.QuotaExceededError{Limit: storage.LimitFiles, Used: 3, Adding: 1, Max: 3}},
+		{"the window is tighter", storage.UploadLimits{MaxBytes: 1000, Windows: []storage.WindowLimit{hour(250, 0)}, Now: now}, 50, 0,
+			storage.Headroom{Bytes: 50, Tight: storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 200, Max: 250}}, storage.QuotaExceededError{}},
+		{"window: one over", storage.UploadLimits{Windows: []storage.WindowLimit{hour(249, 0)}, Now: now}, 50, 0, storage.Headroom{},
+			storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 200, Adding: 50, Max: 249}},
+		{"unknown length: exact headroom below the upload limit", storage.UploadLimits{Windows: []storage.WindowLimit{hour(260, 0)}, Now: now}, -1, 1000,
+			storage.Headroom{Bytes: 60, Tight: storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 200, Max: 260}}, storage.QuotaExceededError{}},
+		{"unknown length, nothing left", storage.UploadLimits{Windows: []storage.WindowLimit{hour(200, 0)}, Now: now}, -1, 1000, storage.Headroom{},
+			storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: time.Hour, Used: 200, Adding: 1, Max: 200}},
+		{"unknown length, one byte left", storage.UploadLimits{MaxBytes: 301}, -1, 0,
+			storage.Headroom{Bytes: 1, Tight: storage.QuotaExceededError{Limit: storage.LimitBytes, Used: 300, Max: 301}}, storage.QuotaExceededError{}},
+		{"windows that bound nothing", storage.UploadLimits{Windows: []storage.WindowLimit{hour(0, 0), {Window: time.Minute}}, Now: now}, 50, 0,
+			storage.Headroom{Bytes: -1}, storage.QuotaExceededError{}},
+		{"second window refuses files", storage.UploadLimits{Windows: []storage.WindowLimit{hour(0, 0), {Window: 24 * time.Hour, MaxFiles: 3}}, Now: now}, 50, 0, storage.Headroom{},
+			storage.QuotaExceededError{Limit: storage.LimitWindowFiles, Window: 24 * time.Hour, Used: 3, Adding: 1, Max: 3}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h, err := q.CheckUpload(ctx, alice, tt.lim, tt.size, tt.maxSize)
+			if tt.over != (storage.QuotaExceededError{}) {
+				wantQuotaError(t, "CheckUpload", err, tt.over)
+				return
+			}
+			mustNil(t, "CheckUpload", err)
+			if h != tt.want {
+				t.Fatalf("CheckUpload = %+v; want %+v", h, tt.want)
+			}
+		})
+	}
+	// Headroom at or above maxSize need not be exact, but never below it.
+	h, err := q.CheckUpload(ctx, alice, storage.UploadLimits{Windows: []storage.WindowLimit{hour(260, 0)}, Now: now}, -1, 10)
+	mustNil(t, "CheckUpload with a small maxSize", err)
+	if h.Bytes < 10 {
+		t.Fatalf("CheckUpload headroom with maxSize 10 = %d; want at least 10", h.Bytes)
+	}
+	// A user with nothing.
+	h, err = q.CheckUpload(ctx, "@nobody:example.org", storage.UploadLimits{MaxBytes: 5, Windows: []storage.WindowLimit{hour(3, 1)}, Now: now}, 3, 0)
+	mustNil(t, "CheckUpload(nobody)", err)
+	if h.Bytes != 3 || h.Tight.Limit != storage.LimitWindowBytes {
+		t.Fatalf("CheckUpload(nobody) = %+v; want 3 bytes left by the window", h)
+	}
+}
+
+// testPruneUploadHistory checks that pruning the history before the
+// longest window leaves every window's sums as they were.
+func testPruneUploadHistory(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	q := quotaStore(t, s)
+	const alice = "@alice:example.org"
+	now := t0.Add(96 * time.Hour)
+	b100 := sizedBlob(t, s, "h100", 100)
+	for i := range 6 {
+		at := now.Add(-time.Duration(i) * 10 * time.Hour)
+		mustNil(t, "InsertMedia", s.InsertMedia(ctx, owned(b100, "h"+strconv.Itoa(i), alice, at)))
+	}
+	day := storage.UploadLimits{Windows: []storage.WindowLimit{{Window: 24 * time.Hour, MaxFiles: 4}}, Now: now}
+	wantDay := func(stage string) {
+		t.Helper()
+		b, f, err := q.UploadedSince(ctx, alice, now.Add(-24*time.Hour))
+		mustNil(t, stage+": UploadedSince", err)
+		if b != 300 || f != 3 {
+			t.Fatalf("%s: UploadedSince(a day ago) = %d, %d; want 300, 3", stage, b, f)
+		}
+		mustNil(t, stage+": InsertMediaLimited", q.InsertMediaLimited(ctx, owned(b100, "probe", alice, now), day))
+		_, err = admin(t, s).DeleteMedia(ctx, []storage.MediaRef{{ServerName: "example.org", MediaID: "probe"}}, false, now)
+		mustNil(t, stage+": DeleteMedia", err)
+	}
+	wantDay("before pruning")
+	n, err := q.PruneUploadHistory(ctx, now.Add(-24*time.Hour))
+	mustNil(t, "PruneUploadHistory", err)
+	if n < 1 {
+		t.Fatalf("PruneUploadHistory = %d; want the minutes of the three old uploads gone", n)
+	}
+	wantDay("after pruning")
+	n, err = q.PruneUploadHistory(ctx, now.Add(-24*time.Hour))
+	if err != nil || n != 0 {
+		t.Fatalf("PruneUploadHistory again = %d, %v; want 0", n, err)
+	}
+	// Counters are not history: pruning leaves them.
+	wantUsage(t, q, alice, 600, 6)
+}

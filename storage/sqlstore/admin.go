@@ -401,6 +401,7 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 		return out, fmt.Errorf("%s: %w", what, err)
 	}
 	usage := map[string]usageSum{}
+	history := map[historyKey]usageSum{}
 	blobs := map[string]bool{}
 	for chunk := range slices.Chunk(refs, deleteChunk) {
 		values, args := refValues(chunk, nil)
@@ -428,6 +429,11 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 				u.bytes += m.Size
 				u.files++
 				usage[m.UserID] = u
+				k := historyKey{m.UserID, historyMinute(rowMillis(m))}
+				h := history[k]
+				h.bytes += m.Size
+				h.files++
+				history[k] = h
 			}
 		}
 		// The thumbnails are deleted explicitly (rather than by the
@@ -472,6 +478,9 @@ func (s *Store) DeleteMedia(ctx context.Context, refs []storage.MediaRef, tombst
 		out.Media = append(out.Media, rows...)
 	}
 	if err := s.subtractUsage(ctx, tx, usage); err != nil {
+		return storage.DeletedMedia{}, fmt.Errorf("%s: %w", what, err)
+	}
+	if err := s.subtractHistory(ctx, tx, history); err != nil {
 		return storage.DeletedMedia{}, fmt.Errorf("%s: %w", what, err)
 	}
 	if err := tx.Commit(); err != nil {

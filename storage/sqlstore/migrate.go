@@ -318,6 +318,47 @@ var migrations = []migration{
 				WHERE state = 'ready' AND remote = FALSE AND user_id <> ''`,
 		},
 	},
+	{
+		// Upload history of the rolling windows (storage.QuotaStore).
+		//   - user_upload_minutes holds, per user ID and minute (Unix
+		//     milliseconds of the upload time, or of the creation time for
+		//     rows without one, divided by 60,000), the bytes and files of
+		//     the user's counted media rows uploaded in that minute. The
+		//     store keeps it in the transactions that keep user_usage; it
+		//     starts from the rows existing now, and PruneUploadHistory
+		//     trims minutes no window reaches any more. A window sums at
+		//     most one row per minute instead of one per upload.
+		version: 7,
+		name:    "per-user upload history by minute",
+		sqlite: []string{
+			`CREATE TABLE user_upload_minutes (
+				user_id TEXT    NOT NULL,
+				minute  INTEGER NOT NULL,
+				bytes   INTEGER NOT NULL DEFAULT 0,
+				files   INTEGER NOT NULL DEFAULT 0,
+				PRIMARY KEY (user_id, minute)
+			) WITHOUT ROWID, STRICT`,
+			`INSERT INTO user_upload_minutes (user_id, minute, bytes, files)
+				SELECT user_id, COALESCE(uploaded_ts, created_ts, 0) / 60000, COALESCE(SUM(size), 0), COUNT(*) FROM media
+				WHERE state = 'ready' AND remote = 0 AND user_id <> ''
+				GROUP BY user_id, COALESCE(uploaded_ts, created_ts, 0) / 60000`,
+			`CREATE INDEX user_upload_minutes_minute ON user_upload_minutes (minute)`,
+		},
+		postgres: []string{
+			`CREATE TABLE user_upload_minutes (
+				user_id TEXT   NOT NULL,
+				minute  BIGINT NOT NULL,
+				bytes   BIGINT NOT NULL DEFAULT 0,
+				files   BIGINT NOT NULL DEFAULT 0,
+				PRIMARY KEY (user_id, minute)
+			)`,
+			`INSERT INTO user_upload_minutes (user_id, minute, bytes, files)
+				SELECT user_id, COALESCE(uploaded_ts, created_ts, 0) / 60000, COALESCE(SUM(size), 0), COUNT(*) FROM media
+				WHERE state = 'ready' AND remote = FALSE AND user_id <> ''
+				GROUP BY user_id, COALESCE(uploaded_ts, created_ts, 0) / 60000`,
+			`CREATE INDEX user_upload_minutes_minute ON user_upload_minutes (minute)`,
+		},
+	},
 }
 
 // latestVersion is the newest schema version this build knows.

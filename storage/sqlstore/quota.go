@@ -1,11 +1,13 @@
 package sqlstore
 
 import (
+	"cmp"
 	"context"
 	"database/sql"
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -81,94 +83,334 @@ func (s *Store) addUsage(ctx context.Context, tx *sql.Tx, user string, bytes, fi
 	return newBytes, newFiles, nil
 }
 
-// checkLimits checks lim for an item of size bytes of user, whose counters
-// are already newBytes and newFiles with the item added. It runs in tx after
-// addUsage (so under the user's lock) and returns a *storage.QuotaExceededError
-// for the first limit exceeded: stored bytes, stored files, then each window
-// in order, bytes before files.
-func (s *Store) checkLimits(ctx context.Context, tx *sql.Tx, user string, size, newBytes, newFiles int64, lim storage.UploadLimits) error {
-	if lim.MaxBytes > 0 && newBytes > lim.MaxBytes {
-		return &storage.QuotaExceededError{Limit: storage.LimitBytes, Used: newBytes - size, Adding: size, Max: lim.MaxBytes}
+// Rolling windows (migration 7, table user_upload_minutes).
+//
+// Next to the counters, every transaction that makes a row count (or stop
+// counting) adds its bytes and one file to (or subtracts them from) the
+// user's entry for the minute of the row's upload time (historyMinute), in
+// the same transaction and under the same counter lock. A window from
+// cutoff to now is then the sum of the minutes after the cutoff's minute
+// (at most one entry per minute, however many uploads) plus the part of
+// the cutoff's own minute at or after the cutoff (the edge).
+//
+// The edge is decided lazily: the sums first take the cutoff's whole
+// minute, which can only over-count. Only when that over-count would refuse
+// the upload (or, before a body of unknown length, bound it below what it
+// may have anyway) are the rows of that one minute after the cutoff read
+// from media_user_uploaded, for the exact answer. So an upload that fits
+// comfortably costs one index range over the user's minutes; a decision
+// at the limit also reads at most one minute of the user's rows.
+
+// historyMinute is the minute of the upload history of a row uploaded (or,
+// without an upload time, created) at ms Unix milliseconds. The division
+// truncates, as SQL's integer division does in the migration's backfill and
+// in RecountUsage.
+func historyMinute(ms int64) int64 { return ms / 60000 }
+
+// rowMillis is the upload time of m as uploadedTS computes it from the
+// row: its upload time, else its creation time, else 0.
+func rowMillis(m storage.Media) int64 {
+	switch {
+	case !m.UploadedAt.IsZero():
+		return m.UploadedAt.UnixMilli()
+	case !m.CreatedAt.IsZero():
+		return m.CreatedAt.UnixMilli()
 	}
-	if lim.MaxFiles > 0 && newFiles > lim.MaxFiles {
-		return &storage.QuotaExceededError{Limit: storage.LimitFiles, Used: newFiles - 1, Adding: 1, Max: lim.MaxFiles}
+	return 0
+}
+
+// addHistory adds one row of size bytes uploaded at ms to user's history,
+// in tx after addUsage (under the user's counter lock).
+func (s *Store) addHistory(ctx context.Context, tx *sql.Tx, user string, ms, size int64) error {
+	if _, err := tx.ExecContext(ctx, s.q.addMinute, user, historyMinute(ms), size, 1); err != nil {
+		return fmt.Errorf("updating upload history of %s: %w", user, classify(err))
 	}
-	var windows []storage.WindowLimit
-	for _, w := range lim.Windows {
-		if w.MaxBytes > 0 || w.MaxFiles > 0 {
-			windows = append(windows, w)
+	return nil
+}
+
+// historyKey is one minute of one user's history.
+type historyKey struct {
+	user   string
+	minute int64
+}
+
+// subtractHistory takes deleted counted rows out of their users' history,
+// in byte order of the user IDs, then by minute. Minutes already pruned are
+// left alone (the UPDATE finds nothing).
+func (s *Store) subtractHistory(ctx context.Context, tx *sql.Tx, deleted map[historyKey]usageSum) error {
+	keys := slices.SortedFunc(maps.Keys(deleted), func(a, b historyKey) int {
+		if c := strings.Compare(a.user, b.user); c != 0 {
+			return c
 		}
-	}
-	if len(windows) == 0 {
-		return nil
-	}
-	now := lim.Now
-	if now.IsZero() {
-		now = time.Now()
-	}
-	sums, err := s.windowSums(ctx, tx, user, now, windows)
-	if err != nil {
-		return err
-	}
-	for i, w := range windows {
-		if w.MaxBytes > 0 && sums[i].bytes+size > w.MaxBytes {
-			return &storage.QuotaExceededError{Limit: storage.LimitWindowBytes, Window: w.Window, Used: sums[i].bytes, Adding: size, Max: w.MaxBytes}
-		}
-		if w.MaxFiles > 0 && sums[i].files+1 > w.MaxFiles {
-			return &storage.QuotaExceededError{Limit: storage.LimitWindowFiles, Window: w.Window, Used: sums[i].files, Adding: 1, Max: w.MaxFiles}
+		return cmp.Compare(a.minute, b.minute)
+	})
+	for _, k := range keys {
+		d := deleted[k]
+		if _, err := tx.ExecContext(ctx, s.q.subtractMinute, d.bytes, d.files, k.user, k.minute); err != nil {
+			return fmt.Errorf("updating upload history of %s: %w", k.user, classify(err))
 		}
 	}
 	return nil
 }
 
-// validLimits rejects windows of no length.
-func validLimits(lim storage.UploadLimits) error {
-	for _, w := range lim.Windows {
-		if w.Window <= 0 {
-			return fmt.Errorf("invalid upload limits: window of %s (must be positive)", w.Window)
+// cachedWindowQueries is how many windows the prepared window queries
+// cover; more are built on demand.
+const cachedWindowQueries = 4
+
+// windowQuery is the query of windowSums for n windows. With usage, its
+// first two columns are the user's counters (zero when none) and its first
+// two parameters the user ID. Then, per window, the parameters are the
+// last minute before the window's whole minutes twice and its edge minute
+// twice, and the columns the bytes and files of the whole minutes and of
+// the edge minute; the last parameters are the user ID and the oldest
+// minute read.
+func windowQuery(d dialect, n int, usage bool) string {
+	cols := make([]string, 0, 4*n+2)
+	if usage {
+		cols = append(cols,
+			`COALESCE((SELECT bytes FROM user_usage WHERE user_id = ?), 0)`,
+			`COALESCE((SELECT files FROM user_usage WHERE user_id = ?), 0)`)
+	}
+	for range n {
+		cols = append(cols,
+			`CAST(COALESCE(SUM(CASE WHEN minute > ? THEN bytes ELSE 0 END), 0) AS BIGINT)`,
+			`CAST(COALESCE(SUM(CASE WHEN minute > ? THEN files ELSE 0 END), 0) AS BIGINT)`,
+			`CAST(COALESCE(SUM(CASE WHEN minute = ? THEN bytes ELSE 0 END), 0) AS BIGINT)`,
+			`CAST(COALESCE(SUM(CASE WHEN minute = ? THEN files ELSE 0 END), 0) AS BIGINT)`)
+	}
+	if len(cols) == 0 {
+		cols = append(cols, `0`)
+	}
+	return d.rebind(`SELECT ` + strings.Join(cols, ", ") + ` FROM user_upload_minutes WHERE user_id = ? AND minute >= ?`)
+}
+
+// noMinute is an edge minute that matches no history entry.
+const noMinute = math.MinInt64
+
+// windowSpan is how windowSums splits one window ending now.
+type windowSpan struct {
+	// cutoff is the window's start (Unix milliseconds, inclusive).
+	cutoff int64
+	// after is the last minute not wholly inside the window: minutes after
+	// it are.
+	after int64
+	// edge is the minute holding the cutoff when the cutoff is not on a
+	// minute boundary (noMinute otherwise): only part of it is inside.
+	edge int64
+	// whole and edgeSum are the sums of the whole minutes and of the whole
+	// edge minute.
+	whole, edgeSum usageSum
+}
+
+// spanFrom splits the window starting at cutoff.
+func spanFrom(cutoff int64) windowSpan {
+	m := historyMinute(cutoff)
+	if cutoff == m*60000 {
+		return windowSpan{cutoff: cutoff, after: m - 1, edge: noMinute}
+	}
+	return windowSpan{cutoff: cutoff, after: m, edge: m}
+}
+
+// rowQuerier runs single-row queries: a *sql.Tx or a *sql.DB.
+type rowQuerier interface {
+	QueryRowContext(ctx context.Context, query string, args ...any) *sql.Row
+}
+
+// windowSums reads, in one query, the history of user for the windows
+// starting at cutoffs (whole minutes and edge minutes, see windowSpan) and,
+// when usage is set, the user's counters.
+func (s *Store) windowSums(ctx context.Context, q rowQuerier, user string, cutoffs []int64, usage bool) (storage.UserUsage, []windowSpan, error) {
+	spans := make([]windowSpan, len(cutoffs))
+	args := make([]any, 0, 4*len(cutoffs)+4)
+	if usage {
+		args = append(args, user, user)
+	}
+	oldest := int64(math.MaxInt64)
+	for i, c := range cutoffs {
+		spans[i] = spanFrom(c)
+		sp := spans[i]
+		oldest = min(oldest, sp.after+1)
+		if sp.edge != noMinute {
+			oldest = min(oldest, sp.edge)
+		}
+		args = append(args, sp.after, sp.after, sp.edge, sp.edge)
+	}
+	args = append(args, user, oldest)
+	var u storage.UserUsage
+	dest := make([]any, 0, 4*len(spans)+2)
+	if usage {
+		dest = append(dest, &u.Bytes, &u.Files)
+	}
+	for i := range spans {
+		sp := &spans[i]
+		dest = append(dest, &sp.whole.bytes, &sp.whole.files, &sp.edgeSum.bytes, &sp.edgeSum.files)
+	}
+	var dummy int64
+	if len(dest) == 0 {
+		dest = append(dest, &dummy)
+	}
+	query := ""
+	switch {
+	case len(cutoffs) <= cachedWindowQueries && usage:
+		query = s.q.usageWindowQueries[len(cutoffs)]
+	case len(cutoffs) <= cachedWindowQueries:
+		query = s.q.windowQueries[len(cutoffs)]
+	default:
+		query = windowQuery(s.dialect, len(cutoffs), usage)
+	}
+	if err := q.QueryRowContext(ctx, query, args...).Scan(dest...); err != nil {
+		return storage.UserUsage{}, nil, fmt.Errorf("summing recent uploads of %s: %w", user, classify(err))
+	}
+	u.UserID = user
+	return u, spans, nil
+}
+
+// uploadedBetween sums user's counted rows uploaded at or after from and
+// before to (Unix milliseconds).
+func (s *Store) uploadedBetween(ctx context.Context, q rowQuerier, user string, from, to int64) (usageSum, error) {
+	var u usageSum
+	if err := q.QueryRowContext(ctx, s.q.uploadedBetween, user, from, to).Scan(&u.bytes, &u.files); err != nil {
+		return usageSum{}, fmt.Errorf("summing uploads of %s: %w", user, classify(err))
+	}
+	return u, nil
+}
+
+// windowUsage is what the spans add up to: with exact false, each edge
+// minute counts whole (an over-count); with exact true, the edge minutes
+// must have been refined (refineEdges).
+func windowUsage(spans []windowSpan) []storage.WindowUsage {
+	out := make([]storage.WindowUsage, len(spans))
+	for i, sp := range spans {
+		out[i] = storage.WindowUsage{Bytes: sp.whole.bytes + sp.edgeSum.bytes, Files: sp.whole.files + sp.edgeSum.files}
+	}
+	return out
+}
+
+// refineEdges replaces each span's whole edge minute by the rows of that
+// minute at or after the cutoff, and reports whether anything changed.
+func (s *Store) refineEdges(ctx context.Context, q rowQuerier, user string, spans []windowSpan) (bool, error) {
+	changed := false
+	for i := range spans {
+		sp := &spans[i]
+		if sp.edge == noMinute || sp.edgeSum == (usageSum{}) {
+			continue
+		}
+		exact, err := s.uploadedBetween(ctx, q, user, sp.cutoff, (sp.edge+1)*60000)
+		if err != nil {
+			return false, err
+		}
+		if exact != sp.edgeSum {
+			changed = true
+		}
+		sp.edgeSum = exact
+	}
+	return changed, nil
+}
+
+// boundedWindows returns the cutoffs of lim's windows that bound anything
+// (nil for the others' places) and whether there is any, for windows ending
+// at now.
+func boundedWindows(lim storage.UploadLimits, now time.Time) ([]int64, []int, bool) {
+	var cutoffs []int64
+	var index []int
+	for i, w := range lim.Windows {
+		if w.MaxBytes > 0 || w.MaxFiles > 0 {
+			cutoffs = append(cutoffs, now.Add(-w.Window).UnixMilli())
+			index = append(index, i)
 		}
 	}
-	return nil
+	return cutoffs, index, len(cutoffs) > 0
+}
+
+// decide checks one more upload of size bytes by user against lim (see
+// storage.QuotaStore.CheckUpload for maxSize). With stored nil it reads the
+// user's counters together with the window sums; otherwise stored is what
+// the user has before this upload.
+func (s *Store) decide(ctx context.Context, q rowQuerier, user string, lim storage.UploadLimits, size, maxSize int64, stored *storage.UserUsage) (storage.Headroom, error) {
+	now := lim.Now
+	if now.IsZero() {
+		now = time.Now()
+	}
+	cutoffs, index, bounded := boundedWindows(lim, now)
+	if !bounded {
+		u := storage.UserUsage{UserID: user}
+		if stored != nil {
+			u = *stored
+		} else if lim.MaxBytes > 0 || lim.MaxFiles > 0 {
+			var err error
+			if u, err = s.UserUsage(ctx, user); err != nil {
+				return storage.Headroom{}, err
+			}
+		}
+		return lim.Check(size, u, nil)
+	}
+	u, spans, err := s.windowSums(ctx, q, user, cutoffs, stored == nil)
+	if err != nil {
+		return storage.Headroom{}, err
+	}
+	if stored != nil {
+		u = *stored
+	}
+	all := func() []storage.WindowUsage {
+		sums := make([]storage.WindowUsage, len(lim.Windows))
+		for j, w := range windowUsage(spans) {
+			sums[index[j]] = w
+		}
+		return sums
+	}
+	h, err := lim.Check(size, u, all())
+	needExact := errors.Is(err, storage.ErrQuotaExceeded) ||
+		(err == nil && size < 0 && h.Bytes >= 0 && (maxSize <= 0 || h.Bytes < maxSize))
+	if !needExact {
+		return h, err
+	}
+	changed, rerr := s.refineEdges(ctx, q, user, spans)
+	if rerr != nil {
+		return storage.Headroom{}, rerr
+	}
+	if !changed {
+		return h, err
+	}
+	return lim.Check(size, u, all())
+}
+
+// checkLimits checks lim for an item of size bytes of user, whose counters
+// are already newBytes and newFiles with the item added. It runs in tx after
+// addUsage (so under the user's lock) and before the item's history is
+// added, and returns a *storage.QuotaExceededError for the first limit
+// exceeded (storage.UploadLimits.Check).
+func (s *Store) checkLimits(ctx context.Context, tx *sql.Tx, user string, size, newBytes, newFiles int64, lim storage.UploadLimits) error {
+	before := storage.UserUsage{UserID: user, Bytes: newBytes - size, Files: newFiles - 1}
+	_, err := s.decide(ctx, tx, user, lim, size, 0, &before)
+	return err
 }
 
 // usageSum is what a user uploaded within one window.
 type usageSum struct{ bytes, files int64 }
 
-// windowQuery is the query of windowSums for n windows. Its parameters are
-// the cutoff of each window twice, then the user ID and the oldest cutoff;
-// its columns the bytes and files of each window.
-func (s *Store) windowQuery(n int) string {
-	cols := make([]string, 0, 2*n)
-	for range n {
-		cols = append(cols,
-			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN size ELSE 0 END), 0) AS BIGINT)`,
-			`CAST(COALESCE(SUM(CASE WHEN `+uploadedTS+` >= ? THEN 1 ELSE 0 END), 0) AS BIGINT)`)
+// CheckUpload checks, without writing, whether one more upload of size
+// bytes (negative: unknown) by userID fits lim, reading the user's
+// counters and window sums in one query (plus one range of at most a
+// minute of the user's rows per window when the decision needs it exact).
+func (s *Store) CheckUpload(ctx context.Context, userID string, lim storage.UploadLimits, size, maxSize int64) (storage.Headroom, error) {
+	if err := lim.Validate(); err != nil {
+		return storage.Headroom{}, err
 	}
-	return s.dialect.rebind(`SELECT ` + strings.Join(cols, ", ") + ` FROM media
-		WHERE user_id = ? AND ` + s.countedRow() + ` AND ` + uploadedTS + ` >= ?`)
+	return s.decide(ctx, s.read, userID, lim, size, maxSize, nil)
 }
 
-// windowSums sums the user's counted rows uploaded at or after now minus
-// each window, in one range scan of media_user_uploaded from the oldest
-// cutoff.
-func (s *Store) windowSums(ctx context.Context, tx *sql.Tx, user string, now time.Time, windows []storage.WindowLimit) ([]usageSum, error) {
-	args := make([]any, 0, 2*len(windows)+2)
-	oldest := now.UnixMilli()
-	for _, w := range windows {
-		cutoff := now.Add(-w.Window).UnixMilli()
-		oldest = min(oldest, cutoff)
-		args = append(args, cutoff, cutoff)
+// PruneUploadHistory deletes the upload history of minutes before before's
+// minute.
+func (s *Store) PruneUploadHistory(ctx context.Context, before time.Time) (int64, error) {
+	res, err := s.write.ExecContext(ctx, s.q.pruneMinutes, historyMinute(before.UnixMilli()))
+	if err != nil {
+		return 0, fmt.Errorf("pruning upload history before %s: %w", before.Format(time.RFC3339), classify(err))
 	}
-	args = append(args, user, oldest)
-	out := make([]usageSum, len(windows))
-	dest := make([]any, 0, 2*len(windows))
-	for i := range out {
-		dest = append(dest, &out[i].bytes, &out[i].files)
+	n, err := res.RowsAffected()
+	if err != nil {
+		return 0, fmt.Errorf("pruning upload history: reading affected rows: %w", classify(err))
 	}
-	if err := tx.QueryRowContext(ctx, s.windowQuery(len(windows)), args...).Scan(dest...); err != nil {
-		return nil, fmt.Errorf("summing recent uploads of %s: %w", user, classify(err))
-	}
-	return out, nil
+	return n, nil
 }
 
 // InsertMediaLimited is InsertMedia checking lim for m.UserID in the same
@@ -201,12 +443,19 @@ func (s *Store) UserUsage(ctx context.Context, userID string) (storage.UserUsage
 }
 
 // UploadedSince sums the bytes and files of userID's counted media rows
-// whose upload time (creation time when none) is at or after since.
+// whose upload time (creation time when none) is at or after since: the
+// whole minutes from the history, the part of since's minute from the
+// rows.
 func (s *Store) UploadedSince(ctx context.Context, userID string, since time.Time) (bytes, files int64, err error) {
-	if err := s.read.QueryRowContext(ctx, s.q.uploadedSince, userID, since.UnixMilli()).Scan(&bytes, &files); err != nil {
-		return 0, 0, fmt.Errorf("summing uploads of %s since %s: %w", userID, since.Format(time.RFC3339), classify(err))
+	_, spans, err := s.windowSums(ctx, s.read, userID, []int64{since.UnixMilli()}, false)
+	if err != nil {
+		return 0, 0, err
 	}
-	return bytes, files, nil
+	if _, err := s.refineEdges(ctx, s.read, userID, spans); err != nil {
+		return 0, 0, err
+	}
+	w := windowUsage(spans)[0]
+	return w.Bytes, w.Files, nil
 }
 
 // TopUsage lists up to limit users with the most bytes stored, most first,
@@ -283,6 +532,10 @@ func (s *Store) RecountUsage(ctx context.Context, userID string) (changed int64,
 	if err := scanUsage(ctx, tx, s.dialect.rebind(query+` GROUP BY user_id`), args, actual); err != nil {
 		return 0, fmt.Errorf("%s: summing media: %w", what, err)
 	}
+	historyChanged, err := s.rebuildHistory(ctx, tx, userID)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", what, err)
+	}
 	users := slices.Sorted(maps.Keys(stored))
 	for u := range actual {
 		if _, ok := stored[u]; !ok {
@@ -290,9 +543,16 @@ func (s *Store) RecountUsage(ctx context.Context, userID string) (changed int64,
 		}
 	}
 	slices.Sort(users)
+	for u := range historyChanged {
+		if _, ok := stored[u]; !ok {
+			if _, ok := actual[u]; !ok {
+				changed++ // history of a user without counters or rows
+			}
+		}
+	}
 	for _, u := range users {
 		want, have := actual[u], stored[u]
-		if want != have {
+		if want != have || historyChanged[u] {
 			changed++
 		}
 		switch {
@@ -311,6 +571,70 @@ func (s *Store) RecountUsage(ctx context.Context, userID string) (changed int64,
 		return 0, fmt.Errorf("%s: committing: %w", what, classify(err))
 	}
 	return changed, nil
+}
+
+// rebuildHistory rebuilds the upload history of userID (every user when
+// empty) from the media rows, in tx under RecountUsage's locks, and returns
+// the users whose history within storage.MaxWindow of now differed (older
+// minutes may have been pruned on purpose).
+func (s *Store) rebuildHistory(ctx context.Context, tx *sql.Tx, userID string) (map[string]bool, error) {
+	const minuteExpr = uploadedTS + ` / 60000`
+	actual := `SELECT user_id, ` + minuteExpr + ` AS minute, CAST(COALESCE(SUM(size), 0) AS BIGINT) AS bytes,
+		CAST(COUNT(*) AS BIGINT) AS files FROM media WHERE ` + s.countedRow()
+	stored := `SELECT user_id, minute, bytes, files FROM user_upload_minutes WHERE (bytes <> 0 OR files <> 0)`
+	var userArgs []any
+	if userID != "" {
+		actual += ` AND user_id = ?`
+		stored += ` AND user_id = ?`
+		userArgs = []any{userID}
+	}
+	actual += ` GROUP BY user_id, ` + minuteExpr
+	horizon := historyMinute(time.Now().Add(-storage.MaxWindow).UnixMilli())
+	recent := func(q string) string {
+		return `SELECT user_id, minute, bytes, files FROM (` + q + `) r WHERE minute >= ?`
+	}
+	diff := `SELECT user_id FROM (` + recent(stored) + ` EXCEPT ` + recent(actual) + `) a
+		UNION SELECT user_id FROM (` + recent(actual) + ` EXCEPT ` + recent(stored) + `) b`
+	// Parameters in order: stored, actual, actual, stored; each its user
+	// (when one) and the horizon.
+	var args []any
+	args = append(args, userArgs...)
+	args = append(args, horizon)
+	args = append(args, userArgs...)
+	args = append(args, horizon)
+	args = append(args, userArgs...)
+	args = append(args, horizon)
+	args = append(args, userArgs...)
+	args = append(args, horizon)
+	out := map[string]bool{}
+	rows, err := tx.QueryContext(ctx, s.dialect.rebind(diff), args...)
+	if err != nil {
+		return nil, fmt.Errorf("comparing upload history: %w", classify(err))
+	}
+	for rows.Next() {
+		var u string
+		if err := rows.Scan(&u); err != nil {
+			rows.Close()
+			return nil, fmt.Errorf("comparing upload history: reading row: %w", classify(err))
+		}
+		out[u] = true
+	}
+	err = rows.Err()
+	rows.Close()
+	if err != nil {
+		return nil, fmt.Errorf("comparing upload history: %w", classify(err))
+	}
+	del := `DELETE FROM user_upload_minutes`
+	if userID != "" {
+		del += ` WHERE user_id = ?`
+	}
+	if _, err := tx.ExecContext(ctx, s.dialect.rebind(del), userArgs...); err != nil {
+		return nil, fmt.Errorf("clearing upload history: %w", classify(err))
+	}
+	if _, err := tx.ExecContext(ctx, s.dialect.rebind(`INSERT INTO user_upload_minutes (user_id, minute, bytes, files) `+actual), userArgs...); err != nil {
+		return nil, fmt.Errorf("rebuilding upload history: %w", classify(err))
+	}
+	return out, nil
 }
 
 // scanUsage reads rows of (user_id, bytes, files) into out.

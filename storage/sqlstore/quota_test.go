@@ -2,6 +2,7 @@ package sqlstore
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -106,8 +107,8 @@ func TestRecountRepairs(t *testing.T) {
 }
 
 // TestUpgradeTo6 migrates a database holding media at version 5: the usage
-// counters start from the counted rows, and the rolling-window query uses
-// the new index.
+// counters and the upload history (migration 7) start from the counted
+// rows, and the rolling-window queries use their indexes.
 func TestUpgradeTo6(t *testing.T) {
 	ctx := context.Background()
 	for _, be := range backends {
@@ -161,19 +162,56 @@ func TestUpgradeTo6(t *testing.T) {
 			if err != nil || bytes != 5 || files != 1 {
 				t.Fatalf("UploadedSince after upgrade = %d, %d, %v; want 5, 1", bytes, files, err)
 			}
-			// The window sums read the new index (on PostgreSQL once
-			// sequential scans are off, which proves that the index's
-			// predicate matches the query's).
-			if plan := windowPlan(t, s); !strings.Contains(plan, "media_user_uploaded") {
-				t.Fatalf("the rolling-window query does not use media_user_uploaded:\n%s", plan)
+			// Migration 7 starts the upload history from the same rows.
+			var history []string
+			rows, err := s.write.QueryContext(ctx, `SELECT user_id, minute, bytes, files FROM user_upload_minutes ORDER BY user_id, minute`)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for rows.Next() {
+				var (
+					u               string
+					m, bytes, files int64
+				)
+				if err := rows.Scan(&u, &m, &bytes, &files); err != nil {
+					t.Fatal(err)
+				}
+				history = append(history, fmt.Sprintf("%s/%d/%d/%d", u, m, bytes, files))
+			}
+			rows.Close()
+			if got, want := strings.Join(history, " "), "@a:example.org/0/8/2 @b:other.example/0/7/1"; got != want {
+				t.Fatalf("upload history after upgrade = %s; want %s", got, want)
+			}
+			// The window sums read the history by its primary key, and the
+			// edge of a window the media rows by media_user_uploaded (on
+			// PostgreSQL once sequential scans are off, which proves that
+			// the index's predicate matches the query's).
+			sums := s.q.windowQueries[2]
+			if be.name == "postgres" {
+				// A user's minutes are far fewer than everyone's recent
+				// ones; let the planner know the table.
+				for i := range 2000 {
+					if _, err := s.write.ExecContext(ctx, `INSERT INTO user_upload_minutes (user_id, minute, bytes, files) VALUES ($1, $2, 1, 1)`,
+						fmt.Sprintf("@u%d:example.org", i%50), int64(i)); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if _, err := s.write.ExecContext(ctx, `ANALYZE user_upload_minutes`); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if plan := queryPlan(t, s, sums, int64(1), int64(1), int64(2), int64(2), int64(3), int64(3), int64(4), int64(4), "@a:example.org", int64(1)); !strings.Contains(plan, "user_upload_minutes_pkey") && !strings.Contains(plan, "PRIMARY KEY") {
+				t.Fatalf("the rolling-window query does not use the history's primary key:\n%s", plan)
+			}
+			if plan := queryPlan(t, s, s.q.uploadedBetween, "@a:example.org", int64(1), int64(60000)); !strings.Contains(plan, "media_user_uploaded") {
+				t.Fatalf("the window edge query does not use media_user_uploaded:\n%s", plan)
 			}
 		})
 	}
 }
 
-// windowPlan returns the query plan of a two-window sum of the Limited
-// inserts.
-func windowPlan(t *testing.T, s *Store) string {
+// queryPlan returns the query plan of query with args.
+func queryPlan(t *testing.T, s *Store, query string, args ...any) string {
 	t.Helper()
 	ctx := context.Background()
 	tx, err := s.write.BeginTx(ctx, nil)
@@ -188,8 +226,7 @@ func windowPlan(t *testing.T, s *Store) string {
 			t.Fatal(err)
 		}
 	}
-	query := s.windowQuery(2)
-	rows, err := tx.QueryContext(ctx, explain+query, int64(1), int64(1), int64(2), int64(2), "@a:example.org", int64(1))
+	rows, err := tx.QueryContext(ctx, explain+query, args...)
 	if err != nil {
 		t.Fatalf("%s: %v", query, err)
 	}
@@ -216,14 +253,15 @@ func windowPlan(t *testing.T, s *Store) string {
 func TestQuotaQueriesRebound(t *testing.T) {
 	q := newQueries(dialectPostgres)
 	for _, s := range []string{q.addUsage, q.subtractUsage, q.lockUsage, q.setUsage, q.deleteUsage,
-		q.getUsage, q.uploadedSince, q.topUsage} {
+		q.getUsage, q.uploadedBetween, q.topUsage, q.addMinute, q.subtractMinute, q.pruneMinutes} {
 		if strings.Contains(s, "?") || !strings.Contains(s, "$1") {
 			t.Errorf("postgres query not rebound: %s", s)
 		}
 	}
-	s := &Store{dialect: dialectPostgres}
-	if w := s.windowQuery(3); strings.Contains(w, "?") || !strings.Contains(w, "$8") {
-		t.Errorf("postgres window query not rebound: %s", w)
+	for _, w := range []string{q.windowQueries[3], q.usageWindowQueries[4], windowQuery(dialectPostgres, 6, true)} {
+		if strings.Contains(w, "?") || !strings.Contains(w, "$12") {
+			t.Errorf("postgres window query not rebound: %s", w)
+		}
 	}
 }
 
@@ -289,6 +327,73 @@ func BenchmarkInsertMediaLimited(b *testing.B) {
 					}
 				}
 			})
+		})
+	}
+}
+
+// TestRecountRepairsHistory corrupts the upload history of recent uploads
+// and checks that RecountUsage reports and repairs it, and that the
+// windows decide right again.
+func TestRecountRepairsHistory(t *testing.T) {
+	ctx := context.Background()
+	for _, be := range backends {
+		t.Run(be.name, func(t *testing.T) {
+			s := mustOpen(t, be.name, be.newDB(t))
+			defer s.Close()
+			blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: 10, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files", CreatedAt: time.Now()}
+			if err := s.RecordBlob(ctx, blob); err != nil {
+				t.Fatal(err)
+			}
+			now := time.Now()
+			for i, u := range []string{"@a:x", "@a:x", "@b:x"} {
+				at := now.Add(-time.Duration(i) * 2 * time.Minute)
+				m := storage.Media{ServerName: "x", MediaID: fmt.Sprintf("m%d", i), UserID: u, SHA256: blob.SHA256, Size: 10, CreatedAt: at, UploadedAt: at}
+				if err := s.InsertMedia(ctx, m); err != nil {
+					t.Fatal(err)
+				}
+			}
+			hour := storage.UploadLimits{Windows: []storage.WindowLimit{{Window: time.Hour, MaxFiles: 3}}}
+			check := func(stage string) {
+				t.Helper()
+				b, f, err := s.UploadedSince(ctx, "@a:x", now.Add(-time.Hour))
+				if err != nil || b != 20 || f != 2 {
+					t.Fatalf("%s: UploadedSince(@a:x) = %d, %d, %v; want 20, 2", stage, b, f, err)
+				}
+				if _, err := s.CheckUpload(ctx, "@a:x", hour, 10, 0); err != nil {
+					t.Fatalf("%s: CheckUpload(@a:x) = %v; want room for a third file", stage, err)
+				}
+			}
+			check("before corruption")
+			exec := func(q string) {
+				t.Helper()
+				if _, err := s.write.ExecContext(ctx, s.dialect.rebind(q)); err != nil {
+					t.Fatalf("%s: %v", q, err)
+				}
+			}
+			exec(`UPDATE user_upload_minutes SET files = files + 5 WHERE user_id = '@a:x'`)
+			if _, err := s.CheckUpload(ctx, "@a:x", hour, 10, 0); !errors.Is(err, storage.ErrQuotaExceeded) {
+				t.Fatalf("CheckUpload on corrupted history = %v; want a refusal (the corruption is seen)", err)
+			}
+			exec(`DELETE FROM user_upload_minutes WHERE user_id = '@b:x'`)
+			exec(`INSERT INTO user_upload_minutes (user_id, minute, bytes, files) VALUES ('@ghost:x', ` +
+				fmt.Sprint(now.UnixMilli()/60000) + `, 1, 1)`)
+
+			if n, err := s.RecountUsage(ctx, "@a:x"); err != nil || n != 1 {
+				t.Fatalf("RecountUsage(@a:x) = %d, %v; want 1 (its history)", n, err)
+			}
+			check("after RecountUsage(@a:x)")
+			if n, err := s.RecountUsage(ctx, ""); err != nil || n != 2 {
+				t.Fatalf("RecountUsage(all) = %d, %v; want 2 (@b's lost minute, the ghost's)", n, err)
+			}
+			if b, f, err := s.UploadedSince(ctx, "@b:x", now.Add(-time.Hour)); err != nil || b != 10 || f != 1 {
+				t.Fatalf("UploadedSince(@b:x) after recount = %d, %d, %v; want 10, 1", b, f, err)
+			}
+			if b, f, err := s.UploadedSince(ctx, "@ghost:x", now.Add(-time.Hour)); err != nil || b != 0 || f != 0 {
+				t.Fatalf("UploadedSince(@ghost:x) after recount = %d, %d, %v; want nothing", b, f, err)
+			}
+			if n, err := s.RecountUsage(ctx, ""); err != nil || n != 0 {
+				t.Fatalf("RecountUsage(all) again = %d, %v; want 0", n, err)
+			}
 		})
 	}
 }

@@ -90,7 +90,11 @@ type queries struct {
 	listClaimableJobs, updateJob, cancelJob string
 
 	addUsage, subtractUsage, lockUsage, setUsage, deleteUsage string
-	getUsage, uploadedSince, topUsage                         string
+	getUsage, uploadedBetween, topUsage                       string
+	addMinute, subtractMinute, pruneMinutes                   string
+	// windowQueries[n] sums n windows from user_upload_minutes (see
+	// windowQuery); usageWindowQueries[n] also reads user_usage.
+	windowQueries, usageWindowQueries [cachedWindowQueries + 1]string
 }
 
 const mediaColumns = `server_name, media_id, state, user_id, sha256, size, content_type, filename, created_ts, uploaded_ts, expires_ts, remote, protected`
@@ -249,8 +253,13 @@ func newQueries(d dialect) queries {
 		ON CONFLICT (user_id) DO UPDATE SET bytes = excluded.bytes, files = excluded.files`
 	q.deleteUsage = `DELETE FROM user_usage WHERE user_id = ?`
 	q.getUsage = `SELECT bytes, files FROM user_usage WHERE user_id = ?`
-	q.uploadedSince = `SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM media
-		WHERE user_id = ? AND ` + counted + ` AND COALESCE(uploaded_ts, created_ts, 0) >= ?`
+	q.uploadedBetween = `SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*) FROM media
+		WHERE user_id = ? AND ` + counted + ` AND COALESCE(uploaded_ts, created_ts, 0) >= ? AND COALESCE(uploaded_ts, created_ts, 0) < ?`
+	q.addMinute = `INSERT INTO user_upload_minutes (user_id, minute, bytes, files) VALUES (?, ?, ?, ?)
+		ON CONFLICT (user_id, minute) DO UPDATE SET bytes = user_upload_minutes.bytes + excluded.bytes,
+			files = user_upload_minutes.files + excluded.files`
+	q.subtractMinute = `UPDATE user_upload_minutes SET bytes = bytes - ?, files = files - ? WHERE user_id = ? AND minute = ?`
+	q.pruneMinutes = `DELETE FROM user_upload_minutes WHERE minute < ?`
 	q.topUsage = `SELECT user_id, bytes, files FROM user_usage WHERE bytes <> 0 OR files <> 0
 		ORDER BY bytes DESC, ` + d.binary("user_id") + ` ASC LIMIT ?`
 
@@ -271,9 +280,14 @@ func newQueries(d dialect) queries {
 		&q.remoteCacheSize, &q.listRemoteLRU, &q.deleteOldThumbnails,
 		&q.createJob, &q.getJob, &q.listJobs, &q.claimJob, &q.listClaimableJobs, &q.updateJob, &q.cancelJob,
 		&q.addUsage, &q.subtractUsage, &q.lockUsage, &q.setUsage, &q.deleteUsage,
-		&q.getUsage, &q.uploadedSince, &q.topUsage,
+		&q.getUsage, &q.uploadedBetween, &q.topUsage,
+		&q.addMinute, &q.subtractMinute, &q.pruneMinutes,
 	} {
 		*p = d.rebind(*p)
+	}
+	for n := range q.windowQueries {
+		q.windowQueries[n] = windowQuery(d, n, false)
+		q.usageWindowQueries[n] = windowQuery(d, n, true)
 	}
 	return q
 }
@@ -658,7 +672,7 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 		return fmt.Errorf("inserting media %s/%s: a ready item needs a blob hash", m.ServerName, m.MediaID)
 	}
 	if lim != nil {
-		if err := validLimits(*lim); err != nil {
+		if err := lim.Validate(); err != nil {
 			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
@@ -685,6 +699,9 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 		if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
 			return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
 		}
+	}
+	if err := s.addHistory(ctx, tx, m.UserID, rowMillis(m), m.Size); err != nil {
+		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 	}
 	if err := s.insertMediaRow(ctx, tx, m, storage.StateReady); err != nil {
 		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
@@ -795,7 +812,7 @@ func (s *Store) completePending(ctx context.Context, m storage.Media, lim *stora
 		return fmt.Errorf("completing pending media %s/%s: no blob hash", m.ServerName, m.MediaID)
 	}
 	if lim != nil {
-		if err := validLimits(*lim); err != nil {
+		if err := lim.Validate(); err != nil {
 			return fmt.Errorf("completing pending media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
@@ -863,6 +880,9 @@ func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *
 			if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
 				return false, fmt.Errorf("for %s: %w", m.UserID, err)
 			}
+		}
+		if err := s.addHistory(ctx, tx, m.UserID, at, m.Size); err != nil {
+			return false, err
 		}
 	}
 	res, err := tx.ExecContext(ctx, s.q.completePending,
