@@ -371,6 +371,27 @@ func TestQuotaUploadSizeAndPending(t *testing.T) {
 	}
 }
 
+// TestQuotaCreateRefusedWhenFull checks that /create is refused, as an
+// upload would be, when the user's files are used up, and allowed while an
+// empty file would still fit.
+func TestQuotaCreateRefusedWhenFull(t *testing.T) {
+	e := newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxFiles: 1, MaxBytes: 10}}}))
+	e.upload("alice", bytes.Repeat([]byte("x"), 10), "", "")
+	rec := e.do(req{method: "POST", path: "/_matrix/media/v1/create", token: "alice", body: []byte("{}")})
+	expectError(t, rec, 403, "M_FORBIDDEN")
+	if !strings.Contains(rec.Body.String(), "files") {
+		t.Fatalf("refusal does not name the files limit: %s", rec.Body.String())
+	}
+	if got := e.rejections("quota_files"); got != 1 {
+		t.Fatalf("quota_files = %v, want 1", got)
+	}
+	// Bob's bytes are used up but not his files: an empty upload still
+	// fits, so he may reserve an ID.
+	e = newEnv(t, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxFiles: 5, MaxBytes: 10}}}))
+	e.upload("bob", bytes.Repeat([]byte("y"), 10), "", "")
+	e.create("bob")
+}
+
 func quotaPut(t *testing.T, open opener) {
 	e := newEnvOn(t, open, nil, withQuotas(QuotaConfig{Rules: []QuotaRule{{Users: "*", MaxBytes: 50}}}))
 	id := e.create("alice")

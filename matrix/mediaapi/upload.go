@@ -282,15 +282,25 @@ func (s *Site) isAdmin(r *http.Request, user auth.User) bool {
 }
 
 // serveCreate handles POST /_matrix/media/v1/create. The body (normally {})
-// is ignored.
+// is ignored. A user whose quota has no room for one more file (even an
+// empty one) is refused here as at an upload.
 func (s *Site) serveCreate(w http.ResponseWriter, r *http.Request) int {
 	user, st := s.authenticate(w, r, false)
 	if st != 0 {
 		return st
 	}
-	maxPending := s.maxPendingFor(s.quotaFor(r, user))
+	rule := s.quotaFor(r, user)
+	maxPending := s.maxPendingFor(rule)
 	if st := s.limit(w, r, &user, rateCost{class: RateUpload, cost: 1}); st != 0 {
 		return st
+	}
+	// An ID whose upload could not fit even empty (files used up) is
+	// refused now rather than at its PUT.
+	if _, err := s.checkQuota(r.Context(), rule, user.UserID, 0); err != nil {
+		if qe, ok := asQuotaExceeded(err); ok {
+			return writeErr(w, s.quotaError(rule, qe))
+		}
+		return s.internalError(w, "checking the quota of a new media ID", err)
 	}
 	now := s.repo.now()
 	m := storage.Media{

@@ -322,6 +322,36 @@ func boundedWindows(lim storage.UploadLimits, now time.Time) ([]int64, []int, bo
 	return cutoffs, index, len(cutoffs) > 0
 }
 
+// withoutUnreachableWindows returns lim without the limits of windows that
+// the upload cannot exceed whatever the user uploaded recently: what a
+// window holds is part of what the user stores, so a window limit at or
+// above the user's stored bytes (or files) with this item is not reached.
+// Most users store less than their windows allow; their uploads then skip
+// the window sums altogether.
+func withoutUnreachableWindows(lim storage.UploadLimits, stored storage.UserUsage, size int64) storage.UploadLimits {
+	var windows []storage.WindowLimit
+	for i, w := range lim.Windows {
+		keepBytes := w.MaxBytes > 0 && stored.Bytes+size > w.MaxBytes
+		keepFiles := w.MaxFiles > 0 && stored.Files+1 > w.MaxFiles
+		if keepBytes == (w.MaxBytes > 0) && keepFiles == (w.MaxFiles > 0) {
+			continue
+		}
+		if windows == nil {
+			windows = slices.Clone(lim.Windows)
+		}
+		if !keepBytes {
+			windows[i].MaxBytes = 0
+		}
+		if !keepFiles {
+			windows[i].MaxFiles = 0
+		}
+	}
+	if windows != nil {
+		lim.Windows = windows
+	}
+	return lim
+}
+
 // decide checks one more upload of size bytes by user against lim (see
 // storage.QuotaStore.CheckUpload for maxSize). With stored nil it reads the
 // user's counters together with the window sums; otherwise stored is what
@@ -330,6 +360,9 @@ func (s *Store) decide(ctx context.Context, q rowQuerier, user string, lim stora
 	now := lim.Now
 	if now.IsZero() {
 		now = time.Now()
+	}
+	if stored != nil && size >= 0 {
+		lim = withoutUnreachableWindows(lim, *stored, size)
 	}
 	cutoffs, index, bounded := boundedWindows(lim, now)
 	if !bounded {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -395,5 +396,34 @@ func TestRecountRepairsHistory(t *testing.T) {
 				t.Fatalf("RecountUsage(all) again = %d, %v; want 0", n, err)
 			}
 		})
+	}
+}
+
+func TestWithoutUnreachableWindows(t *testing.T) {
+	stored := storage.UserUsage{Bytes: 100, Files: 4}
+	tests := []struct {
+		name string
+		in   []storage.WindowLimit
+		size int64
+		want []storage.WindowLimit
+	}{
+		{"limits above the totals go", []storage.WindowLimit{{Window: time.Hour, MaxBytes: 150, MaxFiles: 5}}, 50,
+			[]storage.WindowLimit{{Window: time.Hour}}},
+		{"a byte limit the item could reach stays", []storage.WindowLimit{{Window: time.Hour, MaxBytes: 149, MaxFiles: 5}}, 50,
+			[]storage.WindowLimit{{Window: time.Hour, MaxBytes: 149}}},
+		{"a file limit the item could reach stays", []storage.WindowLimit{{Window: time.Hour, MaxBytes: 1000, MaxFiles: 4}}, 0,
+			[]storage.WindowLimit{{Window: time.Hour, MaxFiles: 4}}},
+		{"unbounded windows stay unbounded", []storage.WindowLimit{{Window: time.Hour}, {Window: time.Minute, MaxFiles: 2}}, 1,
+			[]storage.WindowLimit{{Window: time.Hour}, {Window: time.Minute, MaxFiles: 2}}},
+	}
+	for _, tt := range tests {
+		in := slices.Clone(tt.in)
+		got := withoutUnreachableWindows(storage.UploadLimits{Windows: in}, stored, tt.size)
+		if !slices.Equal(got.Windows, tt.want) {
+			t.Errorf("%s: windows %+v; want %+v", tt.name, got.Windows, tt.want)
+		}
+		if !slices.Equal(in, tt.in) {
+			t.Errorf("%s: the caller's windows were changed: %+v", tt.name, in)
+		}
 	}
 }
