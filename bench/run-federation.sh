@@ -40,6 +40,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 ROUNDS=${ROUNDS:-5}
 SIZE_MIB=${SIZE_MIB:-64}
@@ -48,18 +49,9 @@ PREWARM_MIB=${PREWARM_MIB:-0}
 SERVER_OPTS=${SERVER_OPTS:-}
 if [[ ${1:-} == --quick ]]; then ROUNDS=2; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need go; need curl; need sha256sum
 
 WORK=$(mktemp -d /tmp/mm-bench-fed.XXXXXX)
-PIDS=()
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
 
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config" "$WORK/a" "$WORK/b"
@@ -87,19 +79,6 @@ echo "bench: building bench/fed programs" >&2
 go build -o "$WORK/bin/" ./bench/fed/hs ./bench/fed/pki
 "$WORK/bin/pki" -dir "$WORK/pki"
 CA=$WORK/pki/ca.pem
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
-
-# wait_ready LOG PID NAME: waits for a "ready" line of a bench/fed program.
-wait_ready() {
-	for _ in $(seq 1 100); do
-		grep -q '^ready' "$1" 2>/dev/null && return 0
-		kill -0 "$2" 2>/dev/null || break
-		sleep 0.1
-	done
-	echo "bench: $3 did not start" >&2; cat "$1" >&2; exit 1
-}
 
 # start_node N: a key, a homeserver and a Caddy for node N (a or b); sets
 # PORT_N, ADMIN_N, CADDY_PID_N.
@@ -145,12 +124,7 @@ https://127.0.0.1:$port {
 EOF
 	"$CADDY" run --config "$dir/Caddyfile" >"$dir/caddy.log" 2>&1 &
 	pid=$!; PIDS+=("$pid")
-	for _ in $(seq 1 100); do
-		curl -fsS "http://127.0.0.1:$admin/config/" >/dev/null 2>&1 && break
-		kill -0 "$pid" 2>/dev/null || break
-		sleep 0.1
-	done
-	curl -fsS "http://127.0.0.1:$admin/config/" >/dev/null 2>&1 || { echo "bench: caddy $n did not start" >&2; cat "$dir/caddy.log" >&2; exit 1; }
+	wait_http "http://127.0.0.1:$admin/config/" "$dir/caddy.log" "caddy $n" "$pid"
 	printf -v "PORT_$n" %s "$port"; printf -v "ADMIN_$n" %s "$admin"; printf -v "CADDY_PID_$n" %s "$pid"
 }
 start_node a
@@ -207,11 +181,8 @@ fetch_s() {
 }
 secs() { awk -v r="$1" -v s="$SIZE" 'BEGIN { printf "%.3f", s / (r * 1e6) }'; }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 
 SIZE=$((SIZE_MIB * 1024 * 1024))
 if ((PREWARM_MIB > 0)); then

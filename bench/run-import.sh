@@ -52,6 +52,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 BENCH_DIR=${BENCH_DIR:-/tmp}
 SMALL_N=${SMALL_N:-100000}
@@ -66,9 +67,9 @@ MODES=${MODES:-file}
 ROUNDS=${ROUNDS:-1}
 if [[ ${1:-} == --quick ]]; then SMALL_N=5000; LARGE_N=4; LARGE_MIB=64; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1" >&2; exit 1; }; }
+BENCH_NEED_HINT=
 need go; need curl; need sqlite3; need sha256sum
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 
 # Space: a dataset's source, its cp and one imported copy per --workers
 # value are kept until the dataset is done (see dataset); a small item takes
@@ -84,16 +85,6 @@ AVAIL_KB=$(df -Pk "$BENCH_DIR" | awk 'NR == 2 {print $4}')
 ((AVAIL_KB > NEED_KB)) || { echo "bench: $BENCH_DIR has $((AVAIL_KB / 1024)) MiB free, need $((NEED_KB / 1024)) MiB" >&2; exit 1; }
 
 WORK=$(mktemp -d "$BENCH_DIR/mm-bench-import.XXXXXX")
-CADDY_PID=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
-
 mkdir -p "$WORK/bin"
 echo "bench: building bench/import/seed" >&2
 CGO_ENABLED=1 go build -o "$WORK/bin/" ./bench/import/seed
@@ -101,12 +92,10 @@ CGO_ENABLED=1 go build -o "$WORK/bin/" ./bench/import/seed
 REPORT=$WORK/report.txt
 RESULTS=$ROOT/bench/results
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
-say() { echo "$*" | tee -a "$REPORT"; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 per_s() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.0f", n / s }'; }
 mb_s() { awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", n / s / 1e6 }'; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 # cpu_s PID: user+system CPU seconds of a process so far.
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 sub() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a - b }'; }
@@ -123,16 +112,11 @@ start_caddy() { # $1 data directory
 EOF
 	XDG_DATA_HOME=$1/xdg/data XDG_CONFIG_HOME=$1/xdg/config "$CADDY" run --config "$1/Caddyfile" >"$1/caddy.log" 2>&1 &
 	CADDY_PID=$!
-	for _ in $(seq 1 100); do
-		curl -fsS "http://127.0.0.1:$ADMIN/matrix_media/datastores" >/dev/null 2>&1 && break
-		kill -0 "$CADDY_PID" 2>/dev/null || break
-		sleep 0.1
-	done
-	curl -fsS "http://127.0.0.1:$ADMIN/matrix_media/datastores" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$1/caddy.log" >&2; exit 1; }
+	wait_http "http://127.0.0.1:$ADMIN/matrix_media/datastores" "$1/caddy.log" caddy "$CADDY_PID"
 }
 
 stop_caddy() {
-	kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
+	stop_pid "$CADDY_PID"
 	CADDY_PID=
 }
 

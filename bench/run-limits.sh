@@ -29,6 +29,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
@@ -49,24 +50,11 @@ fi
 REDIS=${REDIS:-}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; DURATION=3; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need wrk; need curl
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 [[ -z $REDIS ]] || need redis-server
 
 WORK=$(mktemp -d /tmp/mm-bench-limits.XXXXXX)
-CADDY_PID=
-REDIS_PID=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
-	[[ -n $REDIS_PID ]] && kill "$REDIS_PID" 2>/dev/null && wait "$REDIS_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
-
 ADMIN=$(free_port); HS=$(free_port); OFF=$(free_port); ON=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/xdg/data" "$WORK/xdg/config"
@@ -79,7 +67,7 @@ APP_REDIS=
 if [[ -n $REDIS ]]; then
 	RP=$(free_port)
 	redis-server --bind 127.0.0.1 --port "$RP" --save '' --appendonly no --dir "$WORK" >"$WORK/redis.log" 2>&1 &
-	REDIS_PID=$!
+	PIDS+=($!)
 	for _ in $(seq 1 50); do redis-cli -p "$RP" ping >/dev/null 2>&1 && break; sleep 0.1; done
 	APP_REDIS="redis redis://127.0.0.1:$RP/0"
 fi
@@ -130,13 +118,7 @@ http://127.0.0.1:$ON {
 }
 EOF
 
-"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
-CADDY_PID=$!
-for _ in $(seq 1 100); do
-	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
-	sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 grep -q '"rate limits on"' "$WORK/caddy.log" || { echo "bench: the limited site did not turn rate limits on" >&2; exit 1; }
 
 upload() { # $1 port, $2 file -> media id
@@ -169,12 +151,9 @@ f:close()
 wrk.headers["Content-Type"] = "application/octet-stream"
 EOF
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.3f", a / b }'; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 mb() { awk -v b="$1" 'BEGIN{printf "%.0f", b/1e6}'; }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 store="memory"; [[ -n $REDIS ]] && store="redis"
 say "caddy-matrix-media fair-use limits benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS duration=${DURATION}s; buckets in $store; quotas on the limited site: $([[ $QUOTAS == 1 ]] && echo "yes (bytes, files, 1h window)" || echo no)"
 
@@ -206,7 +185,7 @@ for round in $(seq 1 "$ROUNDS"); do
 		# does not favour one
 		if ((round % 2)); then run $sc off "$OFF"; run $sc on "$ON"; else run $sc on "$ON"; run $sc off "$OFF"; fi
 		on=$(echo "${res[$sc.on]}" | awk '{print $NF}'); off=$(echo "${res[$sc.off]}" | awk '{print $NF}')
-		ratios[$sc]+="$(ratio "$on" "$off") "
+		ratios[$sc]+="$(ratio "$on" "$off" 3) "
 	done
 done
 

@@ -47,6 +47,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 ROWS=${ROWS:-100000}
 SEED_SIZE=${SEED_SIZE:-1024}
@@ -62,27 +63,21 @@ PPROF_SECONDS=${PPROF_SECONDS:-10}
 LOCAL=50
 if [[ ${1:-} == --quick ]]; then ROWS=2000; BEFORE=5; AFTER=5; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need go; need curl; need psql
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 
 WORK=$(mktemp -d /tmp/mm-bench-purge.XXXXXX)
-CADDY_PID=
 PG_BIN=
 PG_DIR=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
+# cleanup_hook (run by lib.sh's cleanup, after Caddy is stopped): the
+# throwaway cluster is stopped, or the database made on PG_DSN dropped.
+cleanup_hook() {
 	if [[ -n $PG_DIR ]]; then
 		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
 	elif [[ -n ${DB_NAME:-} ]]; then
 		psql -q -d "$PG_DSN" -c "DROP DATABASE IF EXISTS $DB_NAME" >/dev/null 2>&1 || true
 	fi
-	rm -rf "$WORK"
 }
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
 
 # as_pg runs a PostgreSQL binary as the postgres user when this script runs
 # as root (PostgreSQL refuses root), else as the current user.
@@ -126,7 +121,6 @@ fi
 sql() { psql -qtA -v ON_ERROR_STOP=1 -d "$DSN" -c "$1"; }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 say "caddy-matrix-media purge benchmark $(date -u +%FT%TZ) on $(nproc) cores; rows=$ROWS seed_size=$SEED_SIZE before=${BEFORE}s after=${AFTER}s upload_rate=$UPLOAD_RATE/s download_rate=$DOWNLOAD_RATE/s upload_size=$UPLOAD_SIZE; PostgreSQL: $PG_WHAT"
 
 echo "bench: seeding $ROWS remote media" >&2
@@ -159,14 +153,7 @@ http://127.0.0.1:$MM {
 }
 EOF
 
-"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
-CADDY_PID=$!
-for _ in $(seq 1 100); do
-	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
-	kill -0 "$CADDY_PID" 2>/dev/null || break
-	sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 
 count_files() { find "$WORK/store/blobs" -type f | wc -l; }
 say "before: $(sql "SELECT count(*) FROM media WHERE remote") remote rows, $(sql "SELECT count(*) FROM blobs") blob records, $(count_files) blob files"

@@ -31,6 +31,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 ROUNDS=${ROUNDS:-3}
 FETCHES=${FETCHES:-5}
@@ -39,22 +40,10 @@ PPROF=${PPROF:-}
 SERVER_OPTS=${SERVER_OPTS:-}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; FETCHES=2; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need go; need curl; need sha256sum
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 
 WORK=$(mktemp -d /tmp/mm-bench-s3.XXXXXX)
-CADDY_PID=
-S3_PID=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
-	[[ -n $S3_PID ]] && kill "$S3_PID" 2>/dev/null && wait "$S3_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
 
 ADMIN=$(free_port); HS=$(free_port); MM=$(free_port); S3=$(free_port); RP=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
@@ -69,13 +58,8 @@ S3_SECRET=bench-secret
 
 # Fake S3: wait for its "ready" line.
 "$WORK/bin/s3server" -port "$S3" -bucket "$BUCKET" >"$WORK/s3.log" 2>&1 &
-S3_PID=$!
-for _ in $(seq 1 100); do
-	grep -q '^ready' "$WORK/s3.log" 2>/dev/null && break
-	kill -0 "$S3_PID" 2>/dev/null || { echo "bench: s3server exited" >&2; cat "$WORK/s3.log" >&2; exit 1; }
-	sleep 0.1
-done
-grep -q '^ready' "$WORK/s3.log" || { echo "bench: s3server did not start" >&2; cat "$WORK/s3.log" >&2; exit 1; }
+S3_PID=$!; PIDS+=("$S3_PID")
+wait_ready "$WORK/s3.log" "$S3_PID" s3server
 
 # Test data.
 head -c $((256 * 1024 * 1024)) /dev/urandom >"$WORK/large.bin"
@@ -129,14 +113,7 @@ http://127.0.0.1:$RP {
 }
 EOF
 
-"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
-CADDY_PID=$!
-for _ in $(seq 1 100); do
-	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
-	kill -0 "$CADDY_PID" 2>/dev/null || break
-	sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 
 upload() { # $1 file -> prints media id
 	curl -fsS -X POST -H 'Authorization: Bearer bench' -H 'Content-Type: application/octet-stream' \
@@ -144,12 +121,9 @@ upload() { # $1 file -> prints media id
 		sed -E 's#.*mxc://[^/]+/([A-Za-z0-9_-]+).*#\1#'
 }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b }'; }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 
 say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default}"
 

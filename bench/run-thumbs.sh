@@ -43,6 +43,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 N=${N:-60}
 ROUNDS=${ROUNDS:-3}
@@ -51,21 +52,10 @@ FLAT=${FLAT:-1000}
 if [[ ${1:-} == --quick ]]; then N=20; ROUNDS=1; DURATION=3; FLAT=200; fi
 ((FLAT >= 100 && FLAT % 5 == 0)) || { echo "bench: FLAT must be a multiple of 5, at least 100" >&2; exit 2; }
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need go; need wrk; need curl
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 
 WORK=$(mktemp -d /tmp/mm-bench-thumbs.XXXXXX)
-CADDY_PID=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
-
 ADMIN=$(free_port); HS=$(free_port); MM=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config"
@@ -106,14 +96,7 @@ http://127.0.0.1:$MM {
 }
 EOF
 
-"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
-CADDY_PID=$!
-for _ in $(seq 1 100); do
-	curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && break
-	kill -0 "$CADDY_PID" 2>/dev/null || break
-	sleep 0.1
-done
-curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 || { echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1; }
+run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 
 BASE=http://127.0.0.1:$MM
 upload() { # $1 file [$2 content type] -> prints media id
@@ -134,8 +117,6 @@ wrk_rate() {
 	if grep -q 'Non-2xx' <<<"$out"; then echo "bench: non-2xx responses from $1" >&2; echo "$out" >&2; exit 1; fi
 	awk '/^Requests\/sec/ {print $2}' <<<"$out"
 }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$CADDY_PID/status"; }
 # rss_split prints "anon MiB/file MiB" of the resident set (file: the caddy
@@ -162,7 +143,6 @@ check_generated() { # $1 count before $2 expected growth $3 what
 }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 say "caddy-matrix-media thumbnail load benchmark $(date -u +%FT%TZ) on $(nproc) cores; workers=2 N=$N rounds=$ROUNDS duration=${DURATION}s flat=$FLAT; sources 4000x3000 JPEG, mean $SRC_MB MB; MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-unset}"
 
 # Uploads (not timed): ROUNDS x N for scenario 1, FLAT/5 for scenario 4,

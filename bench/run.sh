@@ -25,27 +25,17 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+source bench/lib.sh
 CADDY=${CADDY:-$ROOT/caddy}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-8}
 ONLY=${ONLY:-}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; DURATION=3; fi
 
-need() { command -v "$1" >/dev/null 2>&1 || { echo "bench: missing $1 (./xcaddy.sh deps installs it)" >&2; exit 1; }; }
 need wrk; need curl; need sha256sum
-[[ -x $CADDY ]] || { echo "bench: no caddy at $CADDY; run ./xcaddy.sh build first" >&2; exit 1; }
+need_caddy
 
 WORK=$(mktemp -d /tmp/mm-bench.XXXXXX)
-CADDY_PID=
-cleanup() {
-	[[ -n $CADDY_PID ]] && kill "$CADDY_PID" 2>/dev/null && wait "$CADDY_PID" 2>/dev/null || true
-	rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null ||
-	echo $((20000 + RANDOM % 20000)); }
-
 ADMIN=$(free_port); HS=$(free_port); MM=$(free_port); FS=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/files" "$WORK/xdg/data" "$WORK/xdg/config"
@@ -90,15 +80,7 @@ http://127.0.0.1:$FS {
 EOF
 }
 
-start_caddy() {
-	"$CADDY" run --config "$WORK/Caddyfile" >"$WORK/caddy.log" 2>&1 &
-	CADDY_PID=$!
-	for _ in $(seq 1 100); do
-		curl -fsS "http://127.0.0.1:$ADMIN/config/" >/dev/null 2>&1 && return 0
-		sleep 0.1
-	done
-	echo "bench: caddy did not start" >&2; cat "$WORK/caddy.log" >&2; exit 1
-}
+start_caddy() { run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"; }
 
 reload_caddy() { "$CADDY" reload --force --config "$WORK/Caddyfile" --address "127.0.0.1:$ADMIN" >/dev/null 2>&1; }
 
@@ -121,11 +103,8 @@ wrk_rate() {
 	echo "$rps $tps"
 }
 
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
-median() { tr ' ' '\n' | sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
 
 REPORT=$WORK/report.txt
-say() { echo "$*" | tee -a "$REPORT"; }
 
 say "caddy-matrix-media load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS duration=${DURATION}s"
 

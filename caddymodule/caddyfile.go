@@ -1,17 +1,18 @@
 package caddymodule
 
 import (
+	"fmt"
 	"math"
 	"strconv"
 	"time"
-
-	"github.com/dustin/go-humanize"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/bytesize"
 )
 
 func init() {
@@ -736,22 +737,49 @@ func pendingLimit(d *caddyfile.Dispenser) (int, error) {
 	return n, nil
 }
 
-// byteSize parses the one argument of the current line as a size such as
-// 50MiB, 10MB or 1048576 (bytes).
+// byteSize parses the one argument of the current line as a size of at
+// least one byte (internal/bytesize syntax: 50MiB, 10MB, 1.5GiB, 1048576).
 func byteSize(d *caddyfile.Dispenser) (int64, error) {
+	return sizeArg(d, 1, math.MaxInt64)
+}
+
+// sizeArg parses the one argument of the current line as a size from min
+// to max bytes.
+func sizeArg(d *caddyfile.Dispenser, min, max int64) (int64, error) {
 	name := d.Val()
 	v, err := singleArg(d)
 	if err != nil {
 		return 0, err
 	}
-	n, err := humanize.ParseBytes(v)
+	n, err := parseSize(v, min, max)
 	if err != nil {
 		return 0, d.Errf("matrix_media: parsing %s: %v", name, err)
 	}
-	if n == 0 || n > math.MaxInt64 {
-		return 0, d.Errf("matrix_media: %s must be between 1 byte and 8 EiB, got '%s'", name, v)
+	return n, nil
+}
+
+// parseSize parses v as a size (internal/bytesize syntax) from min to max
+// bytes: the one way the Caddyfile reads a size.
+func parseSize(v string, min, max int64) (int64, error) {
+	n, err := bytesize.Parse(v)
+	if err != nil {
+		return 0, err
 	}
-	return int64(n), nil
+	if n < min || n > max {
+		return 0, fmt.Errorf("size '%s' must be between %s and %s", v, sizeBound(min), sizeBound(max))
+	}
+	return n, nil
+}
+
+// sizeBound writes a bound of parseSize for an error message.
+func sizeBound(n int64) string {
+	switch n {
+	case 1:
+		return "1 byte"
+	case math.MaxInt64:
+		return "8EiB"
+	}
+	return bytesize.Format(n)
 }
 
 // positiveDuration parses the one argument of the current line as a duration

@@ -164,7 +164,7 @@ func TestHandlerUnmarshalCaddyfile(t *testing.T) {
 				server_name a.test
 				homeserver http://hs
 				max_upload_size 0
-			}`, wantErr: "max_upload_size must be between"},
+			}`, wantErr: "parsing max_upload_size: size '0' must be between 1 byte and 8EiB"},
 		{input: `matrix_media {
 				server_name a.test
 				homeserver http://hs

@@ -1,13 +1,11 @@
 package caddymodule
 
 import (
-	"fmt"
 	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/dustin/go-humanize"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 )
@@ -225,21 +223,20 @@ func parseQuotaWindow(d *caddyfile.Dispenser) (QuotaWindowConfig, error) {
 	return w, nil
 }
 
+// maxQuotaBytes bounds the sizes of quota rules (4 EiB), so that a usage
+// plus a limit cannot overflow.
+const maxQuotaBytes = 1 << 62
+
 // quotaSize parses the one argument of the line as a size (50MiB, 1GB,
 // 1048576); 0 is allowed and means no limit.
 func quotaSize(d *caddyfile.Dispenser) (int64, error) {
-	name := d.Val()
-	v, err := singleArg(d)
-	if err != nil {
-		return 0, err
-	}
-	return parseQuotaSize(d, name, v)
+	return sizeArg(d, 0, maxQuotaBytes)
 }
 
 func parseQuotaSize(d *caddyfile.Dispenser, name, v string) (int64, error) {
-	n, err := parseSize(v)
+	n, err := parseSize(v, 0, maxQuotaBytes)
 	if err != nil {
-		return 0, d.Errf("matrix_media: %s: %v", name, err)
+		return 0, d.Errf("matrix_media: parsing %s: %v", name, err)
 	}
 	return n, nil
 }
@@ -261,17 +258,4 @@ func parseQuotaCount(d *caddyfile.Dispenser, name, v string) (int64, error) {
 		return 0, d.Errf("matrix_media: %s must be a non-negative integer, got '%s'", name, v)
 	}
 	return n, nil
-}
-
-// parseSize parses a size such as 50MiB, 10MB or 1048576 (bytes); 0 is
-// allowed.
-func parseSize(v string) (int64, error) {
-	n, err := humanize.ParseBytes(v)
-	if err != nil {
-		return 0, err
-	}
-	if n > 1<<62 {
-		return 0, fmt.Errorf("size %s is too large", v)
-	}
-	return int64(n), nil
 }

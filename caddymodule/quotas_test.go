@@ -51,6 +51,11 @@ func TestQuotasCaddyfile(t *testing.T) {
 			}},
 			{Users: "*", MaxFiles: 10},
 		}}},
+		{input: head + "quotas {\nrule * {\nmax_bytes 4EiB\nmax_upload_size \"1.5 GiB\"\nwindow 1h max_bytes 2,048KiB\n}\n}\n}", want: &QuotaConfig{Rules: []QuotaRuleConfig{
+			{Users: "*", MaxBytes: 1 << 62, MaxUploadSize: 3 << 29, Windows: []QuotaWindowConfig{{Window: caddy.Duration(time.Hour), MaxBytes: 2 << 20}}},
+		}}},
+		{input: head + "quotas {\nrule * {\nmax_bytes 5EiB\n}\n}\n}", wantErr: "parsing max_bytes: size '5EiB' must be between 0 and 4EiB"},
+		{input: head + "quotas {\nrule * {\nwindow 1h max_bytes -1\n}\n}\n}", wantErr: "parsing max_bytes"},
 		{input: head + "quotas {\n}\n}", wantErr: "at least one rule"},
 		{input: head + "quotas extra {\nrule * {\n}\n}\n}", wantErr: "wrong argument count"},
 		{input: head + "quotas {\nbogus\n}\n}", wantErr: "unrecognized subdirective 'bogus'"},

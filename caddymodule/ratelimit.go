@@ -10,7 +10,6 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/dustin/go-humanize"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
@@ -383,11 +382,7 @@ func parseRateRule(args []string, bytes bool) (RateRuleConfig, error) {
 // parseAmount parses a positive count, or size for byte classes.
 func parseAmount(s string, bytes bool) (int64, error) {
 	if bytes {
-		n, err := humanize.ParseBytes(s)
-		if err != nil || n == 0 || n > math.MaxInt64 {
-			return 0, fmt.Errorf("invalid size '%s'", s)
-		}
-		return int64(n), nil
+		return parseSize(s, 1, math.MaxInt64)
 	}
 	n, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || n <= 0 {

@@ -50,6 +50,13 @@ func TestParseRateLimits(t *testing.T) {
 				ExemptLoopback: true, ExemptAdmins: true, ExemptAppservices: true,
 			},
 		},
+		{
+			input: "rate_limits {\ndownload_bytes per_ip 1.5GiB/1h burst 1,000MB\n}",
+			want:  &RateLimitsConfig{DownloadBytes: &RateClassConfig{PerIP: &RateRuleConfig{Limit: 3 << 29, Window: caddy.Duration(time.Hour), Burst: 1e9}}},
+		},
+		{input: "rate_limits {\nupload_bytes 0/1h\n}", wantErr: "must be between 1 byte and 8EiB"},
+		{input: "rate_limits {\nupload_bytes 8EiB/1h\n}", wantErr: "larger than 8 EiB"},
+		{input: "rate_limits {\nupload_bytes lots/1h\n}", wantErr: "not a size"},
 		{input: "rate_limits {\nuploads 1/1m\n}", wantErr: "unknown class"},
 		{input: "rate_limits {\nupload 1\n}", wantErr: "<limit>/<window>"},
 		{input: "rate_limits {\nupload 0/1m\n}", wantErr: "invalid count"},

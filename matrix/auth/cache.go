@@ -205,31 +205,28 @@ func (c *TokenCache) Check(ctx context.Context, homeserver string, token string,
 	now := c.now()
 
 	c.mu.Lock()
-	if el, ok := c.entries[key]; ok {
-		e := el.Value.(*cacheEntry)
-		if now.Before(e.expires) {
-			c.lru.MoveToFront(el)
-			user, valid := e.user, e.valid
-			c.mu.Unlock()
-			if valid {
-				c.metrics.hit(true)
-				return user, nil
-			}
-			c.metrics.hit(false)
-			return User{}, fmt.Errorf("checking access token: rejected by the homeserver (cached): %w", ErrUnknownToken)
-		}
-		c.removeLocked(el)
+	if user, found, err := c.lookupLocked(key, now); found {
+		c.mu.Unlock()
+		c.metrics.hit(err == nil)
+		return user, err
 	}
 	c.metrics.miss()
 	f, waiting := c.flights[key]
 	if !waiting && gate != nil {
-		// Asked without the lock (the gate may be remote); the flight
-		// map is looked at again afterwards.
+		// Asked without the lock (the gate may be remote). Meanwhile
+		// another caller may have checked the same token (its answer is
+		// now cached) or started checking it (a flight), so both are
+		// looked at again afterwards: the homeserver is asked at most
+		// once per token however the callers interleave.
 		c.mu.Unlock()
 		if ok, retry := gate.AllowCheck(ctx); !ok {
 			return User{}, &FailedChecksError{RetryAfter: retry}
 		}
 		c.mu.Lock()
+		if user, found, err := c.lookupLocked(key, c.now()); found {
+			c.mu.Unlock()
+			return user, err
+		}
 		f, waiting = c.flights[key]
 	}
 	if !waiting {
@@ -247,6 +244,26 @@ func (c *TokenCache) Check(ctx context.Context, homeserver string, token string,
 	case <-ctx.Done():
 		return User{}, fmt.Errorf("checking access token: %w: %w", ErrHomeserverTimeout, ctx.Err())
 	}
+}
+
+// lookupLocked returns the cached answer about key, if one is still fresh
+// at now (found): the user, or an error wrapping ErrUnknownToken. A stale entry is
+// dropped. c.mu must be held.
+func (c *TokenCache) lookupLocked(key cacheKey, now time.Time) (user User, found bool, err error) {
+	el, ok := c.entries[key]
+	if !ok {
+		return User{}, false, nil
+	}
+	e := el.Value.(*cacheEntry)
+	if !now.Before(e.expires) {
+		c.removeLocked(el)
+		return User{}, false, nil
+	}
+	c.lru.MoveToFront(el)
+	if !e.valid {
+		return User{}, true, fmt.Errorf("checking access token: rejected by the homeserver (cached): %w", ErrUnknownToken)
+	}
+	return e.user, true, nil
 }
 
 // fly performs one homeserver check for every caller waiting on f. It runs

@@ -133,3 +133,114 @@ func TestGateNotChargedForValidTokens(t *testing.T) {
 		t.Errorf("gate asked %d times, want 20 (once per new token)", gate.asks.Load())
 	}
 }
+
+// pausingGate is a CheckGate that always allows, but can hold callers in
+// AllowCheck: entered receives once per caller, and callers wait for
+// release (when set) before answering.
+type pausingGate struct {
+	asks    atomic.Int64
+	entered chan struct{}
+	release chan struct{}
+	pause   func()
+}
+
+func (g *pausingGate) AllowCheck(ctx context.Context) (bool, time.Duration) {
+	g.asks.Add(1)
+	if g.entered != nil {
+		g.entered <- struct{}{}
+	}
+	if g.release != nil {
+		<-g.release
+	}
+	if g.pause != nil {
+		g.pause()
+	}
+	return true, 0
+}
+
+func (g *pausingGate) CheckFailed(context.Context) {}
+
+// TestGateRechecksCacheAfterWaiting holds one caller in the gate while
+// another checks the same token: when the first is let through, it finds
+// the answer cached and does not ask the homeserver again, for a valid and
+// for a rejected token.
+func TestGateRechecksCacheAfterWaiting(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		valid bool
+	}{{"valid token", true}, {"rejected token", false}} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := newAuthFixture(t, CacheOptions{})
+			tok := randomToken(t)
+			if tc.valid {
+				f.hs.addToken(tok, "@alice:hs")
+			}
+			gate := &pausingGate{entered: make(chan struct{}), release: make(chan struct{})}
+			type result struct {
+				user User
+				err  error
+			}
+			held := make(chan result, 1)
+			go func() {
+				u, err := f.site.Authenticate(context.Background(), Credentials{Token: tok, Gate: gate})
+				held <- result{u, err}
+			}()
+			<-gate.entered // the first caller is inside AllowCheck, without the lock
+
+			// Another caller (another client: no gate) checks the token.
+			u, err := f.auth(tok)
+			if tc.valid && (err != nil || u.UserID != "@alice:hs") {
+				t.Fatalf("second caller: %+v, %v", u, err)
+			}
+			if !tc.valid && !errors.Is(err, ErrUnknownToken) {
+				t.Fatalf("second caller: %v, want ErrUnknownToken", err)
+			}
+			if n := f.hs.whoamis.Load(); n != 1 {
+				t.Fatalf("%d homeserver calls before the release, want 1", n)
+			}
+
+			close(gate.release)
+			r := <-held
+			if tc.valid && (r.err != nil || r.user.UserID != "@alice:hs") {
+				t.Errorf("held caller: %+v, %v, want @alice:hs", r.user, r.err)
+			}
+			if !tc.valid && !errors.Is(r.err, ErrUnknownToken) {
+				t.Errorf("held caller: %v, want ErrUnknownToken", r.err)
+			}
+			if n := f.hs.whoamis.Load(); n != 1 {
+				t.Errorf("%d homeserver calls, want 1 (the held caller must use the cached answer)", n)
+			}
+		})
+	}
+}
+
+// TestGateConcurrentSameToken has many goroutines present one new valid
+// token through a gate that yields the processor: whatever the
+// interleaving, the homeserver is asked exactly once.
+func TestGateConcurrentSameToken(t *testing.T) {
+	const workers, rounds = 16, 20
+	for round := range rounds {
+		f := newAuthFixture(t, CacheOptions{})
+		tok := randomToken(t)
+		f.hs.addToken(tok, "@alice:hs")
+		var n atomic.Int64
+		gate := &pausingGate{pause: func() {
+			// Stagger the callers so that some leave the gate after the
+			// first check has finished.
+			time.Sleep(time.Duration(n.Add(1)%4) * time.Millisecond)
+		}}
+		var wg sync.WaitGroup
+		for range workers {
+			wg.Go(func() {
+				u, err := f.site.Authenticate(context.Background(), Credentials{Token: tok, Gate: gate})
+				if err != nil || u.UserID != "@alice:hs" {
+					t.Errorf("round %d: %+v, %v", round, u, err)
+				}
+			})
+		}
+		wg.Wait()
+		if calls := f.hs.whoamis.Load(); calls != 1 {
+			t.Fatalf("round %d: %d homeserver calls for one token from %d goroutines, want 1", round, calls, workers)
+		}
+	}
+}
