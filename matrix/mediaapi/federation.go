@@ -59,7 +59,7 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 	// Only this site's own media is served to other servers: neither a
 	// sibling site's (its own federation endpoint serves it) nor remote
 	// copies.
-	e, err := s.resolveLocal(r.Context(), mediaKey{s.cfg.ServerName, id}, resolveOptions{timeout: timeout})
+	e, err := s.resolveLocal(r.Context(), mediaKey{s.cfg.ServerName, id}, &resolveOptions{timeout: timeout})
 	if err == nil && e.m.Remote {
 		err = errMediaNotFound
 	}
