@@ -229,7 +229,9 @@ func TestRateLimitStreamedRemoteBytes(t *testing.T) {
 	photo := testJPEG(t, 640, 480)
 	fr.media["other.test/big"] = photo
 	small := e.upload("alice", []byte("s"), "text/plain", "")
-	get := func(path string) req { return req{method: "GET", path: "/_matrix/client/v1/media/download/" + path, token: "alice"} }
+	get := func(path string) req {
+		return req{method: "GET", path: "/_matrix/client/v1/media/download/" + path, token: "alice"}
+	}
 	if rec := e.from("203.0.113.5", get("other.test/big")); rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), photo) {
 		t.Fatalf("streamed download: %d, %d bytes", rec.Code, rec.Body.Len())
 	}
