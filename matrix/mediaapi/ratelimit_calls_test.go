@@ -3,6 +3,7 @@ package mediaapi
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -15,6 +16,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/ratelimit"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/xmatrix"
 )
 
 // recordingLimiter is a Limiter that records every Take (the buckets'
@@ -240,5 +242,98 @@ func TestRateLimitStreamedRemoteBytes(t *testing.T) {
 	expectLimited(t, e.from("203.0.113.5", get("test/"+small)), wait)
 	if got := rejections(e, "rate_download_bytes_ip"); got != 1 {
 		t.Errorf("rate_download_bytes_ip = %v", got)
+	}
+}
+
+// originKeys serves the keys of several remote servers.
+type originKeys map[string]xmatrix.SigningKey
+
+func (o originKeys) FetchKeys(_ context.Context, origin string, _ []string) (map[string]xmatrix.ServerKey, error) {
+	key, ok := o[origin]
+	if !ok {
+		return nil, nil
+	}
+	return map[string]xmatrix.ServerKey{key.ID: {Public: key.Public(), ValidUntil: time.Now().Add(time.Hour)}}, nil
+}
+
+// TestRateLimitFederation checks the limits of the federation media
+// endpoints: per verified origin server and per client IP, with the
+// download and thumbnail classes; unverified requests are not charged.
+func TestRateLimitFederation(t *testing.T) {
+	keys := originKeys{}
+	for _, o := range []string{"a.test", "b.test", "c.test"} {
+		k, err := xmatrix.GenerateSigningKey(rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[o] = k
+	}
+	v, err := xmatrix.NewVerifier(xmatrix.VerifierOptions{Names: []string{testServer}, Fetcher: keys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, err := newTestGenerator()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e, _ := rateEnv(t, RateLimits{Classes: [NumRateClasses]RateRules{
+		RateDownload:  {PerServer: perMinute(2), PerIP: perMinute(3)},
+		RateThumbnail: {PerServer: perMinute(1)},
+	}}, func(c *SiteConfig, o *RepositoryOptions) {
+		c.Federation = &FederationConfig{Verifier: v}
+		o.Thumbnailer = g
+	})
+	id := e.upload("alice", testJPEG(t, 64, 48), "image/jpeg", "")
+	download := "/_matrix/federation/v1/media/download/" + id
+	thumbnail := "/_matrix/federation/v1/media/thumbnail/" + id + "?width=32&height=32&method=scale"
+	steps := []struct {
+		origin string // "" unsigned
+		ip     string
+		uri    string
+		status int
+		retry  time.Duration
+	}{
+		{"a.test", "192.0.2.1", download, 200, 0},
+		{"a.test", "192.0.2.2", download, 200, 0},
+		// a.test's bucket is empty, whatever its address.
+		{"a.test", "192.0.2.3", download, 429, 30 * time.Second},
+		{"b.test", "192.0.2.1", download, 200, 0},
+		{"b.test", "192.0.2.1", download, 200, 0},
+		// 192.0.2.1's bucket is empty, whatever the server.
+		{"c.test", "192.0.2.1", download, 429, 20 * time.Second},
+		// Thumbnails have their own buckets.
+		{"a.test", "192.0.2.4", thumbnail, 200, 0},
+		{"a.test", "192.0.2.4", thumbnail, 429, time.Minute},
+		// Unverified requests are refused before any bucket.
+		{"", "192.0.2.5", download, 401, 0},
+		{"", "192.0.2.5", download, 401, 0},
+		{"", "192.0.2.5", download, 401, 0},
+		{"", "192.0.2.5", download, 401, 0},
+		{"c.test", "192.0.2.5", download, 200, 0},
+	}
+	for i, s := range steps {
+		r := httptest.NewRequest("GET", "http://media.test"+s.uri, nil)
+		r.RequestURI = s.uri
+		if s.origin != "" {
+			h, err := xmatrix.SignRequest("GET", s.uri, s.origin, testServer, nil, keys[s.origin])
+			if err != nil {
+				t.Fatal(err)
+			}
+			r.Header.Set("Authorization", h)
+		}
+		r = r.WithContext(WithClientIP(r.Context(), netip.MustParseAddr(s.ip)))
+		rec := httptest.NewRecorder()
+		e.site.ServeHTTP(rec, r)
+		if rec.Code != s.status {
+			t.Fatalf("step %d: status %d, want %d: %s", i, rec.Code, s.status, rec.Body.String())
+		}
+		if s.status == 429 {
+			expectLimited(t, rec, s.retry)
+		}
+	}
+	for reason, want := range map[string]float64{"rate_download_server": 1, "rate_download_ip": 1, "rate_thumbnail_server": 1} {
+		if got := rejections(e, reason); got != want {
+			t.Errorf("limit_rejections_total{reason=%q} = %v, want %v", reason, got, want)
+		}
 	}
 }

@@ -377,6 +377,8 @@ func TestRateLimitsValidation(t *testing.T) {
 		{"failed_auth per user", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateFailedAuth: {PerUser: perMinute(1)}}}, false},
 		{"zero rate", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: ratelimit.Rule{Burst: 1}}}}, false},
 		{"invalid network", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: perMinute(1)}}, Exempt: []netip.Prefix{{}}}, false},
+		{"per server on upload", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerServer: perMinute(1)}}}, false},
+		{"per server on thumbnail", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateThumbnail: {PerServer: perMinute(1)}}}, true},
 		{"fine", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateDownloadBytes: {PerIP: ratelimit.Rule{Rate: 1, Burst: 0.5}}}}, true},
 	} {
 		if _, err := newSiteLimits(testServer, tc.rl); (err == nil) != tc.ok {
