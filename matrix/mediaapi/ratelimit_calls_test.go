@@ -93,6 +93,7 @@ func TestRateLimitDownloadOneCall(t *testing.T) {
 		RateDownload: bothScopes(high), RateDownloadBytes: bothScopes(high), RateRemote: bothScopes(high),
 	}})
 	local := e.upload("alice", bytes.Repeat([]byte("l"), 1000), "application/octet-stream", "")
+	pending := e.create("alice")
 	remote := testJPEG(t, 64, 48)
 	fr.media["other.test/r"] = remote
 	rsize := float64(len(remote))
@@ -112,6 +113,11 @@ func TestRateLimitDownloadOneCall(t *testing.T) {
 		{"local", dl("test/"+local, nil), 200, [][]b{downloadAnd(1000)}},
 		{"local range", dl("test/"+local, map[string]string{"Range": "bytes=10-19"}), 206, [][]b{downloadAnd(10)}},
 		{"unknown", dl("test/nope", nil), 404, [][]b{{{name: "download/ip", cost: 1}, {name: "download/user", cost: 1}}}},
+		// Charged before waiting (its bytes bucket asked to be positive):
+		// a refused client does not wait.
+		{"pending", dl("test/"+pending+"?timeout_ms=0", nil), 504, [][]b{
+			{{name: "download/ip", cost: 1}, {name: "download/user", cost: 1}, {name: "download_bytes/ip"}, {name: "download_bytes/user"}},
+		}},
 		{"first remote, streamed", dl("other.test/r", nil), 200, [][]b{
 			{{name: "remote/ip", cost: 1}, {name: "remote/user", cost: 1}, {name: "download/ip", cost: 1}, {name: "download/user", cost: 1},
 				{name: "download_bytes/ip"}, {name: "download_bytes/user"}},
