@@ -305,15 +305,16 @@ func (s *Site) checkRate(r *http.Request, user *auth.User, origin string, costs 
 	// Most checks of a limited site name no bucket at all (their classes
 	// are unlimited): they end here, before the buckets (which escape,
 	// through the Limiter interface) are allocated.
-	n := 0
+	limited := false
 	for _, c := range costs {
 		rules := &l.Classes[c.class]
 		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() || user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) ||
 			origin != "" && rules.PerServer != (ratelimit.Rule{}) {
-			n++
+			limited = true
+			break
 		}
 	}
-	if n == 0 {
+	if !limited {
 		return nil
 	}
 	// Each bucket's scope and class, for the answer and the metric.
