@@ -546,8 +546,8 @@ func parseHandlerDirective(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler,
 //			}
 //		}
 //		rate_limits {
-//			<class> [per_ip|per_user] <limit>/<window> [burst <n>]
-//			<class> [per_ip|per_user] off
+//			<class> [per_ip|per_user|per_server] <limit>/<window> [burst <n>]
+//			<class> [per_ip|per_user|per_server] off
 //			exempt <cidr|address>...
 //			exempt_loopback
 //			exempt_admins

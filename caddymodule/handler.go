@@ -147,9 +147,9 @@ type Handler struct {
 	// Quotas are per-user quotas of this site (see QuotaConfig in
 	// quotas.go and the README's "Fair use: quotas"). Default: none.
 	Quotas *QuotaConfig `json:"quotas,omitempty"`
-	// RateLimits are the site's rate limits per client IP and per user
-	// (see RateLimitsConfig for the classes and their defaults). Default:
-	// none.
+	// RateLimits are the site's rate limits per client IP, per user and
+	// (federation) per remote server (see RateLimitsConfig for the classes
+	// and their defaults). Default: none.
 	RateLimits *RateLimitsConfig `json:"rate_limits,omitempty"`
 
 	site *mediaapi.Site

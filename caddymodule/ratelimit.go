@@ -20,8 +20,9 @@ import (
 // RateLimitsConfig are a site's rate limits: token buckets per client IP
 // (Caddy's client_ip, which honours the server's trusted_proxies; IPv6
 // addresses share a bucket per /64) and per user, for each class of
-// request. Over a limit, requests get 429 M_LIMIT_EXCEEDED with
-// Retry-After.
+// request, and per remote server for the federation media endpoints
+// (download and thumbnail classes). Over a limit, requests get 429
+// M_LIMIT_EXCEEDED with Retry-After.
 //
 // Without a rate_limits block a site has no rate limits. With one, every
 // class has the defaults below unless it is set, and a rule set to off has
@@ -35,8 +36,8 @@ import (
 //
 //	class           per_ip        per_user
 //	upload          60/1m         30/1m       (uploads and /create)
-//	download        600/1m        600/1m
-//	thumbnail       1200/1m       1200/1m
+//	download        600/1m        600/1m      (per_server 1200/1m: federation downloads)
+//	thumbnail       1200/1m       1200/1m     (per_server 2400/1m: federation thumbnails)
 //	preview         60/1m         30/1m
 //	remote          120/1m        60/1m       (requests fetching remote media not cached)
 //	upload_bytes    10GiB/1h      5GiB/1h
@@ -45,9 +46,11 @@ import (
 type RateLimitsConfig struct {
 	// Upload limits uploads (POST upload, PUT upload) and /create.
 	Upload *RateClassConfig `json:"upload,omitempty"`
-	// Download limits downloads.
+	// Download limits downloads, and federation downloads (per_ip and
+	// per_server).
 	Download *RateClassConfig `json:"download,omitempty"`
-	// Thumbnail limits thumbnail requests.
+	// Thumbnail limits thumbnail requests, and federation thumbnails
+	// (per_ip and per_server).
 	Thumbnail *RateClassConfig `json:"thumbnail,omitempty"`
 	// Preview limits URL previews.
 	Preview *RateClassConfig `json:"preview,omitempty"`
@@ -88,6 +91,11 @@ type RateClassConfig struct {
 	// PerUser is the bucket of each user (authenticated requests). Default:
 	// the class's default.
 	PerUser *RateRuleConfig `json:"per_user,omitempty"`
+	// PerServer is the bucket of each remote server requesting our media
+	// over federation (its X-Matrix origin, once verified); download and
+	// thumbnail only. Default: the class's default (download 1200/1m,
+	// thumbnail 2400/1m; other classes none).
+	PerServer *RateRuleConfig `json:"per_server,omitempty"`
 }
 
 // RateRuleConfig is one token bucket: Limit requests (or bytes) per Window,
@@ -105,14 +113,14 @@ type RateRuleConfig struct {
 	Burst int64 `json:"burst,omitempty"`
 }
 
-// rateDefault is a class's default rules.
-type rateDefault struct{ ip, user RateRuleConfig }
+// rateDefault is a class's default rules (a zero server: none).
+type rateDefault struct{ ip, user, server RateRuleConfig }
 
 // rateDefaults are the defaults of a rate_limits block, by class.
 var rateDefaults = [mediaapi.NumRateClasses]rateDefault{
 	mediaapi.RateUpload:        {ip: perWindow(60, time.Minute), user: perWindow(30, time.Minute)},
-	mediaapi.RateDownload:      {ip: perWindow(600, time.Minute), user: perWindow(600, time.Minute)},
-	mediaapi.RateThumbnail:     {ip: perWindow(1200, time.Minute), user: perWindow(1200, time.Minute)},
+	mediaapi.RateDownload:      {ip: perWindow(600, time.Minute), user: perWindow(600, time.Minute), server: perWindow(1200, time.Minute)},
+	mediaapi.RateThumbnail:     {ip: perWindow(1200, time.Minute), user: perWindow(1200, time.Minute), server: perWindow(2400, time.Minute)},
 	mediaapi.RatePreview:       {ip: perWindow(60, time.Minute), user: perWindow(30, time.Minute)},
 	mediaapi.RateRemote:        {ip: perWindow(120, time.Minute), user: perWindow(60, time.Minute)},
 	mediaapi.RateUploadBytes:   {ip: perWindow(10<<30, time.Hour), user: perWindow(5<<30, time.Hour)},
@@ -152,12 +160,21 @@ func (c *RateLimitsConfig) build(limiter ratelimit.Limiter) (*mediaapi.RateLimit
 	for class, cc := range c.classes() {
 		class := mediaapi.RateClass(class)
 		def := rateDefaults[class]
-		ip, user := def.ip, def.user
+		ip, user, server := def.ip, def.user, def.server
+		if server == (RateRuleConfig{}) {
+			server.Off = true
+		}
 		if cc != nil && cc.PerIP != nil {
 			ip = *cc.PerIP
 		}
 		if cc != nil && cc.PerUser != nil {
 			user = *cc.PerUser
+		}
+		if cc != nil && cc.PerServer != nil {
+			if class != mediaapi.RateDownload && class != mediaapi.RateThumbnail {
+				return nil, fmt.Errorf("rate_limits: %s has no per_server bucket (only download and thumbnail)", class)
+			}
+			server = *cc.PerServer
 		}
 		var err error
 		if rl.Classes[class].PerIP, err = ip.rule(); err != nil {
@@ -165,6 +182,9 @@ func (c *RateLimitsConfig) build(limiter ratelimit.Limiter) (*mediaapi.RateLimit
 		}
 		if rl.Classes[class].PerUser, err = user.rule(); err != nil {
 			return nil, fmt.Errorf("rate_limits: %s per_user: %w", class, err)
+		}
+		if rl.Classes[class].PerServer, err = server.rule(); err != nil {
+			return nil, fmt.Errorf("rate_limits: %s per_server: %w", class, err)
 		}
 		if class == mediaapi.RateFailedAuth && rl.Classes[class].PerUser != (ratelimit.Rule{}) {
 			return nil, fmt.Errorf("rate_limits: failed_auth is per_ip only")
@@ -272,8 +292,8 @@ func (a *App) limiter() ratelimit.Limiter { return a.auth.limiter }
 // parseRateLimits parses a rate_limits block:
 //
 //	rate_limits {
-//		<class> [per_ip|per_user] <limit>/<window> [burst <n>]
-//		<class> [per_ip|per_user] off
+//		<class> [per_ip|per_user|per_server] <limit>/<window> [burst <n>]
+//		<class> [per_ip|per_user|per_server] off
 //		exempt <cidr|address>...
 //		exempt_loopback
 //		exempt_admins
@@ -282,7 +302,8 @@ func (a *App) limiter() ratelimit.Limiter { return a.auth.limiter }
 //
 // class is upload, download, thumbnail, preview, remote, upload_bytes,
 // download_bytes or failed_auth; without per_ip or per_user the line sets
-// both. Byte classes take sizes (10GiB/1h, burst 1GiB).
+// both (per_server, for download and thumbnail only, is set only by name).
+// Byte classes take sizes (10GiB/1h, burst 1GiB).
 func parseRateLimits(d *caddyfile.Dispenser) (*RateLimitsConfig, error) {
 	c := new(RateLimitsConfig)
 	if d.NextArg() {
@@ -323,8 +344,11 @@ func parseRateLimits(d *caddyfile.Dispenser) (*RateLimitsConfig, error) {
 		}
 		args := d.RemainingArgs()
 		scopes := []string{"per_ip", "per_user"}
-		if len(args) > 0 && (args[0] == "per_ip" || args[0] == "per_user") {
+		if len(args) > 0 && (args[0] == "per_ip" || args[0] == "per_user" || args[0] == "per_server") {
 			scopes, args = args[:1], args[1:]
+		}
+		if scopes[0] == "per_server" && class != mediaapi.RateDownload && class != mediaapi.RateThumbnail {
+			return nil, d.Errf("matrix_media: rate_limits: %s has no per_server bucket (only download and thumbnail)", sub)
 		}
 		rule, err := parseRateRule(args, class.IsBytes())
 		if err != nil {
@@ -336,10 +360,13 @@ func parseRateLimits(d *caddyfile.Dispenser) (*RateLimitsConfig, error) {
 		}
 		for _, sc := range scopes {
 			r := rule
-			if sc == "per_ip" {
+			switch sc {
+			case "per_ip":
 				(*cc).PerIP = &r
-			} else {
+			case "per_user":
 				(*cc).PerUser = &r
+			default:
+				(*cc).PerServer = &r
 			}
 		}
 	}

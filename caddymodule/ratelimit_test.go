@@ -57,6 +57,17 @@ func TestParseRateLimits(t *testing.T) {
 		{input: "rate_limits {\nupload_bytes 0/1h\n}", wantErr: "must be between 1 byte and 8EiB"},
 		{input: "rate_limits {\nupload_bytes 8EiB/1h\n}", wantErr: "larger than 8 EiB"},
 		{input: "rate_limits {\nupload_bytes lots/1h\n}", wantErr: "not a size"},
+		{
+			input: `rate_limits {
+				download per_server 100/1m burst 20
+				thumbnail per_server off
+			}`,
+			want: &RateLimitsConfig{
+				Download:  &RateClassConfig{PerServer: &RateRuleConfig{Limit: 100, Window: caddy.Duration(time.Minute), Burst: 20}},
+				Thumbnail: &RateClassConfig{PerServer: &RateRuleConfig{Off: true}},
+			},
+		},
+		{input: "rate_limits {\nupload per_server 1/1m\n}", wantErr: "no per_server bucket"},
 		{input: "rate_limits {\nuploads 1/1m\n}", wantErr: "unknown class"},
 		{input: "rate_limits {\nupload 1\n}", wantErr: "<limit>/<window>"},
 		{input: "rate_limits {\nupload 0/1m\n}", wantErr: "invalid count"},
@@ -127,18 +138,20 @@ func TestRateLimitsBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	checks := []struct {
-		class mediaapi.RateClass
-		ip    ratelimit.Rule
-		user  ratelimit.Rule
+		class  mediaapi.RateClass
+		ip     ratelimit.Rule
+		user   ratelimit.Rule
+		server ratelimit.Rule
 	}{
-		{mediaapi.RateUpload, ratelimit.Rule{Rate: 1, Burst: 60}, ratelimit.Rule{Rate: 0.5, Burst: 30}},
-		{mediaapi.RateDownload, ratelimit.Rule{Rate: 10, Burst: 600}, ratelimit.Rule{Rate: 10, Burst: 600}},
-		{mediaapi.RateDownloadBytes, ratelimit.Rule{Rate: float64(50<<30) / 3600, Burst: 50 << 30}, ratelimit.Rule{Rate: float64(20<<30) / 3600, Burst: 20 << 30}},
-		{mediaapi.RateFailedAuth, ratelimit.Rule{Rate: 0.5, Burst: 30}, ratelimit.Rule{}},
+		{mediaapi.RateUpload, ratelimit.Rule{Rate: 1, Burst: 60}, ratelimit.Rule{Rate: 0.5, Burst: 30}, ratelimit.Rule{}},
+		{mediaapi.RateDownload, ratelimit.Rule{Rate: 10, Burst: 600}, ratelimit.Rule{Rate: 10, Burst: 600}, ratelimit.Rule{Rate: 20, Burst: 1200}},
+		{mediaapi.RateThumbnail, ratelimit.Rule{Rate: 20, Burst: 1200}, ratelimit.Rule{Rate: 20, Burst: 1200}, ratelimit.Rule{Rate: 40, Burst: 2400}},
+		{mediaapi.RateDownloadBytes, ratelimit.Rule{Rate: float64(50<<30) / 3600, Burst: 50 << 30}, ratelimit.Rule{Rate: float64(20<<30) / 3600, Burst: 20 << 30}, ratelimit.Rule{}},
+		{mediaapi.RateFailedAuth, ratelimit.Rule{Rate: 0.5, Burst: 30}, ratelimit.Rule{}, ratelimit.Rule{}},
 	}
 	for _, c := range checks {
-		if got := rl.Classes[c.class]; got.PerIP != c.ip || got.PerUser != c.user {
-			t.Errorf("default %s = %+v, want ip %+v user %+v", c.class, got, c.ip, c.user)
+		if got := rl.Classes[c.class]; got.PerIP != c.ip || got.PerUser != c.user || got.PerServer != c.server {
+			t.Errorf("default %s = %+v, want ip %+v user %+v server %+v", c.class, got, c.ip, c.user, c.server)
 		}
 	}
 	if len(rl.Exempt) != 0 || rl.ExemptAdmins || rl.ExemptAppservices {
@@ -166,6 +179,8 @@ func TestRateLimitsBuild(t *testing.T) {
 		{Upload: &RateClassConfig{PerIP: &RateRuleConfig{Window: caddy.Duration(time.Second)}}},
 		{Upload: &RateClassConfig{PerIP: &RateRuleConfig{Limit: 1, Window: caddy.Duration(time.Second), Burst: -1}}},
 		{FailedAuth: &RateClassConfig{PerUser: rule(1, time.Second)}},
+		{Upload: &RateClassConfig{PerServer: rule(1, time.Second)}},
+		{Download: &RateClassConfig{PerServer: &RateRuleConfig{Limit: 1}}},
 		{Exempt: []string{"300.0.0.1"}},
 	} {
 		if _, err := bad.build(l); err == nil {
@@ -180,6 +195,7 @@ func TestRateLimitsJSON(t *testing.T) {
 	err := json.Unmarshal([]byte(`{"server_name":"example.org","homeserver":"http://hs","rate_limits":{
 		"upload":{"per_ip":{"limit":30,"window":"1m","burst":60},"per_user":{"off":true}},
 		"download_bytes":{"per_user":{"limit":1073741824,"window":"1h"}},
+		"thumbnail":{"per_server":{"limit":60,"window":"1m"}},
 		"exempt":["10.0.0.0/8"],"exempt_admins":true}}`), &h)
 	if err != nil {
 		t.Fatal(err)
@@ -193,6 +209,9 @@ func TestRateLimitsJSON(t *testing.T) {
 	}
 	if got := rl.Classes[mediaapi.RateDownloadBytes].PerUser; got != (ratelimit.Rule{Rate: float64(1<<30) / 3600, Burst: 1 << 30}) {
 		t.Errorf("download_bytes per_user = %+v", got)
+	}
+	if got := rl.Classes[mediaapi.RateThumbnail].PerServer; got != (ratelimit.Rule{Rate: 1, Burst: 60}) {
+		t.Errorf("thumbnail per_server = %+v", got)
 	}
 	if !rl.ExemptAdmins || len(rl.Exempt) != 1 {
 		t.Errorf("exemptions: %+v", rl)

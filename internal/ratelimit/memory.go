@@ -16,6 +16,12 @@ const DefaultMaxKeys = 100000
 // concurrent requests for different keys rarely wait for each other.
 const memoryShards = 16
 
+// stackBuckets is how many buckets of one Take a Memory tracks without
+// allocating: as many as a media request names (six: per IP and per user
+// for the three classes of a download that fetches remote media), with
+// room to spare; more are handled on the heap.
+const stackBuckets = 8
+
 // MemoryOptions configure a Memory limiter.
 type MemoryOptions struct {
 	// Max bounds the buckets held (default DefaultMaxKeys, about 200 bytes
@@ -86,8 +92,8 @@ func (l *Memory) Take(_ context.Context, buckets ...Bucket) Decision {
 	ns := l.now().UnixNano()
 	// The shard of each bucket, and the shards to lock in ascending order
 	// (buckets of one call are few), so that the call is atomic.
-	var idx, order [4]int
-	var levels [4]float64
+	var idx, order [stackBuckets]int
+	var levels [stackBuckets]float64
 	of, shards, lv := idx[:0], order[:0], levels[:0]
 	if len(buckets) > len(idx) {
 		of, shards, lv = make([]int, 0, len(buckets)), make([]int, 0, len(buckets)), make([]float64, 0, len(buckets))

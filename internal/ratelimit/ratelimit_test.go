@@ -38,6 +38,15 @@ var (
 
 func b(key string, r Rule) []Bucket { return []Bucket{{Key: key, Rule: r}} }
 
+// manyBuckets returns n request buckets prefix0, prefix1...
+func manyBuckets(prefix string, n int) []Bucket {
+	bs := make([]Bucket, n)
+	for i := range bs {
+		bs[i] = Bucket{Key: prefix + strconv.Itoa(i), Rule: perSecond3}
+	}
+	return bs
+}
+
 // forced marks every bucket Force.
 func forced(bs []Bucket) []Bucket {
 	out := make([]Bucket, len(bs))
@@ -122,6 +131,13 @@ var limiterCases = []struct {
 		{buckets: []Bucket{{Key: "n", Rule: perSecond3}, {Key: "bytes", Rule: bytes100}}, costs: []float64{1, 0}, refused: 1, retry: 15 * time.Second},
 		{cost: 2, buckets: b("n", perSecond3), allowed: true},
 		{cost: 1, buckets: b("n", perSecond3), refused: 0, retry: time.Second},
+	}},
+	{"more buckets than a Take tracks on the stack: every one decided and charged", []step{
+		{cost: 3, buckets: manyBuckets("k", stackBuckets+2), allowed: true},
+		{cost: 1, buckets: b("k"+strconv.Itoa(stackBuckets+1), perSecond3), refused: 0, retry: time.Second},
+		// The last bucket refuses; none of the others is charged.
+		{cost: 1, buckets: append(manyBuckets("x", stackBuckets+1), b("k"+strconv.Itoa(stackBuckets+1), perSecond3)...), refused: stackBuckets + 1, retry: time.Second},
+		{cost: 3, buckets: manyBuckets("x", stackBuckets+1), allowed: true},
 	}},
 	{"a cost above a request rule's burst needs a full bucket and is charged whole", []step{
 		{cost: 10, buckets: b("big", perSecond3), allowed: true},

@@ -70,8 +70,15 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		}
 		user = &u
 	}
-	if st := s.limit(w, r, user, rateCost{class: RateDownload, cost: 1}); st != 0 {
-		return st
+	// With download_bytes limited, the request is charged with its bytes,
+	// in one Limiter call, once they are known (chargeDownload), or by
+	// resolve before it waits or fetches (admitWork), or alone when
+	// resolving fails (checking the request's parameters costs nothing).
+	deferDownload := s.rate.has(RateDownloadBytes)
+	if !deferDownload {
+		if st := s.limit(w, r, user, rateCost{class: RateDownload, cost: 1}); st != 0 {
+			return st
+		}
 	}
 	server, id, merr := rt.mediaRef()
 	if merr != nil {
@@ -90,19 +97,23 @@ func (s *Site) serveDownload(w http.ResponseWriter, r *http.Request, rt *route) 
 		return writeErr(w, merr)
 	}
 	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout,
-		admitFetch: s.remoteAdmission(r, user)}
+		req: r, user: user, deferDownload: deferDownload}
 	if r.Method == http.MethodGet && r.Header.Get("Range") == "" && !rt.legacy {
 		// A first download of remote media streams while it is stored.
 		o.stream = &streamTarget{w: w, r: r, fileName: fileName}
 	}
-	e, err := s.resolve(r.Context(), server, id, o)
+	e, err := s.resolve(r.Context(), server, id, &o)
 	if err != nil {
+		if o.deferDownload {
+			// Unknown media costs a request too.
+			if merr := s.checkLimit(r, user, rateCost{class: RateDownload, cost: 1}); merr != nil {
+				return writeErr(w, merr)
+			}
+		}
 		return s.fail(w, r, err)
 	}
-	if s.rate.has(RateDownloadBytes) {
-		if st := s.limit(w, r, user, rateCost{class: RateDownloadBytes, cost: downloadCost(r, e)}); st != 0 {
-			return st
-		}
+	if merr := s.chargeDownload(&o, e); merr != nil {
+		return writeErr(w, merr)
 	}
 	s.repo.noteAccess(&e.m)
 	return s.sendMedia(w, r, e, fileName, rt.legacy)

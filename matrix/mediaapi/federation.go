@@ -19,9 +19,10 @@ type FederationConfig struct {
 }
 
 // serveFederation answers a federation media request for one of this site's
-// own media items: X-Matrix verified, then a multipart/mixed body with "{}"
-// and the content (or a Location part when the datastore redirects).
-// Errors are plain Matrix JSON.
+// own media items: X-Matrix verified, rate limited (the download or
+// thumbnail class, per origin server and per client IP), then a
+// multipart/mixed body with "{}" and the content (or a Location part when
+// the datastore redirects). Errors are plain Matrix JSON.
 func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route) int {
 	fed := s.cfg.Federation
 	if fed == nil || fed.Verifier == nil {
@@ -38,6 +39,15 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 		}
 		status := xmatrix.StatusCode(err)
 		return writeErr(w, matrix.NewError(status, matrix.CodeUnauthorized, "Request not authenticated: "+verifyFailureMessage(err)))
+	}
+	// Limited per origin server and per client IP, once the origin is
+	// known to be who it says.
+	class := RateDownload
+	if rt.ep == epFedThumbnail {
+		class = RateThumbnail
+	}
+	if merr := s.checkFederation(r, origin, class); merr != nil {
+		return writeErr(w, merr)
 	}
 	id, ok := unescapeSegment(rt.rawMediaID)
 	if !ok || !matrix.ValidMediaID(id) {
@@ -59,7 +69,7 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 	// Only this site's own media is served to other servers: neither a
 	// sibling site's (its own federation endpoint serves it) nor remote
 	// copies.
-	e, err := s.resolveLocal(r.Context(), mediaKey{s.cfg.ServerName, id}, resolveOptions{timeout: timeout})
+	e, err := s.resolveLocal(r.Context(), mediaKey{s.cfg.ServerName, id}, &resolveOptions{timeout: timeout})
 	if err == nil && e.m.Remote {
 		err = errMediaNotFound
 	}

@@ -78,16 +78,22 @@ func ParseRateClass(name string) (RateClass, bool) {
 // IsBytes reports whether the class counts bytes.
 func (c RateClass) IsBytes() bool { return c == RateUploadBytes || c == RateDownloadBytes }
 
-// RateRules are the buckets of one class: one per client IP and one per
-// user. A zero Rule means no bucket. Debt is set by the site (byte classes
-// and failed_auth are volume rules), whatever is given.
+// RateRules are the buckets of one class: one per client IP, one per user
+// and (download and thumbnail only) one per remote server asking over
+// federation. A zero Rule means no bucket. Debt is set by the site (byte
+// classes and failed_auth are volume rules), whatever is given.
 type RateRules struct {
 	// PerIP is the bucket of each client IP (IPv6 addresses share one per
-	// /64). Default: none.
+	// /64), for client and federation requests alike. Default: none.
 	PerIP ratelimit.Rule
 	// PerUser is the bucket of each user (authenticated requests only;
 	// never for failed_auth). Default: none.
 	PerUser ratelimit.Rule
+	// PerServer is the bucket of each remote server requesting media over
+	// federation (the X-Matrix origin, once its signature is verified):
+	// RateDownload for /_matrix/federation/v1/media/download, RateThumbnail
+	// for .../thumbnail. Other classes have none. Default: none.
+	PerServer ratelimit.Rule
 }
 
 // RateLimits configure a site's rate limits. Buckets are named by the
@@ -115,6 +121,8 @@ type rateScope uint8
 const (
 	scopeIP rateScope = iota
 	scopeUser
+	scopeServer
+	numScopes
 )
 
 // siteLimits are a site's validated rate limits.
@@ -123,10 +131,10 @@ type siteLimits struct {
 	// keyPrefix starts every bucket key: the server name.
 	keyPrefix string
 	// prefixes start the bucket keys of each class and scope:
-	// "<server>\x00<class>\x00ip:" and "...\x00user:".
-	prefixes [NumRateClasses][2]string
+	// "<server>\x00<class>\x00ip:", "...\x00user:" and "...\x00server:".
+	prefixes [NumRateClasses][numScopes]string
 	// reasons are the LimitRejected reasons, by class and scope.
-	reasons [NumRateClasses][2]string
+	reasons [NumRateClasses][numScopes]string
 	// messages are the error messages, by class.
 	messages [NumRateClasses]string
 }
@@ -145,7 +153,10 @@ func newSiteLimits(serverName string, rl *RateLimits) (*siteLimits, error) {
 		if c == RateFailedAuth && rules.PerUser != (ratelimit.Rule{}) {
 			return nil, errors.New("rate limits: failed_auth is per IP only")
 		}
-		for _, r := range []*ratelimit.Rule{&rules.PerIP, &rules.PerUser} {
+		if c != RateDownload && c != RateThumbnail && rules.PerServer != (ratelimit.Rule{}) {
+			return nil, fmt.Errorf("rate limits: %s has no per-server bucket (only download and thumbnail)", c)
+		}
+		for _, r := range []*ratelimit.Rule{&rules.PerIP, &rules.PerUser, &rules.PerServer} {
 			if *r == (ratelimit.Rule{}) {
 				continue
 			}
@@ -155,8 +166,9 @@ func newSiteLimits(serverName string, rl *RateLimits) (*siteLimits, error) {
 			}
 			hasRule = true
 		}
-		l.reasons[c] = [2]string{"rate_" + c.String() + "_ip", "rate_" + c.String() + "_user"}
-		l.prefixes[c] = [2]string{l.keyPrefix + c.String() + "\x00ip:", l.keyPrefix + c.String() + "\x00user:"}
+		l.reasons[c] = [numScopes]string{"rate_" + c.String() + "_ip", "rate_" + c.String() + "_user", "rate_" + c.String() + "_server"}
+		l.prefixes[c] = [numScopes]string{l.keyPrefix + c.String() + "\x00ip:", l.keyPrefix + c.String() + "\x00user:",
+			l.keyPrefix + c.String() + "\x00server:"}
 		l.messages[c] = "Too many requests (" + c.String() + "), retry later"
 	}
 	l.messages[RateUploadBytes] = "Too many bytes uploaded lately, retry later"
@@ -245,6 +257,18 @@ type rateCost struct {
 	force bool
 }
 
+// maxCheckClasses is the most classes one check charges: the admission
+// of a remote fetch by a download whose bytes are limited (remote,
+// download, download_bytes: admitWork); uploads charge two (upload,
+// upload_bytes), other requests one.
+const maxCheckClasses = 3
+
+// maxCheckBuckets is the most buckets one check names: per IP and per user
+// for each of its classes (federation requests have per IP and per server
+// instead of per user). A check naming more still charges them all (its
+// buckets then live on the heap); none is ever left out.
+const maxCheckBuckets = 2 * maxCheckClasses
+
 // limit takes the costs from the buckets of the request's client IP and
 // of user (nil for anonymous requests), in one Limiter call. It returns 0
 // when the request may go on; otherwise it answers 429 M_LIMIT_EXCEEDED
@@ -260,6 +284,13 @@ func (s *Site) limit(w http.ResponseWriter, r *http.Request, user *auth.User, co
 // else the 429 M_LIMIT_EXCEEDED error (counted as rate_<class>_<ip|user>).
 // Exempt networks, appservices and (when refused) admins pass.
 func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *matrix.Error {
+	return s.checkRate(r, user, "", costs)
+}
+
+// checkRate takes the costs from the buckets of the request's client IP,
+// of user (nil: none) and of the federation origin server (empty: none),
+// every bucket in one Limiter call.
+func (s *Site) checkRate(r *http.Request, user *auth.User, origin string, costs []rateCost) *matrix.Error {
 	l := s.rate
 	if l == nil {
 		return nil
@@ -271,26 +302,43 @@ func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *
 	if rr.exempt {
 		return nil
 	}
-	var arr [4]ratelimit.Bucket
-	var scopes [4]rateScope
-	var classes [4]RateClass
-	n := 0
+	// Most checks of a limited site name no bucket at all (their classes
+	// are unlimited): they end here, before the buckets (which escape,
+	// through the Limiter interface) are allocated.
+	limited := false
 	for _, c := range costs {
 		rules := &l.Classes[c.class]
-		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() && n < len(arr) {
-			arr[n] = ratelimit.Bucket{Key: ipKey(l.prefixes[c.class][scopeIP], rr.ip), Rule: rules.PerIP, Cost: c.cost, Force: c.force}
-			scopes[n], classes[n] = scopeIP, c.class
-			n++
-		}
-		if user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) && n < len(arr) {
-			arr[n] = ratelimit.Bucket{Key: l.prefixes[c.class][scopeUser] + user.UserID, Rule: rules.PerUser, Cost: c.cost, Force: c.force}
-			scopes[n], classes[n] = scopeUser, c.class
-			n++
+		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() || user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) ||
+			origin != "" && rules.PerServer != (ratelimit.Rule{}) {
+			limited = true
+			break
 		}
 	}
-	bs := arr[:n]
-	if len(bs) == 0 {
+	if !limited {
 		return nil
+	}
+	// Each bucket's scope and class, for the answer and the metric.
+	type named struct {
+		scope rateScope
+		class RateClass
+	}
+	var arr [maxCheckBuckets]ratelimit.Bucket
+	var names [maxCheckBuckets]named
+	bs, ns := arr[:0], names[:0]
+	for _, c := range costs {
+		rules := &l.Classes[c.class]
+		if rules.PerIP != (ratelimit.Rule{}) && rr.ip.IsValid() {
+			bs = append(bs, ratelimit.Bucket{Key: ipKey(l.prefixes[c.class][scopeIP], rr.ip), Rule: rules.PerIP, Cost: c.cost, Force: c.force})
+			ns = append(ns, named{scopeIP, c.class})
+		}
+		if user != nil && user.UserID != "" && rules.PerUser != (ratelimit.Rule{}) {
+			bs = append(bs, ratelimit.Bucket{Key: l.prefixes[c.class][scopeUser] + user.UserID, Rule: rules.PerUser, Cost: c.cost, Force: c.force})
+			ns = append(ns, named{scopeUser, c.class})
+		}
+		if origin != "" && rules.PerServer != (ratelimit.Rule{}) {
+			bs = append(bs, ratelimit.Bucket{Key: l.prefixes[c.class][scopeServer] + origin, Rule: rules.PerServer, Cost: c.cost, Force: c.force})
+			ns = append(ns, named{scopeServer, c.class})
+		}
 	}
 	d := l.Limiter.Take(r.Context(), bs...)
 	if d.Allowed {
@@ -299,9 +347,9 @@ func (s *Site) checkLimit(r *http.Request, user *auth.User, costs ...rateCost) *
 	if l.ExemptAdmins && user != nil && s.isAdmin(r, *user) {
 		return nil
 	}
-	c := classes[d.Refused]
-	s.repo.metrics.LimitRejected(s.cfg.ServerName, l.reasons[c][scopes[d.Refused]])
-	return matrix.LimitExceeded(l.messages[c], max(d.RetryAfter, time.Millisecond))
+	who := ns[d.Refused]
+	s.repo.metrics.LimitRejected(s.cfg.ServerName, l.reasons[who.class][who.scope])
+	return matrix.LimitExceeded(l.messages[who.class], max(d.RetryAfter, time.Millisecond))
 }
 
 // uploadCosts are the costs of an upload request: one upload and its
@@ -344,18 +392,72 @@ func downloadCost(r *http.Request, e *mediaEntry) float64 {
 	return float64(e.m.Size)
 }
 
-// remoteAdmission returns the check made before a request fetches remote
-// media (nil when remote fetches are not limited).
-func (s *Site) remoteAdmission(r *http.Request, user *auth.User) func() error {
-	if !s.rate.has(RateRemote) {
+// admitWork charges, in one Limiter call, what a request must be allowed
+// before resolve does something costly for it (waits for a pending upload;
+// fetches remote media, fetch true): a remote fetch (RateRemote), and the
+// download its handler deferred (o.deferDownload: the request, with its
+// bytes bucket asked to be positive; the bytes are charged once known).
+// The deferred download is then charged (o.deferDownload cleared), also
+// when refused: the refusal is the answer. nil when allowed.
+func (s *Site) admitWork(o *resolveOptions, fetch bool) error {
+	if o.req == nil {
 		return nil
 	}
-	return func() error {
-		if merr := s.checkLimit(r, user, rateCost{class: RateRemote, cost: 1}); merr != nil {
-			return merr
-		}
+	var buf [maxCheckClasses]rateCost
+	costs := buf[:0]
+	if fetch && s.rate.has(RateRemote) {
+		costs = append(costs, rateCost{class: RateRemote, cost: 1})
+	}
+	if o.deferDownload {
+		o.deferDownload = false
+		costs = append(costs, rateCost{class: RateDownload, cost: 1}, rateCost{class: RateDownloadBytes})
+	}
+	if len(costs) == 0 {
 		return nil
 	}
+	if merr := s.checkLimit(o.req, o.user, costs...); merr != nil {
+		return merr
+	}
+	return nil
+}
+
+// chargeDownload charges a download of e: the request (when its handler
+// deferred it) and the bytes sent (downloadCost), in one Limiter call.
+func (s *Site) chargeDownload(o *resolveOptions, e *mediaEntry) *matrix.Error {
+	var buf [2]rateCost
+	costs := buf[:0]
+	if o.deferDownload {
+		o.deferDownload = false
+		costs = append(costs, rateCost{class: RateDownload, cost: 1})
+	}
+	if s.rate.has(RateDownloadBytes) {
+		costs = append(costs, rateCost{class: RateDownloadBytes, cost: downloadCost(o.req, e)})
+	}
+	if len(costs) == 0 {
+		return nil
+	}
+	return s.checkLimit(o.req, o.user, costs...)
+}
+
+// chargeStreamed charges the bytes of remote media streamed to the
+// client of o as it is fetched (a whole GET): size, the whole file,
+// forced (the request was admitted with its bytes bucket positive, and
+// the fetch has started).
+func (s *Site) chargeStreamed(o *resolveOptions, size int64) {
+	if o.req == nil || !s.rate.has(RateDownloadBytes) || size <= 0 {
+		return
+	}
+	_ = s.checkLimit(o.req, o.user, rateCost{class: RateDownloadBytes, cost: float64(size), force: true})
+}
+
+// checkFederation limits a federation media request of origin (verified)
+// in class (RateDownload or RateThumbnail): the buckets of its client IP
+// and of the origin server.
+func (s *Site) checkFederation(r *http.Request, origin string, class RateClass) *matrix.Error {
+	if !s.rate.has(class) {
+		return nil
+	}
+	return s.checkRate(r, nil, origin, []rateCost{{class: class, cost: 1}})
 }
 
 // has reports whether the class has any bucket.

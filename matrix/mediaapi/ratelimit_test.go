@@ -16,9 +16,11 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/ratelimit"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testclock"
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testredis"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 )
 
@@ -377,6 +379,8 @@ func TestRateLimitsValidation(t *testing.T) {
 		{"failed_auth per user", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateFailedAuth: {PerUser: perMinute(1)}}}, false},
 		{"zero rate", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: ratelimit.Rule{Burst: 1}}}}, false},
 		{"invalid network", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerIP: perMinute(1)}}, Exempt: []netip.Prefix{{}}}, false},
+		{"per server on upload", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateUpload: {PerServer: perMinute(1)}}}, false},
+		{"per server on thumbnail", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateThumbnail: {PerServer: perMinute(1)}}}, true},
 		{"fine", &RateLimits{Limiter: l, Classes: [NumRateClasses]RateRules{RateDownloadBytes: {PerIP: ratelimit.Rule{Rate: 1, Burst: 0.5}}}}, true},
 	} {
 		if _, err := newSiteLimits(testServer, tc.rl); (err == nil) != tc.ok {
@@ -392,8 +396,9 @@ func TestRateLimitsValidation(t *testing.T) {
 
 // BenchmarkRateLimitOverhead measures an authenticated 100 KiB download
 // through the handler (discarding writer) with rate limits off and on
-// (every class per IP and per user, limits that never trigger, in memory):
-// the difference is the cost of the limits per request.
+// (every class per IP and per user, limits that never trigger, in memory,
+// and in a real Redis: one round trip per download): the difference is
+// the cost of the limits per request.
 func BenchmarkRateLimitOverhead(b *testing.B) {
 	high := ratelimit.Rule{Rate: 1e12, Burst: 1e12}
 	all := RateLimits{}
@@ -402,14 +407,21 @@ func BenchmarkRateLimitOverhead(b *testing.B) {
 	}
 	all.Classes[RateFailedAuth].PerUser = ratelimit.Rule{}
 	for _, tc := range []struct {
-		name string
-		rl   *RateLimits
-	}{{"off", nil}, {"on", &all}} {
+		name  string
+		rl    *RateLimits
+		redis bool
+	}{{"off", nil, false}, {"on", &all, false}, {"on_redis", &all, true}} {
 		b.Run(tc.name, func(b *testing.B) {
 			e, id, content := benchEnv(b)
 			if tc.rl != nil {
 				rl := *tc.rl
 				rl.Limiter = ratelimit.NewMemory(ratelimit.MemoryOptions{})
+				if tc.redis {
+					srv := testredis.Start(b)
+					c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+					b.Cleanup(func() { c.Close() })
+					rl.Limiter = ratelimit.NewRedis(c, ratelimit.RedisOptions{OnFailOpen: func(err error) { b.Error(err) }})
+				}
 				var err error
 				if e.site.rate, err = newSiteLimits(testServer, &rl); err != nil {
 					b.Fatal(err)

@@ -131,7 +131,8 @@ func (r *Repository) finishRemote(key string, f *remoteFlight, e *mediaEntry, er
 // first bytes match a stored blob that is quarantined is not streamed at
 // all: it is stored first and the caller answers from its row (404). A
 // non-nil entry is returned only then.
-func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, server, id string, timeout time.Duration) (*mediaEntry, error) {
+func (s *Site) streamRemote(o *resolveOptions, key string, f *remoteFlight, server, id string) (*mediaEntry, error) {
+	st, timeout := o.stream, o.timeout
 	w, r := st.w, st.r
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), remoteTimeout)
 	// Once the store runs in its goroutine, it owns ctx (and the body).
@@ -178,6 +179,11 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 		}
 	}
 
+	if rm.Size >= 0 {
+		// Charged like a local download of the whole file, before it is
+		// sent.
+		s.chargeStreamed(o, rm.Size)
+	}
 	name := st.fileName
 	if name == "" {
 		name = dispositionFileName(rm.ContentDisposition)
@@ -231,6 +237,10 @@ func (s *Site) streamRemote(st *streamTarget, key string, f *remoteFlight, serve
 		}
 	}
 	s.repo.metrics.downloadBytes.Add(float64(tee.n))
+	if rm.Size < 0 {
+		// No length announced: what was sent.
+		s.chargeStreamed(o, tee.n)
+	}
 	if err != nil {
 		// The fetch or the store failed midway, or the content is
 		// quarantined: cut the response so the client does not take a
@@ -490,7 +500,8 @@ func mapFederationError(err error) error {
 // media, under an internal media ID that no request can name ('~' is not
 // allowed in media IDs). The fetch is admitted by the same bounds as remote
 // media.
-func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, timeout time.Duration, admitFetch func() error) (*mediaEntry, error) {
+func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, o *resolveOptions) (*mediaEntry, error) {
+	timeout := o.timeout
 	anim := "s"
 	if k.Animated {
 		anim = "a"
@@ -500,10 +511,8 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 	if e, err := s.repo.cachedRemote(ctx, ik); e != nil || err != nil {
 		return e, err
 	}
-	if admitFetch != nil {
-		if err := admitFetch(); err != nil {
-			return nil, err
-		}
+	if err := s.admitWork(o, true); err != nil {
+		return nil, err
 	}
 	f, key, e, err := s.joinFlight(ctx, ik)
 	if f == nil {

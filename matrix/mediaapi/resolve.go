@@ -11,6 +11,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 )
 
@@ -88,10 +89,18 @@ type resolveOptions struct {
 	// timeout is how long to wait for a pending upload (timeout_ms), here
 	// or on the remote server.
 	timeout time.Duration
-	// admitFetch, when set, is asked before the request fetches remote
-	// media that is not cached (or joins such a fetch); its error is the
-	// answer (a rate limit).
-	admitFetch func() error
+	// req and user (nil: anonymous) are the client request resolving,
+	// for the rate limits charged along the way (admitWork): a remote
+	// fetch (or joining one) is charged to RateRemote before it starts.
+	// Without req nothing is charged.
+	req  *http.Request
+	user *auth.User
+	// deferDownload says the handler has not charged the request's
+	// RateDownload yet, to charge it with the download's bytes in one
+	// Limiter call once the entry is known (chargeDownload). resolve
+	// charges it itself (and clears it) before waiting for a pending
+	// upload or fetching remote media.
+	deferDownload bool
 	// stream, when set, is the response of a whole GET: if this request
 	// leads a new remote fetch, the bytes are sent to it while they are
 	// stored, and resolve returns a *respondedError.
@@ -139,7 +148,7 @@ func admit(e *mediaEntry) (*mediaEntry, error) {
 // local (any site of this repository), cached remote, or fetched now.
 // Errors are *matrix.Error, *respondedError, or errors of the store and the
 // remote fetcher, which fail maps to answers.
-func (s *Site) resolve(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+func (s *Site) resolve(ctx context.Context, server, id string, o *resolveOptions) (*mediaEntry, error) {
 	if s.isLocal(server) {
 		return s.resolveLocal(ctx, mediaKey{server, id}, o)
 	}
@@ -156,13 +165,13 @@ func (s *Site) isLocal(server string) bool {
 // cached: always on authenticated endpoints; on legacy ones only with
 // allow_remote and outside the legacy freeze (a copy fetched now is created
 // now).
-func (s *Site) mayFetch(o resolveOptions) bool {
+func (s *Site) mayFetch(o *resolveOptions) bool {
 	return !o.legacy || (o.allowRemote && !s.frozen(s.repo.now()))
 }
 
 // resolveLocal returns a local media item, waiting up to o.timeout for a
 // pending upload.
-func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o resolveOptions) (*mediaEntry, error) {
+func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o *resolveOptions) (*mediaEntry, error) {
 	e, m, err := s.repo.lookup(ctx, key)
 	switch {
 	case errors.Is(err, storage.ErrNotFound):
@@ -174,6 +183,9 @@ func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o resolveOptions)
 		return nil, errMediaNotFound
 	}
 	if e == nil {
+		if err := s.admitWork(o, false); err != nil {
+			return nil, err
+		}
 		if e, err = s.waitForUpload(ctx, key, m, o.timeout); err != nil {
 			return nil, err
 		}
@@ -185,7 +197,7 @@ func (s *Site) resolveLocal(ctx context.Context, key mediaKey, o resolveOptions)
 // fetched now (or by a fetch in progress). Everything that can refuse the
 // request (no fetcher, allow_remote=false, the freeze, the fetch bounds) is
 // decided before any fetch starts.
-func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+func (s *Site) resolveRemote(ctx context.Context, server, id string, o *resolveOptions) (*mediaEntry, error) {
 	if s.cfg.Remote == nil || (o.legacy && !o.allowRemote) {
 		return nil, errMediaNotFound
 	}
@@ -201,10 +213,8 @@ func (s *Site) resolveRemote(ctx context.Context, server, id string, o resolveOp
 		if !s.mayFetch(o) {
 			return nil, errMediaNotFound
 		}
-		if o.admitFetch != nil {
-			if err := o.admitFetch(); err != nil {
-				return nil, err
-			}
+		if err := s.admitWork(o, true); err != nil {
+			return nil, err
 		}
 		if e, err = s.fetchOrJoin(ctx, server, id, o); err != nil {
 			return nil, err
@@ -256,16 +266,18 @@ func (r *Repository) cachedRemote(ctx context.Context, k mediaKey) (*mediaEntry,
 
 // fetchOrJoin joins the fetch of a remote item in progress, or leads a new
 // one when the fetch bounds admit it.
-func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o resolveOptions) (*mediaEntry, error) {
+func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o *resolveOptions) (*mediaEntry, error) {
 	f, key, e, err := s.joinFlight(ctx, mediaKey{server, id})
 	if f == nil {
 		return e, err
 	}
 	if o.stream != nil {
-		return s.streamRemote(o.stream, key, f, server, id, o.timeout)
+		return s.streamRemote(o, key, f, server, id)
 	}
+	// Not o itself: the fetch outlives the request's options.
+	timeout := o.timeout
 	return s.leadFetch(ctx, "remote_fetch", key, f, func(fctx context.Context) (*mediaEntry, error) {
-		return s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, o.timeout)
+		return s.repo.fetchRemote(fctx, s.cfg.Remote, server, id, timeout)
 	})
 }
 

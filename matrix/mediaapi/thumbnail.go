@@ -209,14 +209,13 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 	if merr != nil {
 		return writeErr(w, merr)
 	}
-	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout,
-		admitFetch: s.remoteAdmission(r, user)}
-	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && !s.isLocal(server) && s.repo.thumbPolicy.FetchRemote && s.mayFetch(o) {
+	o := resolveOptions{legacy: rt.legacy, allowRemote: allowRemote(r.URL.RawQuery), timeout: timeout, req: r, user: user}
+	if rth, ok := s.cfg.Remote.(RemoteThumbnailer); ok && !s.isLocal(server) && s.repo.thumbPolicy.FetchRemote && s.mayFetch(&o) {
 		// The remote's own thumbnail, unless it cannot make one: then
 		// the original, thumbnailed here.
 		w2, h2, method := s.repo.thumbPolicy.normalize(params.width, params.height, params.method)
 		k := storage.ThumbnailKey{ServerName: server, MediaID: id, Width: w2, Height: h2, Method: string(method), Animated: params.animated}
-		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, timeout, o.admitFetch)
+		te, err := s.remoteThumbnailEntry(r.Context(), rth, k, &o)
 		if err == nil {
 			te, err = s.admitRemoteThumbnail(r.Context(), server, id, te)
 		}
@@ -231,7 +230,7 @@ func (s *Site) serveThumbnail(w http.ResponseWriter, r *http.Request, rt *route)
 			return s.fail(w, r, err)
 		}
 	}
-	e, err := s.resolve(r.Context(), server, id, o)
+	e, err := s.resolve(r.Context(), server, id, &o)
 	if errors.Is(err, errRefused) {
 		return s.refuseThumbnail(w, r, rt.legacy)
 	}
