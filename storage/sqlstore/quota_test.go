@@ -271,7 +271,10 @@ func TestQuotaQueriesRebound(t *testing.T) {
 // under a limit of stored bytes and files and two rolling windows, for one
 // user who already has 1000 items (half of them within the shorter
 // window); the items inserted are older than both windows, so that every
-// insertion sums the same rows.
+// insertion sees the same windows. With limits far above what the user
+// stores the windows are not summed at all; WindowsSummed has window limits
+// the user could reach, so every insertion sums them (one entry per minute
+// with uploads: 500 and 1000).
 func BenchmarkInsertMediaLimited(b *testing.B) {
 	ctx := context.Background()
 	for _, be := range backends {
@@ -324,6 +327,24 @@ func BenchmarkInsertMediaLimited(b *testing.B) {
 			b.Run("InsertMediaLimited", func(b *testing.B) {
 				for b.Loop() {
 					if err := s.InsertMediaLimited(ctx, item(), lim); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			// Window limits below what the user stores (but above what the
+			// windows hold): every insertion sums the windows' history.
+			summed := lim
+			summed.Windows = []storage.WindowLimit{{Window: 1000 * time.Minute, MaxFiles: 600}, {Window: 7 * 24 * time.Hour, MaxFiles: 1001}}
+			b.Run("InsertMediaLimitedWindowsSummed", func(b *testing.B) {
+				for b.Loop() {
+					if err := s.InsertMediaLimited(ctx, item(), summed); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+			b.Run("CheckUpload", func(b *testing.B) {
+				for b.Loop() {
+					if _, err := s.CheckUpload(ctx, user, summed, blob.Size, 0); err != nil {
 						b.Fatal(err)
 					}
 				}
