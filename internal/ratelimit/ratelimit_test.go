@@ -431,4 +431,149 @@ func BenchmarkTake(b *testing.B) {
 			b.Fatalf("%d fail-opens", failed.Load())
 		}
 	})
+	// 32 concurrent callers, as under load: their Takes share round trips.
+	b.Run("redis_parallel", func(b *testing.B) {
+		srv := testredis.Start(b)
+		c := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+		b.Cleanup(func() { c.Close() })
+		var failed atomic.Int64
+		l := NewRedis(c, RedisOptions{OnFailOpen: func(error) { failed.Add(1) }})
+		b.ReportAllocs()
+		b.SetParallelism(16)
+		b.RunParallel(func(pb *testing.PB) {
+			i := 0
+			for pb.Next() {
+				if !l.Take(context.Background(), Bucket{Key: "k" + strconv.Itoa(i&255), Rule: rule, Cost: 1}).Allowed {
+					b.Error("refused")
+				}
+				i++
+			}
+		})
+		if failed.Load() != 0 {
+			b.Fatalf("%d fail-opens", failed.Load())
+		}
+	})
+}
+
+// holdHook holds the first single command (the first Take's round trip)
+// until release is closed, and records the size of every pipeline of
+// scripts (not the client's own connection set-up).
+type holdHook struct {
+	once      sync.Once
+	release   chan struct{}
+	pipelines chan int
+}
+
+func (h *holdHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *holdHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		h.once.Do(func() { <-h.release })
+		return next(ctx, cmd)
+	}
+}
+
+func (h *holdHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if len(cmds) > 0 && cmds[0].Name() == "evalsha" {
+			h.pipelines <- len(cmds)
+		}
+		return next(ctx, cmds)
+	}
+}
+
+// TestRedisBatches checks that Takes arriving during a round trip go out
+// together in the next one, each decided as if alone.
+func TestRedisBatches(t *testing.T) {
+	srv := testredis.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { client.Close() })
+	hook := &holdHook{release: make(chan struct{}), pipelines: make(chan int, 16)}
+	client.AddHook(hook)
+	l := NewRedis(client, RedisOptions{OnFailOpen: func(err error) { t.Errorf("failed open: %v", err) }})
+	rule := Rule{Rate: 1e-6, Burst: 11}
+	take := func() bool {
+		return l.Take(context.Background(), Bucket{Key: "batch", Rule: rule, Cost: 1}).Allowed
+	}
+	var allowed atomic.Int64
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if take() {
+			allowed.Add(1)
+		}
+	})
+	// Wait until the first Take is in flight, then queue ten more.
+	waitFor(t, func() bool { l.mu.Lock(); defer l.mu.Unlock(); return l.flushing })
+	for range 10 {
+		wg.Go(func() {
+			if take() {
+				allowed.Add(1)
+			}
+		})
+	}
+	waitFor(t, func() bool { l.mu.Lock(); defer l.mu.Unlock(); return len(l.queue) == 10 })
+	close(hook.release)
+	wg.Wait()
+	if got := <-hook.pipelines; got != 10 {
+		t.Fatalf("the queued Takes went out in a pipeline of %d commands, want 10", got)
+	}
+	if allowed.Load() != 11 {
+		t.Fatalf("%d allowed, want 11 (the burst)", allowed.Load())
+	}
+	if take() {
+		t.Fatal("a 12th Take was allowed past the burst")
+	}
+	// The server forgot the script: a batch falls back to EVAL.
+	if err := client.ScriptFlush(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	var refused atomic.Int64
+	for range 8 {
+		wg.Go(func() {
+			if !take() {
+				refused.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if refused.Load() != 8 {
+		t.Fatalf("%d of 8 refused after SCRIPT FLUSH, want 8 (and no fail-open)", refused.Load())
+	}
+}
+
+// TestRedisConcurrent checks that concurrent Takes on one Redis, batched,
+// allow exactly the burst.
+func TestRedisConcurrent(t *testing.T) {
+	srv := testredis.Start(t)
+	client := redis.NewClient(&redis.Options{Addr: srv.Addr()})
+	t.Cleanup(func() { client.Close() })
+	l := NewRedis(client, RedisOptions{OnFailOpen: func(err error) { t.Errorf("failed open: %v", err) }})
+	rule := Rule{Rate: 1e-6, Burst: 100}
+	var allowed atomic.Int64
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Go(func() {
+			for range 20 {
+				if l.Take(context.Background(), Bucket{Key: "x", Rule: rule, Cost: 1}, Bucket{Key: "y", Rule: rule, Cost: 1}).Allowed {
+					allowed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if allowed.Load() != 100 {
+		t.Fatalf("%d allowed, want exactly the burst 100", allowed.Load())
+	}
+}
+
+// waitFor polls cond for up to 10 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached in 10 s")
+		}
+		time.Sleep(time.Millisecond)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -49,10 +50,25 @@ type RedisOptions struct {
 	Logger *zap.Logger
 }
 
+// RedisClient is what the Redis limiter needs of a client: scripts, and
+// pipelines for batching (a *redis.Client or *redis.ClusterClient).
+type RedisClient interface {
+	redis.Scripter
+	Pipeline() redis.Pipeliner
+}
+
 // Redis is a Limiter keeping its buckets in Redis, shared by every process
-// that uses the same server and prefix. Each Take is one round trip: a Lua
+// that uses the same server and prefix. Each Take is one script run: a Lua
 // script (EVALSHA; EVAL once after the server lost its script cache) that
-// refills, decides and charges every bucket of the call atomically. A
+// refills, decides and charges every bucket of the call atomically.
+//
+// Takes are batched: a Take that arrives while another round trip is in
+// flight waits for it and then goes out with every other Take that queued
+// meanwhile, as one pipeline (one write and one read for the batch), led by
+// the first of them. Each Take is still its own script run, so its
+// decision is exactly what it would be alone; under load the round trips
+// (and their system calls on both sides) are shared, and no Take ever
+// waits for more than the round trip in flight plus its own. A
 // bucket is a hash {l: level, t: time in microseconds} whose expiry is the
 // time it takes to be full again, so idle keys vanish on their own.
 //
@@ -60,7 +76,7 @@ type RedisOptions struct {
 // OnFailOpen. The keys of one call must be in one hash slot for Redis
 // Cluster; plain servers and replicas work as they are.
 type Redis struct {
-	client  redis.Scripter
+	client  RedisClient
 	prefix  string
 	timeout time.Duration
 	retry   time.Duration
@@ -73,6 +89,23 @@ type Redis struct {
 	// next success.
 	downUntil atomic.Int64
 	down      atomic.Bool
+
+	// mu guards queue and flushing: the Takes waiting for the next round
+	// trip, and whether one is in flight (or being handed over).
+	mu       sync.Mutex
+	queue    []*pendingTake
+	flushing bool
+}
+
+// pendingTake is one Take's script run in a batch.
+type pendingTake struct {
+	keys []string
+	args []any
+	res  []any
+	err  error
+	// wake tells a queued Take that its result is in (false) or that it
+	// leads the next round trip (true).
+	wake chan bool
 }
 
 // takeScript refills, decides and charges. KEYS are the buckets; ARGV[1] is
@@ -138,7 +171,7 @@ return {1, -1, '0'}
 
 // NewRedis returns a limiter on client (a *redis.Client, shared with other
 // users of the same server; the limiter does not close it).
-func NewRedis(client redis.Scripter, opts RedisOptions) *Redis {
+func NewRedis(client RedisClient, opts RedisOptions) *Redis {
 	l := &Redis{
 		client:  client,
 		prefix:  opts.Prefix,
@@ -199,10 +232,88 @@ func (l *Redis) failOpen(err error) {
 	}
 }
 
-// take runs the script once.
-func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
-	ctx, cancel := context.WithTimeout(ctx, l.timeout)
+// run runs the script for keys and args in the next round trip (see
+// Redis) and returns its answer. The round trip is bounded by the
+// limiter's timeout, not by ctx: a batch carries other callers' Takes.
+func (l *Redis) run(keys []string, args []any) ([]any, error) {
+	p := &pendingTake{keys: keys, args: args}
+	l.mu.Lock()
+	if l.flushing {
+		p.wake = make(chan bool, 1)
+		l.queue = append(l.queue, p)
+		l.mu.Unlock()
+		if lead := <-p.wake; !lead {
+			return p.res, p.err
+		}
+		l.mu.Lock() // this Take leads: it is first in the queue
+	} else {
+		l.flushing = true
+		l.queue = append(l.queue, p)
+	}
+	batch := l.queue
+	l.queue = nil
+	l.mu.Unlock()
+
+	l.flush(batch)
+	for _, q := range batch {
+		if q != p {
+			q.wake <- false
+		}
+	}
+	l.mu.Lock()
+	if len(l.queue) > 0 {
+		next := l.queue[0]
+		l.mu.Unlock()
+		next.wake <- true
+	} else {
+		l.flushing = false
+		l.mu.Unlock()
+	}
+	return p.res, p.err
+}
+
+// flush runs the script for every Take of batch in one round trip (a
+// pipeline of EVALSHA; a single Take runs alone), then again with EVAL for
+// those the server had no script for.
+func (l *Redis) flush(batch []*pendingTake) {
+	ctx, cancel := context.WithTimeout(context.Background(), l.timeout)
 	defer cancel()
+	if len(batch) == 1 {
+		p := batch[0]
+		p.res, p.err = takeScript.Run(ctx, l.client, p.keys, p.args...).Slice()
+		return
+	}
+	pipe := l.client.Pipeline()
+	cmds := make([]*redis.Cmd, len(batch))
+	for i, p := range batch {
+		cmds[i] = takeScript.EvalSha(ctx, pipe, p.keys, p.args...)
+	}
+	_, _ = pipe.Exec(ctx) // errors are per command
+	var missing []int
+	for i, c := range cmds {
+		batch[i].res, batch[i].err = c.Slice()
+		if batch[i].err != nil && redis.HasErrorPrefix(batch[i].err, "NOSCRIPT") {
+			missing = append(missing, i)
+		}
+	}
+	if len(missing) == 0 {
+		return
+	}
+	pipe = l.client.Pipeline()
+	for _, i := range missing {
+		cmds[i] = takeScript.Eval(ctx, pipe, batch[i].keys, batch[i].args...)
+	}
+	_, _ = pipe.Exec(ctx)
+	for _, i := range missing {
+		batch[i].res, batch[i].err = cmds[i].Slice()
+	}
+}
+
+// take runs the script once for buckets.
+func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
+	if err := ctx.Err(); err != nil {
+		return Decision{}, err
+	}
 	keys := make([]string, len(buckets))
 	args := make([]any, 0, 1+4*len(buckets))
 	now := int64(-1)
@@ -224,7 +335,7 @@ func (l *Redis) take(ctx context.Context, buckets []Bucket) (Decision, error) {
 		args = append(args, strconv.FormatFloat(b.Rule.Rate, 'g', -1, 64), strconv.FormatFloat(b.Rule.Burst, 'g', -1, 64), debt,
 			strconv.FormatFloat(b.Cost, 'g', -1, 64))
 	}
-	res, err := takeScript.Run(ctx, l.client, keys, args...).Slice()
+	res, err := l.run(keys, args)
 	if err != nil {
 		return Decision{}, fmt.Errorf("rate limit script: %w", err)
 	}
