@@ -23,6 +23,7 @@ cleanup() {
 	for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 	if declare -F cleanup_hook >/dev/null; then cleanup_hook; fi
+	pg_cleanup
 	if [[ -n ${WORK:-} ]]; then rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
@@ -90,3 +91,66 @@ ratio() { awk -v a="$1" -v b="$2" -v d="${3:-2}" 'BEGIN { if (b == 0) print "n/a
 # median: the median of the space-separated numbers on stdin (empty fields
 # ignored, so lists built as "$x " are fine).
 median() { tr ' ' '\n' | sort -g | awk 'NF {a[++n] = $1} END {print (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2}'; }
+
+# PostgreSQL for the benchmarks (pg_database). PG_BIN and PG_DIR are set
+# while a throwaway cluster runs; PG_DBS lists the databases made on
+# PG_DSN's server.
+PG_BIN=
+PG_DIR=
+PG_PORT=
+PG_DBS=()
+
+# as_pg CMD...: runs a PostgreSQL binary as the postgres user when the
+# script runs as root (PostgreSQL refuses root), else as the current user.
+as_pg() {
+	if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+# pg_database NAME: makes an empty database and sets DSN to it and PG_WHAT
+# to a description. With PG_DSN set, the database is made on that server
+# (named NAME_<pid>_<random>, dropped at exit); otherwise on a throwaway
+# cluster from /usr/lib/postgresql/*/bin under $WORK/pg, started on the
+# first call (with PG_OPTS as extra server options) and stopped at exit.
+pg_database() {
+	if [[ -n ${PG_DSN:-} ]]; then
+		local db=${1}_$$_$RANDOM
+		psql -q -v ON_ERROR_STOP=1 -d "$PG_DSN" -c "CREATE DATABASE $db" >/dev/null
+		PG_DBS+=("$db")
+		DSN=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$PG_DSN" "$db")
+		PG_WHAT="server of PG_DSN, database $db"
+		return
+	fi
+	if [[ -z $PG_DIR ]]; then
+		local d
+		for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -V -r); do
+			[[ -x $d/initdb && -x $d/pg_ctl ]] && { PG_BIN=$d; break; }
+		done
+		[[ -n $PG_BIN ]] || { echo "bench: no PostgreSQL binaries in /usr/lib/postgresql/*/bin (./xcaddy.sh deps installs them) and no PG_DSN" >&2; exit 1; }
+		PG_PORT=$(free_port)
+		chmod 755 "$WORK"
+		mkdir -p "$WORK/pg"
+		((EUID == 0)) && chown postgres: "$WORK/pg"
+		as_pg "$PG_BIN/initdb" -D "$WORK/pg/data" -U postgres -A trust -E UTF8 --no-locale >"$WORK/initdb.log" 2>&1 ||
+			{ cat "$WORK/initdb.log" >&2; exit 1; }
+		PG_DIR=$WORK/pg
+		# shellcheck disable=SC2086 # PG_OPTS is a list of options
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
+			-o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=100 ${PG_OPTS:-}" start >/dev/null ||
+			{ cat "$PG_DIR/server.log" >&2; exit 1; }
+	fi
+	psql -q -v ON_ERROR_STOP=1 -d "postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable" -c "CREATE DATABASE $1" >/dev/null
+	DSN="postgres://postgres@127.0.0.1:$PG_PORT/$1?sslmode=disable"
+	PG_WHAT="throwaway cluster $("$PG_BIN/postgres" --version | awk '{print $3}'), defaults${PG_OPTS:+ + $PG_OPTS}"
+}
+
+# pg_cleanup (run by cleanup): stops the throwaway cluster, drops the
+# databases made on PG_DSN's server.
+pg_cleanup() {
+	if [[ -n $PG_DIR ]]; then
+		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
+	fi
+	local db
+	for db in "${PG_DBS[@]}"; do
+		psql -q -d "$PG_DSN" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
+	done
+}

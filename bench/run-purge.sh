@@ -67,24 +67,6 @@ need go; need curl; need psql
 need_caddy
 
 WORK=$(mktemp -d /tmp/mm-bench-purge.XXXXXX)
-PG_BIN=
-PG_DIR=
-# cleanup_hook (run by lib.sh's cleanup, after Caddy is stopped): the
-# throwaway cluster is stopped, or the database made on PG_DSN dropped.
-cleanup_hook() {
-	if [[ -n $PG_DIR ]]; then
-		as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m fast -w stop >/dev/null 2>&1 || true
-	elif [[ -n ${DB_NAME:-} ]]; then
-		psql -q -d "$PG_DSN" -c "DROP DATABASE IF EXISTS $DB_NAME" >/dev/null 2>&1 || true
-	fi
-}
-
-# as_pg runs a PostgreSQL binary as the postgres user when this script runs
-# as root (PostgreSQL refuses root), else as the current user.
-as_pg() {
-	if ((EUID == 0)); then runuser -u postgres -- "$@"; else "$@"; fi
-}
-
 ADMIN=$(free_port); HS=$(free_port); MM=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config"
@@ -92,32 +74,9 @@ mkdir -p "$WORK/bin" "$WORK/xdg/data" "$WORK/xdg/config"
 echo "bench: building bench/purge programs" >&2
 CGO_ENABLED=1 go build -o "$WORK/bin/" ./bench/purge/seed ./bench/purge/load
 
-# The database: a fresh one on PG_DSN's server, or a throwaway cluster.
-if [[ -n $PG_DSN ]]; then
-	DB_NAME=mm_bench_purge_$$_$RANDOM
-	psql -q -v ON_ERROR_STOP=1 -d "$PG_DSN" -c "CREATE DATABASE $DB_NAME" >/dev/null
-	DSN=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(u.urlunsplit(p._replace(path="/" + sys.argv[2])))' "$PG_DSN" "$DB_NAME")
-	PG_WHAT="server of PG_DSN, database $DB_NAME"
-else
-	for d in $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -V -r); do
-		[[ -x $d/initdb && -x $d/pg_ctl ]] && { PG_BIN=$d; break; }
-	done
-	[[ -n $PG_BIN ]] || { echo "bench: no PostgreSQL binaries in /usr/lib/postgresql/*/bin (./xcaddy.sh deps installs them) and no PG_DSN" >&2; exit 1; }
-	PG_PORT=$(free_port)
-	PG_DIR=$WORK/pg
-	chmod 755 "$WORK"
-	mkdir -p "$PG_DIR"
-	((EUID == 0)) && chown postgres: "$PG_DIR"
-	as_pg "$PG_BIN/initdb" -D "$PG_DIR/data" -U postgres -A trust -E UTF8 --no-locale >"$WORK/initdb.log" 2>&1 ||
-		{ cat "$WORK/initdb.log" >&2; PG_DIR=; exit 1; }
-	# shellcheck disable=SC2086 # PG_OPTS is a list of options
-	as_pg "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w \
-		-o "-p $PG_PORT -k $PG_DIR -c listen_addresses=127.0.0.1 -c max_connections=100 $PG_OPTS" start >/dev/null ||
-		{ cat "$PG_DIR/server.log" >&2; exit 1; }
-	psql -q -v ON_ERROR_STOP=1 -d "postgres://postgres@127.0.0.1:$PG_PORT/postgres?sslmode=disable" -c "CREATE DATABASE media" >/dev/null
-	DSN="postgres://postgres@127.0.0.1:$PG_PORT/media?sslmode=disable"
-	PG_WHAT="throwaway cluster $("$PG_BIN/postgres" --version | awk '{print $3}'), defaults${PG_OPTS:+ + $PG_OPTS}"
-fi
+# The database: a fresh one on PG_DSN's server, or a throwaway cluster
+# (bench/lib.sh).
+pg_database media
 sql() { psql -qtA -v ON_ERROR_STOP=1 -d "$DSN" -c "$1"; }
 
 REPORT=$WORK/report.txt
