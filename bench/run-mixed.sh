@@ -150,11 +150,11 @@ run() {
 	if grep -E '^failed' <<<"$out" | grep -vqE '^failed [0-9]+ x 429 ' || ! grep -q '^kind' <<<"$out"; then
 		echo "bench: wrk failed on $1 (error responses or a script error)" >&2; echo "$out" >&2; exit 1
 	fi
-	R429[$1]+="$(grep -E '^failed [0-9]+ x 429 ' <<<"$out" | awk '{n += $2} END {print n + 0}') "
+	R429[$1]+="$(awk '/^failed [0-9]+ x 429 / {n += $2} END {print n + 0}' <<<"$out") "
 	RPS[$1]+="$(awk '/^Requests\/sec/ {print $2}' <<<"$out") "
 	P50[$1]+="$(awk '$1 == "50%" {print $2}' <<<"$out" | to_ms) "
 	P99[$1]+="$(awk '$1 == "99%" {print $2}' <<<"$out" | to_ms) "
-	KIND[$1]+="$(grep '^kind' <<<"$out" | tr '\n' ';')|"
+	KIND[$1]+="$(awk '/^kind/ {printf "%s;", $0}' <<<"$out")|"
 }
 # to_ms: wrk's "1.23ms" / "850.00us" / "1.20s" on stdin, as milliseconds.
 to_ms() { awk '{v=$1; if (v ~ /us$/) printf "%.2f", v/1000; else if (v ~ /ms$/) printf "%.2f", v+0; else printf "%.2f", v*1000}'; }
@@ -173,7 +173,7 @@ say "postgres/sqlite req/s: $(ratio "$(echo "${RPS[postgres]}" | median)" "$(ech
 say ""
 say "requests of each kind, last round:"
 for side in sqlite postgres; do
-	say "$side: $(echo "${KIND[$side]}" | tr '|' '\n' | grep -v '^$' | tail -1)"
+	say "$side: $(echo "${KIND[$side]}" | tr '|' '\n' | awk 'NF' | tail -1)"
 done
 
 mkdir -p "$ROOT/bench/results"
