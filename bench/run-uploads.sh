@@ -11,7 +11,10 @@
 #      LARGE_N (64 MiB uploads per side and round, default 4),
 #      PROFILE=DIR (also write a 10 s CPU profile of Caddy during a
 #      256 KiB run, and strace -c -f of it, into DIR),
-#      ONLY=small|large|rss (one scenario).
+#      ONLY=small|large|rss (one scenario),
+#      CADDY_B (a second caddy, e.g. the build before a change: run as a
+#      third side in the same rounds of scenarios 1 and 2, reported as
+#      B/sink and module/B).
 #
 # Scenarios:
 #   1. 256 KiB uploads, c=8 (wrk, 2 threads): uploads/s and p50, module vs
@@ -77,6 +80,20 @@ http://127.0.0.1:$MM {
 EOF
 run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 
+CADDY_B=${CADDY_B:-}
+if [[ -n $CADDY_B ]]; then
+	ADMIN_B=$(free_port); MM_B=$(free_port)
+	sed -e "s#127.0.0.1:$ADMIN#127.0.0.1:$ADMIN_B#" -e "s#$WORK/store#$WORK/store-b#g" \
+		-e "s#^http://127.0.0.1:$MM {#http://127.0.0.1:$MM_B {#" "$WORK/Caddyfile" |
+		awk -v hs="$HS" '/^http:\/\/127.0.0.1:/ && index($0, ":" hs " {") {skip=1} skip && /^}/ {skip=0; next} !skip' >"$WORK/Caddyfile.b"
+	"$CADDY_B" run --config "$WORK/Caddyfile.b" >"$WORK/caddy-b.log" 2>&1 &
+	B_PID=$!
+	PIDS+=("$B_PID")
+	wait_http "http://127.0.0.1:$ADMIN_B/config/" "$WORK/caddy-b.log" "caddy B" "$B_PID"
+	MM_B_URL="http://127.0.0.1:$MM_B/_matrix/media/v3/upload"
+	curl -fsS -X POST -H 'Authorization: Bearer bench' --data-binary "@$WORK/up256.bin" "$MM_B_URL" | grep -q '"content_uri":"mxc://localhost/'
+fi
+
 MM_URL="http://127.0.0.1:$MM/_matrix/media/v3/upload"
 SINK_URL="http://127.0.0.1:$SINK/upload"
 # sanity: both answer a content URI
@@ -104,19 +121,28 @@ function request()
 end
 EOF
 
-# wrk_upload URL -> prints "uploads/s p50_ms"; any non-2xx fails the run.
+# cpu_ticks PID: user+system CPU time of PID in clock ticks.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
+
+# wrk_upload URL [PID] -> prints "uploads/s p50_ms cpu_ms_per_upload" (the
+# last is the CPU time PID spent per upload during the run, 0 without PID);
+# any non-2xx fails the run.
 RUN=0
 wrk_upload() {
-	local out
+	local out c0=0 c1=0
 	RUN=$((RUN + 1))
+	[[ -z ${2:-} ]] || c0=$(cpu_ticks "$2")
 	sed "s/NONCE/$RUN$RANDOM/" "$WORK/post.lua" >"$WORK/post.$RUN.lua"
 	out=$(wrk -t2 -c8 -d"${DURATION}s" --latency -H 'Authorization: Bearer bench' \
 		-H 'Content-Type: application/octet-stream' -s "$WORK/post.$RUN.lua" "$1" 2>&1)
 	if grep -q 'Non-2xx\|Socket errors' <<<"$out"; then echo "bench: errors from $1" >&2; echo "$out" >&2; exit 1; fi
-	local rps p50
+	[[ -z ${2:-} ]] || c1=$(cpu_ticks "$2")
+	local rps p50 n
 	rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+	n=$(awk '/requests in/ {print $1}' <<<"$out")
 	p50=$(awk '$1 == "50%" {v=$2; if (v ~ /us$/) {sub(/us$/,"",v); v/=1000} else if (v ~ /ms$/) sub(/ms$/,"",v); else if (v ~ /s$/) {sub(/s$/,"",v); v*=1000}; print v}' <<<"$out")
-	echo "$rps $p50"
+	echo "$rps $p50 $(awk -v c=$((c1 - c0)) -v t="$TICK" -v n="$n" 'BEGIN{printf "%.2f", c * 1000 / t / n}')"
 }
 
 # large_mbs URL -> MB/s of LARGE_N sequential 64 MiB uploads, each with
@@ -153,16 +179,21 @@ if [[ -n $PROFILE ]]; then
 fi
 
 sm_mm=(); sm_sk=(); sm_r=(); p50_mm=(); p50_sk=(); p50_r=(); lg_mm=(); lg_sk=(); lg_r=()
+cpu_mm=(); cpu_sk=(); cpu_b=(); sm_b=(); sm_br=(); sm_ab=(); p50_b=(); lg_b=(); lg_br=(); lg_ab=()
 for round in $(seq 1 "$ROUNDS"); do
 	if [[ -z $ONLY || $ONLY == small ]]; then
 		# alternate which side runs first, so drift of the machine's load
 		# does not favour one
 		if ((round % 2)); then
-			read -r mr mp < <(wrk_upload "$MM_URL"); read -r sr sp < <(wrk_upload "$SINK_URL")
+			read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID"); read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID")
 		else
-			read -r sr sp < <(wrk_upload "$SINK_URL"); read -r mr mp < <(wrk_upload "$MM_URL")
+			read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID"); read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID")
 		fi
-		sm_mm+=("$mr"); sm_sk+=("$sr"); sm_r+=("$(ratio "$mr" "$sr")")
+		if [[ -n $CADDY_B ]]; then
+			read -r br bp bc < <(wrk_upload "$MM_B_URL" "$B_PID")
+			sm_b+=("$br"); p50_b+=("$bp"); cpu_b+=("$bc"); sm_br+=("$(ratio "$br" "$sr")"); sm_ab+=("$(ratio "$mr" "$br")")
+		fi
+		sm_mm+=("$mr"); sm_sk+=("$sr"); sm_r+=("$(ratio "$mr" "$sr")"); cpu_mm+=("$mc"); cpu_sk+=("$sc")
 		p50_mm+=("$mp"); p50_sk+=("$sp"); p50_r+=("$(ratio "$mp" "$sp")")
 	fi
 	if [[ -z $ONLY || $ONLY == large ]]; then
@@ -170,6 +201,10 @@ for round in $(seq 1 "$ROUNDS"); do
 			m=$(large_mbs "$MM_URL"); s=$(large_mbs "$SINK_URL")
 		else
 			s=$(large_mbs "$SINK_URL"); m=$(large_mbs "$MM_URL")
+		fi
+		if [[ -n $CADDY_B ]]; then
+			b=$(large_mbs "$MM_B_URL")
+			lg_b+=("$b"); lg_br+=("$(ratio "$b" "$s")"); lg_ab+=("$(ratio "$m" "$b")")
 		fi
 		lg_mm+=("$m"); lg_sk+=("$s"); lg_r+=("$(ratio "$m" "$s")")
 	fi
@@ -179,9 +214,16 @@ say ""
 if [[ -z $ONLY || $ONLY == small ]]; then
 	say "256 KiB uploads, c=8: module $(echo "${sm_mm[*]}" | median)/s, sink $(echo "${sm_sk[*]}" | median)/s, ratio median $(echo "${sm_r[*]}" | median) (rounds: ${sm_r[*]}) target >= 0.80"
 	say "256 KiB uploads, c=8, p50: module $(echo "${p50_mm[*]}" | median) ms, sink $(echo "${p50_sk[*]}" | median) ms, ratio median $(echo "${p50_r[*]}" | median) (rounds: ${p50_r[*]})"
+	say "256 KiB uploads, c=8, CPU per upload: module $(echo "${cpu_mm[*]}" | median) ms, sink $(echo "${cpu_sk[*]}" | median) ms (rounds: ${cpu_mm[*]} / ${cpu_sk[*]})"
+	if [[ -n $CADDY_B ]]; then
+		say "   B ($CADDY_B): $(echo "${sm_b[*]}" | median)/s, p50 $(echo "${p50_b[*]}" | median) ms, CPU $(echo "${cpu_b[*]}" | median) ms/upload, B/sink median $(echo "${sm_br[*]}" | median) (rounds: ${sm_br[*]}); module/B median $(echo "${sm_ab[*]}" | median) (rounds: ${sm_ab[*]})"
+	fi
 fi
 if [[ -z $ONLY || $ONLY == large ]]; then
 	say "64 MiB uploads, sequential: module $(echo "${lg_mm[*]}" | median) MB/s, sink $(echo "${lg_sk[*]}" | median) MB/s, ratio median $(echo "${lg_r[*]}" | median) (rounds: ${lg_r[*]})"
+	if [[ -n $CADDY_B ]]; then
+		say "   B: $(echo "${lg_b[*]}" | median) MB/s, B/sink median $(echo "${lg_br[*]}" | median) (rounds: ${lg_br[*]}); module/B median $(echo "${lg_ab[*]}" | median) (rounds: ${lg_ab[*]})"
+	fi
 fi
 
 if [[ -z $ONLY || $ONLY == rss ]]; then
