@@ -459,8 +459,10 @@ func (s *Store) ensureShard(outer, inner string) error {
 			done()
 			return fmt.Errorf("creating shard directory: %w", err)
 		}
-		if err == nil || s.settlingOthers(d.dir) {
+		if created := err == nil; created || s.settlingOthers(d.dir) {
 			err = s.syncDir(d.parent)
+		} else {
+			err = nil
 		}
 		done()
 		if err != nil {
