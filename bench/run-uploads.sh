@@ -161,6 +161,36 @@ large_mbs() {
 REPORT=$WORK/report.txt
 say "caddy-matrix-media upload benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS duration=${DURATION}s large_n=$LARGE_N; $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 
+if [[ -z $ONLY || $ONLY == rss ]]; then
+	# Peak RSS of 8 concurrent 64 MiB uploads (distinct bodies), measured
+	# first, while the processes are fresh (a Go heap grown by the other
+	# scenarios is kept and would hide the growth); VmHWM is reset through
+	# /proc/PID/clear_refs (5) after an idle baseline.
+	rss8() { # $1 pid, $2 url -> "idle_MiB peak_MiB"
+		local idle peak i pids=()
+		sleep 1
+		idle=$(awk '/^VmRSS/ {print $2}' "/proc/$1/status")
+		echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true
+		for i in $(seq 1 8); do
+			cp "$WORK/up64.bin" "$WORK/up64.$i.bin"
+			printf '%016d%016d' "$i" "$((++RUN))$RANDOM" | dd of="$WORK/up64.$i.bin" bs=1 seek=0 conv=notrunc status=none
+		done
+		for i in $(seq 1 8); do
+			curl -fsS -o /dev/null -X POST -T "$WORK/up64.$i.bin" -H 'Authorization: Bearer bench' \
+				-H 'Content-Type: application/octet-stream' "$2" &
+			pids+=($!)
+		done
+		for i in "${pids[@]}"; do wait "$i"; done
+		peak=$(awk '/^VmHWM/ {print $2}' "/proc/$1/status")
+		rm -f "$WORK"/up64.?.bin
+		echo "$((idle / 1024)) $((peak / 1024))"
+	}
+	read -r mi mpk < <(rss8 "$CADDY_PID" "$MM_URL")
+	read -r si spk < <(rss8 "$SINK_PID" "$SINK_URL")
+	RSS_LINE="8 concurrent 64 MiB uploads (fresh processes, before the other scenarios): module RSS idle $mi MiB, peak $mpk MiB (growth $((mpk - mi)) MiB); sink idle $si MiB, peak $spk MiB (growth $((spk - si)) MiB)"
+fi
+
+
 if [[ -n $PROFILE ]]; then
 	# The CPU profile and the system-call count come from two separate runs
 	# (strace slows the process it traces).
@@ -168,14 +198,14 @@ if [[ -n $PROFILE ]]; then
 	curl -fsS -o "$PROFILE/cpu.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=10" &
 	prof=$!
 	sleep 0.2
-	DURATION=11 wrk_upload "$MM_URL" >"$PROFILE/wrk.txt"
+	DURATION=11 wrk_upload "$MM_URL" "$CADDY_PID" >"$PROFILE/wrk.txt"
 	wait "$prof"
 	timeout 10 strace -c -f -p "$CADDY_PID" -o "$PROFILE/strace.txt" 2>/dev/null &
 	st=$!
 	sleep 0.5
 	DURATION=8 wrk_upload "$MM_URL" >"$PROFILE/wrk-strace.txt"
 	wait "$st" || true
-	echo "profile: $PROFILE/cpu.pprof ($(cat "$PROFILE/wrk.txt") uploads/s, p50 ms), $PROFILE/strace.txt ($(cat "$PROFILE/wrk-strace.txt") under strace)"
+	echo "profile: $PROFILE/cpu.pprof (uploads/s, p50 ms, CPU ms per upload: $(cat "$PROFILE/wrk.txt")), $PROFILE/strace.txt ($(cat "$PROFILE/wrk-strace.txt") under strace)"
 fi
 
 sm_mm=(); sm_sk=(); sm_r=(); p50_mm=(); p50_sk=(); p50_r=(); lg_mm=(); lg_sk=(); lg_r=()
@@ -226,32 +256,7 @@ if [[ -z $ONLY || $ONLY == large ]]; then
 	fi
 fi
 
-if [[ -z $ONLY || $ONLY == rss ]]; then
-	# Peak RSS of 8 concurrent 64 MiB uploads (distinct bodies); VmHWM is
-	# reset through /proc/PID/clear_refs (5) after an idle baseline.
-	rss8() { # $1 pid, $2 url -> "idle_MiB peak_MiB"
-		local idle peak i pids=()
-		sleep 1
-		idle=$(awk '/^VmRSS/ {print $2}' "/proc/$1/status")
-		echo 5 >"/proc/$1/clear_refs" 2>/dev/null || true
-		for i in $(seq 1 8); do
-			cp "$WORK/up64.bin" "$WORK/up64.$i.bin"
-			printf '%016d%016d' "$i" "$((++RUN))$RANDOM" | dd of="$WORK/up64.$i.bin" bs=1 seek=0 conv=notrunc status=none
-		done
-		for i in $(seq 1 8); do
-			curl -fsS -o /dev/null -X POST -T "$WORK/up64.$i.bin" -H 'Authorization: Bearer bench' \
-				-H 'Content-Type: application/octet-stream' "$2" &
-			pids+=($!)
-		done
-		for i in "${pids[@]}"; do wait "$i"; done
-		peak=$(awk '/^VmHWM/ {print $2}' "/proc/$1/status")
-		rm -f "$WORK"/up64.?.bin
-		echo "$((idle / 1024)) $((peak / 1024))"
-	}
-	read -r mi mpk < <(rss8 "$CADDY_PID" "$MM_URL")
-	read -r si spk < <(rss8 "$SINK_PID" "$SINK_URL")
-	say "8 concurrent 64 MiB uploads: module RSS idle $mi MiB, peak $mpk MiB (growth $((mpk - mi)) MiB); sink idle $si MiB, peak $spk MiB (growth $((spk - si)) MiB)"
-fi
+[[ -z ${RSS_LINE:-} ]] || say "$RSS_LINE"
 
 mkdir -p "$ROOT/bench/results"
 cp "$REPORT" "$ROOT/bench/results/uploads-$(date -u +%Y%m%dT%H%M%SZ).txt"
