@@ -12,6 +12,9 @@
 #      PROFILE=DIR (also write a 10 s CPU profile of Caddy during a
 #      256 KiB run, and strace -c -f of it, into DIR),
 #      ONLY=small|large|rss (one scenario),
+#      PRESHARD=1 (the first Caddy's store starts with all 65536 shard
+#      directories blobs/xx/yy, as an established store has them: a young
+#      store creates one, and syncs its parent, for nearly every upload),
 #      CADDY_B (a second caddy, e.g. the build before a change: run as a
 #      third side in the same rounds of scenarios 1 and 2, reported as
 #      B/sink and module/B).
@@ -78,6 +81,12 @@ http://127.0.0.1:$MM {
 	}
 }
 EOF
+if [[ ${PRESHARD:-} == 1 ]]; then
+	for a in $(printf '%02x ' $(seq 0 255)); do
+		mkdir -p $(printf "$WORK/store/blobs/$a/%02x " $(seq 0 255))
+	done
+	sync
+fi
 run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 
 CADDY_B=${CADDY_B:-}
@@ -212,28 +221,32 @@ sm_mm=(); sm_sk=(); sm_r=(); p50_mm=(); p50_sk=(); p50_r=(); lg_mm=(); lg_sk=();
 cpu_mm=(); cpu_sk=(); cpu_b=(); sm_b=(); sm_br=(); sm_ab=(); p50_b=(); lg_b=(); lg_br=(); lg_ab=()
 for round in $(seq 1 "$ROUNDS"); do
 	if [[ -z $ONLY || $ONLY == small ]]; then
-		# alternate which side runs first, so drift of the machine's load
+		# rotate which side runs first, so drift of the machine's load
 		# does not favour one
-		if ((round % 2)); then
-			read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID"); read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID")
-		else
-			read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID"); read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID")
-		fi
+		sides=(m s); [[ -z $CADDY_B ]] || sides=(m s b)
+		for ((k = 0; k < ${#sides[@]}; k++)); do
+			case ${sides[(k + round) % ${#sides[@]}]} in
+			m) read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID") ;;
+			s) read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID") ;;
+			b) read -r br bp bc < <(wrk_upload "$MM_B_URL" "$B_PID") ;;
+			esac
+		done
 		if [[ -n $CADDY_B ]]; then
-			read -r br bp bc < <(wrk_upload "$MM_B_URL" "$B_PID")
 			sm_b+=("$br"); p50_b+=("$bp"); cpu_b+=("$bc"); sm_br+=("$(ratio "$br" "$sr")"); sm_ab+=("$(ratio "$mr" "$br")")
 		fi
 		sm_mm+=("$mr"); sm_sk+=("$sr"); sm_r+=("$(ratio "$mr" "$sr")"); cpu_mm+=("$mc"); cpu_sk+=("$sc")
 		p50_mm+=("$mp"); p50_sk+=("$sp"); p50_r+=("$(ratio "$mp" "$sp")")
 	fi
 	if [[ -z $ONLY || $ONLY == large ]]; then
-		if ((round % 2)); then
-			m=$(large_mbs "$MM_URL"); s=$(large_mbs "$SINK_URL")
-		else
-			s=$(large_mbs "$SINK_URL"); m=$(large_mbs "$MM_URL")
-		fi
+		sides=(m s); [[ -z $CADDY_B ]] || sides=(m s b)
+		for ((k = 0; k < ${#sides[@]}; k++)); do
+			case ${sides[(k + round) % ${#sides[@]}]} in
+			m) m=$(large_mbs "$MM_URL") ;;
+			s) s=$(large_mbs "$SINK_URL") ;;
+			b) b=$(large_mbs "$MM_B_URL") ;;
+			esac
+		done
 		if [[ -n $CADDY_B ]]; then
-			b=$(large_mbs "$MM_B_URL")
 			lg_b+=("$b"); lg_br+=("$(ratio "$b" "$s")"); lg_ab+=("$(ratio "$m" "$b")")
 		fi
 		lg_mm+=("$m"); lg_sk+=("$s"); lg_r+=("$(ratio "$m" "$s")")
