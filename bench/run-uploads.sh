@@ -20,12 +20,13 @@
 #      B/sink and module/B).
 #
 # Scenarios:
-#   1. 256 KiB uploads, c=8 (wrk, 2 threads): uploads/s and p50, module vs
-#      sink. Every request sends distinct bytes (a counter in the first 32
+#   1. 256 KiB uploads, c=8 (wrk, 2 threads): uploads/s, p50 and CPU time
+#      per upload (from /proc/PID/stat), module vs sink. Every request sends distinct bytes (a counter in the first 32
 #      bytes), so neither side can deduplicate. Target >= 0.8x the sink.
 #   2. 64 MiB uploads, one at a time (curl -T, streamed), distinct bodies:
 #      MB/s, module vs sink.
-#   3. 8 concurrent 64 MiB uploads: peak RSS growth of each process.
+#   3. 8 concurrent 64 MiB uploads: peak RSS growth of each process,
+#      measured first, on fresh processes.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
