@@ -14,14 +14,18 @@ import (
 // its length, checked against the PutOptions limits, its SHA-256 and the
 // hash of its first PrefixSize bytes.
 type Digest struct {
-	opts         PutOptions
-	size         int64
-	hash, prefix hash.Hash
+	opts PutOptions
+	size int64
+	hash hash.Hash
+	// prefixSum is the hash of the first PrefixSize bytes, taken from hash
+	// (Sum leaves its state alone) when the body reaches that length, so no
+	// byte is hashed twice; nil while the body is shorter.
+	prefixSum []byte
 }
 
 // NewDigest starts the digest of a body stored with opts.
 func NewDigest(opts PutOptions) *Digest {
-	return &Digest{opts: opts, hash: sha256.New(), prefix: sha256.New()}
+	return &Digest{opts: opts, hash: sha256.New()}
 }
 
 // Add accounts for the next chunk of the body and returns its offset. It
@@ -36,10 +40,13 @@ func (d *Digest) Add(chunk []byte) (offset int64, err error) {
 	if d.opts.ExpectedSize >= 0 && d.size > d.opts.ExpectedSize {
 		return offset, fmt.Errorf("body longer than announced %d: %w", d.opts.ExpectedSize, ErrSizeMismatch)
 	}
-	d.hash.Write(chunk)
-	if offset < PrefixSize {
-		d.prefix.Write(chunk[:min(int64(len(chunk)), PrefixSize-offset)])
+	if offset < PrefixSize && d.size >= PrefixSize {
+		n := PrefixSize - offset
+		d.hash.Write(chunk[:n])
+		d.prefixSum = d.hash.Sum(nil)
+		chunk = chunk[n:]
 	}
+	d.hash.Write(chunk)
 	return offset, nil
 }
 
@@ -53,10 +60,16 @@ func (d *Digest) Finish() (PutResult, error) {
 	if d.opts.ExpectedSize >= 0 && d.size != d.opts.ExpectedSize {
 		return PutResult{}, fmt.Errorf("got %d bytes, announced %d: %w", d.size, d.opts.ExpectedSize, ErrSizeMismatch)
 	}
+	sum := d.hash.Sum(nil)
+	prefix := d.prefixSum
+	if prefix == nil {
+		// Shorter than PrefixSize: the prefix is the whole body.
+		prefix = sum
+	}
 	res := PutResult{
-		SHA256:       hex.EncodeToString(d.hash.Sum(nil)),
+		SHA256:       hex.EncodeToString(sum),
 		Size:         d.size,
-		PrefixSHA256: hex.EncodeToString(d.prefix.Sum(nil)),
+		PrefixSHA256: hex.EncodeToString(prefix),
 	}
 	if err := checkExpectedSHA256(d.opts, res.SHA256); err != nil {
 		return PutResult{}, err

@@ -50,6 +50,15 @@ type Store struct {
 	// bufPool holds *[]byte buffers of chunkSize bytes, so that an upload's
 	// memory does not grow with the size of the body.
 	bufPool sync.Pool
+	// settling counts, by path, the blobs renamed into place and the shard
+	// directories created whose covering directory sync has not finished
+	// yet, so that an upload that finds one of them does not rely on it (and
+	// answer) before it is durable.
+	settleMu sync.Mutex
+	settling map[string]int
+	// syncFile fsyncs a file or directory: (*os.File).Sync, replaced by
+	// tests that watch the order of syncs.
+	syncFile func(*os.File) error
 }
 
 var _ storage.BlobStore = (*Store)(nil)
@@ -82,7 +91,52 @@ func New(root string) (*Store, error) {
 	if err := s.removeStaleTemps(time.Now().Add(-staleTempAge)); err != nil {
 		return nil, fmt.Errorf("opening file store: %w", err)
 	}
+	s.settling = make(map[string]int)
+	s.syncFile = (*os.File).Sync
 	return s, nil
+}
+
+// settle marks the path h (a blob or a shard directory) as created but not
+// yet known durable; the returned function ends that.
+func (s *Store) settle(h string) func() {
+	s.settleMu.Lock()
+	s.settling[h]++
+	s.settleMu.Unlock()
+	return func() {
+		s.settleMu.Lock()
+		if s.settling[h]--; s.settling[h] == 0 {
+			delete(s.settling, h)
+		}
+		s.settleMu.Unlock()
+	}
+}
+
+// isSettling reports whether the path h was created by an upload whose
+// covering sync has not finished.
+func (s *Store) isSettling(h string) bool {
+	s.settleMu.Lock()
+	defer s.settleMu.Unlock()
+	return s.settling[h] > 0
+}
+
+// makeDurable makes the existing blob h durable (its file and its directory
+// entry): an upload that found h in place while another upload was still
+// syncing it must not answer before that sync is done.
+func (s *Store) makeDurable(h string) error {
+	outer, inner := s.shardDirs(h)
+	if err := s.ensureShard(outer, inner); err != nil {
+		return err
+	}
+	f, err := os.Open(s.blobPath(h))
+	if err != nil {
+		return fmt.Errorf("opening blob to sync: %w", err)
+	}
+	err = s.syncFile(f)
+	f.Close()
+	if err != nil {
+		return fmt.Errorf("syncing blob: %w", err)
+	}
+	return s.syncDir(inner)
 }
 
 // Root returns the absolute root directory of the store.
@@ -335,6 +389,9 @@ func (p *put) finish(sum string) error {
 	if _, err := os.Lstat(final); err == nil {
 		p.existed = true
 		p.discard()
+		if p.s.isSettling(final) {
+			return p.s.makeDurable(sum)
+		}
 		return nil
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("checking for existing blob: %w", err)
@@ -348,58 +405,88 @@ func (p *put) finish(sum string) error {
 			return err
 		}
 	}
-	if err := p.tmp.Sync(); err != nil {
-		return fmt.Errorf("syncing temp file: %w", err)
+	// The file's data and a missing shard directory (created and its
+	// parent synced) are made durable side by side: both must be before
+	// the rename, neither needs the other.
+	outer, inner := p.s.shardDirs(sum)
+	var shardErr chan error
+	if !p.s.shardReady(inner) {
+		shardErr = make(chan error, 1)
+		go func() { shardErr <- p.s.ensureShard(outer, inner) }()
+	}
+	err := p.s.syncFile(p.tmp)
+	if shardErr != nil {
+		err = errors.Join(err, <-shardErr)
+	}
+	if err != nil {
+		return fmt.Errorf("syncing blob before moving it into place: %w", err)
 	}
 	if err := p.tmp.Close(); err != nil {
 		return fmt.Errorf("closing temp file: %w", err)
 	}
-	outer, inner := p.s.shardDirs(sum)
-	if err := p.s.ensureShard(outer, inner); err != nil {
-		return err
-	}
-	tmpName := p.tmp.Name()
-	if err := os.Rename(tmpName, final); err != nil {
+	// Registered before the rename: an upload of the same bytes that finds
+	// the blob from now on syncs it too before relying on it.
+	defer p.s.settle(final)()
+	if err := os.Rename(p.tmp.Name(), final); err != nil {
 		return fmt.Errorf("moving blob into place: %w", err)
 	}
 	// The file is closed and renamed: nothing is left to clean up, and a
 	// failure below must not remove the finished blob.
 	p.tmp = nil
-	if err := syncDir(inner); err != nil {
-		return err
-	}
-	return nil
+	return p.s.syncDir(inner)
+}
+
+// shardReady reports whether the shard directory inner exists and is
+// durable (not just created by an upload still syncing its parent).
+func (s *Store) shardReady(inner string) bool {
+	info, err := os.Stat(inner)
+	return err == nil && info.IsDir() && !s.isSettling(inner)
 }
 
 // ensureShard creates the shard directories of a blob if they are missing,
 // syncing each parent whose entries changed so the new directory survives a
-// crash.
+// crash. A directory that exists but was created by an upload still syncing
+// its parent has its parent synced again: it is not relied on before it is
+// durable.
 func (s *Store) ensureShard(outer, inner string) error {
-	if info, err := os.Stat(inner); err == nil && info.IsDir() {
+	if s.shardReady(inner) {
 		return nil
 	}
 	for _, d := range []struct{ dir, parent string }{{outer, s.blobDir}, {inner, outer}} {
+		done := s.settle(d.dir)
 		err := os.Mkdir(d.dir, 0o755)
-		if errors.Is(err, fs.ErrExist) {
-			continue
-		}
-		if err != nil {
+		if err != nil && !errors.Is(err, fs.ErrExist) {
+			done()
 			return fmt.Errorf("creating shard directory: %w", err)
 		}
-		if err := syncDir(d.parent); err != nil {
+		if created := err == nil; created || s.settlingOthers(d.dir) {
+			err = s.syncDir(d.parent)
+		} else {
+			err = nil
+		}
+		done()
+		if err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
+// settlingOthers reports whether the path h is being created by another
+// upload too (the caller's own settle counts once).
+func (s *Store) settlingOthers(h string) bool {
+	s.settleMu.Lock()
+	defer s.settleMu.Unlock()
+	return s.settling[h] > 1
+}
+
 // syncDir fsyncs a directory, making renames and creations in it durable.
-func syncDir(dir string) error {
+func (s *Store) syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("opening directory for sync: %w", err)
 	}
-	err = d.Sync()
+	err = s.syncFile(d)
 	cerr := d.Close()
 	if err != nil {
 		return fmt.Errorf("syncing directory: %w", err)
