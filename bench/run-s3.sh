@@ -20,6 +20,10 @@
 #      module (legacy endpoint, curl to /dev/null) vs bench/s3/s3get fetching
 #      the same object (blobs/<aa>/<bb>/<sha256>) directly from the same S3
 #      server with the AWS SDK: MB/s ratio (>= 0.8x).
+#      The same download redirected (the datastore has "redirect"; the
+#      legacy endpoint with allow_redirect=true answers 307 to a presigned
+#      URL, which curl follows): MB/s ratio to the SDK, the measurement that
+#      decides between streaming and redirecting.
 #      For reference, curl fetching the object straight from the S3 server
 #      (unsigned; the fake S3 does not check signatures) and through Caddy's
 #      plain reverse_proxy (the same extra hop without the module) are
@@ -91,6 +95,7 @@ cat >"$WORK/Caddyfile" <<EOF
 			path_style
 			access_key_id $S3_KEY_ID
 			secret_access_key $S3_SECRET
+			redirect
 			$part_size_line
 		}
 	}
@@ -143,32 +148,41 @@ cmp <(curl -fsS "$MM_LARGE") "$WORK/large.bin"
 curl_rate() {
 	local rates=() bps
 	for _ in $(seq 1 "$FETCHES"); do
-		bps=$(curl -fsS -o /dev/null -w '%{speed_download}' "$1")
+		# shellcheck disable=SC2086 # $1 may carry curl options
+		bps=$(curl -fsS -o /dev/null -w '%{speed_download}' $1)
 		rates+=("$(awk -v b="$bps" 'BEGIN { printf "%.1f", b / 1e6 }')")
 	done
 	echo "${rates[*]}" | median
 }
 mm_rate() { curl_rate "$MM_LARGE"; }
+# The same download redirected (allow_redirect=true on the legacy endpoint:
+# 307 to a presigned URL, which curl follows to the S3 server).
+MM_REDIRECT="$MM_LARGE?allow_redirect=true"
+redirect_rate() { curl_rate "-L $MM_REDIRECT"; }
 s3_rate() { "${S3GET[@]}" -n "$FETCHES" | cut -d' ' -f1; }
 
 S3_URL="http://127.0.0.1:$S3/$BUCKET/$KEY"
 RP_URL="http://127.0.0.1:$RP/$BUCKET/$KEY"
 cmp <(curl -fsS "$RP_URL") "$WORK/large.bin"
-dl_ratios=(); dl_mm=(); dl_s3=(); dl_curl=(); curl_ratios=(); dl_rp=(); rp_ratios=()
+[[ $(curl -sS -o /dev/null -w '%{http_code}' "$MM_REDIRECT") == 307 ]] || { echo "bench: no redirect from $MM_REDIRECT" >&2; exit 1; }
+cmp <(curl -fsSL "$MM_REDIRECT") "$WORK/large.bin"
+dl_ratios=(); dl_mm=(); dl_s3=(); dl_curl=(); curl_ratios=(); dl_rp=(); rp_ratios=(); dl_redir=(); redir_ratios=()
 for round in $(seq 1 "$ROUNDS"); do
 	# alternate which runs first, so drift of the machine's load does not
 	# favour one side
 	if ((round % 2)); then
-		m=$(mm_rate); s=$(s3_rate); c=$(curl_rate "$S3_URL"); r=$(curl_rate "$RP_URL")
+		m=$(mm_rate); s=$(s3_rate); c=$(curl_rate "$S3_URL"); r=$(curl_rate "$RP_URL"); d=$(redirect_rate)
 	else
-		r=$(curl_rate "$RP_URL"); c=$(curl_rate "$S3_URL"); s=$(s3_rate); m=$(mm_rate)
+		d=$(redirect_rate); r=$(curl_rate "$RP_URL"); c=$(curl_rate "$S3_URL"); s=$(s3_rate); m=$(mm_rate)
 	fi
+	dl_redir+=("$d"); redir_ratios+=("$(ratio "$d" "$s")")
 	dl_mm+=("$m"); dl_s3+=("$s"); dl_curl+=("$c"); dl_rp+=("$r"); rp_ratios+=("$(ratio "$r" "$s")")
 	dl_ratios+=("$(ratio "$m" "$s")"); curl_ratios+=("$(ratio "$m" "$c")")
 done
 say ""
 say "256 MiB download from S3, c=1: module $(mb "$(echo "${dl_mm[*]}" | median)") MB/s, direct SDK GetObject $(mb "$(echo "${dl_s3[*]}" | median)") MB/s, ratio median $(echo "${dl_ratios[*]}" | median) (rounds: ${dl_ratios[*]}) target >= 0.80"
 say "   reference: curl straight from the S3 server $(mb "$(echo "${dl_curl[*]}" | median)") MB/s; module / that ratio median $(echo "${curl_ratios[*]}" | median) (rounds: ${curl_ratios[*]})"
+say "   redirected (allow_redirect=true: 307 to a presigned URL, followed by curl) $(mb "$(echo "${dl_redir[*]}" | median)") MB/s; / direct SDK ratio median $(echo "${redir_ratios[*]}" | median) (rounds: ${redir_ratios[*]})"
 say "   reference: Caddy reverse_proxy (no module) in front of the S3 server $(mb "$(echo "${dl_rp[*]}" | median)") MB/s; that / direct SDK ratio median $(echo "${rp_ratios[*]}" | median) (rounds: ${rp_ratios[*]})"
 
 if [[ -n $PPROF ]]; then
