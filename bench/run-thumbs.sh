@@ -10,8 +10,13 @@
 #   --quick   one short round, 20 sources, 200 flatness thumbnails (smoke run)
 # Env: CADDY (path to a caddy built with ./xcaddy.sh build; default ./caddy),
 #      N (distinct 4000x3000 source JPEGs, default 60), ROUNDS (default 3),
-#      DURATION (seconds per wrk run, default 8), FLAT (cold thumbnails of
+#      DURATION (seconds per wrk run, default 8), CHUNK (thumbnails per
+#      interleaved HTTP/direct chunk of scenario 1, default 10), FLAT (cold thumbnails of
 #      the RSS flatness run, a multiple of 5 and at least 100, default 1000).
+#      PROFILE=1 adds one more round of cold HTTP thumbnails (after the
+#      measured ones, not in the report's numbers) with a CPU profile of
+#      Caddy (admin /debug/pprof/profile) and then another with strace -c -f
+#      attached; both land in bench/results/ (thumbs-*.pprof, -strace.txt).
 #      The environment is passed to Caddy, so MALLOC_ARENA_MAX=2 (the report's
 #      header shows it) compares glibc's arena limit set from outside.
 #
@@ -21,7 +26,11 @@
 #      first (not timed), fetched through HTTP at concurrency 2 (= workers)
 #      with bench/thumbs/load, vs bench/thumbs/direct calling the same
 #      thumbnails.Generator (Workers 2) in-process on the same files at
-#      concurrency 2: thumbnails/s, p50, p99; ratio HTTP/direct >= 0.8.
+#      concurrency 2, interleaved in chunks of CHUNK (default 10) thumbnails
+#      so that both sides see the same background load: thumbnails/s, p50,
+#      p99. Two ratios, each the median
+#      of the per-round ratios: p50 latency HTTP/direct (target <= 1.5) and
+#      throughput HTTP/direct (target >= 0.9).
 #      Every round uses fresh uploads (new media IDs of the same bytes), so
 #      every HTTP request generates; the module's generation counter
 #      (caddy_matrix_media_thumbnail_generation_seconds_count on the admin
@@ -150,7 +159,9 @@ say "caddy-matrix-media thumbnail load benchmark $(date -u +%FT%TZ) on $(nproc) 
 echo "bench: uploading" >&2
 SMALL_ID=$(upload "$WORK/small.bin" application/octet-stream)
 declare -a RIDS # RIDS[r] = space-separated ids of round r
-for r in $(seq 1 "$ROUNDS"); do
+UPLOAD_ROUNDS=$ROUNDS
+[[ -z ${PROFILE:-} ]] || UPLOAD_ROUNDS=$((ROUNDS + 2))
+for r in $(seq 1 "$UPLOAD_ROUNDS"); do
 	ids=()
 	for f in "${SRC[@]}"; do ids+=("$(upload "$f")"); done
 	RIDS[r]="${ids[*]}"
@@ -177,32 +188,69 @@ out=$(peak_two "${FRESH_IDS[0]}" "${FRESH_IDS[1]}")
 read -r IDLE1 PEAK1 <<<"$out"
 SPLIT1=$(cat "$WORK/idle-split.txt")
 
-# 1. Cold thumbnails: HTTP vs in-process generator, alternating which runs
-# first.
-http_cold() { # $1 round -> "rate p50 p99 n"
-	local before out
-	for id in ${RIDS[$1]}; do thumb_path "$id" 320 240 scale; done >"$WORK/cold.$1.txt"
+# 1. Cold thumbnails: HTTP vs in-process generator, interleaved in chunks of
+# CHUNK thumbnails (HTTP chunk, direct chunk, alternating which goes first),
+# so that both sides see the same load from other processes. Per round:
+# thumbs/s = N / summed chunk time, p50 and p99 over the pooled latencies.
+http_cold() { # $1 round [$2 first $3 count] -> "rate p50 p99 n"
+	local before out first=${2:-0} count=${3:-$N}
+	for id in ${RIDS[$1]}; do thumb_path "$id" 320 240 scale; done | tail -n +$((first + 1)) | head -n "$count" >"$WORK/cold.$1.$first.txt"
 	before=$(generations)
-	out=$("$WORK/bin/load" -base "$BASE" -urls "$WORK/cold.$1.txt" -c 2) || { cat "$WORK/caddy.log" >&2; exit 1; }
-	check_generated "$before" "$N" "cold round $1"
+	out=$("$WORK/bin/load" -base "$BASE" -urls "$WORK/cold.$1.$first.txt" -c 2 ${LAT_OUT:+-lat-out "$LAT_OUT"}) || { cat "$WORK/caddy.log" >&2; exit 1; }
+	check_generated "$before" "$count" "cold round $1 from $first"
 	echo "$out"
 }
-direct_cold() { "$WORK/bin/direct" -workers 2 -c 2 -width 320 -height 240 -method scale "${SRC[@]}"; }
-h_rate=(); h_p50=(); h_p99=(); d_rate=(); d_p50=(); d_p99=(); cold_ratios=()
+direct_cold() { # [$1 first $2 count]
+	"$WORK/bin/direct" -workers 2 -c 2 -width 320 -height 240 -method scale ${LAT_OUT:+-lat-out "$LAT_OUT"} "${SRC[@]:${1:-0}:${2:-$N}}"
+}
+# pooled FILE: prints "p50 p99" (nearest rank) of the latencies in FILE.
+pooled() { sort -g "$1" | awk '{a[NR] = $1} END { r50 = int((50 * NR + 99) / 100); r99 = int((99 * NR + 99) / 100); printf "%.1f %.1f", a[r50 < 1 ? 1 : r50], a[r99 < 1 ? 1 : r99] }'; }
+CHUNK=${CHUNK:-10}
+h_rate=(); h_p50=(); h_p99=(); d_rate=(); d_p50=(); d_p99=(); cold_ratios=(); p50_ratios=()
+chunk_no=0
 for r in $(seq 1 "$ROUNDS"); do
-	if ((r % 2)); then
-		h=$(http_cold "$r"); d=$(direct_cold)
-	else
-		d=$(direct_cold); h=$(http_cold "$r")
-	fi
-	read -r hr hp50 hp99 _ <<<"$h"; read -r dr dp50 dp99 _ <<<"$d"
+	: >"$WORK/lat.h.$r"; : >"$WORK/lat.d.$r"
+	h_secs=0; d_secs=0
+	for ((first = 0; first < N; first += CHUNK)); do
+		count=$((N - first < CHUNK ? N - first : CHUNK))
+		if ((chunk_no++ % 2)); then
+			d=$(LAT_OUT=$WORK/lat.d.$r direct_cold "$first" "$count"); h=$(LAT_OUT=$WORK/lat.h.$r http_cold "$r" "$first" "$count")
+		else
+			h=$(LAT_OUT=$WORK/lat.h.$r http_cold "$r" "$first" "$count"); d=$(LAT_OUT=$WORK/lat.d.$r direct_cold "$first" "$count")
+		fi
+		read -r hr _ <<<"$h"; read -r dr _ <<<"$d"
+		h_secs=$(awk -v s="$h_secs" -v n="$count" -v r="$hr" 'BEGIN { print s + n / r }')
+		d_secs=$(awk -v s="$d_secs" -v n="$count" -v r="$dr" 'BEGIN { print s + n / r }')
+	done
+	hr=$(awk -v n="$N" -v s="$h_secs" 'BEGIN { printf "%.2f", n / s }'); dr=$(awk -v n="$N" -v s="$d_secs" 'BEGIN { printf "%.2f", n / s }')
+	read -r hp50 hp99 <<<"$(pooled "$WORK/lat.h.$r")"; read -r dp50 dp99 <<<"$(pooled "$WORK/lat.d.$r")"
 	h_rate+=("$hr"); h_p50+=("$hp50"); h_p99+=("$hp99")
 	d_rate+=("$dr"); d_p50+=("$dp50"); d_p99+=("$dp99")
 	cold_ratios+=("$(ratio "$hr" "$dr")")
+	p50_ratios+=("$(ratio "$hp50" "$dp50")")
 done
 say ""
-say "cold 320x240 scale thumbnails of $N distinct 4000x3000 JPEGs, c=2 (workers 2): HTTP $(echo "${h_rate[*]}" | median) thumbs/s (p50 $(echo "${h_p50[*]}" | median) ms, p99 $(echo "${h_p99[*]}" | median) ms), direct generator $(echo "${d_rate[*]}" | median) thumbs/s (p50 $(echo "${d_p50[*]}" | median) ms, p99 $(echo "${d_p99[*]}" | median) ms), ratio median $(echo "${cold_ratios[*]}" | median) (rounds: ${cold_ratios[*]}) target >= 0.80"
-say "   per round: HTTP thumbs/s ${h_rate[*]}; direct thumbs/s ${d_rate[*]}"
+say "cold 320x240 scale thumbnails of $N distinct 4000x3000 JPEGs, c=2 (workers 2): HTTP $(echo "${h_rate[*]}" | median) thumbs/s (p50 $(echo "${h_p50[*]}" | median) ms, p99 $(echo "${h_p99[*]}" | median) ms), direct generator $(echo "${d_rate[*]}" | median) thumbs/s (p50 $(echo "${d_p50[*]}" | median) ms, p99 $(echo "${d_p99[*]}" | median) ms)"
+say "   p50 ratio HTTP/direct median $(echo "${p50_ratios[*]}" | median) (rounds: ${p50_ratios[*]}) target <= 1.50"
+say "   throughput ratio HTTP/direct median $(echo "${cold_ratios[*]}" | median) (rounds: ${cold_ratios[*]}) target >= 0.90"
+say "   per round: HTTP thumbs/s ${h_rate[*]}, p50 ms ${h_p50[*]}; direct thumbs/s ${d_rate[*]}, p50 ms ${d_p50[*]}"
+
+# Optional: where the time of a cold HTTP thumbnail goes.
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+if [[ -n ${PROFILE:-} ]]; then
+	mkdir -p "$ROOT/bench/results"
+	PROF_SECS=$(( N / 5 + 2 ))
+	curl -fsS -o "$ROOT/bench/results/thumbs-$STAMP.pprof" "http://127.0.0.1:$ADMIN/debug/pprof/profile?seconds=$PROF_SECS" & prof=$!
+	sleep 0.5
+	http_cold $((ROUNDS + 1)) >/dev/null
+	wait "$prof"
+	need strace
+	strace -c -f -p "$CADDY_PID" -o "$ROOT/bench/results/thumbs-$STAMP-strace.txt" & st=$!
+	sleep 1
+	http_cold $((ROUNDS + 2)) >/dev/null
+	kill -INT "$st"; wait "$st" || true
+	echo "bench: profile and strace summary in bench/results/thumbs-$STAMP*" >&2
+fi
 
 # 2. Warm thumbnail vs 100 KiB download, c=16.
 read -r WARM_ID _ <<<"${RIDS[1]}"
@@ -254,5 +302,5 @@ say ""
 say "generations counted by the module (caddy_matrix_media_thumbnail_generation_seconds_count growth): $(paste -sd ';' "$WORK/generated.txt" | sed 's/;/; /g')"
 
 mkdir -p "$ROOT/bench/results"
-cp "$REPORT" "$ROOT/bench/results/thumbs-$(date -u +%Y%m%dT%H%M%SZ).txt"
+cp "$REPORT" "$ROOT/bench/results/thumbs-$STAMP.txt"
 echo "report saved under bench/results/"

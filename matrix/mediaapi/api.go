@@ -203,6 +203,9 @@ type Repository struct {
 	// background pre-generation to one upload at a time.
 	thumbCache   *mediaCache
 	thumbFlights singleflight.Group
+	// thumbPending are generated thumbnails answered from memory while
+	// they are stored (storeLater).
+	thumbPending pendingThumbnails
 	pregen       chan struct{}
 	// thumbMemory admits thumbnail sources (their size in bytes, at most
 	// thumbMemoryCap) before they are read; thumbMemoryWait is how long a
@@ -362,6 +365,12 @@ type testHooks struct {
 	// thumbnailJoined is called once a request joined a thumbnail
 	// generation.
 	thumbnailJoined func()
+	// thumbnailMissed is called when a request found no thumbnail, before
+	// it starts or joins a generation.
+	thumbnailMissed func()
+	// thumbnailStoring is called on the background goroutine that stores
+	// an answered thumbnail, before it stores it.
+	thumbnailStoring func()
 	// uploadReceived is called when an upload's body is stored, before its
 	// row is written.
 	uploadReceived func()
@@ -495,12 +504,15 @@ func (r *Repository) Metrics() *Metrics { return r.metrics }
 // protection). It only affects this process: other instances sharing the
 // database keep their cached rows until they are evicted.
 func (r *Repository) Forget(serverName, mediaID string) {
+	prefix := mediaID + "/"
+	r.thumbPending.removeIf(func(k mediaKey, _ *mediaEntry) bool {
+		return k.server == serverName && strings.HasPrefix(k.id, prefix)
+	})
 	if r.cache == nil {
 		return
 	}
 	r.cacheGen.Add(1)
 	r.cache.remove(mediaKey{serverName, mediaID})
-	prefix := mediaID + "/"
 	r.thumbCache.removeIf(func(k mediaKey, _ *mediaEntry) bool {
 		return k.server == serverName && strings.HasPrefix(k.id, prefix)
 	})
@@ -515,7 +527,11 @@ func (r *Repository) Forget(serverName, mediaID string) {
 // meanwhile); it never fails, the error is for callers' interfaces. Like
 // Forget it only affects this process.
 func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
-	if r.cache == nil || sha256 == "" {
+	if sha256 == "" {
+		return nil
+	}
+	r.thumbPending.removeIf(func(_ mediaKey, e *mediaEntry) bool { return e.m.SHA256 == sha256 })
+	if r.cache == nil {
 		return nil
 	}
 	r.cacheGen.Add(1)

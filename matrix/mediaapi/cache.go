@@ -31,6 +31,10 @@ type mediaEntry struct {
 	etagValue string
 	// lastModValue is lastModified[0].
 	lastModValue string
+	// data, when not nil, is the whole content held in memory: a thumbnail
+	// answered while it is being stored (see Repository.thumbnail). It is
+	// served from memory, never redirected, and never changed.
+	data []byte
 }
 
 // newMediaEntry derives the header values of a ready media row.

@@ -1,6 +1,7 @@
 package mediaapi
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -311,8 +312,14 @@ func (s *Site) sendMedia(w http.ResponseWriter, r *http.Request, e *mediaEntry, 
 // content (and no error) when nothing needs to be read: a HEAD or an empty
 // body from a ranged store, after checking that the blob exists. A blob not
 // found where the cached row says is looked up again once, since a migration
-// may have moved it.
+// may have moved it. Content held in memory (e.data) is read from there.
 func (s *Site) openContent(r *http.Request, e *mediaEntry, start, length int64) (io.ReadCloser, error) {
+	if e.data != nil {
+		if r.Method == http.MethodHead || length == 0 {
+			return nil, nil
+		}
+		return io.NopCloser(bytes.NewReader(e.data[start : start+length])), nil
+	}
 	for attempt := 0; ; attempt++ {
 		rc, err := s.openContentIn(r, e, start, length)
 		if err == nil || attempt > 0 || !errors.Is(err, storage.ErrNotFound) {
@@ -425,6 +432,9 @@ func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, d
 // presignedURL returns a presigned URL of e's content when its datastore has
 // a redirect policy and can presign.
 func (s *Site) presignedURL(r *http.Request, e *mediaEntry, disposition string) (string, bool) {
+	if e.data != nil {
+		return "", false // not stored yet
+	}
 	policy, ok := s.repo.redirects[e.m.Datastore]
 	if !ok {
 		return "", false

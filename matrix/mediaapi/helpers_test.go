@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"io/fs"
 	"net/http"
@@ -55,6 +56,15 @@ func fakeHomeserver(t testing.TB) *httptest.Server {
 type countingMeta struct {
 	storage.MetadataStore
 	gets atomic.Int64
+	// failThumbnails, when set, fails InsertThumbnail.
+	failThumbnails atomic.Bool
+}
+
+func (c *countingMeta) InsertThumbnail(ctx context.Context, t storage.Thumbnail) error {
+	if c.failThumbnails.Load() {
+		return fmt.Errorf("inserting thumbnail: %w", storage.ErrUnavailable)
+	}
+	return c.MetadataStore.InsertThumbnail(ctx, t)
 }
 
 func (c *countingMeta) GetMedia(ctx context.Context, server, id string) (storage.Media, error) {

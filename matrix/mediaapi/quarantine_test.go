@@ -386,6 +386,7 @@ func TestForgetDropsThumbnails(t *testing.T) {
 			}
 		}
 	}
+	waitThumbnailsStored(t, e.repo)
 	if n := e.repo.thumbCache.len(); n != 4 {
 		t.Fatalf("%d cached thumbnails, want 4", n)
 	}

@@ -2,6 +2,7 @@ package mediaapi
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -325,37 +327,40 @@ func thumbnailCacheKey(k storage.ThumbnailKey) mediaKey {
 	return mediaKey{k.ServerName, k.MediaID + "/" + strconv.Itoa(k.Width) + "x" + strconv.Itoa(k.Height) + "/" + k.Method + "/" + anim + "/" + k.Format}
 }
 
-// thumbnail returns the entry of the stored thumbnail k of the media e,
-// generating and storing it first when it does not exist. Concurrent requests
-// for one thumbnail make one generation.
+// thumbnail returns the entry of thumbnail k of the media e, generating it
+// first when it does not exist. Concurrent requests for one thumbnail make
+// one generation. A generated thumbnail is answered from memory while it is
+// stored in the background (see storeLater), unless the store backlog is
+// full: storing it (blob fsync, metadata rows) is not on the response's
+// path, and a crash before it is stored only loses a cache entry, since
+// thumbnails are made again on demand.
 func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey, animated bool) (*mediaEntry, error) {
 	ck := thumbnailCacheKey(k)
-	if r.thumbCache != nil {
-		if te := r.thumbCache.get(ck); te != nil {
-			return te, nil
-		}
+	if te, err := r.existingThumbnail(ctx, ck, k); te != nil || err != nil {
+		return te, err
 	}
-	t, err := r.meta.GetThumbnail(ctx, k)
-	switch {
-	case err == nil:
-		return r.cacheThumbnail(ck, t), nil
-	case !errors.Is(err, storage.ErrNotFound):
-		return nil, fmt.Errorf("looking up thumbnail: %w", err)
+	if r.hooks.thumbnailMissed != nil {
+		r.hooks.thumbnailMissed()
 	}
 	ch := r.thumbFlights.DoChan(ck.server+"\x00"+ck.id, func() (any, error) {
 		// Detached from the first caller (others may be waiting) but bounded
 		// by the generation deadline, holding the stores open, and with a
 		// panic turned into this flight's error: singleflight would re-raise
 		// it on a goroutine of its own and end the process.
-		var t storage.Thumbnail
+		var te *mediaEntry
 		err := r.run("thumbnail", func() error {
 			gctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.thumbTimeout)
 			defer cancel()
+			// A flight that ended after this request looked has left its
+			// thumbnail behind: look again rather than generate twice.
 			var err error
-			t, err = r.generateThumbnail(gctx, e, k)
+			if te, err = r.existingThumbnail(gctx, ck, k); te != nil || err != nil {
+				return err
+			}
+			te, err = r.generateThumbnail(gctx, e, k, ck)
 			return err
 		})
-		return t, err
+		return te, err
 	})
 	if r.hooks.thumbnailJoined != nil {
 		r.hooks.thumbnailJoined()
@@ -365,10 +370,33 @@ func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.Thu
 		if res.Err != nil {
 			return nil, res.Err
 		}
-		return r.cacheThumbnail(ck, res.Val.(storage.Thumbnail)), nil
+		return res.Val.(*mediaEntry), nil
 	case <-ctx.Done():
 		return nil, ctx.Err()
 	}
+}
+
+// existingThumbnail returns the entry of thumbnail k when it exists: cached,
+// answered and being stored (pending), or recorded; nil when it does not.
+// The order matters: a pending thumbnail leaves the pending set only after
+// its row is recorded and cached.
+func (r *Repository) existingThumbnail(ctx context.Context, ck mediaKey, k storage.ThumbnailKey) (*mediaEntry, error) {
+	if r.thumbCache != nil {
+		if te := r.thumbCache.get(ck); te != nil {
+			return te, nil
+		}
+	}
+	if te := r.thumbPending.get(ck); te != nil {
+		return te, nil
+	}
+	t, err := r.meta.GetThumbnail(ctx, k)
+	switch {
+	case err == nil:
+		return r.cacheThumbnail(ck, t), nil
+	case errors.Is(err, storage.ErrNotFound):
+		return nil, nil
+	}
+	return nil, fmt.Errorf("looking up thumbnail: %w", err)
 }
 
 // cacheThumbnail makes the entry of a stored thumbnail and caches it.
@@ -395,27 +423,28 @@ func thumbnailFileName(contentType string) string {
 }
 
 // generateThumbnail admits the source into the memory budget, reads it,
-// generates thumbnail k, stores it (or, when the source is already small
-// enough, records the source itself as the thumbnail) and returns the record.
-// ctx carries the generation's deadline.
-func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey) (storage.Thumbnail, error) {
+// generates thumbnail k and returns its entry: held in memory while it is
+// stored in the background (storeLater), or stored first when the backlog is
+// full. When the source is already small enough it records the source itself
+// as the thumbnail. ctx carries the generation's deadline.
+func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey, ck mediaKey) (*mediaEntry, error) {
 	if e.m.Size > r.thumbMaxSource {
 		r.metrics.thumbnailRejected("too_large")
-		return storage.Thumbnail{}, fmt.Errorf("thumbnailing %d-byte source: %w", e.m.Size, thumbnails.ErrTooLarge)
+		return nil, fmt.Errorf("thumbnailing %d-byte source: %w", e.m.Size, thumbnails.ErrTooLarge)
 	}
 	if !thumbnailableType(e.m.ContentType) {
 		r.metrics.thumbnailRejected("unsupported")
-		return storage.Thumbnail{}, fmt.Errorf("thumbnailing %q: %w", e.m.ContentType, thumbnails.ErrUnsupported)
+		return nil, fmt.Errorf("thumbnailing %q: %w", e.m.ContentType, thumbnails.ErrUnsupported)
 	}
 	release, err := r.admitSource(ctx, e.m.Size)
 	if err != nil {
 		r.metrics.thumbnailRejected(thumbnailErrorReason(err))
-		return storage.Thumbnail{}, err
+		return nil, err
 	}
 	defer release()
 	src, err := r.readContent(ctx, e)
 	if err != nil {
-		return storage.Thumbnail{}, err
+		return nil, err
 	}
 	start := time.Now()
 	r.metrics.thumbnailLoad(r.thumbs.Stats())
@@ -425,39 +454,105 @@ func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k sto
 	})
 	r.metrics.thumbnailLoad(r.thumbs.Stats())
 	now := r.now()
-	t := storage.Thumbnail{ThumbnailKey: k, CreatedAt: now}
 	switch {
 	case errors.Is(err, thumbnails.ErrSmallerThanRequest):
 		// Never upscale: the source itself answers this request.
 		r.metrics.thumbnailRejected("original")
 		info, perr := thumbnails.Probe(src)
 		if perr != nil {
-			return storage.Thumbnail{}, fmt.Errorf("probing small source: %w", perr)
+			return nil, fmt.Errorf("probing small source: %w", perr)
 		}
-		t.ContentType, t.SHA256, t.Size = info.Format.ContentType(), e.m.SHA256, e.m.Size
-		t.ActualWidth, t.ActualHeight = info.Width, info.Height
+		t := storage.Thumbnail{ThumbnailKey: k, CreatedAt: now,
+			ContentType: info.Format.ContentType(), SHA256: e.m.SHA256, Size: e.m.Size,
+			ActualWidth: info.Width, ActualHeight: info.Height}
+		if t, err = r.recordThumbnail(ctx, t); err != nil {
+			return nil, err
+		}
+		return r.cacheThumbnail(ck, t), nil
 	case err != nil:
 		r.metrics.thumbnailRejected(thumbnailErrorReason(err))
-		return storage.Thumbnail{}, err
-	default:
-		r.metrics.thumbnailGenerated(time.Since(start))
-		stored, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindThumbnails, bytes.NewReader(res.Data),
-			storage.PutOptions{ExpectedSize: int64(len(res.Data))})
-		if err != nil {
-			return storage.Thumbnail{}, fmt.Errorf("storing thumbnail: %w", err)
-		}
-		t.ContentType, t.SHA256, t.Size = res.ContentType, stored.SHA256, stored.Size
-		t.ActualWidth, t.ActualHeight = res.Width, res.Height
+		return nil, err
 	}
-	err = r.meta.InsertThumbnail(ctx, t)
-	switch {
-	case errors.Is(err, storage.ErrConflict):
-		// Generated meanwhile by another instance: use its record.
-		return r.meta.GetThumbnail(ctx, k)
-	case err != nil:
+	r.metrics.thumbnailGenerated(time.Since(start))
+	if te := r.storeLater(ck, k, res, now); te != nil {
+		return te, nil
+	}
+	t, err := r.storeThumbnail(ctx, k, res, now)
+	if err != nil {
+		return nil, err
+	}
+	return r.cacheThumbnail(ck, t), nil
+}
+
+// storeLater answers a generated thumbnail from memory: it adds the
+// thumbnail's entry (content in memory) to the pending set and stores it on
+// a background goroutine, which records it, caches the stored entry and only
+// then leaves the pending set. It returns nil, and does nothing, when the
+// pending set is full (DefaultThumbnailStoreBacklog bytes) or the
+// repository is draining: the caller then stores the thumbnail itself. A
+// failed store is logged; the thumbnail is then generated again on its next
+// request.
+func (r *Repository) storeLater(ck mediaKey, k storage.ThumbnailKey, res thumbnails.Result, now time.Time) *mediaEntry {
+	sum := sha256.Sum256(res.Data)
+	target, _ := r.stores.ForKind(storage.KindThumbnails)
+	te := newMediaEntry(storage.Media{
+		ServerName: k.ServerName, MediaID: k.MediaID, State: storage.StateReady,
+		SHA256: hex.EncodeToString(sum[:]), Size: int64(len(res.Data)), ContentType: res.ContentType,
+		Filename: thumbnailFileName(res.ContentType), Datastore: target,
+		CreatedAt: now, UploadedAt: now,
+	})
+	te.data = res.Data
+	if !r.thumbPending.add(ck, te) {
+		return nil
+	}
+	gen := r.cacheGen.Load()
+	started := r.Go("thumbnail_store", func() {
+		defer r.thumbPending.remove(ck, te)
+		if r.hooks.thumbnailStoring != nil {
+			r.hooks.thumbnailStoring()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), r.thumbTimeout)
+		defer cancel()
+		t, err := r.storeThumbnail(ctx, k, res, now)
+		if err != nil {
+			r.logger.Warn("storing a generated thumbnail failed; it will be generated again when requested",
+				zap.String("server_name", k.ServerName), zap.String("media_id", k.MediaID), zap.Error(err))
+			return
+		}
+		// Not cached when the caches were invalidated meanwhile (Forget):
+		// the next request reads the row.
+		if r.cacheGen.Load() == gen {
+			r.cacheThumbnail(ck, t)
+		}
+	})
+	if !started {
+		r.thumbPending.remove(ck, te)
+		return nil
+	}
+	return te
+}
+
+// storeThumbnail stores the generated thumbnail res as thumbnail k (its blob,
+// then its row) and returns the recorded row.
+func (r *Repository) storeThumbnail(ctx context.Context, k storage.ThumbnailKey, res thumbnails.Result, now time.Time) (storage.Thumbnail, error) {
+	stored, err := storage.IngestTo(ctx, r.stores, r.meta, storage.KindThumbnails, bytes.NewReader(res.Data),
+		storage.PutOptions{ExpectedSize: int64(len(res.Data))})
+	if err != nil {
+		return storage.Thumbnail{}, fmt.Errorf("storing thumbnail: %w", err)
+	}
+	return r.recordThumbnail(ctx, storage.Thumbnail{ThumbnailKey: k, CreatedAt: now,
+		ContentType: res.ContentType, SHA256: stored.SHA256, Size: stored.Size,
+		ActualWidth: res.Width, ActualHeight: res.Height})
+}
+
+// recordThumbnail inserts the row t and returns it as stored; when another
+// instance recorded the thumbnail first, its row.
+func (r *Repository) recordThumbnail(ctx context.Context, t storage.Thumbnail) (storage.Thumbnail, error) {
+	err := r.meta.InsertThumbnail(ctx, t)
+	if err != nil && !errors.Is(err, storage.ErrConflict) {
 		return storage.Thumbnail{}, fmt.Errorf("recording thumbnail: %w", err)
 	}
-	return r.meta.GetThumbnail(ctx, k)
+	return r.meta.GetThumbnail(ctx, t.ThumbnailKey)
 }
 
 // thumbnailableType reports whether media of this declared type is worth
@@ -603,4 +698,72 @@ func (r *Repository) pregenerate(m storage.Media) {
 	if !started {
 		<-r.pregen // draining: no pre-generation
 	}
+}
+
+// DefaultThumbnailStoreBacklog is how many bytes of generated thumbnails may
+// be held in memory, answered but not yet stored; beyond it a thumbnail is
+// stored before it is answered.
+const DefaultThumbnailStoreBacklog int64 = 32 << 20
+
+// pendingThumbnails are generated thumbnails answered from memory while they
+// are being stored, keyed like the thumbnail cache, bounded in bytes.
+type pendingThumbnails struct {
+	mu    sync.Mutex
+	items map[mediaKey]*mediaEntry
+	bytes int64
+	// limit is the most bytes held (DefaultThumbnailStoreBacklog when 0).
+	limit int64
+}
+
+// get returns the pending entry of k, or nil.
+func (p *pendingThumbnails) get(k mediaKey) *mediaEntry {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.items[k]
+}
+
+// add adds e under k, unless its content would take the set over its limit
+// or k is already pending; it reports whether e was added.
+func (p *pendingThumbnails) add(k mediaKey, e *mediaEntry) bool {
+	n := int64(len(e.data))
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.bytes+n > cmp.Or(p.limit, DefaultThumbnailStoreBacklog) || p.items[k] != nil {
+		return false
+	}
+	if p.items == nil {
+		p.items = make(map[mediaKey]*mediaEntry)
+	}
+	p.items[k] = e
+	p.bytes += n
+	return true
+}
+
+// remove drops k if it still holds e.
+func (p *pendingThumbnails) remove(k mediaKey, e *mediaEntry) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.items[k] == e {
+		delete(p.items, k)
+		p.bytes -= int64(len(e.data))
+	}
+}
+
+// removeIf drops every entry for which drop returns true.
+func (p *pendingThumbnails) removeIf(drop func(mediaKey, *mediaEntry) bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for k, e := range p.items {
+		if drop(k, e) {
+			delete(p.items, k)
+			p.bytes -= int64(len(e.data))
+		}
+	}
+}
+
+// size returns the number of pending thumbnails and their bytes.
+func (p *pendingThumbnails) size() (int, int64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.items), p.bytes
 }

@@ -153,6 +153,7 @@ func TestThumbnailSizesAndHeaders(t *testing.T) {
 		t.Fatalf("%d generations after repeats, want 4", n)
 	}
 	// Stored once as a thumbnail record, not as media.
+	waitThumbnailsStored(t, e.repo)
 	th, err := e.meta.GetThumbnail(context.Background(), storage.ThumbnailKey{ServerName: testServer, MediaID: id,
 		Width: 320, Height: 240, Method: "scale"})
 	if err != nil || th.ContentType != "image/jpeg" || th.ActualWidth != 320 || th.Size != int64(len(first)) {
@@ -329,6 +330,13 @@ func waitFor(t *testing.T, cond func() bool) {
 }
 
 func runtimeGosched() { time.Sleep(time.Millisecond) }
+
+// waitThumbnailsStored waits until every thumbnail answered from memory has
+// been stored (recorded and cached).
+func waitThumbnailsStored(t *testing.T, r *Repository) {
+	t.Helper()
+	waitFor(t, func() bool { n, _ := r.thumbPending.size(); return n == 0 })
+}
 
 func TestThumbnailOfOpaquePNGIsPNG(t *testing.T) {
 	e, _ := thumbEnv(t, ThumbnailPolicy{})

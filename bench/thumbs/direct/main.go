@@ -14,6 +14,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -28,6 +29,9 @@ import (
 
 // options are the command-line flags.
 type options struct {
+	// latOut, when set, is a file each latency (ms) is appended to, one a
+	// line, so that callers can pool the latencies of several runs.
+	latOut        string
 	workers, c    int
 	width, height int
 	method        string
@@ -41,6 +45,7 @@ func main() {
 	flag.IntVar(&o.width, "width", 320, "requested width")
 	flag.IntVar(&o.height, "height", 240, "requested height")
 	flag.StringVar(&o.method, "method", "scale", "crop or scale")
+	flag.StringVar(&o.latOut, "lat-out", "", "append every latency in milliseconds, one a line, to this file")
 	flag.Parse()
 	o.files = flag.Args()
 	if len(o.files) == 0 || o.workers < 1 || o.c < 1 {
@@ -105,6 +110,9 @@ func run(o options) error {
 			return err
 		}
 	}
+	if err := appendLatencies(o.latOut, lat); err != nil {
+		return err
+	}
 	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(srcs))/elapsed.Seconds(), ms(percentile(lat, 50)), ms(percentile(lat, 99)), len(srcs))
 	return nil
 }
@@ -119,3 +127,27 @@ func percentile(d []time.Duration, p int) time.Duration {
 
 // ms converts d to milliseconds.
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// appendLatencies appends lat in milliseconds, one a line, to the file path
+// (nothing when path is empty).
+func appendLatencies(path string, lat []time.Duration) error {
+	if path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	w := bufio.NewWriter(f)
+	for _, d := range lat {
+		fmt.Fprintf(w, "%.3f\n", ms(d))
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	return nil
+}

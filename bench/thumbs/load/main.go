@@ -39,6 +39,9 @@ import (
 
 // options are the command-line flags.
 type options struct {
+	// latOut, when set, is a file each latency (ms) is appended to, one a
+	// line, so that callers can pool the latencies of several runs.
+	latOut   string
 	base     string
 	urls     string
 	c        int
@@ -53,6 +56,7 @@ func main() {
 	flag.IntVar(&o.c, "c", 2, "concurrent requests")
 	flag.IntVar(&o.rssPID, "rss-pid", 0, "process whose VmRSS is sampled (0: none)")
 	flag.IntVar(&o.rssEvery, "rss-every", 100, "sample VmRSS after every this many completed requests")
+	flag.StringVar(&o.latOut, "lat-out", "", "append every latency in milliseconds, one a line, to this file")
 	flag.Parse()
 	if o.base == "" || o.urls == "" || o.c < 1 || o.rssEvery < 1 {
 		flag.Usage()
@@ -120,6 +124,9 @@ func run(o options) error {
 	wg.Wait()
 	elapsed := time.Since(start)
 	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	if err := appendLatencies(o.latOut, lat); err != nil {
 		return err
 	}
 	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(paths))/elapsed.Seconds(), ms(percentile(lat, 50)), ms(percentile(lat, 99)), len(paths))
@@ -224,3 +231,27 @@ func percentile(d []time.Duration, p int) time.Duration {
 
 // ms converts d to milliseconds.
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// appendLatencies appends lat in milliseconds, one a line, to the file path
+// (nothing when path is empty).
+func appendLatencies(path string, lat []time.Duration) error {
+	if path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
+	if err != nil {
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	w := bufio.NewWriter(f)
+	for _, d := range lat {
+		fmt.Fprintf(w, "%.3f\n", ms(d))
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("writing latencies: %w", err)
+	}
+	return nil
+}
