@@ -14,16 +14,15 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"flag"
 	"fmt"
 	"os"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/bench/thumbs/latency"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 )
 
@@ -110,44 +109,9 @@ func run(o options) error {
 			return err
 		}
 	}
-	if err := appendLatencies(o.latOut, lat); err != nil {
+	if err := latency.Append(o.latOut, lat); err != nil {
 		return err
 	}
-	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(srcs))/elapsed.Seconds(), ms(percentile(lat, 50)), ms(percentile(lat, 99)), len(srcs))
-	return nil
-}
-
-// percentile returns the p-th percentile (nearest rank) of d; d is sorted in
-// place.
-func percentile(d []time.Duration, p int) time.Duration {
-	slices.Sort(d)
-	rank := (p*len(d) + 99) / 100 // ceil(p/100 * n)
-	return d[max(rank, 1)-1]
-}
-
-// ms converts d to milliseconds.
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-// appendLatencies appends lat in milliseconds, one a line, to the file path
-// (nothing when path is empty).
-func appendLatencies(path string, lat []time.Duration) error {
-	if path == "" {
-		return nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return fmt.Errorf("writing latencies: %w", err)
-	}
-	w := bufio.NewWriter(f)
-	for _, d := range lat {
-		fmt.Fprintf(w, "%.3f\n", ms(d))
-	}
-	if err := w.Flush(); err != nil {
-		f.Close()
-		return fmt.Errorf("writing latencies: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("writing latencies: %w", err)
-	}
+	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(srcs))/elapsed.Seconds(), latency.Ms(latency.Percentile(lat, 50)), latency.Ms(latency.Percentile(lat, 99)), len(srcs))
 	return nil
 }

@@ -29,12 +29,13 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/bench/thumbs/latency"
 )
 
 // options are the command-line flags.
@@ -126,10 +127,10 @@ func run(o options) error {
 	if err := errors.Join(errs...); err != nil {
 		return err
 	}
-	if err := appendLatencies(o.latOut, lat); err != nil {
+	if err := latency.Append(o.latOut, lat); err != nil {
 		return err
 	}
-	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(paths))/elapsed.Seconds(), ms(percentile(lat, 50)), ms(percentile(lat, 99)), len(paths))
+	fmt.Printf("%.2f %.1f %.1f %d\n", float64(len(paths))/elapsed.Seconds(), latency.Ms(latency.Percentile(lat, 50)), latency.Ms(latency.Percentile(lat, 99)), len(paths))
 	for _, s := range samples {
 		fmt.Println(s)
 	}
@@ -219,39 +220,4 @@ func readLines(path string) ([]string, error) {
 		return nil, fmt.Errorf("reading URL list: %w", err)
 	}
 	return lines, nil
-}
-
-// percentile returns the p-th percentile (nearest rank) of d; d is sorted in
-// place.
-func percentile(d []time.Duration, p int) time.Duration {
-	slices.Sort(d)
-	rank := (p*len(d) + 99) / 100 // ceil(p/100 * n)
-	return d[max(rank, 1)-1]
-}
-
-// ms converts d to milliseconds.
-func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
-
-// appendLatencies appends lat in milliseconds, one a line, to the file path
-// (nothing when path is empty).
-func appendLatencies(path string, lat []time.Duration) error {
-	if path == "" {
-		return nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o644)
-	if err != nil {
-		return fmt.Errorf("writing latencies: %w", err)
-	}
-	w := bufio.NewWriter(f)
-	for _, d := range lat {
-		fmt.Fprintf(w, "%.3f\n", ms(d))
-	}
-	if err := w.Flush(); err != nil {
-		f.Close()
-		return fmt.Errorf("writing latencies: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return fmt.Errorf("writing latencies: %w", err)
-	}
-	return nil
 }
