@@ -191,9 +191,8 @@ func (p *quotaPolicy) match(userID string) (*QuotaRule, int) {
 func (q *QuotaRule) limits(now time.Time) storage.UploadLimits {
 	lim := storage.UploadLimits{MaxBytes: q.MaxBytes, MaxFiles: q.MaxFiles, Now: now}
 	for _, w := range q.Windows {
-		if w.MaxBytes > 0 || w.MaxFiles > 0 {
-			lim.Windows = append(lim.Windows, storage.WindowLimit{Window: w.Window, MaxBytes: w.MaxBytes, MaxFiles: w.MaxFiles})
-		}
+		// Windows that bound nothing are skipped by the store.
+		lim.Windows = append(lim.Windows, storage.WindowLimit{Window: w.Window, MaxBytes: w.MaxBytes, MaxFiles: w.MaxFiles})
 	}
 	return lim
 }
@@ -258,17 +257,16 @@ type uploadQuota struct {
 	maxUpload int64
 	// limits are checked again in the row's transaction.
 	limits storage.UploadLimits
-	// left is the bytes the user may still add (-1: no byte limit); tight
-	// is the refusal reported when a body passes it.
-	left  int64
-	tight storage.QuotaExceededError
+	// room is what the user may still add: room.Bytes (-1: no byte limit)
+	// and the byte limit reported when a body passes it.
+	room storage.Headroom
 }
 
 // ingestBound is the most bytes the ingest may store for this upload, and
 // whether that bound is the quota's (rather than the upload size limit).
 func (q *uploadQuota) ingestBound() (int64, bool) {
-	if q.left >= 0 && q.left < q.maxUpload {
-		return q.left, true
+	if q.room.Bytes >= 0 && q.room.Bytes < q.maxUpload {
+		return q.room.Bytes, true
 	}
 	return q.maxUpload, false
 }
@@ -276,8 +274,8 @@ func (q *uploadQuota) ingestBound() (int64, bool) {
 // overBound is the refusal of a body of unknown length that passed the
 // quota's bound.
 func (q *uploadQuota) overBound() *storage.QuotaExceededError {
-	e := q.tight
-	e.Adding = q.left + 1
+	e := q.room.Tight
+	e.Adding = q.room.Bytes + 1
 	return &e
 }
 
@@ -285,7 +283,7 @@ func (q *uploadQuota) overBound() *storage.QuotaExceededError {
 // upload of size bytes (-1: unknown) is read, and returns what the upload
 // may add. An upload that cannot fit gives a *storage.QuotaExceededError.
 func (s *Site) checkQuota(ctx context.Context, rule *QuotaRule, userID string, size int64) (*uploadQuota, error) {
-	q := &uploadQuota{rule: rule, maxUpload: s.maxUploadFor(rule), left: -1}
+	q := &uploadQuota{rule: rule, maxUpload: s.maxUploadFor(rule), room: storage.Headroom{Bytes: -1}}
 	if rule == nil || !rule.bounded() {
 		return q, nil
 	}
@@ -297,7 +295,7 @@ func (s *Site) checkQuota(ctx context.Context, rule *QuotaRule, userID string, s
 		}
 		return nil, fmt.Errorf("checking the quota of %s: %w", userID, err)
 	}
-	q.left, q.tight = h.Bytes, h.Tight
+	q.room = h
 	return q, nil
 }
 

@@ -146,16 +146,8 @@ func TestDuplicateOfUnsyncedBlobSyncsIt(t *testing.T) {
 	_, inner := s.shardDirs(sum)
 	w := watchSyncs(s, final, inner)
 
-	first := make(chan error, 1)
-	go func() {
-		_, err := s.Put(context.Background(), bytes.NewReader(body), storage.PutOptions{ExpectedSize: int64(len(body))})
-		first <- err
-	}()
-	select {
-	case <-w.held: // the first upload renamed its blob and is syncing its directory
-	case <-time.After(10 * time.Second):
-		t.Fatal("the first upload never synced its blob directory")
-	}
+	// The first upload renamed its blob and is syncing its directory.
+	first := putHeld(t, s, w, body, "the first upload never synced its blob directory")
 	before := len(w.seen())
 	res := mustPut(t, s, body)
 	if !res.Existed {
@@ -204,16 +196,8 @@ func TestSharedNewShardSyncedBeforeUse(t *testing.T) {
 	outer, inner := s.shardDirs(hexSum(a))
 	w := watchSyncs(s, s.blobPath(hexSum(b)), outer)
 
-	first := make(chan error, 1)
-	go func() {
-		_, err := s.Put(context.Background(), bytes.NewReader(a), storage.PutOptions{ExpectedSize: int64(len(a))})
-		first <- err
-	}()
-	select {
-	case <-w.held: // the first upload created the shard and is syncing its parent
-	case <-time.After(10 * time.Second):
-		t.Fatal("the first upload never synced the new shard's parent")
-	}
+	// The first upload created the shard and is syncing its parent.
+	first := putHeld(t, s, w, a, "the first upload never synced the new shard's parent")
 	if _, err := os.Stat(inner); err != nil {
 		t.Fatalf("shard directory not created: %v", err)
 	}
@@ -270,4 +254,22 @@ func TestConcurrentPutsOfOneShard(t *testing.T) {
 	if len(s.settling) != 0 {
 		t.Errorf("settling left over: %v", s.settling)
 	}
+}
+
+// putHeld starts a Put of body in the background and waits until w holds
+// one of its syncs (failing with never when it does not within 10 s). The
+// channel receives the Put's error.
+func putHeld(t *testing.T, s *Store, w *syncWatch, body []byte, never string) <-chan error {
+	t.Helper()
+	first := make(chan error, 1)
+	go func() {
+		_, err := s.Put(context.Background(), bytes.NewReader(body), storage.PutOptions{ExpectedSize: int64(len(body))})
+		first <- err
+	}()
+	select {
+	case <-w.held:
+	case <-time.After(10 * time.Second):
+		t.Fatal(never)
+	}
+	return first
 }

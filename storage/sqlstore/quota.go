@@ -178,9 +178,6 @@ func windowQuery(d dialect, n int, usage bool) string {
 			`CAST(COALESCE(SUM(CASE WHEN minute = ? THEN bytes ELSE 0 END), 0) AS BIGINT)`,
 			`CAST(COALESCE(SUM(CASE WHEN minute = ? THEN files ELSE 0 END), 0) AS BIGINT)`)
 	}
-	if len(cols) == 0 {
-		cols = append(cols, `0`)
-	}
 	return d.rebind(`SELECT ` + strings.Join(cols, ", ") + ` FROM user_upload_minutes WHERE user_id = ? AND minute >= ?`)
 }
 
@@ -217,8 +214,8 @@ type rowQuerier interface {
 }
 
 // windowSums reads, in one query, the history of user for the windows
-// starting at cutoffs (whole minutes and edge minutes, see windowSpan) and,
-// when usage is set, the user's counters.
+// starting at cutoffs (at least one; whole minutes and edge minutes, see
+// windowSpan) and, when usage is set, the user's counters.
 func (s *Store) windowSums(ctx context.Context, q rowQuerier, user string, cutoffs []int64, usage bool) (storage.UserUsage, []windowSpan, error) {
 	spans := make([]windowSpan, len(cutoffs))
 	args := make([]any, 0, 4*len(cutoffs)+4)
@@ -244,10 +241,6 @@ func (s *Store) windowSums(ctx context.Context, q rowQuerier, user string, cutof
 	for i := range spans {
 		sp := &spans[i]
 		dest = append(dest, &sp.whole.bytes, &sp.whole.files, &sp.edgeSum.bytes, &sp.edgeSum.files)
-	}
-	var dummy int64
-	if len(dest) == 0 {
-		dest = append(dest, &dummy)
 	}
 	query := ""
 	switch {
@@ -275,9 +268,8 @@ func (s *Store) uploadedBetween(ctx context.Context, q rowQuerier, user string, 
 	return u, nil
 }
 
-// windowUsage is what the spans add up to: with exact false, each edge
-// minute counts whole (an over-count); with exact true, the edge minutes
-// must have been refined (refineEdges).
+// windowUsage is what the spans add up to: each edge minute counts whole
+// (an over-count) unless refineEdges replaced it by its exact part.
 func windowUsage(spans []windowSpan) []storage.WindowUsage {
 	out := make([]storage.WindowUsage, len(spans))
 	for i, sp := range spans {
@@ -307,10 +299,9 @@ func (s *Store) refineEdges(ctx context.Context, q rowQuerier, user string, span
 	return changed, nil
 }
 
-// boundedWindows returns the cutoffs of lim's windows that bound anything
-// (nil for the others' places) and whether there is any, for windows ending
-// at now.
-func boundedWindows(lim storage.UploadLimits, now time.Time) ([]int64, []int, bool) {
+// boundedWindows returns the cutoffs of lim's windows that bound anything,
+// for windows ending at now, and the index in lim.Windows of each.
+func boundedWindows(lim storage.UploadLimits, now time.Time) ([]int64, []int) {
 	var cutoffs []int64
 	var index []int
 	for i, w := range lim.Windows {
@@ -319,7 +310,7 @@ func boundedWindows(lim storage.UploadLimits, now time.Time) ([]int64, []int, bo
 			index = append(index, i)
 		}
 	}
-	return cutoffs, index, len(cutoffs) > 0
+	return cutoffs, index
 }
 
 // withoutUnreachableWindows returns lim without the limits of windows that
@@ -364,8 +355,8 @@ func (s *Store) decide(ctx context.Context, q rowQuerier, user string, lim stora
 	if stored != nil && size >= 0 {
 		lim = withoutUnreachableWindows(lim, *stored, size)
 	}
-	cutoffs, index, bounded := boundedWindows(lim, now)
-	if !bounded {
+	cutoffs, index := boundedWindows(lim, now)
+	if len(cutoffs) == 0 {
 		u := storage.UserUsage{UserID: user}
 		if stored != nil {
 			u = *stored

@@ -32,10 +32,7 @@ func TestRecountRepairs(t *testing.T) {
 		t.Run(be.name, func(t *testing.T) {
 			s := mustOpen(t, be.name, be.newDB(t))
 			defer s.Close()
-			blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: 10, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files"}
-			if err := s.RecordBlob(ctx, blob); err != nil {
-				t.Fatal(err)
-			}
+			blob := recordBlob(t, s, 10)
 			users := []string{"@a:x", "@b:x", "@c:x", "@d:x"}
 			for i, u := range users {
 				for j := range i + 1 {
@@ -281,10 +278,7 @@ func BenchmarkInsertMediaLimited(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			s := mustOpen(b, be.name, be.newDB(b))
 			defer s.Close()
-			blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: 12345, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files", CreatedAt: time.Now()}
-			if err := s.RecordBlob(ctx, blob); err != nil {
-				b.Fatal(err)
-			}
+			blob := recordBlob(b, s, 12345)
 			now := time.Now()
 			const user = "@alice:example.org"
 			for i := range 1000 {
@@ -362,10 +356,7 @@ func TestRecountRepairsHistory(t *testing.T) {
 		t.Run(be.name, func(t *testing.T) {
 			s := mustOpen(t, be.name, be.newDB(t))
 			defer s.Close()
-			blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: 10, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files", CreatedAt: time.Now()}
-			if err := s.RecordBlob(ctx, blob); err != nil {
-				t.Fatal(err)
-			}
+			blob := recordBlob(t, s, 10)
 			now := time.Now()
 			for i, u := range []string{"@a:x", "@a:x", "@b:x"} {
 				at := now.Add(-time.Duration(i) * 2 * time.Minute)

@@ -285,7 +285,7 @@ func newQueries(d dialect) queries {
 	} {
 		*p = d.rebind(*p)
 	}
-	for n := range q.windowQueries {
+	for n := 1; n <= cachedWindowQueries; n++ {
 		q.windowQueries[n] = windowQuery(d, n, false)
 		q.usageWindowQueries[n] = windowQuery(d, n, true)
 	}

@@ -341,10 +341,7 @@ func BenchmarkGetMedia(b *testing.B) {
 		b.Run(be.name, func(b *testing.B) {
 			s := mustOpen(b, be.name, be.newDB(b))
 			defer s.Close()
-			blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: 12345, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files", CreatedAt: time.Now()}
-			if err := s.RecordBlob(ctx, blob); err != nil {
-				b.Fatal(err)
-			}
+			blob := recordBlob(b, s, 12345)
 			const items = 1000
 			for i := range items {
 				m := storage.Media{
@@ -448,4 +445,15 @@ func databaseAtVersion(t *testing.T, be backend, n int) (string, *sql.DB) {
 		}
 	}
 	return dsn, db
+}
+
+// recordBlob records a blob of size bytes (hash "abab…") in s and returns
+// its record.
+func recordBlob(tb testing.TB, s *Store, size int64) storage.BlobRecord {
+	tb.Helper()
+	blob := storage.BlobRecord{SHA256: strings.Repeat("ab", 32), Size: size, PrefixSHA256: strings.Repeat("cd", 32), Datastore: "files", CreatedAt: time.Now()}
+	if err := s.RecordBlob(context.Background(), blob); err != nil {
+		tb.Fatal(err)
+	}
+	return blob
 }
