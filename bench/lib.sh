@@ -154,3 +154,19 @@ pg_cleanup() {
 		psql -q -d "$PG_DSN" -c "DROP DATABASE IF EXISTS $db" >/dev/null 2>&1 || true
 	done
 }
+
+# Caddyfile pieces every benchmark's Caddy shares; use them inside an
+# unquoted heredoc: $(caddy_globals "$ADMIN") in the global options block,
+# $(homeserver_site "$HS") as a site.
+
+# caddy_globals ADMIN_PORT: the global options of a benchmark Caddy: its
+# admin endpoint, plain HTTP on loopback, no saved config.
+caddy_globals() {
+	printf '\tadmin 127.0.0.1:%s\n\tauto_https off\n\tdefault_bind 127.0.0.1\n\tpersist_config off' "$1"
+}
+
+# homeserver_site PORT: a stand-in homeserver on PORT answering whoami for
+# the benchmark's token with @bench:localhost (all the module asks of it).
+homeserver_site() {
+	printf 'http://127.0.0.1:%s {\n\trespond /_matrix/client/v3/account/whoami `{"user_id":"@bench:localhost","device_id":"BENCH"}` 200\n}' "$1"
+}

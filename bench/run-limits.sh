@@ -85,19 +85,14 @@ HIGH="upload 1000000000/1s
 
 cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	matrix_media {
 		storage_path $WORK/store
 		database sqlite $WORK/store/media.db
 		$APP_REDIS
 	}
 }
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$OFF {
 	matrix_media {
 		server_name off.localhost

@@ -67,16 +67,11 @@ for side in sqlite postgres; do
 	hs_site=
 	if [[ $side == sqlite ]]; then
 		# One stand-in homeserver, served by the first Caddy.
-		hs_site="http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{\"user_id\":\"@bench:localhost\",\"device_id\":\"BENCH\"}\` 200
-}"
+		hs_site=$(homeserver_site "$HS")
 	fi
 	cat >"$WORK/$side/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:${ADMIN_PORT[$side]}
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "${ADMIN_PORT[$side]}")
 	matrix_media {
 		storage_path $WORK/$side/store
 		database $db

@@ -89,10 +89,7 @@ sql "ANALYZE" >/dev/null
 
 cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	matrix_media {
 		storage_path $WORK/store
 		database postgres "$DSN"
@@ -100,9 +97,7 @@ cat >"$WORK/Caddyfile" <<EOF
 }
 # Stand-in homeserver: only whoami is needed (uploads and v1 downloads are
 # authenticated; the admin token needs no homeserver).
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$MM {
 	matrix_media {
 		server_name localhost

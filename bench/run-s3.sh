@@ -78,10 +78,7 @@ part_size_line=
 [[ -n $PART_SIZE ]] && part_size_line="part_size $PART_SIZE"
 cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	servers {
 		$SERVER_OPTS
 	}
@@ -101,9 +98,7 @@ cat >"$WORK/Caddyfile" <<EOF
 	}
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated).
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$MM {
 	matrix_media {
 		server_name localhost

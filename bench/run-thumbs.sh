@@ -80,10 +80,7 @@ SRC_MB=$(du -cb "${SRC[@]}" | awk 'END { printf "%.2f", $1 / NR / 1e6 }')
 
 cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	matrix_media {
 		storage_path $WORK/store
 		database sqlite $WORK/store/media.db
@@ -93,9 +90,7 @@ cat >"$WORK/Caddyfile" <<EOF
 	}
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated).
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$MM {
 	matrix_media {
 		server_name localhost

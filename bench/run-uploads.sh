@@ -60,10 +60,7 @@ head -c $((64 * 1024 * 1024)) /dev/urandom >"$WORK/up64.bin"
 
 cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	matrix_media {
 		storage_path $WORK/store
 		database sqlite $WORK/store/media.db
@@ -71,9 +68,7 @@ cat >"$WORK/Caddyfile" <<EOF
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated; the
 # module caches the answer).
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$MM {
 	matrix_media {
 		server_name localhost

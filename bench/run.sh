@@ -50,10 +50,7 @@ head -c $((32 * 1024 * 1024)) /dev/urandom >"$WORK/up32.bin"
 write_config() { # $1 = extra global server options
 	cat >"$WORK/Caddyfile" <<EOF
 {
-	admin 127.0.0.1:$ADMIN
-	auto_https off
-	default_bind 127.0.0.1
-	persist_config off
+$(caddy_globals "$ADMIN")
 	servers {
 		$1
 	}
@@ -63,9 +60,7 @@ write_config() { # $1 = extra global server options
 	}
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated).
-http://127.0.0.1:$HS {
-	respond /_matrix/client/v3/account/whoami \`{"user_id":"@bench:localhost","device_id":"BENCH"}\` 200
-}
+$(homeserver_site "$HS")
 http://127.0.0.1:$MM {
 	matrix_media {
 		server_name localhost
