@@ -3,7 +3,10 @@
 # a plain Go HTTP server that hashes each body into a temp file and renames
 # it to its hash (no fsync, no database), on the same disk, interleaved
 # round by round and reported as ratios (absolute numbers move with the
-# machine's load; ratios are what count). Everything binds to 127.0.0.1.
+# machine's load; ratios are what count). A second sink with -durable (file
+# fsynced before the rename, directory after it: the module's promise for
+# the bytes, still without a database) runs in the same rounds as the
+# physical limit of a durable upload. Everything binds to 127.0.0.1.
 #
 # Usage: bench/run-uploads.sh [--quick]
 # Env: CADDY (a caddy built with ./xcaddy.sh build; default ./caddy),
@@ -21,10 +24,10 @@
 #
 # Scenarios:
 #   1. 256 KiB uploads, c=8 (wrk, 2 threads): uploads/s, p50 and CPU time
-#      per upload (from /proc/PID/stat), module vs sink. Every request sends distinct bytes (a counter in the first 32
+#      per upload (from /proc/PID/stat), module vs sink and vs durable sink. Every request sends distinct bytes (a counter in the first 32
 #      bytes), so neither side can deduplicate. Target >= 0.8x the sink.
 #   2. 64 MiB uploads, one at a time (curl -T, streamed), distinct bodies:
-#      MB/s, module vs sink.
+#      MB/s, module vs sink and vs durable sink.
 #   3. 8 concurrent 64 MiB uploads: peak RSS growth of each process,
 #      measured first, on fresh processes.
 set -euo pipefail
@@ -45,7 +48,7 @@ need_caddy
 [[ -z $PROFILE ]] || need strace
 
 WORK=$(mktemp -d /tmp/mm-bench-uploads.XXXXXX)
-ADMIN=$(free_port); HS=$(free_port); MM=$(free_port); SINK=$(free_port)
+ADMIN=$(free_port); HS=$(free_port); MM=$(free_port); SINK=$(free_port); DSINK=$(free_port)
 export XDG_DATA_HOME=$WORK/xdg/data XDG_CONFIG_HOME=$WORK/xdg/config
 mkdir -p "$WORK/xdg/data" "$WORK/xdg/config" "$WORK/bin"
 
@@ -54,6 +57,10 @@ go build -o "$WORK/bin/" ./bench/uploads/sink
 SINK_PID=$!
 PIDS+=("$SINK_PID")
 wait_ready "$WORK/sink.log" "$SINK_PID" sink
+"$WORK/bin/sink" -listen "127.0.0.1:$DSINK" -dir "$WORK/dsink" -durable >"$WORK/dsink.log" 2>&1 &
+DSINK_PID=$!
+PIDS+=("$DSINK_PID")
+wait_ready "$WORK/dsink.log" "$DSINK_PID" "durable sink"
 
 head -c $((256 * 1024)) /dev/urandom >"$WORK/up256.bin"
 head -c $((64 * 1024 * 1024)) /dev/urandom >"$WORK/up64.bin"
@@ -101,9 +108,11 @@ fi
 
 MM_URL="http://127.0.0.1:$MM/_matrix/media/v3/upload"
 SINK_URL="http://127.0.0.1:$SINK/upload"
+DSINK_URL="http://127.0.0.1:$DSINK/upload"
 # sanity: both answer a content URI
 curl -fsS -X POST -H 'Authorization: Bearer bench' --data-binary "@$WORK/up256.bin" "$MM_URL" | grep -q '"content_uri":"mxc://localhost/'
 curl -fsS -X POST --data-binary "@$WORK/up256.bin" "$SINK_URL" | grep -q '"content_uri":"mxc://sink/'
+curl -fsS -X POST --data-binary "@$WORK/up256.bin" "$DSINK_URL" | grep -q '"content_uri":"mxc://sink/'
 
 # The wrk script: every request is the 256 KiB body with its first 32 bytes
 # replaced by the thread's id, a counter and a per-run nonce, so that no two
@@ -214,16 +223,18 @@ if [[ -n $PROFILE ]]; then
 fi
 
 sm_mm=(); sm_sk=(); sm_r=(); p50_mm=(); p50_sk=(); p50_r=(); lg_mm=(); lg_sk=(); lg_r=()
+sm_d=(); sm_dr=(); sm_md=(); p50_d=(); cpu_d=(); lg_d=(); lg_dr=(); lg_md=()
 cpu_mm=(); cpu_sk=(); cpu_b=(); sm_b=(); sm_br=(); sm_ab=(); p50_b=(); lg_b=(); lg_br=(); lg_ab=()
 for round in $(seq 1 "$ROUNDS"); do
 	if [[ -z $ONLY || $ONLY == small ]]; then
 		# rotate which side runs first, so drift of the machine's load
 		# does not favour one
-		sides=(m s); [[ -z $CADDY_B ]] || sides=(m s b)
+		sides=(m s d); [[ -z $CADDY_B ]] || sides=(m s d b)
 		for ((k = 0; k < ${#sides[@]}; k++)); do
 			case ${sides[(k + round) % ${#sides[@]}]} in
 			m) read -r mr mp mc < <(wrk_upload "$MM_URL" "$CADDY_PID") ;;
 			s) read -r sr sp sc < <(wrk_upload "$SINK_URL" "$SINK_PID") ;;
+			d) read -r dr dp dc < <(wrk_upload "$DSINK_URL" "$DSINK_PID") ;;
 			b) read -r br bp bc < <(wrk_upload "$MM_B_URL" "$B_PID") ;;
 			esac
 		done
@@ -231,14 +242,16 @@ for round in $(seq 1 "$ROUNDS"); do
 			sm_b+=("$br"); p50_b+=("$bp"); cpu_b+=("$bc"); sm_br+=("$(ratio "$br" "$sr")"); sm_ab+=("$(ratio "$mr" "$br")")
 		fi
 		sm_mm+=("$mr"); sm_sk+=("$sr"); sm_r+=("$(ratio "$mr" "$sr")"); cpu_mm+=("$mc"); cpu_sk+=("$sc")
+		sm_d+=("$dr"); p50_d+=("$dp"); cpu_d+=("$dc"); sm_dr+=("$(ratio "$dr" "$sr")"); sm_md+=("$(ratio "$mr" "$dr")")
 		p50_mm+=("$mp"); p50_sk+=("$sp"); p50_r+=("$(ratio "$mp" "$sp")")
 	fi
 	if [[ -z $ONLY || $ONLY == large ]]; then
-		sides=(m s); [[ -z $CADDY_B ]] || sides=(m s b)
+		sides=(m s d); [[ -z $CADDY_B ]] || sides=(m s d b)
 		for ((k = 0; k < ${#sides[@]}; k++)); do
 			case ${sides[(k + round) % ${#sides[@]}]} in
 			m) m=$(large_mbs "$MM_URL") ;;
 			s) s=$(large_mbs "$SINK_URL") ;;
+			d) d=$(large_mbs "$DSINK_URL") ;;
 			b) b=$(large_mbs "$MM_B_URL") ;;
 			esac
 		done
@@ -246,6 +259,7 @@ for round in $(seq 1 "$ROUNDS"); do
 			lg_b+=("$b"); lg_br+=("$(ratio "$b" "$s")"); lg_ab+=("$(ratio "$m" "$b")")
 		fi
 		lg_mm+=("$m"); lg_sk+=("$s"); lg_r+=("$(ratio "$m" "$s")")
+		lg_d+=("$d"); lg_dr+=("$(ratio "$d" "$s")"); lg_md+=("$(ratio "$m" "$d")")
 	fi
 done
 
@@ -254,12 +268,14 @@ if [[ -z $ONLY || $ONLY == small ]]; then
 	say "256 KiB uploads, c=8: module $(echo "${sm_mm[*]}" | median)/s, sink $(echo "${sm_sk[*]}" | median)/s, ratio median $(echo "${sm_r[*]}" | median) (rounds: ${sm_r[*]}) target >= 0.80"
 	say "256 KiB uploads, c=8, p50: module $(echo "${p50_mm[*]}" | median) ms, sink $(echo "${p50_sk[*]}" | median) ms, ratio median $(echo "${p50_r[*]}" | median) (rounds: ${p50_r[*]})"
 	say "256 KiB uploads, c=8, CPU per upload: module $(echo "${cpu_mm[*]}" | median) ms, sink $(echo "${cpu_sk[*]}" | median) ms (rounds: ${cpu_mm[*]} / ${cpu_sk[*]})"
+	say "256 KiB uploads, c=8, durable sink: $(echo "${sm_d[*]}" | median)/s, p50 $(echo "${p50_d[*]}" | median) ms, CPU $(echo "${cpu_d[*]}" | median) ms/upload; durable sink/sink median $(echo "${sm_dr[*]}" | median) (rounds: ${sm_dr[*]}); module/durable sink median $(echo "${sm_md[*]}" | median) (rounds: ${sm_md[*]})"
 	if [[ -n $CADDY_B ]]; then
 		say "   B ($CADDY_B): $(echo "${sm_b[*]}" | median)/s, p50 $(echo "${p50_b[*]}" | median) ms, CPU $(echo "${cpu_b[*]}" | median) ms/upload, B/sink median $(echo "${sm_br[*]}" | median) (rounds: ${sm_br[*]}); module/B median $(echo "${sm_ab[*]}" | median) (rounds: ${sm_ab[*]})"
 	fi
 fi
 if [[ -z $ONLY || $ONLY == large ]]; then
 	say "64 MiB uploads, sequential: module $(echo "${lg_mm[*]}" | median) MB/s, sink $(echo "${lg_sk[*]}" | median) MB/s, ratio median $(echo "${lg_r[*]}" | median) (rounds: ${lg_r[*]})"
+	say "64 MiB uploads, sequential, durable sink: $(echo "${lg_d[*]}" | median) MB/s; durable sink/sink median $(echo "${lg_dr[*]}" | median) (rounds: ${lg_dr[*]}); module/durable sink median $(echo "${lg_md[*]}" | median) (rounds: ${lg_md[*]})"
 	if [[ -n $CADDY_B ]]; then
 		say "   B: $(echo "${lg_b[*]}" | median) MB/s, B/sink median $(echo "${lg_br[*]}" | median) (rounds: ${lg_br[*]}); module/B median $(echo "${lg_ab[*]}" | median) (rounds: ${lg_ab[*]})"
 	fi
