@@ -16,7 +16,11 @@
 #      snapshots of Caddy, taken from the admin endpoint's /debug/pprof every
 #      0.5 s during the uploads, and a CPU profile over extra module
 #      downloads, next to the report), SERVER_OPTS (lines for Caddy's global servers block,
-#      e.g. "timeouts { write_idle -1s }"; default none: Caddy's defaults).
+#      e.g. "timeouts { write_idle -1s }"; default none: Caddy's defaults),
+#      SERVER_OPTS_B (the same for CADDY_B; default SERVER_OPTS),
+#      SITE_OPTS (lines for the module's site block, e.g.
+#      "timeouts { max_write_chunk 256KiB }" on separate lines; default
+#      none), SITE_OPTS_B (the same for CADDY_B; default SITE_OPTS).
 #
 # Scenarios (S3 issue targets):
 #   1. 256 MiB download of a media stored on S3, one connection, through the
@@ -54,6 +58,9 @@ FETCHES=${FETCHES:-5}
 PART_SIZE=${PART_SIZE:-}
 PPROF=${PPROF:-}
 SERVER_OPTS=${SERVER_OPTS:-}
+SERVER_OPTS_B=${SERVER_OPTS_B-$SERVER_OPTS}
+SITE_OPTS=${SITE_OPTS:-}
+SITE_OPTS_B=${SITE_OPTS_B-$SITE_OPTS}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; FETCHES=2; fi
 
 need go; need curl; need sha256sum
@@ -123,6 +130,7 @@ http://127.0.0.1:$mm {
 		homeserver http://127.0.0.1:$hs
 		max_upload_size 1GiB
 	}
+	$SITE_OPTS
 }
 EOF
 	[[ -n $rp ]] || return 0
@@ -139,7 +147,7 @@ caddyfile "$ADMIN" "$HS" "$MM" "$WORK/media.db" "$RP" >"$WORK/Caddyfile"
 run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 CADDY_B_PID=
 if [[ -n $CADDY_B ]]; then
-	caddyfile "$ADMIN_B" "$HS_B" "$MM_B" "$WORK/media-b.db" >"$WORK/Caddyfile.b"
+	SERVER_OPTS=$SERVER_OPTS_B SITE_OPTS=$SITE_OPTS_B caddyfile "$ADMIN_B" "$HS_B" "$MM_B" "$WORK/media-b.db" >"$WORK/Caddyfile.b"
 	"$CADDY_B" run --config "$WORK/Caddyfile.b" >"$WORK/caddy-b.log" 2>&1 &
 	CADDY_B_PID=$!; PIDS+=("$CADDY_B_PID")
 	wait_http "http://127.0.0.1:$ADMIN_B/config/" "$WORK/caddy-b.log" "caddy B" "$CADDY_B_PID"
@@ -155,7 +163,7 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b }'; }
 
 REPORT=$WORK/report.txt
 
-say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default}${CADDY_B:+; B: $CADDY_B}"
+say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default}${SERVER_OPTS:+; servers: $SERVER_OPTS}${SITE_OPTS:+; site: $SITE_OPTS}${CADDY_B:+; B: $CADDY_B${SERVER_OPTS_B:+ with servers: $SERVER_OPTS_B}${SITE_OPTS_B:+ with site: $SITE_OPTS_B}}"
 
 # 1. Large download: module vs direct SDK fetch of the same object.
 LARGE_ID=$(upload "$WORK/large.bin")
