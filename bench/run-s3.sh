@@ -16,11 +16,13 @@
 #      snapshots of Caddy, taken from the admin endpoint's /debug/pprof every
 #      0.5 s during the uploads, and a CPU profile over extra module
 #      downloads, next to the report), SERVER_OPTS (lines for Caddy's global servers block,
-#      e.g. "timeouts { write_idle -1s }"; default none: Caddy's defaults),
+#      one directive a line, e.g. $'timeouts {\n write_idle -1s\n}' (a
+#      block on one line is a Caddyfile error); default none: Caddy's
+#      defaults),
 #      SERVER_OPTS_B (the same for CADDY_B; default SERVER_OPTS),
-#      SITE_OPTS (lines for the module's site block, e.g.
-#      "timeouts { max_write_chunk 256KiB }" on separate lines; default
-#      none), SITE_OPTS_B (the same for CADDY_B; default SITE_OPTS).
+#      SITE_OPTS (lines for the module's site block, written the same way,
+#      e.g. $'timeouts {\n write_timeout 1m\n max_write_chunk 256KiB\n}';
+#      default none), SITE_OPTS_B (the same for CADDY_B; default SITE_OPTS).
 #
 # Scenarios (S3 issue targets):
 #   1. 256 MiB download of a media stored on S3, one connection, through the
