@@ -4,6 +4,11 @@
 // transport with 256 KiB buffers). It is the baseline of the S3 load
 // benchmark (bench/run-s3.sh).
 //
+// With -url it instead fetches that URL with a plain HTTP GET through the same
+// transport and copy loop (no SDK, no signing): the same client measuring a
+// server in front of S3, such as the module, so that the ratio of the two
+// compares servers rather than clients.
+//
 // It fetches the object n times, one after another, each with GetObject and a
 // copy of the body into io.Discard through a 256 KiB buffer, and prints the
 // median throughput in MB/s (10^6 bytes per second) followed by every run's:
@@ -40,6 +45,7 @@ const bufSize = 256 << 10
 // options are the command-line flags.
 type options struct {
 	endpoint, region, bucket, key string
+	url                           string
 	accessKey, secretKey          string
 	n                             int
 	verify                        bool
@@ -53,10 +59,11 @@ func main() {
 	flag.StringVar(&o.key, "key", "", "key of the object to fetch (required)")
 	flag.StringVar(&o.accessKey, "access-key-id", "bench", "access key ID")
 	flag.StringVar(&o.secretKey, "secret-access-key", "bench-secret", "secret access key")
+	flag.StringVar(&o.url, "url", "", "fetch this URL with a plain GET instead of the object (-endpoint and -key are then not needed)")
 	flag.IntVar(&o.n, "n", 3, "number of timed fetches")
 	flag.BoolVar(&o.verify, "verify", false, "before timing, check that the object's SHA-256 is the key's last path element")
 	flag.Parse()
-	if o.endpoint == "" || o.key == "" || o.n < 1 {
+	if (o.url == "" && (o.endpoint == "" || o.key == "")) || o.n < 1 {
 		flag.Usage()
 		os.Exit(2)
 	}
@@ -69,7 +76,11 @@ func main() {
 // run fetches the object o.n times and prints the throughputs.
 func run(ctx context.Context, o options) error {
 	client := newClient(o)
-	if o.verify {
+	get := func(buf []byte, w io.Writer) (int64, error) { return fetch(ctx, client, o, buf, w) }
+	if o.url != "" {
+		hc := newHTTPClient()
+		get = func(buf []byte, w io.Writer) (int64, error) { return fetchURL(ctx, hc, o.url, buf, w) }
+	} else if o.verify {
 		if err := verify(ctx, client, o); err != nil {
 			return err
 		}
@@ -78,7 +89,7 @@ func run(ctx context.Context, o options) error {
 	rates := make([]float64, 0, o.n)
 	for range o.n {
 		start := time.Now()
-		n, err := fetch(ctx, client, o, buf, io.Discard)
+		n, err := get(buf, io.Discard)
 		if err != nil {
 			return err
 		}
@@ -100,18 +111,10 @@ func run(ctx context.Context, o options) error {
 
 // newClient returns an S3 client set up like storage/s3store's.
 func newClient(o options) *s3.Client {
-	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
-	httpClient := &http.Client{Transport: &http.Transport{
-		DialContext:         dialer.DialContext,
-		MaxIdleConnsPerHost: 4,
-		IdleConnTimeout:     90 * time.Second,
-		WriteBufferSize:     bufSize,
-		ReadBufferSize:      bufSize,
-	}}
 	cfg := aws.Config{
 		Region:                     o.region,
 		Credentials:                credentials.NewStaticCredentialsProvider(o.accessKey, o.secretKey, ""),
-		HTTPClient:                 httpClient,
+		HTTPClient:                 newHTTPClient(),
 		RequestChecksumCalculation: aws.RequestChecksumCalculationWhenRequired,
 		ResponseChecksumValidation: aws.ResponseChecksumValidationWhenRequired,
 	}
@@ -119,6 +122,43 @@ func newClient(o options) *s3.Client {
 		so.UsePathStyle = true
 		so.BaseEndpoint = aws.String(o.endpoint)
 	})
+}
+
+// newHTTPClient returns the HTTP client of both modes: 256 KiB transport
+// buffers, keep-alives.
+func newHTTPClient() *http.Client {
+	dialer := &net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}
+	return &http.Client{Transport: &http.Transport{
+		DialContext:         dialer.DialContext,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     90 * time.Second,
+		WriteBufferSize:     bufSize,
+		ReadBufferSize:      bufSize,
+	}}
+}
+
+// fetchURL GETs url and copies the body into w through buf, like fetch.
+func fetchURL(ctx context.Context, hc *http.Client, url string, buf []byte, w io.Writer) (int64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, fmt.Errorf("getting %s: %w", url, err)
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return 0, fmt.Errorf("getting %s: %w", url, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("getting %s: status %s", url, resp.Status)
+	}
+	n, err := io.CopyBuffer(struct{ io.Writer }{w}, struct{ io.Reader }{resp.Body}, buf)
+	if err != nil {
+		return n, fmt.Errorf("reading %s: %w", url, err)
+	}
+	if resp.ContentLength >= 0 && n != resp.ContentLength {
+		return n, fmt.Errorf("reading %s: got %d bytes, want %d", url, n, resp.ContentLength)
+	}
+	return n, nil
 }
 
 // fetch gets the object and copies its body into w through buf, returning the
