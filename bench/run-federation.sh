@@ -35,7 +35,10 @@
 # then B's second download (served from B's cache): MB/s.
 # Ratio remote/local per round and its median; target >= 0.70.
 # MB/s is 10^6 bytes per second (curl's speed_download). CPU seconds used by
-# A and B (utime+stime from /proc) during each timed download are reported.
+# A and B (utime+stime from /proc) and their read+write system calls (syscr +
+# syscw from /proc/PID/io) during each timed download are reported, and B's
+# CPU and system calls per remote first download as medians: on a shared
+# machine they move far less than the ratios.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
