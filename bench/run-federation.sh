@@ -35,7 +35,10 @@
 # then B's second download (served from B's cache): MB/s.
 # Ratio remote/local per round and its median; target >= 0.70.
 # MB/s is 10^6 bytes per second (curl's speed_download). CPU seconds used by
-# A and B (utime+stime from /proc) during each timed download are reported.
+# A and B (utime+stime from /proc) and their read+write system calls (syscr +
+# syscw from /proc/PID/io) during each timed download are reported, and B's
+# CPU and system calls per remote first download as medians: on a shared
+# machine they move far less than the ratios.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -150,14 +153,21 @@ fetch() {
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 cpu_s() { awk -v t="$1" -v hz="$CLK_TCK" 'BEGIN { printf "%.2f", t / hz }'; }
+# sys_rw PID: the read and write system calls of process PID so far (syscr
+# + syscw of /proc/PID/io, all its threads; read(2), write(2), recvmsg,
+# sendmsg, pread, pwrite and their vector forms, not futex or epoll).
+sys_rw() { awk '/^sysc[rw]:/ { s += $2 } END { print s + 0 }' "/proc/$1/io"; }
 
-# timed NAME HOST ID: one download, checked, with the CPU of A and B;
-# sets RATE_<NAME>, CPUA_<NAME>, CPUB_<NAME>.
+# timed NAME HOST ID: one download, checked, with the CPU and the read/write
+# system calls of A and B; sets RATE_<NAME>, CPUA_<NAME>, CPUB_<NAME>,
+# SYSA_<NAME>, SYSB_<NAME>.
 timed() {
-	local a0 b0 a1 b1 rate bytes code
+	local a0 b0 a1 b1 sa0 sb0 sa1 sb1 rate bytes code
 	a0=$(cpu_ticks "$CADDY_PID_a"); b0=$(cpu_ticks "$CADDY_PID_b")
+	sa0=$(sys_rw "$CADDY_PID_a"); sb0=$(sys_rw "$CADDY_PID_b")
 	read -r rate bytes code < <(fetch "$2" "$3")
 	a1=$(cpu_ticks "$CADDY_PID_a"); b1=$(cpu_ticks "$CADDY_PID_b")
+	sa1=$(sys_rw "$CADDY_PID_a"); sb1=$(sys_rw "$CADDY_PID_b")
 	if [[ $code != 200 || $bytes != "$SIZE" ]]; then
 		echo "bench: $1 download of $3 from $2: HTTP $code, $bytes bytes (want 200, $SIZE)" >&2
 		tail -20 "$WORK/b/caddy.log" >&2; exit 1
@@ -165,6 +175,8 @@ timed() {
 	printf -v "RATE_$1" %s "$rate"
 	printf -v "CPUA_$1" %s "$(cpu_s $((a1 - a0)))"
 	printf -v "CPUB_$1" %s "$(cpu_s $((b1 - b0)))"
+	printf -v "SYSA_$1" %s $((sa1 - sa0))
+	printf -v "SYSB_$1" %s $((sb1 - sb0))
 }
 
 # fed_served: federation downloads A has answered with 200 (admin /metrics).
@@ -201,7 +213,7 @@ cmp <(curl -fsS --cacert "$CA" -H 'Authorization: Bearer bench' "https://$B/_mat
 	{ echo "bench: warm-up remote download on B failed" >&2; tail -20 "$WORK/b/caddy.log" >&2; exit 1; }
 
 local_r=(); remote_r=(); cached_r=(); ratios=(); cached_ratios=()
-cpu_lines=(); fetch_mbs=()
+cpu_lines=(); fetch_mbs=(); cpub_remote=(); sysb_remote=()
 for round in $(seq 1 "$ROUNDS"); do
 	head -c "$SIZE" /dev/urandom >"$WORK/body.bin"
 	ID=$(upload_a "$WORK/body.bin")
@@ -224,13 +236,15 @@ for round in $(seq 1 "$ROUNDS"); do
 	fetch_mbs+=("$(awk -v s="$SIZE" -v t="$fs" 'BEGIN { if (t > 0) printf "%.1f", s / t / 1e6; else print 0 }')")
 	local_r+=("$RATE_local"); remote_r+=("$RATE_remote"); cached_r+=("$RATE_cached")
 	ratios+=("$(ratio "$RATE_remote" "$RATE_local")"); cached_ratios+=("$(ratio "$RATE_cached" "$RATE_local")")
-	cpu_lines+=("round $round: local ${RATE_local} MB/s (CPU A ${CPUA_local}s B ${CPUB_local}s), remote ${RATE_remote} MB/s = ${rs}s of which B's fetch+store ${fs}s (CPU A ${CPUA_remote}s B ${CPUB_remote}s), cached ${RATE_cached} MB/s (CPU A ${CPUA_cached}s B ${CPUB_cached}s)")
+	cpub_remote+=("$CPUB_remote"); sysb_remote+=("$SYSB_remote")
+	cpu_lines+=("round $round: local ${RATE_local} MB/s (CPU A ${CPUA_local}s B ${CPUB_local}s; read+write syscalls A ${SYSA_local}), remote ${RATE_remote} MB/s = ${rs}s of which B's fetch+store ${fs}s (CPU A ${CPUA_remote}s B ${CPUB_remote}s; syscalls A ${SYSA_remote} B ${SYSB_remote}), cached ${RATE_cached} MB/s (CPU A ${CPUA_cached}s B ${CPUB_cached}s; syscalls B ${SYSB_cached})")
 	rm -f "$WORK/body.bin"
 done
 say ""
 say "${SIZE_MIB} MiB download, c=1, HTTPS: local on A $(echo "${local_r[*]}" | median) MB/s, remote on B (first download, fetched over federation) $(echo "${remote_r[*]}" | median) MB/s, ratio median $(echo "${ratios[*]}" | median) (rounds: ${ratios[*]}) target >= 0.70"
 say "   B's second download (cached copy) $(echo "${cached_r[*]}" | median) MB/s; cached/local ratio median $(echo "${cached_ratios[*]}" | median) (rounds: ${cached_ratios[*]})"
 say "   B's fetch from A + store (its \"remote media cached\" log duration, which ends after the flush to disk and the row): $(echo "${fetch_mbs[*]}" | median) MB/s; the first client is streamed the bytes while they are stored"
+say "   B's CPU per remote first download: median $(echo "${cpub_remote[*]}" | median) s; B's read+write syscalls per remote first download: median $(echo "${sysb_remote[*]}" | median)"
 for l in "${cpu_lines[@]}"; do say "   $l"; done
 say "   load at end:$(uptime | sed 's/.*load average://')"
 

@@ -113,7 +113,7 @@ func ReadMediaResponse(contentType string, body io.Reader, maxBytes int64) (Medi
 			return MediaPart{}, fmt.Errorf("reading metadata part: %w: content type %q is not application/json", ErrMalformed, ct)
 		}
 	}
-	p1 := &partReader{m: m, atStart: true}
+	p1 := &partReader{m: m, atStart: true, left: -1}
 	meta, err := io.ReadAll(io.LimitReader(p1, maxMetadataBytes+1))
 	if err != nil {
 		return MediaPart{}, fmt.Errorf("reading metadata part: %w", err)
@@ -151,7 +151,7 @@ func ReadMediaResponse(contentType string, body io.Reader, maxBytes int64) (Medi
 		}
 		size = n
 	}
-	var media io.Reader = &limitedBody{r: &partReader{m: m, atStart: true, requireDelim: true}, remaining: maxBytes}
+	var media io.Reader = &limitedBody{r: &partReader{m: m, atStart: true, requireDelim: true, left: size}, remaining: maxBytes}
 	if size >= 0 {
 		media = exactio.NewReader(media, size, "media part", ErrMalformed)
 	}
@@ -275,8 +275,16 @@ func (m *mpReader) readHeaders() (textproto.MIMEHeader, error) {
 // consumes together with the rest of its line. The line break before a
 // delimiter belongs to the delimiter. EOF without a delimiter ends the part,
 // or fails it when requireDelim is set (a truncated media part).
+//
+// A part whose length is known (left >= 0, its Content-Length) is its next
+// left bytes, passed on without looking for a delimiter in them (nor
+// copying them through the read buffer when the caller's buffer is larger);
+// the delimiter must follow right after them. Bytes before the delimiter
+// beyond the length, or EOF before the length or the delimiter, are
+// ErrMalformed.
 type partReader struct {
 	m            *mpReader
+	left         int64 // bytes of the body still to read when its length is known, else -1
 	requireDelim bool  // EOF before a delimiter is an error
 	atStart      bool  // nothing of the body consumed yet: a delimiter may start at offset 0
 	sawDelim     bool  // the part ended at a delimiter (not at EOF)
@@ -344,10 +352,17 @@ func (p *partReader) Read(b []byte) (int, error) {
 		return 0, nil
 	}
 	br := p.m.br
+	if p.left > 0 {
+		return p.readKnown(b)
+	}
 	eof := false
 	for {
 		peek, _ := br.Peek(br.Buffered())
 		n, delimAt, delimLen, final, need := p.scan(peek, eof)
+		if n > 0 && p.left == 0 {
+			p.err = fmt.Errorf("reading multipart body: %w: more bytes than the part's Content-Length before its delimiter", ErrMalformed)
+			return 0, p.err
+		}
 		if n > 0 {
 			if n > len(b) {
 				n = len(b)
@@ -392,6 +407,30 @@ func (p *partReader) Read(b []byte) (int, error) {
 			eof = true
 		}
 	}
+}
+
+// readKnown reads the next bytes of a part of known length (p.left > 0).
+func (p *partReader) readKnown(b []byte) (int, error) {
+	if int64(len(b)) > p.left {
+		b = b[:p.left]
+	}
+	n, err := p.m.br.Read(b)
+	p.left -= int64(n)
+	if n > 0 {
+		p.atStart = false
+	}
+	switch {
+	case errors.Is(err, io.EOF) && n == 0:
+		p.err = fmt.Errorf("reading multipart body: %w: %w with %d bytes of the part's Content-Length missing", ErrMalformed, io.ErrUnexpectedEOF, p.left)
+		return 0, p.err
+	case errors.Is(err, io.EOF):
+		// Reported by the next call.
+		return n, nil
+	case err != nil:
+		p.err = fmt.Errorf("reading multipart body: %w", err)
+		return n, p.err
+	}
+	return n, nil
 }
 
 // scan inspects the buffered bytes. It returns either n > 0 bytes that are

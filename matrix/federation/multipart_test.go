@@ -39,7 +39,8 @@ func TestReadMediaResponse(t *testing.T) {
 		wantCD   string
 		wantLoc  string
 		wantBody string
-		wantSize int64 // 0 means -1 (none announced)
+		wantSize int64 // 0 means -1 (none announced) unless wantZero
+		wantZero bool  // the part announced Content-Length 0
 		bodyErr  error // checked on reading Body
 	}{
 		{
@@ -92,9 +93,42 @@ func TestReadMediaResponse(t *testing.T) {
 			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file", wantSize: 4, bodyErr: ErrMalformed,
 		},
 		{
+			// The announced length is the part: its 40 bytes are passed on
+			// (the delimiter among them is not looked for), then the
+			// delimiter is missing.
 			name: "media part shorter than its Content-Length",
 			ct:   testCT, body: strings.Replace(lfBody, "Content-Type: text/plain\n", "Content-Type: text/plain\nContent-Length: 40\n", 1),
-			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file_to_stream", wantSize: 40, bodyErr: ErrMalformed,
+			max: 100, wantMeta: "{}", wantCT: "text/plain", wantCD: "inline; filename=test_upload", wantBody: "file_to_stream\n--gc0p4Jq0M2Yt08jU534c0p-", wantSize: 40, bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part cut within its Content-Length",
+			ct:   testCT, body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\nContent-Length: 20\n\n") + "PNGDATA",
+			max: 100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA", wantSize: 20, bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part of its Content-Length without a delimiter after it",
+			ct:   testCT, body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\nContent-Length: 7\n\n") + "PNGDATA",
+			max: 100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA", wantSize: 7, bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part of its Content-Length cut inside the closing delimiter",
+			ct:   testCT, body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\nContent-Length: 7\n\n") + "PNGDATA\r\n--gc0p4J",
+			max: 100, wantMeta: "{}", wantCT: "image/png", wantBody: "PNGDATA", wantSize: 7, bodyErr: ErrMalformed,
+		},
+		{
+			name: "media part of its Content-Length holding near-delimiters, CRLF",
+			ct:   testCT, body: crlf("--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: application/json\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Type: image/png\nContent-Length: 31\n\n") + "a\r\n--gc0p4Jq0M2Yt08jU534c0pX\r\nb" + "\r\n--gc0p4Jq0M2Yt08jU534c0p--\r\n",
+			max: 100, wantMeta: "{}", wantCT: "image/png", wantBody: "a\r\n--gc0p4Jq0M2Yt08jU534c0pX\r\nb", wantSize: 31,
+		},
+		{
+			name: "empty media part with Content-Length 0, delimiter right after the headers",
+			ct:   testCT, body: "--gc0p4Jq0M2Yt08jU534c0p\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Length: 0\n\n--gc0p4Jq0M2Yt08jU534c0p--\n",
+			max: 100, wantMeta: "{}", wantBody: "", wantZero: true,
+		},
+		{
+			name: "media part with Content-Length 0 followed by bytes",
+			ct:   testCT, body: "--gc0p4Jq0M2Yt08jU534c0p\n\n{}\n--gc0p4Jq0M2Yt08jU534c0p\nContent-Length: 0\n\nx\n--gc0p4Jq0M2Yt08jU534c0p--\n",
+			max: 100, wantMeta: "{}", wantBody: "", wantZero: true, bodyErr: ErrMalformed,
 		},
 		{
 			name: "invalid media part Content-Length",
@@ -201,7 +235,11 @@ func TestReadMediaResponse(t *testing.T) {
 				if mp.ContentType != tc.wantCT || mp.ContentDisposition != tc.wantCD || mp.Location != tc.wantLoc {
 					t.Errorf("headers = %q %q %q, want %q %q %q", mp.ContentType, mp.ContentDisposition, mp.Location, tc.wantCT, tc.wantCD, tc.wantLoc)
 				}
-				if want := cmp.Or(tc.wantSize, -1); mp.Size != want {
+				want := cmp.Or(tc.wantSize, -1)
+				if tc.wantZero {
+					want = 0
+				}
+				if mp.Size != want {
 					t.Errorf("size = %d, want %d", mp.Size, want)
 				}
 				if tc.wantLoc != "" {
@@ -388,6 +426,8 @@ func FuzzReadMediaResponse(f *testing.F) {
 	f.Add(seedCT, []byte("--b0undary\r\nContent-Type: application/json\r\n\r\n{}\r\n--b0undary\r\nContent-Type: text/plain\r\n\r\nhello\r\n--b0undary--\r\n"), uint16(3))
 	f.Add(seedCT, []byte("--b0undary\n\n{}\n--b0undary\nLocation: https://x.example/a\n\n-b0undary\n"), uint16(0))
 	f.Add(seedCT, []byte("pre\n--b0undary \n\n{}\n--b0undary\n\nabc\n--b0undar"), uint16(100))
+	f.Add(seedCT, []byte("--b0undary\r\n\r\n{}\r\n--b0undary\r\nContent-Length: 5\r\n\r\nhello\r\n--b0undary--\r\n"), uint16(10))
+	f.Add(seedCT, []byte("--b0undary\r\n\r\n{}\r\n--b0undary\r\nContent-Length: 0\r\n\r\n--b0undary--"), uint16(10))
 	f.Add("multipart/mixed; boundary=\"a b\"", []byte("--a b\r\n\r\n{}\r\n--a b\r\n\r\n\r\n--a b--"), uint16(1))
 	rec := httptest.NewRecorder()
 	_ = WriteMediaResponse(rec, "image/png", "inline", strings.NewReader("PNG\r\n--x"), 9)
@@ -412,6 +452,9 @@ func FuzzReadMediaResponse(f *testing.F) {
 		}
 		if len(got) > len(data) {
 			t.Fatalf("body longer than input")
+		}
+		if err == nil && mp.Size >= 0 && int64(len(got)) != mp.Size {
+			t.Fatalf("body of %d bytes ended cleanly, Content-Length %d", len(got), mp.Size)
 		}
 	})
 }

@@ -221,7 +221,7 @@ func (s *Site) streamRemote(o *resolveOptions, key string, f *remoteFlight, serv
 	tee := &clientTee{w: w, holdBack: holdBack}
 	bp := s.repo.copyBufs.Get().(*[]byte)
 	defer s.repo.copyBufs.Put(bp)
-	_, err = io.CopyBuffer(io.MultiWriter(pw, tee), body, *bp)
+	err = relayRemote(body, pw, tee, *bp)
 	pw.CloseWithError(err) // nil: EOF for the store
 	if err == nil && holdBack {
 		// The flight ends once the row is recorded (or storing failed).
@@ -303,6 +303,48 @@ func sizedBody(body io.Reader, size int64) io.Reader {
 	return exactio.NewReader(body, size, "remote media", ErrRemoteUnavailable)
 }
 
+// relayRemote passes body to the store (store) and to the client (tee) in
+// chunks of up to len(buf)-1 bytes, each read in full before it is passed on
+// (the last one excepted). A remote body arrives in pieces of a TLS record
+// (16 KiB) or less; passing each piece on as it came would cost a hand-off
+// to the storing goroutine and a write to the client's HTTP/2 stream (a
+// hand-off to its connection goroutine, and a DATA frame) per piece. It
+// returns nil once body ended cleanly (io.EOF), else the first error of
+// body or of the store; failures of the client are the tee's.
+func relayRemote(body io.Reader, store io.Writer, tee *clientTee, buf []byte) error {
+	for {
+		// buf[0] is room for the byte the tee holds back (writeChunk).
+		n, rerr := fill(body, buf[1:])
+		if n > 0 {
+			if _, err := store.Write(buf[1 : 1+n]); err != nil {
+				return err
+			}
+			tee.writeChunk(buf[:1+n])
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+}
+
+// fill reads from r into buf until buf is full or r fails; it returns the
+// bytes read and r's error (io.EOF itself at a clean end), nil when buf
+// was filled.
+func fill(r io.Reader, buf []byte) (int, error) {
+	n := 0
+	for n < len(buf) {
+		k, err := r.Read(buf[n:])
+		n += k
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
 // clientTee writes to the client until the first failure and then drops
 // the rest, so that a client going away does not stop the storing. With
 // holdBack the last byte written so far is kept back, and sent by release.
@@ -316,20 +358,25 @@ type clientTee struct {
 	held bool
 }
 
-// Write sends p to the client unless an earlier write failed (with
-// holdBack, the byte held before and all of p but its last byte), and always
-// reports success.
-func (t *clientTee) Write(p []byte) (int, error) {
+// writeChunk sends chunk[1:] to the client unless an earlier write failed;
+// with holdBack it sends the byte held back before and all of chunk[1:] but
+// its last byte, which it holds back in turn. chunk[0] is room it may
+// overwrite: the held-back byte is put there, so that it goes out in the same
+// write as the bytes after it (a write of its own would be a DATA frame of
+// its own on HTTP/2).
+func (t *clientTee) writeChunk(chunk []byte) {
+	p := chunk[1:]
 	if !t.holdBack || len(p) == 0 {
 		t.send(p)
-		return len(p), nil
+		return
 	}
+	out := p[:len(p)-1]
 	if t.held {
-		t.send(t.last[:])
+		chunk[0] = t.last[0]
+		out = chunk[:len(chunk)-1]
 	}
-	t.send(p[:len(p)-1])
 	t.last[0], t.held = p[len(p)-1], true
-	return len(p), nil
+	t.send(out)
 }
 
 // release sends the held-back byte.
