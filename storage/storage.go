@@ -237,8 +237,11 @@ type BlobRecord struct {
 type MetadataStore interface {
 	// RecordBlob records a blob; recording an already known hash keeps the
 	// first record and only claims it anew (see BlobCollector.TouchBlob) at
-	// b.CreatedAt, or now when that is zero.
-	RecordBlob(ctx context.Context, b BlobRecord) error
+	// b.CreatedAt, or now when that is zero. It returns the record as it
+	// stands after the call, read in the same statement: b when it was new,
+	// otherwise the first record (whose Datastore may differ from
+	// b.Datastore), so callers need no GetBlob after it.
+	RecordBlob(ctx context.Context, b BlobRecord) (BlobRecord, error)
 	// GetBlob returns the record of a blob, or ErrNotFound.
 	GetBlob(ctx context.Context, sha256 string) (BlobRecord, error)
 	// FindBlobByPrefix returns a blob of the given size whose prefix hash

@@ -76,8 +76,8 @@ func testQuarantine(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	bad, good := blobRecord("bad"), blobRecord("good")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, bad))
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, good))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, bad)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, good)))
 	l1 := readyMedia("one.example", "l1", bad)
 	r1 := remoteMedia("remote.example", "r1", bad)
 	l2 := readyMedia("two.example", "l2", bad)
@@ -161,7 +161,7 @@ func testQuarantine(t *testing.T, s storage.MetadataStore) {
 	if err != nil || !ok {
 		t.Fatalf("QuarantineContent(unrecorded) = %v, %v", ok, err)
 	}
-	mustNil(t, "RecordBlob(later)", s.RecordBlob(ctx, later))
+	mustNil(t, "RecordBlob(later)", errOf(s.RecordBlob(ctx, later)))
 	l4 := readyMedia("one.example", "l4", later)
 	mustNil(t, "InsertMedia(l4)", s.InsertMedia(ctx, l4))
 	checkQuarantined(t, mustGet(t, s, ref(l4)), by, at)
@@ -188,7 +188,7 @@ func testProtected(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("p")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	m := readyMedia("example.org", "prot", b)
 	m.Protected = true
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
@@ -223,7 +223,7 @@ func testTombstones(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("t")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	gone := readyMedia("example.org", "gone", b)
 	pend := pendingMedia("example.org", "pend", "@alice:example.org", t0.Add(time.Hour))
 	again := readyMedia("example.org", "again", b)
@@ -268,7 +268,7 @@ func testDeleteMedia(t *testing.T, s storage.MetadataStore) {
 	a := admin(t, s)
 	shared, other, ta, tb, tc := blobRecord("shared"), blobRecord("other"), blobRecord("ta"), blobRecord("tb"), blobRecord("tc")
 	for _, b := range []storage.BlobRecord{shared, other, ta, tb, tc} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	m1 := readyMedia("example.org", "m1", shared)
 	m2 := readyMedia("example.org", "m2", shared)
@@ -366,7 +366,7 @@ func testRecordAccess(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("acc")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	m1, m2 := readyMedia("example.org", "m1", b), remoteMedia("remote.example", "m2", b)
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m1))
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m2))
@@ -404,8 +404,8 @@ func testConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b, tb := blobRecord("conc"), blobRecord("conc-thumb")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, tb))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, tb)))
 	const n = 60
 	refs := make([]storage.MediaRef, n)
 	for i := range refs {

@@ -142,9 +142,13 @@ func scanMedia(r scanner) (storage.Media, error) {
 
 func newQueries(d dialect) queries {
 	q := queries{
+		// The update is unconditional (a claim never moves backwards) so
+		// that RETURNING always yields the row, new or existing.
 		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, ?, ?, ?, ?, ?)
-			ON CONFLICT (sha256) DO UPDATE SET touched_ts = excluded.touched_ts
-			WHERE blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts`,
+			ON CONFLICT (sha256) DO UPDATE SET touched_ts = CASE
+				WHEN blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts THEN excluded.touched_ts
+				ELSE blobs.touched_ts END
+			RETURNING sha256, size, prefix_sha256, datastore, created_ts`,
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
 		countBlobRefs:    `SELECT (SELECT COUNT(*) FROM media WHERE sha256 = ?) + (SELECT COUNT(*) FROM thumbnails WHERE sha256 = ?)`,
@@ -463,20 +467,22 @@ func nullString(s string) sql.NullString {
 
 // RecordBlob records a blob; recording an already known hash keeps the first
 // record and only moves its last claim (see TouchBlob) forward to
-// b.CreatedAt (the current time when zero).
-func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
+// b.CreatedAt (the current time when zero). It returns the record after the
+// call, from the upsert itself (RETURNING): one statement, no second read.
+func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) (storage.BlobRecord, error) {
 	if b.SHA256 == "" {
-		return errors.New("recording blob: empty hash")
+		return storage.BlobRecord{}, errors.New("recording blob: empty hash")
 	}
 	claim := b.CreatedAt
 	if claim.IsZero() {
 		claim = time.Now()
 	}
-	if _, err := s.write.ExecContext(ctx, s.q.recordBlob,
-		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()); err != nil {
-		return fmt.Errorf("recording blob %s: %w", b.SHA256, classify(err))
+	rec, err := scanBlob(s.write.QueryRowContext(ctx, s.q.recordBlob,
+		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()))
+	if err != nil {
+		return storage.BlobRecord{}, fmt.Errorf("recording blob %s: %w", b.SHA256, classify(err))
 	}
-	return nil
+	return rec, nil
 }
 
 // scanBlob reads one blobs row.
