@@ -76,6 +76,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"CollectorExcludesWriters", testCollectorExcludesWriters},
 		{"LockCollector", testLockCollector},
 		{"Quarantine", testQuarantine},
+		{"RefuseQuarantined", testRefuseQuarantined},
 		{"Protected", testProtected},
 		{"Tombstones", testTombstones},
 		{"DeleteMedia", testDeleteMedia},

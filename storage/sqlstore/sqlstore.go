@@ -664,6 +664,8 @@ func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, 
 // a tombstone (DeleteMedia), gives an error wrapping storage.ErrConflict.
 // m.SHA256 must name a blob recorded with RecordBlob. A local item with a
 // user ID adds to the user's usage in the same transaction (see quota.go).
+// With m.RefuseQuarantined, quarantined content gives an error wrapping
+// storage.ErrQuarantined, checked in that transaction.
 func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 	return s.insertMedia(ctx, m, nil)
 }
@@ -682,7 +684,7 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
-	if !counts(m) {
+	if !counts(m) && !m.RefuseQuarantined {
 		if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
 			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
 		}
@@ -697,17 +699,24 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 			_ = tx.Rollback()
 		}
 	}()
-	newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
-	if err != nil {
-		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
-	}
-	if lim != nil {
-		if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
-			return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
+	if m.RefuseQuarantined {
+		if err := s.refuseQuarantined(ctx, tx, m.SHA256); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
-	if err := s.addHistory(ctx, tx, m.UserID, rowMillis(m), m.Size); err != nil {
-		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+	if counts(m) {
+		newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
+		if err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
+		if lim != nil {
+			if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
+				return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
+			}
+		}
+		if err := s.addHistory(ctx, tx, m.UserID, rowMillis(m), m.Size); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
 	}
 	if err := s.insertMediaRow(ctx, tx, m, storage.StateReady); err != nil {
 		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
@@ -806,7 +815,9 @@ func (s *Store) OldestPendingExpiry(ctx context.Context, serverName, userID stri
 // user's usage (see quota.go). Otherwise a follow-up read picks the error:
 // storage.ErrNotFound when the item is missing or expired,
 // storage.ErrConflict when it is already ready or belongs to another user.
-// m.SHA256 must name a blob recorded with RecordBlob.
+// m.SHA256 must name a blob recorded with RecordBlob. With
+// m.RefuseQuarantined, quarantined content gives an error wrapping
+// storage.ErrQuarantined (checked first, in the transaction).
 func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 	return s.completePending(ctx, m, nil)
 }
@@ -877,6 +888,11 @@ func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *
 			_ = tx.Rollback()
 		}
 	}()
+	if m.RefuseQuarantined {
+		if err := s.refuseQuarantined(ctx, tx, m.SHA256); err != nil {
+			return false, err
+		}
+	}
 	if m.UserID != "" {
 		newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
 		if err != nil {
@@ -911,6 +927,27 @@ func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *
 		return false, fmt.Errorf("committing: %w", classify(err))
 	}
 	return true, nil
+}
+
+// refuseQuarantined fails with an error wrapping storage.ErrQuarantined
+// when the content sha256 is quarantined. It reads in the write transaction
+// tx, which then writes the media row: on SQLite no quarantine can commit in
+// between (one writer at a time); on PostgreSQL the read sees every
+// quarantine committed before it, as the separate read before the
+// transaction it replaces did. The returned error is not yet prefixed.
+func (s *Store) refuseQuarantined(ctx context.Context, tx *sql.Tx, sha256 string) error {
+	var (
+		by string
+		at int64
+	)
+	err := tx.QueryRowContext(ctx, s.q.getQuarantine, sha256).Scan(&by, &at)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return nil
+	case err != nil:
+		return fmt.Errorf("checking the quarantine of %s: %w", sha256, classify(err))
+	}
+	return fmt.Errorf("content %s was quarantined by %s: %w", sha256, by, storage.ErrQuarantined)
 }
 
 // DeleteExpiredPending removes pending items whose expiry is at or before now
