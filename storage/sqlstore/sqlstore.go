@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -62,6 +63,9 @@ type Store struct {
 	q    queries
 	// collectorMu is the collector lock of a SQLite store (LockCollector).
 	collectorMu sync.Mutex
+	// ckpt is the SQLite store's background checkpointer (nil for
+	// PostgreSQL); see checkpointer.
+	ckpt *checkpointer
 }
 
 var _ storage.MetadataStore = (*Store)(nil)
@@ -316,7 +320,9 @@ func Open(ctx context.Context, driver, dsn string) (*Store, error) {
 // through a single connection whose transactions begin IMMEDIATE, so
 // concurrent writers in this process never see SQLITE_BUSY and writers in
 // other processes wait for the lock; reads use a separate pool of read-only
-// connections.
+// connections. WAL checkpoints run in the background on a connection of
+// their own (see checkpoint.go), not inside a writer's commit; Close stops
+// them.
 func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	if path == "" {
 		return nil, errors.New("opening sqlite database: empty path")
@@ -340,10 +346,11 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	wp.Set("_journal_mode", "WAL")
 	wp.Set("_synchronous", "NORMAL")
 	wp.Set("_txlock", "immediate")
-	write, err := sql.Open("sqlite3", sqliteDSN(abs, wp))
-	if err != nil {
-		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, classify(err))
-	}
+	// The writer checkpoints only as a backstop (walBackstopPages); the
+	// background checkpointer does it otherwise.
+	write := sql.OpenDB(hookedConnector{dsn: sqliteDSN(abs, wp), pragmas: []string{
+		"wal_autocheckpoint = " + strconv.Itoa(walBackstopPages),
+	}})
 	write.SetMaxOpenConns(1)
 	write.SetMaxIdleConns(1)
 	write.SetConnMaxLifetime(0)
@@ -377,7 +384,13 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 		_ = read.Close()
 		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, classify(err))
 	}
-	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite)}, nil
+	ckpt, err := startCheckpointer(ctx, abs, common, checkpointInterval)
+	if err != nil {
+		_ = write.Close()
+		_ = read.Close()
+		return nil, fmt.Errorf("opening sqlite database %s for checkpoints: %w", abs, classify(err))
+	}
+	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite), ckpt: ckpt}, nil
 }
 
 // pingSQLite opens db's first connection. Connecting runs the DSN's pragmas;
@@ -432,9 +445,14 @@ func OpenPostgres(ctx context.Context, dsn string) (*Store, error) {
 	return &Store{dialect: dialectPostgres, write: db, read: db, q: newQueries(dialectPostgres)}, nil
 }
 
-// Close closes the store's connection pools.
+// Close stops the background checkpointer (SQLite) and closes the store's
+// connection pools.
 func (s *Store) Close() error {
-	err := s.write.Close()
+	var err error
+	if s.ckpt != nil {
+		err = s.ckpt.close()
+	}
+	err = errors.Join(err, s.write.Close())
 	if s.read != s.write {
 		err = errors.Join(err, s.read.Close())
 	}
