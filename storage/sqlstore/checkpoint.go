@@ -25,7 +25,9 @@ import (
 // backstop, should the background one fall behind or fail.
 const (
 	// checkpointInterval is how often the background checkpointer looks
-	// for new commits.
+	// for new commits. Longer intervals (250 ms, 1 s) copied fewer pages
+	// but made each checkpoint big enough to stall the writer on the disk
+	// (p99.9 of the metadata writes 30-50 ms instead of 13-14 ms).
 	checkpointInterval = 100 * time.Millisecond
 	// walBackstopPages is the writer's wal_autocheckpoint (in pages of
 	// 4 KiB: 40 MiB).
