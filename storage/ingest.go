@@ -149,18 +149,16 @@ func IngestTo(ctx context.Context, stores *Datastores, meta MetadataStore, kind 
 	// collector now leaves it alone for its grace period. A concurrent
 	// ingest of the same bytes may have recorded them in another datastore
 	// first, and that record wins.
-	if err := meta.RecordBlob(ctx, BlobRecord{
+	// The record returned is the one that stands after the claim.
+	rec, err := meta.RecordBlob(ctx, BlobRecord{
 		SHA256:       res.SHA256,
 		Size:         res.Size,
 		PrefixSHA256: res.PrefixSHA256,
 		Datastore:    recordIn,
 		CreatedAt:    time.Now(),
-	}); err != nil {
-		return IngestResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
-	}
-	rec, err := meta.GetBlob(ctx, res.SHA256)
+	})
 	if err != nil {
-		return IngestResult{}, fmt.Errorf("ingesting body: reading blob record: %w", err)
+		return IngestResult{}, fmt.Errorf("ingesting body: recording blob: %w", err)
 	}
 	if rec.Datastore == target && wroteTarget {
 		return IngestResult{PutResult: res, Datastore: rec.Datastore}, nil

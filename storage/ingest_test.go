@@ -32,13 +32,14 @@ func newMemBlobMeta() *memBlobMeta {
 	return &memBlobMeta{blobs: map[string]storage.BlobRecord{}}
 }
 
-func (m *memBlobMeta) RecordBlob(_ context.Context, b storage.BlobRecord) error {
+func (m *memBlobMeta) RecordBlob(_ context.Context, b storage.BlobRecord) (storage.BlobRecord, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.blobs[b.SHA256]; !ok {
-		m.blobs[b.SHA256] = b
+	if first, ok := m.blobs[b.SHA256]; ok {
+		return first, nil
 	}
-	return nil
+	m.blobs[b.SHA256] = b
+	return b, nil
 }
 
 func (m *memBlobMeta) GetBlob(_ context.Context, h string) (storage.BlobRecord, error) {
@@ -81,9 +82,9 @@ func (s *spyMeta) FindBlobByPrefix(ctx context.Context, size int64, prefix strin
 	return s.MetadataStore.FindBlobByPrefix(ctx, size, prefix)
 }
 
-func (s *spyMeta) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
+func (s *spyMeta) RecordBlob(ctx context.Context, b storage.BlobRecord) (storage.BlobRecord, error) {
 	if s.recordErr != nil {
-		return s.recordErr
+		return storage.BlobRecord{}, s.recordErr
 	}
 	return s.MetadataStore.RecordBlob(ctx, b)
 }

@@ -72,7 +72,7 @@ func seedRemote(tb testing.TB, meta *sqlstore.Store, blobs storage.BlobStore, n 
 		if err != nil {
 			tb.Fatal(err)
 		}
-		if err := meta.RecordBlob(ctx, storage.BlobRecord{SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256, Datastore: "d", CreatedAt: cached}); err != nil {
+		if _, err := meta.RecordBlob(ctx, storage.BlobRecord{SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256, Datastore: "d", CreatedAt: cached}); err != nil {
 			tb.Fatal(err)
 		}
 		refs[i] = storage.MediaRef{ServerName: "remote.example", MediaID: fmt.Sprintf("m%06d", i)}

@@ -43,6 +43,9 @@ var (
 	// ErrLimitExceeded reports that a user already has as many pending uploads
 	// as allowed.
 	ErrLimitExceeded = errors.New("limit exceeded")
+	// ErrQuarantined reports that a media row was not written because its
+	// content is quarantined (see Media.RefuseQuarantined).
+	ErrQuarantined = errors.New("content is quarantined")
 )
 
 // PrefixSize is how many leading bytes of a blob form its prefix hash, which is
@@ -211,6 +214,13 @@ type Media struct {
 	// Protected (see Refused).
 	QuarantinedBy string
 	QuarantinedAt time.Time
+	// RefuseQuarantined is read on writes only (InsertMedia,
+	// CompletePending and their limited forms, see UsageStore): when set,
+	// a store that keeps quarantines (MediaAdmin) checks in the write's own
+	// transaction whether the content (SHA256) is quarantined, whether or
+	// not the item is protected, and if so writes nothing and fails with
+	// an error wrapping ErrQuarantined. Default false: no check.
+	RefuseQuarantined bool
 }
 
 // Refused reports whether the item's content is quarantined and the item is
@@ -237,8 +247,11 @@ type BlobRecord struct {
 type MetadataStore interface {
 	// RecordBlob records a blob; recording an already known hash keeps the
 	// first record and only claims it anew (see BlobCollector.TouchBlob) at
-	// b.CreatedAt, or now when that is zero.
-	RecordBlob(ctx context.Context, b BlobRecord) error
+	// b.CreatedAt, or now when that is zero. It returns the record as it
+	// stands after the call, read in the same statement: b when it was new,
+	// otherwise the first record (whose Datastore may differ from
+	// b.Datastore), so callers need no GetBlob after it.
+	RecordBlob(ctx context.Context, b BlobRecord) (BlobRecord, error)
 	// GetBlob returns the record of a blob, or ErrNotFound.
 	GetBlob(ctx context.Context, sha256 string) (BlobRecord, error)
 	// FindBlobByPrefix returns a blob of the given size whose prefix hash

@@ -218,7 +218,7 @@ func runCrash(t *testing.T, s crashSetup) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := meta.RecordBlob(ctx, storage.BlobRecord{SHA256: unreferenced.SHA256, Size: unreferenced.Size,
+	if _, err := meta.RecordBlob(ctx, storage.BlobRecord{SHA256: unreferenced.SHA256, Size: unreferenced.Size,
 		PrefixSHA256: unreferenced.PrefixSHA256, Datastore: s.datastore, CreatedAt: time.Now().Add(-time.Minute)}); err != nil {
 		t.Fatal(err)
 	}

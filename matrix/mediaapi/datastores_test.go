@@ -151,7 +151,7 @@ func TestDedupAcrossDatastores(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := e.meta.RecordBlob(ctx, storage.BlobRecord{SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256,
+	if _, err := e.meta.RecordBlob(ctx, storage.BlobRecord{SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256,
 		Datastore: DefaultDatastore, CreatedAt: time.Now()}); err != nil {
 		t.Fatal(err)
 	}

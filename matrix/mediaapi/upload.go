@@ -205,21 +205,19 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
-	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
-		return st
-	}
 	now := s.repo.now()
 	m := storage.Media{
-		ServerName:  s.cfg.ServerName,
-		State:       storage.StateReady,
-		UserID:      user.UserID,
-		SHA256:      res.SHA256,
-		Size:        res.Size,
-		Datastore:   res.Datastore,
-		ContentType: um.contentType,
-		Filename:    um.filename,
-		CreatedAt:   now,
-		UploadedAt:  now,
+		ServerName:        s.cfg.ServerName,
+		State:             storage.StateReady,
+		UserID:            user.UserID,
+		SHA256:            res.SHA256,
+		Size:              res.Size,
+		Datastore:         res.Datastore,
+		ContentType:       um.contentType,
+		Filename:          um.filename,
+		CreatedAt:         now,
+		UploadedAt:        now,
+		RefuseQuarantined: s.checksQuarantine(),
 	}
 	var err error
 	for range idAttempts {
@@ -237,6 +235,9 @@ func (s *Site) serveUpload(w http.ResponseWriter, r *http.Request) int {
 		// Another upload of the user took the room meanwhile; the blob
 		// stays unreferenced for the collector.
 		return writeErr(w, s.quotaError(q.rule, qe))
+	}
+	if errors.Is(err, storage.ErrQuarantined) {
+		return s.refuseQuarantined(w, user, err)
 	}
 	if err != nil {
 		return s.internalError(w, "recording upload", err)
@@ -394,9 +395,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	s.chargeUpload(r, &user, res.Size)
 	ctx, cancel := recordCtx(r)
 	defer cancel()
-	if st := s.refuseQuarantined(ctx, w, user, res.SHA256); st != 0 {
-		return st
-	}
+	m.RefuseQuarantined = s.checksQuarantine()
 	m.SHA256 = res.SHA256
 	m.Size = res.Size
 	m.Datastore = res.Datastore
@@ -412,6 +411,8 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	switch {
 	case overQuota:
 		return writeErr(w, s.quotaError(q.rule, qe))
+	case errors.Is(err, storage.ErrQuarantined):
+		return s.refuseQuarantined(w, user, err)
 	case err == nil:
 	case errors.Is(err, storage.ErrConflict):
 		return writeErr(w, matrix.CannotOverwriteMedia("Media ID already has content"))
@@ -431,25 +432,21 @@ var emptyObject = []byte(`{}`)
 // errContentQuarantined is the answer to an upload of quarantined content.
 var errContentQuarantined = matrix.Forbidden("This media has been quarantined and cannot be uploaded")
 
-// refuseQuarantined answers 403 M_FORBIDDEN when the content just received
-// (sha256) is quarantined, and returns its status; 0 means the upload may be
-// recorded. It runs after the body was stored and before any media row
-// refers to it: the blob just ingested (or claimed, when it was a
-// duplicate) is left unreferenced, and the garbage collector removes it
-// after its grace period unless something else references it. Stores that
-// cannot quarantine (no storage.MediaAdmin) skip the check.
-func (s *Site) refuseQuarantined(ctx context.Context, w http.ResponseWriter, user auth.User, sha256 string) int {
-	if s.repo.admin == nil {
-		return 0
-	}
-	q, err := s.repo.admin.GetQuarantine(ctx, sha256)
-	switch {
-	case errors.Is(err, storage.ErrNotFound):
-		return 0
-	case err != nil:
-		return s.internalError(w, "checking the quarantine of an upload", err)
-	}
+// checksQuarantine reports whether uploads are checked against the
+// quarantine: when the metadata store keeps one (storage.MediaAdmin). The
+// check itself runs in the transaction that writes the media row
+// (storage.Media.RefuseQuarantined), after the body was stored and before
+// any row refers to it.
+func (s *Site) checksQuarantine() bool { return s.repo.admin != nil }
+
+// refuseQuarantined answers 403 M_FORBIDDEN to an upload whose content is
+// quarantined (err wraps storage.ErrQuarantined and names who quarantined
+// it), and returns its status. No media row was written: the blob just
+// ingested (or claimed, when it was a duplicate) is left unreferenced, and
+// the garbage collector removes it after its grace period unless something
+// else references it.
+func (s *Site) refuseQuarantined(w http.ResponseWriter, user auth.User, err error) int {
 	s.repo.logger.Info("refused an upload of quarantined media", zap.String("server_name", s.cfg.ServerName),
-		zap.String("user_id", user.UserID), zap.String("sha256", sha256), zap.String("quarantined_by", q.By))
+		zap.String("user_id", user.UserID), zap.Error(err))
 	return writeErr(w, errContentQuarantined)
 }

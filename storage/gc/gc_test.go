@@ -79,7 +79,7 @@ func (e *env) record(t *testing.T, body []byte, at time.Time) storage.BlobRecord
 	h := e.put(t, body)
 	rec := storage.BlobRecord{SHA256: h, Size: int64(len(body)), PrefixSHA256: blobtest.SHA256Hex(body[:min(len(body), storage.PrefixSize)]),
 		Datastore: "files", CreatedAt: at}
-	if err := e.meta.RecordBlob(context.Background(), rec); err != nil {
+	if _, err := e.meta.RecordBlob(context.Background(), rec); err != nil {
 		t.Fatal(err)
 	}
 	return rec
@@ -148,7 +148,7 @@ func TestRun(t *testing.T) {
 			// A record whose bytes are missing (never written by this module,
 			// but the collector must cope): removed, its delete is a no-op.
 			ghost := storage.BlobRecord{SHA256: blobtest.SHA256Hex([]byte("ghost")), Size: 5, PrefixSHA256: "x", Datastore: "files", CreatedAt: old}
-			if err := e.meta.RecordBlob(ctx, ghost); err != nil {
+			if _, err := e.meta.RecordBlob(ctx, ghost); err != nil {
 				t.Fatal(err)
 			}
 
@@ -223,7 +223,7 @@ func (h *hookMeta) TouchBlob(ctx context.Context, sha string, at time.Time) (boo
 	return ok, err
 }
 
-func (h *hookMeta) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
+func (h *hookMeta) RecordBlob(ctx context.Context, b storage.BlobRecord) (storage.BlobRecord, error) {
 	if h.beforeRecord != nil {
 		h.beforeRecord()
 	}

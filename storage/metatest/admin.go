@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -76,8 +77,8 @@ func testQuarantine(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	bad, good := blobRecord("bad"), blobRecord("good")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, bad))
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, good))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, bad)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, good)))
 	l1 := readyMedia("one.example", "l1", bad)
 	r1 := remoteMedia("remote.example", "r1", bad)
 	l2 := readyMedia("two.example", "l2", bad)
@@ -161,7 +162,7 @@ func testQuarantine(t *testing.T, s storage.MetadataStore) {
 	if err != nil || !ok {
 		t.Fatalf("QuarantineContent(unrecorded) = %v, %v", ok, err)
 	}
-	mustNil(t, "RecordBlob(later)", s.RecordBlob(ctx, later))
+	mustNil(t, "RecordBlob(later)", errOf(s.RecordBlob(ctx, later)))
 	l4 := readyMedia("one.example", "l4", later)
 	mustNil(t, "InsertMedia(l4)", s.InsertMedia(ctx, l4))
 	checkQuarantined(t, mustGet(t, s, ref(l4)), by, at)
@@ -188,7 +189,7 @@ func testProtected(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("p")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	m := readyMedia("example.org", "prot", b)
 	m.Protected = true
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
@@ -223,7 +224,7 @@ func testTombstones(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("t")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	gone := readyMedia("example.org", "gone", b)
 	pend := pendingMedia("example.org", "pend", "@alice:example.org", t0.Add(time.Hour))
 	again := readyMedia("example.org", "again", b)
@@ -268,7 +269,7 @@ func testDeleteMedia(t *testing.T, s storage.MetadataStore) {
 	a := admin(t, s)
 	shared, other, ta, tb, tc := blobRecord("shared"), blobRecord("other"), blobRecord("ta"), blobRecord("tb"), blobRecord("tc")
 	for _, b := range []storage.BlobRecord{shared, other, ta, tb, tc} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	m1 := readyMedia("example.org", "m1", shared)
 	m2 := readyMedia("example.org", "m2", shared)
@@ -366,7 +367,7 @@ func testRecordAccess(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b := blobRecord("acc")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	m1, m2 := readyMedia("example.org", "m1", b), remoteMedia("remote.example", "m2", b)
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m1))
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m2))
@@ -404,8 +405,8 @@ func testConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	b, tb := blobRecord("conc"), blobRecord("conc-thumb")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, tb))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, tb)))
 	const n = 60
 	refs := make([]storage.MediaRef, n)
 	for i := range refs {
@@ -491,4 +492,87 @@ func testConcurrentDeletion(t *testing.T, s storage.MetadataStore) {
 	if n2 != 0 {
 		t.Fatalf("%d thumbnails survived their media", n2)
 	}
+}
+
+// testRefuseQuarantined checks Media.RefuseQuarantined on every write of a
+// media row with content: quarantined content (protected or not) is refused
+// with ErrQuarantined and nothing is written, neither the row nor the
+// user's usage; content that is not quarantined, or a write without the
+// flag, goes through.
+func testRefuseQuarantined(t *testing.T, s storage.MetadataStore) {
+	ctx := context.Background()
+	a, q := admin(t, s), quotaStore(t, s)
+	bad, good := blobRecord("refused"), blobRecord("accepted")
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, bad)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, good)))
+	_, err := a.QuarantineContent(ctx, storage.Quarantine{SHA256: bad.SHA256, By: "@admin:example.org", At: t0})
+	mustNil(t, "QuarantineContent", err)
+	const user = "@alice:example.org"
+	limits := storage.UploadLimits{MaxBytes: 1 << 40, MaxFiles: 1 << 20, Now: t0.Add(time.Hour)}
+	pending := 0
+	writes := []struct {
+		name  string
+		write func(m storage.Media) error
+	}{
+		{"InsertMedia", func(m storage.Media) error { return s.InsertMedia(ctx, m) }},
+		{"InsertMediaLimited", func(m storage.Media) error { return q.InsertMediaLimited(ctx, m, limits) }},
+		{"InsertMedia remote", func(m storage.Media) error {
+			m.Remote, m.UserID = true, ""
+			return s.InsertMedia(ctx, m)
+		}},
+		{"CompletePending", func(m storage.Media) error {
+			return completeFresh(ctx, t, s, &pending, m, func(m storage.Media) error { return s.CompletePending(ctx, m) })
+		}},
+		{"CompletePendingLimited", func(m storage.Media) error {
+			return completeFresh(ctx, t, s, &pending, m, func(m storage.Media) error { return q.CompletePendingLimited(ctx, m, limits) })
+		}},
+	}
+	var wantBytes, wantFiles int64
+	for i, w := range writes {
+		for _, tc := range []struct {
+			blob      storage.BlobRecord
+			flag      bool
+			protected bool
+			refused   bool
+		}{
+			{bad, true, false, true},
+			{bad, true, true, true},
+			{bad, false, false, false},
+			{good, true, false, false},
+		} {
+			id := "rq" + strconv.Itoa(i) + strconv.FormatBool(tc.flag) + strconv.FormatBool(tc.protected) + tc.blob.SHA256[:6]
+			m := readyMedia("example.org", id, tc.blob)
+			m.UserID, m.RefuseQuarantined, m.Protected = user, tc.flag, tc.protected
+			m.UploadedAt = t0.Add(time.Minute)
+			err := w.write(m)
+			what := w.name + "(" + id + ")"
+			if tc.refused {
+				mustIs(t, what, err, storage.ErrQuarantined)
+				got, gerr := s.GetMedia(ctx, m.ServerName, m.MediaID)
+				if gerr == nil && got.State == storage.StateReady {
+					t.Fatalf("%s: refused, but the item is ready: %+v", what, got)
+				}
+			} else {
+				mustNil(t, what, err)
+				if got := mustGet(t, s, ref(m)); got.State != storage.StateReady || got.SHA256 != tc.blob.SHA256 {
+					t.Fatalf("%s: stored %+v", what, got)
+				}
+				if !strings.Contains(w.name, "remote") {
+					wantBytes += tc.blob.Size
+					wantFiles++
+				}
+			}
+			wantUsage(t, q, user, wantBytes, wantFiles)
+		}
+	}
+}
+
+// completeFresh reserves m's ID for m.UserID (CreatePending; *n counts the
+// reservations) and completes it with m through complete.
+func completeFresh(ctx context.Context, t *testing.T, s storage.MetadataStore, n *int, m storage.Media, complete func(storage.Media) error) error {
+	t.Helper()
+	*n++
+	p := pendingMedia(m.ServerName, m.MediaID, m.UserID, t0.Add(24*time.Hour))
+	mustNil(t, "CreatePending("+m.MediaID+")", s.CreatePending(ctx, p, 0))
+	return complete(m)
 }

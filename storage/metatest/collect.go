@@ -51,7 +51,7 @@ func testBlobClaims(t *testing.T, s storage.MetadataStore) {
 	}
 	free, media, thumb, claimed := blobRecord("free"), blobRecord("media"), blobRecord("thumb"), blobRecord("claimed")
 	for _, b := range []storage.BlobRecord{free, media, thumb, claimed} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "m", media)))
 	mustNil(t, "InsertThumbnail", s.InsertThumbnail(ctx, storage.Thumbnail{
@@ -65,7 +65,7 @@ func testBlobClaims(t *testing.T, s storage.MetadataStore) {
 	if ok, err := c.TouchBlob(ctx, claimed.SHA256, t0); err != nil || !ok {
 		t.Fatalf("TouchBlob (earlier) = %v, %v; want true, nil", ok, err)
 	}
-	mustNil(t, "RecordBlob again", s.RecordBlob(ctx, claimed))
+	mustNil(t, "RecordBlob again", errOf(s.RecordBlob(ctx, claimed)))
 
 	sorted := func(hs ...string) []string { slices.Sort(hs); return hs }
 	for _, tc := range []struct {
@@ -85,7 +85,7 @@ func testBlobClaims(t *testing.T, s storage.MetadataStore) {
 	again := free
 	again.CreatedAt = t0.Add(2 * time.Hour)
 	again.Datastore = "elsewhere"
-	mustNil(t, "RecordBlob (claim)", s.RecordBlob(ctx, again))
+	mustNil(t, "RecordBlob (claim)", errOf(s.RecordBlob(ctx, again)))
 	if got := unreferenced(t, c, t0.Add(2*time.Hour)); !slices.Equal(got, []string{claimed.SHA256}) {
 		t.Errorf("after re-recording: ListUnreferencedBlobs = %v, want only the claimed blob", got)
 	}
@@ -103,7 +103,7 @@ func testDeleteUnreferencedBlob(t *testing.T, s storage.MetadataStore) {
 	free, used, fresh := blobRecord("free"), blobRecord("used"), blobRecord("fresh")
 	fresh.CreatedAt = t0.Add(time.Hour)
 	for _, b := range []storage.BlobRecord{free, used, fresh} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "m", used)))
 	cutoff := t0.Add(time.Minute)
@@ -155,7 +155,7 @@ func testCollectorExcludesWriters(t *testing.T, s storage.MetadataStore) {
 	c := collector(t, s)
 	b1, b2 := blobRecord("doomed-1"), blobRecord("doomed-2")
 	for _, b := range []storage.BlobRecord{b1, b2} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	insertErr := make(chan error, 1)
 	touched := make(chan bool, 1)
@@ -189,7 +189,7 @@ func testCollectorExcludesWriters(t *testing.T, s storage.MetadataStore) {
 	called := false
 	ok, err = c.DeleteUnrecordedBlob(ctx, orphan.SHA256, func(context.Context) error {
 		called = true
-		go func() { recorded <- s.RecordBlob(ctx, orphan) }()
+		go func() { recorded <- errOf(s.RecordBlob(ctx, orphan)) }()
 		return nil
 	})
 	if err != nil || !ok || !called {

@@ -36,7 +36,7 @@ func testListUserMedia(t *testing.T, s storage.MetadataStore) {
 	}
 	for _, it := range items {
 		b := blobRecord("user-" + it.id)
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 		m := readyMedia(server, it.id, b)
 		m.UserID, m.Filename, m.ContentType, m.CreatedAt, m.Size, m.Protected = user, it.filename, it.contentType, it.created, it.size, it.protected
 		mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
@@ -50,7 +50,7 @@ func testListUserMedia(t *testing.T, s storage.MetadataStore) {
 	}
 	// Not the user's ready media on this server.
 	other := blobRecord("other")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, other))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, other)))
 	bob := readyMedia(server, "bob1", other)
 	bob.UserID = "@bob:one.example"
 	elsewhere := readyMedia("two.example", "u9", other)
@@ -157,7 +157,7 @@ func testListUsage(t *testing.T, s storage.MetadataStore) {
 	a := admin(t, s)
 	const server = "one.example"
 	b := blobRecord("usage")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	n := 0
 	add := func(server, user string, size int64, created time.Time) {
 		t.Helper()
@@ -241,8 +241,8 @@ func testListOldMedia(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a := admin(t, s)
 	plain, quar := blobRecord("plain"), blobRecord("quarantined")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, plain))
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, quar))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, plain)))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, quar)))
 	_, err := a.QuarantineContent(ctx, storage.Quarantine{SHA256: quar.SHA256, By: "@admin:one.example", At: t0})
 	mustNil(t, "QuarantineContent", err)
 	type item struct {

@@ -76,6 +76,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"CollectorExcludesWriters", testCollectorExcludesWriters},
 		{"LockCollector", testLockCollector},
 		{"Quarantine", testQuarantine},
+		{"RefuseQuarantined", testRefuseQuarantined},
 		{"Protected", testProtected},
 		{"Tombstones", testTombstones},
 		{"DeleteMedia", testDeleteMedia},
@@ -124,7 +125,7 @@ func RunReopen(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 	pending := pendingMedia("example.org", "pending1", "@alice:example.org", t0.Add(time.Hour))
 
 	s := open(t)
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, blob))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, blob)))
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, ready))
 	mustNil(t, "CreatePending", s.CreatePending(ctx, pending, 5))
 	mustNil(t, "Close", s.Close())
@@ -213,6 +214,10 @@ func mustNil(t *testing.T, what string, err error) {
 	}
 }
 
+// errOf drops the record RecordBlob returns, for calls that only check its
+// error.
+func errOf(_ storage.BlobRecord, err error) error { return err }
+
 func mustIs(t *testing.T, what string, err, want error) {
 	t.Helper()
 	if !errors.Is(err, want) {
@@ -249,10 +254,12 @@ func testBlobs(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a, b := blobRecord("a"), blobRecord("b")
 	b.Size = a.Size // same size, different prefix
-	mustNil(t, "RecordBlob(a)", s.RecordBlob(ctx, a))
-	mustNil(t, "RecordBlob(b)", s.RecordBlob(ctx, b))
+	got, err := s.RecordBlob(ctx, a)
+	mustNil(t, "RecordBlob(a)", err)
+	equalBlob(t, got, a) // a new record is returned as recorded
+	mustNil(t, "RecordBlob(b)", errOf(s.RecordBlob(ctx, b)))
 
-	got, err := s.GetBlob(ctx, a.SHA256)
+	got, err = s.GetBlob(ctx, a.SHA256)
 	mustNil(t, "GetBlob(a)", err)
 	equalBlob(t, got, a)
 
@@ -271,7 +278,17 @@ func testBlobs(t *testing.T, s storage.MetadataStore) {
 	again := a
 	again.Datastore = "elsewhere"
 	again.CreatedAt = t0.Add(time.Hour)
-	mustNil(t, "RecordBlob(a again)", s.RecordBlob(ctx, again))
+	got, err = s.RecordBlob(ctx, again)
+	mustNil(t, "RecordBlob(a again)", err)
+	equalBlob(t, got, a) // the first record, not the one passed
+	// A claim older than the last one moves nothing and still returns the
+	// record.
+	older := a
+	older.Datastore = "elsewhere"
+	older.CreatedAt = t0.Add(-time.Hour)
+	got, err = s.RecordBlob(ctx, older)
+	mustNil(t, "RecordBlob(a with an older claim)", err)
+	equalBlob(t, got, a)
 	got, err = s.GetBlob(ctx, a.SHA256)
 	mustNil(t, "GetBlob(a) after re-record", err)
 	equalBlob(t, got, a)
@@ -280,8 +297,8 @@ func testBlobs(t *testing.T, s storage.MetadataStore) {
 func testCountBlobReferences(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	a, b := blobRecord("a"), blobRecord("b")
-	mustNil(t, "RecordBlob(a)", s.RecordBlob(ctx, a))
-	mustNil(t, "RecordBlob(b)", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob(a)", errOf(s.RecordBlob(ctx, a)))
+	mustNil(t, "RecordBlob(b)", errOf(s.RecordBlob(ctx, b)))
 	count := func(sha string, want int64) {
 		t.Helper()
 		n, err := s.CountBlobReferences(ctx, sha)
@@ -307,7 +324,7 @@ func testCountBlobReferences(t *testing.T, s storage.MetadataStore) {
 func testInsertAndGetMedia(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	b := blobRecord("x")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	m := readyMedia("example.org", "abcDEF123_-", b)
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, m))
 	got, err := s.GetMedia(ctx, m.ServerName, m.MediaID)
@@ -348,7 +365,7 @@ func testMediaRoundTrip(t *testing.T, s storage.MetadataStore) {
 	b := blobRecord("rt")
 	b.Size = 1<<40 + 7 // beyond 32 bits
 	b.CreatedAt = t0.Add(789 * time.Millisecond)
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	got, err := s.GetBlob(ctx, b.SHA256)
 	mustNil(t, "GetBlob", err)
 	equalBlob(t, got, b)
@@ -450,7 +467,7 @@ func testCreatePending(t *testing.T, s storage.MetadataStore) {
 	}
 	// An ID taken by a ready item conflicts too.
 	b := blobRecord("cp")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "taken", b)))
 	taken := pendingMedia("example.org", "taken", "@alice:example.org", t0.Add(time.Hour))
 	mustIs(t, "CreatePending(ID of ready item)", s.CreatePending(ctx, taken, 10), storage.ErrConflict)
@@ -495,7 +512,7 @@ func testPendingLimit(t *testing.T, s storage.MetadataStore) {
 
 	// Completing a reservation frees its slot.
 	b := blobRecord("limit")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	c := readyMedia("a.example", "b0", b)
 	c.UserID = bob
 	c.UploadedAt = t0.Add(time.Minute)
@@ -549,7 +566,7 @@ func testOldestPendingExpiry(t *testing.T, s storage.MetadataStore) {
 
 	// Completed items no longer count.
 	b := blobRecord("ope")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	c := readyMedia("example.org", "p30m", b)
 	c.UserID = alice
 	c.UploadedAt = t0.Add(time.Minute)
@@ -565,7 +582,7 @@ func testCompletePending(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	const alice, bob = "@alice:example.org", "@bob:example.org"
 	b := blobRecord("complete")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	expires := t0.Add(time.Hour)
 	for _, id := range []string{"ok", "wronguser", "expired", "boundary"} {
 		mustNil(t, "CreatePending "+id, s.CreatePending(ctx, pendingMedia("example.org", id, alice, expires), 0))
@@ -625,7 +642,7 @@ func testDeleteExpiredPending(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	const alice = "@alice:example.org"
 	b := blobRecord("del")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	n, err := s.DeleteExpiredPending(ctx, t0)
 	mustNil(t, "DeleteExpiredPending(empty)", err)
 	if n != 0 {
@@ -724,7 +741,7 @@ func testConcurrentCompletePending(t *testing.T, s storage.MetadataStore) {
 	blobs := make([]storage.BlobRecord, goroutines)
 	for i := range blobs {
 		blobs[i] = blobRecord(fmt.Sprintf("race%d", i))
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, blobs[i]))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, blobs[i])))
 	}
 	errs := make([]error, goroutines)
 	var wg sync.WaitGroup
@@ -777,7 +794,7 @@ func recordIn(t *testing.T, s storage.MetadataStore, datastore, seed string, n i
 		b := blobRecord(fmt.Sprintf("%s-%d", seed, i))
 		b.Datastore = datastore
 		b.Size = int64(i) * 1000
-		mustNil(t, "RecordBlob", s.RecordBlob(context.Background(), b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(context.Background(), b)))
 		out[i] = b
 	}
 	slices.SortFunc(out, func(a, b storage.BlobRecord) int { return strings.Compare(a.SHA256, b.SHA256) })
@@ -851,7 +868,7 @@ func testCountBlobs(t *testing.T, s storage.MetadataStore) {
 	big := blobRecord("count-big")
 	big.Datastore = "a"
 	big.Size = 1<<40 + 5
-	mustNil(t, "RecordBlob(big)", s.RecordBlob(ctx, big))
+	mustNil(t, "RecordBlob(big)", errOf(s.RecordBlob(ctx, big)))
 	recordIn(t, s, "b", "count-b", 2)
 	check("a", 5, 6000+1<<40+5)
 	check("b", 2, 1000)
@@ -925,7 +942,7 @@ func testMediaDatastore(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	b := blobRecord("ds")
 	b.Datastore = "local-disk"
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	ready := readyMedia("example.org", "ready", b)
 	ready.Datastore = "ignored on write"
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, ready))
@@ -961,7 +978,7 @@ func testThumbnails(t *testing.T, s storage.MetadataStore) {
 	src, th1, th2 := blobRecord("source"), blobRecord("thumb-1"), blobRecord("thumb-2")
 	th2.Datastore = "other"
 	for _, b := range []storage.BlobRecord{src, th1, th2} {
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	}
 	mustNil(t, "InsertMedia", s.InsertMedia(ctx, readyMedia("example.org", "pic", src)))
 	key := storage.ThumbnailKey{ServerName: "example.org", MediaID: "pic", Width: 320, Height: 240, Method: "scale"}

@@ -30,7 +30,7 @@ func sizedBlob(t *testing.T, s storage.MetadataStore, seed string, size int64) s
 	t.Helper()
 	b := blobRecord(seed)
 	b.Size = size
-	mustNil(t, "RecordBlob", s.RecordBlob(context.Background(), b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(context.Background(), b)))
 	return b
 }
 

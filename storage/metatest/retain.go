@@ -26,7 +26,7 @@ func testRemoteCache(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	r, a := retainer(t, s), admin(t, s)
 	b := blobRecord("remote")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, b))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, b)))
 	type item struct {
 		server, id string
 		created    time.Time
@@ -95,11 +95,11 @@ func testThumbnailExpiry(t *testing.T, s storage.MetadataStore) {
 	ctx := context.Background()
 	r, a := retainer(t, s), admin(t, s)
 	content := blobRecord("content")
-	mustNil(t, "RecordBlob", s.RecordBlob(ctx, content))
+	mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, content)))
 	tb := make([]storage.BlobRecord, 4)
 	for i := range tb {
 		tb[i] = blobRecord(fmt.Sprintf("thumb%d", i))
-		mustNil(t, "RecordBlob", s.RecordBlob(ctx, tb[i]))
+		mustNil(t, "RecordBlob", errOf(s.RecordBlob(ctx, tb[i])))
 	}
 	recent := readyMedia("example.org", "recent", content)   // accessed t0+10h
 	never := remoteMedia("remote.example", "never", content) // never accessed

@@ -95,7 +95,7 @@ func (fx *fixture) fill(t *testing.T, n int) (totalBytes int64) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := fx.meta.RecordBlob(ctx, storage.BlobRecord{
+		if _, err := fx.meta.RecordBlob(ctx, storage.BlobRecord{
 			SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256, Datastore: "old", CreatedAt: time.Now(),
 		}); err != nil {
 			t.Fatal(err)

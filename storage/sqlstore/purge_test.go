@@ -17,7 +17,7 @@ func fillRemote(tb testing.TB, s *Store, n int) {
 	tb.Helper()
 	ctx := context.Background()
 	sha := strings.Repeat("ab", 32)
-	if err := s.RecordBlob(ctx, storage.BlobRecord{SHA256: sha, Size: 1000, PrefixSHA256: sha, Datastore: "d", CreatedAt: time.UnixMilli(1)}); err != nil {
+	if _, err := s.RecordBlob(ctx, storage.BlobRecord{SHA256: sha, Size: 1000, PrefixSHA256: sha, Datastore: "d", CreatedAt: time.UnixMilli(1)}); err != nil {
 		tb.Fatal(err)
 	}
 	remote := "TRUE"

@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"time"
 
@@ -62,6 +63,9 @@ type Store struct {
 	q    queries
 	// collectorMu is the collector lock of a SQLite store (LockCollector).
 	collectorMu sync.Mutex
+	// ckpt is the SQLite store's background checkpointer (nil for
+	// PostgreSQL); see checkpointer.
+	ckpt *checkpointer
 }
 
 var _ storage.MetadataStore = (*Store)(nil)
@@ -142,9 +146,13 @@ func scanMedia(r scanner) (storage.Media, error) {
 
 func newQueries(d dialect) queries {
 	q := queries{
+		// The update is unconditional (a claim never moves backwards) so
+		// that RETURNING always yields the row, new or existing.
 		recordBlob: `INSERT INTO blobs (sha256, size, prefix_sha256, datastore, created_ts, touched_ts) VALUES (?, ?, ?, ?, ?, ?)
-			ON CONFLICT (sha256) DO UPDATE SET touched_ts = excluded.touched_ts
-			WHERE blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts`,
+			ON CONFLICT (sha256) DO UPDATE SET touched_ts = CASE
+				WHEN blobs.touched_ts IS NULL OR blobs.touched_ts < excluded.touched_ts THEN excluded.touched_ts
+				ELSE blobs.touched_ts END
+			RETURNING sha256, size, prefix_sha256, datastore, created_ts`,
 		getBlob:          `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE sha256 = ?`,
 		findBlobByPrefix: `SELECT sha256, size, prefix_sha256, datastore, created_ts FROM blobs WHERE size = ? AND prefix_sha256 = ? LIMIT 1`,
 		countBlobRefs:    `SELECT (SELECT COUNT(*) FROM media WHERE sha256 = ?) + (SELECT COUNT(*) FROM thumbnails WHERE sha256 = ?)`,
@@ -312,7 +320,9 @@ func Open(ctx context.Context, driver, dsn string) (*Store, error) {
 // through a single connection whose transactions begin IMMEDIATE, so
 // concurrent writers in this process never see SQLITE_BUSY and writers in
 // other processes wait for the lock; reads use a separate pool of read-only
-// connections.
+// connections. WAL checkpoints run in the background on a connection of
+// their own (see checkpoint.go), not inside a writer's commit; Close stops
+// them.
 func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	if path == "" {
 		return nil, errors.New("opening sqlite database: empty path")
@@ -336,10 +346,11 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	wp.Set("_journal_mode", "WAL")
 	wp.Set("_synchronous", "NORMAL")
 	wp.Set("_txlock", "immediate")
-	write, err := sql.Open("sqlite3", sqliteDSN(abs, wp))
-	if err != nil {
-		return nil, fmt.Errorf("opening sqlite database %s: %w", abs, classify(err))
-	}
+	// The writer checkpoints only as a backstop (walBackstopPages); the
+	// background checkpointer does it otherwise.
+	write := sql.OpenDB(hookedConnector{dsn: sqliteDSN(abs, wp), pragmas: []string{
+		"wal_autocheckpoint = " + strconv.Itoa(walBackstopPages),
+	}})
 	write.SetMaxOpenConns(1)
 	write.SetMaxIdleConns(1)
 	write.SetConnMaxLifetime(0)
@@ -373,7 +384,13 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 		_ = read.Close()
 		return nil, fmt.Errorf("opening sqlite database %s for reading: %w", abs, classify(err))
 	}
-	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite)}, nil
+	ckpt, err := startCheckpointer(ctx, abs, common, checkpointInterval)
+	if err != nil {
+		_ = write.Close()
+		_ = read.Close()
+		return nil, fmt.Errorf("opening sqlite database %s for checkpoints: %w", abs, classify(err))
+	}
+	return &Store{dialect: dialectSQLite, write: write, read: read, q: newQueries(dialectSQLite), ckpt: ckpt}, nil
 }
 
 // pingSQLite opens db's first connection. Connecting runs the DSN's pragmas;
@@ -428,9 +445,14 @@ func OpenPostgres(ctx context.Context, dsn string) (*Store, error) {
 	return &Store{dialect: dialectPostgres, write: db, read: db, q: newQueries(dialectPostgres)}, nil
 }
 
-// Close closes the store's connection pools.
+// Close stops the background checkpointer (SQLite) and closes the store's
+// connection pools.
 func (s *Store) Close() error {
-	err := s.write.Close()
+	var err error
+	if s.ckpt != nil {
+		err = s.ckpt.close()
+	}
+	err = errors.Join(err, s.write.Close())
 	if s.read != s.write {
 		err = errors.Join(err, s.read.Close())
 	}
@@ -463,20 +485,22 @@ func nullString(s string) sql.NullString {
 
 // RecordBlob records a blob; recording an already known hash keeps the first
 // record and only moves its last claim (see TouchBlob) forward to
-// b.CreatedAt (the current time when zero).
-func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) error {
+// b.CreatedAt (the current time when zero). It returns the record after the
+// call, from the upsert itself (RETURNING): one statement, no second read.
+func (s *Store) RecordBlob(ctx context.Context, b storage.BlobRecord) (storage.BlobRecord, error) {
 	if b.SHA256 == "" {
-		return errors.New("recording blob: empty hash")
+		return storage.BlobRecord{}, errors.New("recording blob: empty hash")
 	}
 	claim := b.CreatedAt
 	if claim.IsZero() {
 		claim = time.Now()
 	}
-	if _, err := s.write.ExecContext(ctx, s.q.recordBlob,
-		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()); err != nil {
-		return fmt.Errorf("recording blob %s: %w", b.SHA256, classify(err))
+	rec, err := scanBlob(s.write.QueryRowContext(ctx, s.q.recordBlob,
+		b.SHA256, b.Size, b.PrefixSHA256, b.Datastore, millis(b.CreatedAt), claim.UnixMilli()))
+	if err != nil {
+		return storage.BlobRecord{}, fmt.Errorf("recording blob %s: %w", b.SHA256, classify(err))
 	}
-	return nil
+	return rec, nil
 }
 
 // scanBlob reads one blobs row.
@@ -658,6 +682,8 @@ func (s *Store) insertMediaRow(ctx context.Context, ex execer, m storage.Media, 
 // a tombstone (DeleteMedia), gives an error wrapping storage.ErrConflict.
 // m.SHA256 must name a blob recorded with RecordBlob. A local item with a
 // user ID adds to the user's usage in the same transaction (see quota.go).
+// With m.RefuseQuarantined, quarantined content gives an error wrapping
+// storage.ErrQuarantined, checked in that transaction.
 func (s *Store) InsertMedia(ctx context.Context, m storage.Media) error {
 	return s.insertMedia(ctx, m, nil)
 }
@@ -676,7 +702,7 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
-	if !counts(m) {
+	if !counts(m) && !m.RefuseQuarantined {
 		if err := s.insertMediaRow(ctx, s.write, m, storage.StateReady); err != nil {
 			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
 		}
@@ -691,17 +717,24 @@ func (s *Store) insertMedia(ctx context.Context, m storage.Media, lim *storage.U
 			_ = tx.Rollback()
 		}
 	}()
-	newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
-	if err != nil {
-		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
-	}
-	if lim != nil {
-		if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
-			return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
+	if m.RefuseQuarantined {
+		if err := s.refuseQuarantined(ctx, tx, m.SHA256); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
 		}
 	}
-	if err := s.addHistory(ctx, tx, m.UserID, rowMillis(m), m.Size); err != nil {
-		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+	if counts(m) {
+		newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
+		if err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
+		if lim != nil {
+			if err := s.checkLimits(ctx, tx, m.UserID, m.Size, newBytes, newFiles, *lim); err != nil {
+				return fmt.Errorf("inserting media %s/%s for %s: %w", m.ServerName, m.MediaID, m.UserID, err)
+			}
+		}
+		if err := s.addHistory(ctx, tx, m.UserID, rowMillis(m), m.Size); err != nil {
+			return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, err)
+		}
 	}
 	if err := s.insertMediaRow(ctx, tx, m, storage.StateReady); err != nil {
 		return fmt.Errorf("inserting media %s/%s: %w", m.ServerName, m.MediaID, classify(err))
@@ -800,7 +833,9 @@ func (s *Store) OldestPendingExpiry(ctx context.Context, serverName, userID stri
 // user's usage (see quota.go). Otherwise a follow-up read picks the error:
 // storage.ErrNotFound when the item is missing or expired,
 // storage.ErrConflict when it is already ready or belongs to another user.
-// m.SHA256 must name a blob recorded with RecordBlob.
+// m.SHA256 must name a blob recorded with RecordBlob. With
+// m.RefuseQuarantined, quarantined content gives an error wrapping
+// storage.ErrQuarantined (checked first, in the transaction).
 func (s *Store) CompletePending(ctx context.Context, m storage.Media) error {
 	return s.completePending(ctx, m, nil)
 }
@@ -871,6 +906,11 @@ func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *
 			_ = tx.Rollback()
 		}
 	}()
+	if m.RefuseQuarantined {
+		if err := s.refuseQuarantined(ctx, tx, m.SHA256); err != nil {
+			return false, err
+		}
+	}
 	if m.UserID != "" {
 		newBytes, newFiles, err := s.addUsage(ctx, tx, m.UserID, m.Size, 1)
 		if err != nil {
@@ -905,6 +945,27 @@ func (s *Store) completeTx(ctx context.Context, m storage.Media, at int64, lim *
 		return false, fmt.Errorf("committing: %w", classify(err))
 	}
 	return true, nil
+}
+
+// refuseQuarantined fails with an error wrapping storage.ErrQuarantined
+// when the content sha256 is quarantined. It reads in the write transaction
+// tx, which then writes the media row: on SQLite no quarantine can commit in
+// between (one writer at a time); on PostgreSQL the read sees every
+// quarantine committed before it, as the separate read before the
+// transaction it replaces did. The returned error is not yet prefixed.
+func (s *Store) refuseQuarantined(ctx context.Context, tx *sql.Tx, sha256 string) error {
+	var (
+		by string
+		at int64
+	)
+	err := tx.QueryRowContext(ctx, s.q.getQuarantine, sha256).Scan(&by, &at)
+	switch {
+	case errors.Is(err, sql.ErrNoRows):
+		return nil
+	case err != nil:
+		return fmt.Errorf("checking the quarantine of %s: %w", sha256, classify(err))
+	}
+	return fmt.Errorf("content %s was quarantined by %s: %w", sha256, by, storage.ErrQuarantined)
 }
 
 // DeleteExpiredPending removes pending items whose expiry is at or before now

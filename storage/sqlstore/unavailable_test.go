@@ -64,7 +64,7 @@ func TestUnreachablePostgres(t *testing.T) {
 	if _, err := s.GetMedia(ctx, "example.org", "x"); !errors.Is(err, storage.ErrUnavailable) {
 		t.Errorf("GetMedia: %v, want ErrUnavailable", err)
 	}
-	if err := s.RecordBlob(ctx, storage.BlobRecord{SHA256: "ab"}); !errors.Is(err, storage.ErrUnavailable) {
+	if _, err := s.RecordBlob(ctx, storage.BlobRecord{SHA256: "ab"}); !errors.Is(err, storage.ErrUnavailable) {
 		t.Errorf("RecordBlob: %v, want ErrUnavailable", err)
 	}
 }

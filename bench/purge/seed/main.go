@@ -174,7 +174,7 @@ func (s *seeder) seedOne(ctx context.Context, i int) error {
 	if err != nil {
 		return fmt.Errorf("row %d: storing bytes: %w", i, err)
 	}
-	if err := s.meta.RecordBlob(ctx, storage.BlobRecord{
+	if _, err := s.meta.RecordBlob(ctx, storage.BlobRecord{
 		SHA256: res.SHA256, Size: res.Size, PrefixSHA256: res.PrefixSHA256,
 		Datastore: s.o.datastore, CreatedAt: s.cached,
 	}); err != nil {
