@@ -17,7 +17,8 @@
 #      measured ones, not in the report's numbers) with a CPU profile of
 #      Caddy (admin /debug/pprof/profile) and then another with strace -c -f
 #      attached; both land in bench/results/ (thumbs-*.pprof, -strace.txt).
-#      The environment is passed to Caddy, so MALLOC_ARENA_MAX=2 (the report's
+#      HEAP_PROFILE=1 saves a heap profile of Caddy after everything else
+#      (bench/results/thumbs-heap-*.pprof). The environment is passed to Caddy, so MALLOC_ARENA_MAX=2 (the report's
 #      header shows it) compares glibc's arena limit set from outside.
 #
 # Scenarios (thumbnail issue targets):
@@ -125,7 +126,18 @@ mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$CADDY_PID/status"; }
 # rss_split prints "anon MiB/file MiB" of the resident set (file: the caddy
 # binary's and libraries' pages; anon: Go heap, glibc arenas, libvips).
-rss_split() { awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2} END { printf "anon %.1f MiB, file %.1f MiB", a / 1024, f / 1024 }' "/proc/$CADDY_PID/status"; }
+# The Go heap's share of anon comes from the admin endpoint's /debug/vars
+# (memstats): in use, and free but not yet returned to the system.
+rss_split() {
+	awk '/^RssAnon/ {a = $2} /^RssFile/ {f = $2} END { printf "anon %.1f MiB, file %.1f MiB", a / 1024, f / 1024 }' "/proc/$CADDY_PID/status"
+	curl -fsS "http://127.0.0.1:$ADMIN/debug/vars" 2>/dev/null | go_heap || true
+}
+# go_heap reads expvar JSON and prints "; Go heap in use X MiB, retained free Y MiB".
+go_heap() {
+	tr ',' '\n' | awk -F: '
+		/"HeapInuse"/ {u = $2} /"HeapIdle"/ {i = $2} /"HeapReleased"/ {r = $2}
+		END { if (u != "") printf "; Go heap in use %.1f MiB, retained free %.1f MiB", u / 1048576, (i - r) / 1048576 }'
+}
 hwm_kib() { awk '/^VmHWM/ {print $2}' "/proc/$CADDY_PID/status"; }
 reset_hwm() { echo 5 2>/dev/null >"/proc/$CADDY_PID/clear_refs" || echo "bench: cannot reset VmHWM; the peak includes earlier work" >&2; }
 # generations prints the module's count of generated thumbnails ("?" when
@@ -290,6 +302,11 @@ say "   RSS every 100 thumbnails (MiB): $SERIES"
 out=$(peak_two "${FRESH_IDS[2]}" "${FRESH_IDS[3]}")
 read -r IDLE2 PEAK2 <<<"$out"
 SPLIT2=$(cat "$WORK/idle-split.txt")
+if [[ -n ${HEAP_PROFILE:-} ]]; then
+	mkdir -p "$ROOT/bench/results"
+	HEAP_FILE=$ROOT/bench/results/thumbs-heap-$(date -u +%Y%m%dT%H%M%SZ).pprof
+	curl -fsS -o "$HEAP_FILE" "http://127.0.0.1:$ADMIN/debug/pprof/heap" && echo "heap profile after everything: $HEAP_FILE" >&2
+fi
 say ""
 say "2 concurrent cold thumbnails of fresh 4000x3000 uploads: fresh process idle RSS $(mib "$IDLE1") MiB ($SPLIT1), peak RSS $(mib "$PEAK1") MiB ($(awk -v k="$PEAK1" 'BEGIN { printf "%.0f", k * 1024 / 1e6 }') MB); after everything else idle $(mib "$IDLE2") MiB ($SPLIT2), peak $(mib "$PEAK2") MiB ($(awk -v k="$PEAK2" 'BEGIN { printf "%.0f", k * 1024 / 1e6 }') MB) (target peak < 150 MB)"
 
