@@ -417,17 +417,3 @@ func TestParallelMissing(t *testing.T) {
 	}
 	checkBudgetWhole(t, s, 6*DefaultPartSize)
 }
-
-// TestConformanceParallel runs the suite with 1 MiB parallel parts, so that
-// its larger ranged reads (4 and 8 MiB bodies) are parallel.
-func TestConformanceParallel(t *testing.T) {
-	blobtest.Run(t, func(t *testing.T) storage.BlobStore {
-		s, _ := newTestStore(t, func(c *Config) { c.ParallelPartSize = testRangePart })
-		t.Cleanup(func() {
-			if held := s.rangeHeld.Load(); held != 0 {
-				t.Errorf("reads still hold %d bytes of budget", held)
-			}
-		})
-		return s
-	})
-}
