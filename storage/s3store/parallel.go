@@ -6,23 +6,29 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 )
 
 // rangeReader reads a range of an object as consecutive parts of
-// rangePartSize bytes with several ranged GetObjects in flight, for reads too
-// large for one connection's throughput. The part at the read position (the
-// head) streams straight from its GetObject body into the caller's buffers;
-// up to ahead parts after it are fetched at the same time into buffers taken
-// from the store's buffer budget, without waiting for it: a part that gets
-// no buffer is not fetched ahead, and a head started with no buffer at all
-// streams the whole rest of the range, as a single GetObject would. Bytes
-// are returned strictly in order.
+// rangePartSize bytes with up to s.parallel ranged GetObjects in flight, for
+// reads too large for one connection's throughput.
 //
-// Any failed part fails the read (after the SDK's own retries): Read returns
-// the error and every later Read returns it too, so a download is cut, never
-// ended early with a clean-looking end of file. Close, and the end of the
-// context the reader was opened with, stop every GetObject and give back
-// the buffers. Close may be called while a Read is blocked, to end it.
+// The parts in flight are a queue in range order. At most one of them is
+// streamed: its GetObject is opened ahead, and once it is the part being
+// read, its body is read straight into the caller's buffers. The others are
+// fetched into buffers of the store's budget, taken without waiting (at most
+// s.parallel-1 per reader); the caller reads a buffered part as it fills. A
+// part is added to the queue whenever one leaves it, so the connections
+// stay busy while the caller reads. When the part being read is the only
+// one and the budget gives no buffer for the next, it streams the whole rest
+// of the range, as a single GetObject would.
+//
+// Bytes are returned strictly in order. Any failed part fails the read (after
+// the SDK's own retries): Read returns the error and every later Read
+// returns it too, so a download is cut, never ended early with a
+// clean-looking end of file. Close, and the end of the context the reader
+// was opened with, stop every GetObject and give back the buffers. Close may
+// be called while a Read is blocked, to end it.
 type rangeReader struct {
 	s   *Store
 	key string
@@ -32,28 +38,18 @@ type rangeReader struct {
 	cancel context.CancelFunc
 	// end is the offset just past the range.
 	end int64
-	// ahead is the most part buffers the reader holds at once.
-	ahead int
 
 	// mu is held by Read and by Close's clean-up, so Close waits for a Read
 	// in progress, which the cancelled context ends.
 	mu sync.Mutex
 	// pos is the object offset of the next byte to return.
 	pos int64
-	// body streams the head part up to bodyEnd; nil when the head is a
-	// fetched part or nothing is open.
-	body    io.ReadCloser
-	bodyEnd int64
-	// cur is the unread rest of the fetched head part, held in curBuf.
-	cur    []byte
-	curBuf *[]byte
-	// pending are the parts fetched ahead, in order; they cover the offsets
-	// from the head's end up to next.
-	pending []*fetchedPart
-	// next is the offset of the first byte no GetObject has been started
-	// for; end when the whole range is assigned.
+	// queue holds the parts in flight in order; the first starts at pos.
+	queue []*rangePart
+	// next is the offset of the first byte no part covers yet; end when the
+	// whole range is assigned.
 	next int64
-	// fetches tracks the goroutines of pending parts.
+	// fetches tracks the goroutines of the parts.
 	fetches sync.WaitGroup
 	// err is the first error, returned by every later Read.
 	err error
@@ -61,26 +57,47 @@ type rangeReader struct {
 	closed bool
 }
 
-// fetchedPart is one part read ahead into a buffer of the budget.
-type fetchedPart struct {
+// rangePart is one part of a rangeReader: streamed (buf nil) or fetched
+// into buf.
+type rangePart struct {
 	off, n int64
 	buf    *[]byte
-	// done receives the fetch's outcome once (buffered, so the fetch never
-	// blocks).
+	// filled is how many bytes of a fetched part are in buf; the fetch
+	// signals more (buffered, never blocking) after each read.
+	filled atomic.Int64
+	more   chan struct{}
+	// done receives the outcome once: for a streamed part when its
+	// GetObject has answered (then body is set), for a fetched part when
+	// it is complete.
 	done chan error
+	body io.ReadCloser
+
+	// The reader's own state of the part, under its mu.
+	read     int64
+	finished bool
+	err      error
 }
 
-// openParallel opens a rangeReader of length bytes of key from offset, and
-// starts its first GetObjects, so that a missing object or an unreachable
-// S3 is reported here rather than by the first Read.
+// openParallel opens a rangeReader of length bytes of key from offset. It
+// waits for the first part's GetObject to answer, so that a missing object
+// or an unreachable S3 is reported here rather than by the first Read.
 func (s *Store) openParallel(ctx context.Context, key string, offset, length int64) (io.ReadCloser, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	r := &rangeReader{
-		s: s, key: key, ctx: ctx, cancel: cancel,
-		end: offset + length, ahead: s.parallel - 1,
-		pos: offset, next: offset,
+	r := &rangeReader{s: s, key: key, ctx: ctx, cancel: cancel, end: offset + length, pos: offset, next: offset}
+	r.mu.Lock()
+	buf, ok := r.startStream()
+	head := r.queue[0]
+	err := head.wait(r.ctx)
+	if err == nil {
+		if ok {
+			r.startFetch(buf)
+		}
+		r.fill()
+	} else if ok {
+		s.releaseRangeBuf(buf)
 	}
-	if err := r.startHead(); err != nil {
+	r.mu.Unlock()
+	if err != nil {
 		r.Close()
 		return nil, err
 	}
@@ -114,124 +131,145 @@ func (r *rangeReader) Read(p []byte) (int, error) {
 
 // read is Read with r.mu held and bytes left in the range.
 func (r *rangeReader) read(p []byte) (int, error) {
-	for {
-		if len(r.cur) > 0 {
-			n := copy(p, r.cur)
-			r.cur = r.cur[n:]
-			r.pos += int64(n)
-			if len(r.cur) == 0 {
-				// No new fetch starts here: once the parts read ahead are
-				// used up, the next head streams and the parts after it
-				// are fetched together, so that the head is never a part
-				// whose fetch started late.
-				r.s.releaseRangeBuf(r.curBuf)
-				r.cur, r.curBuf = nil, nil
-			}
-			return n, nil
+	if len(r.queue) == 0 {
+		// fill always queues a part while the range has bytes left.
+		return 0, fmt.Errorf("no part queued at %d: %w", r.pos, io.ErrUnexpectedEOF)
+	}
+	f := r.queue[0]
+	if int64(len(p)) > f.n-f.read {
+		p = p[:f.n-f.read]
+	}
+	var n int
+	if f.buf == nil {
+		if err := f.wait(r.ctx); err != nil {
+			return 0, err
 		}
-		if r.body != nil {
-			if int64(len(p)) > r.bodyEnd-r.pos {
-				p = p[:r.bodyEnd-r.pos]
-			}
-			n, err := r.body.Read(p)
-			r.pos += int64(n)
-			// Buffers that were short when the head started may be free now.
-			r.fill()
-			if r.pos >= r.bodyEnd {
-				r.body.Close()
-				r.body = nil
-				err = nil
-			}
-			if n > 0 {
-				return n, nil
+		var err error
+		n, err = f.body.Read(p)
+		if n == 0 {
+			if err == nil {
+				return 0, nil
 			}
 			if err == io.EOF {
 				// The body ended before its range's end.
 				err = classify(io.ErrUnexpectedEOF)
 			}
-			if err != nil {
-				return 0, err
-			}
-			continue
-		}
-		if len(r.pending) == 0 {
-			if err := r.startHead(); err != nil {
-				return 0, err
-			}
-			continue
-		}
-		f := r.pending[0]
-		var err error
-		select {
-		case err = <-f.done:
-		case <-r.ctx.Done():
-			return 0, r.ctx.Err()
-		}
-		r.pending = r.pending[1:]
-		if err != nil {
-			r.s.releaseRangeBuf(f.buf)
 			return 0, err
 		}
-		r.cur, r.curBuf = (*f.buf)[:f.n], f.buf
-	}
-}
-
-// startHead opens the GetObject of the head at r.pos, when nothing is
-// streaming or fetched there. With a buffer for the part after it, the
-// head is one part and fetching ahead starts once the head's GetObject has
-// answered (so a missing object costs one request); without one, the head
-// streams the rest of the range.
-func (r *rangeReader) startHead() error {
-	n := r.end - r.pos
-	var first *[]byte
-	if n > r.s.rangePartSize && r.ahead > 0 {
-		if b, ok := r.s.tryRangeBuf(); ok {
-			first, n = b, r.s.rangePartSize
+	} else {
+		for {
+			if avail := f.filled.Load() - f.read; avail > 0 {
+				n = copy(p, (*f.buf)[f.read:f.read+avail])
+				break
+			}
+			if f.finished {
+				if f.err != nil {
+					return 0, f.err
+				}
+				return 0, classify(io.ErrUnexpectedEOF)
+			}
+			select {
+			case f.err = <-f.done:
+				f.finished = true
+			case <-f.more:
+			case <-r.ctx.Done():
+				return 0, r.ctx.Err()
+			}
 		}
 	}
-	body, err := r.s.getObject(r.ctx, r.key, r.pos, n)
-	if err != nil {
-		if first != nil {
-			r.s.releaseRangeBuf(first)
+	f.read += int64(n)
+	r.pos += int64(n)
+	if f.read == f.n {
+		r.queue = r.queue[1:]
+		if f.buf == nil {
+			f.body.Close()
+		} else {
+			// The fetch writes nothing more into a full buffer.
+			r.s.releaseRangeBuf(f.buf)
 		}
-		return err
-	}
-	r.body, r.bodyEnd = body, r.pos+n
-	r.next = r.bodyEnd
-	if first != nil {
-		r.startFetch(first)
 		r.fill()
 	}
-	return nil
+	return n, nil
 }
 
-// fill starts fetching parts ahead while the range has unassigned bytes,
-// the reader holds fewer than r.ahead buffers and the budget has room at
-// once.
+// wait waits for a streamed part's GetObject to answer, or for a fetched
+// part to complete; it returns the part's error.
+func (f *rangePart) wait(ctx context.Context) error {
+	if !f.finished {
+		select {
+		case f.err = <-f.done:
+			f.finished = true
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	return f.err
+}
+
+// fill adds parts to the queue while the range has unassigned bytes and
+// fewer than s.parallel parts are in flight: a streamed part when the queue
+// has none, else a fetched part when the reader holds fewer than
+// s.parallel-1 buffers and the budget has one free at once.
 func (r *rangeReader) fill() {
-	for r.next < r.end && r.held() < r.ahead {
-		b, ok := r.s.tryRangeBuf()
+	for r.next < r.end && len(r.queue) < r.s.parallel {
+		streams := 0
+		for _, f := range r.queue {
+			if f.buf == nil {
+				streams++
+			}
+		}
+		if streams == 0 {
+			if buf, ok := r.startStream(); ok {
+				r.startFetch(buf)
+			}
+			continue
+		}
+		if len(r.queue)-streams >= r.s.parallel-1 {
+			return
+		}
+		buf, ok := r.s.tryRangeBuf()
 		if !ok {
 			return
 		}
-		r.startFetch(b)
+		r.startFetch(buf)
 	}
 }
 
-// held returns how many part buffers the reader holds.
-func (r *rangeReader) held() int {
-	n := len(r.pending)
-	if r.curBuf != nil {
-		n++
+// startStream queues a streamed part at r.next and opens its GetObject in
+// the background. A part that will be read first (the queue is empty) and
+// finds no buffer for the part after it streams the rest of the range;
+// otherwise it is one part long, and when the queue was empty, the buffer
+// taken for the part after it is returned with ok set, for startFetch.
+func (r *rangeReader) startStream() (buf *[]byte, ok bool) {
+	ps := r.s.rangePartSize
+	n := min(ps, r.end-r.next)
+	if len(r.queue) == 0 && r.end-r.next > ps {
+		if buf, ok = r.s.tryRangeBuf(); !ok {
+			n = r.end - r.next
+		}
 	}
-	return n
+	f := &rangePart{off: r.next, n: n, done: make(chan error, 1)}
+	r.next += n
+	r.queue = append(r.queue, f)
+	r.fetches.Add(1)
+	go func() {
+		defer r.fetches.Done()
+		body, err := r.s.getObject(r.ctx, r.key, f.off, f.n)
+		f.body = body
+		f.done <- err
+	}()
+	return buf, ok
 }
 
-// startFetch starts fetching the part at r.next into buf.
+// startFetch queues a fetched part at r.next, read into buf in the
+// background.
 func (r *rangeReader) startFetch(buf *[]byte) {
-	f := &fetchedPart{off: r.next, n: min(r.s.rangePartSize, r.end-r.next), buf: buf, done: make(chan error, 1)}
+	f := &rangePart{
+		off: r.next, n: min(r.s.rangePartSize, r.end-r.next), buf: buf,
+		more: make(chan struct{}, 1), done: make(chan error, 1),
+	}
 	r.next += f.n
-	r.pending = append(r.pending, f)
+	r.queue = append(r.queue, f)
 	r.fetches.Add(1)
 	go func() {
 		defer r.fetches.Done()
@@ -239,18 +277,38 @@ func (r *rangeReader) startFetch(buf *[]byte) {
 	}()
 }
 
+// fetchReadSize is the largest read of a fetched part's body, so that the
+// reader can follow the part as it fills.
+const fetchReadSize = 256 << 10
+
 // fetch reads part f into its buffer.
-func (r *rangeReader) fetch(f *fetchedPart) error {
+func (r *rangeReader) fetch(f *rangePart) error {
 	body, err := r.s.getObject(r.ctx, r.key, f.off, f.n)
 	if err != nil {
 		return err
 	}
 	defer body.Close()
-	if _, err := io.ReadFull(body, (*f.buf)[:f.n]); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = io.ErrUnexpectedEOF
+	b := (*f.buf)[:f.n]
+	var filled int64
+	for filled < f.n {
+		k, err := body.Read(b[filled:min(filled+fetchReadSize, f.n)])
+		if k > 0 {
+			filled += int64(k)
+			f.filled.Store(filled)
+			select {
+			case f.more <- struct{}{}:
+			default:
+			}
 		}
-		return fmt.Errorf("reading part at %d: %w", f.off, classify(err))
+		if filled == f.n {
+			return nil
+		}
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = io.ErrUnexpectedEOF
+			}
+			return fmt.Errorf("reading part at %d: %w", f.off, classify(err))
+		}
 	}
 	return nil
 }
@@ -265,19 +323,16 @@ func (r *rangeReader) Close() error {
 		return nil
 	}
 	r.closed = true
-	if r.body != nil {
-		r.body.Close()
-		r.body = nil
-	}
 	r.fetches.Wait()
-	for _, f := range r.pending {
-		r.s.releaseRangeBuf(f.buf)
+	for _, f := range r.queue {
+		if f.body != nil {
+			f.body.Close()
+		}
+		if f.buf != nil {
+			r.s.releaseRangeBuf(f.buf)
+		}
 	}
-	r.pending = nil
-	if r.curBuf != nil {
-		r.s.releaseRangeBuf(r.curBuf)
-		r.cur, r.curBuf = nil, nil
-	}
+	r.queue = nil
 	return nil
 }
 
