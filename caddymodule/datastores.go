@@ -84,8 +84,10 @@ type S3Config struct {
 	// parts in memory. Default 8 MiB, minimum 5 MiB.
 	PartSize int64 `json:"part_size,omitempty"`
 	// MaxBufferBytes caps the memory all uploads to this datastore hold in
-	// part buffers together; uploads wait for room beyond it. Default
-	// 6 parts (48 MiB with the default part size).
+	// part buffers together; uploads wait for room beyond it. Parallel
+	// downloads take their read-ahead buffers from it too, only when free
+	// and at most half of it together. Default 6 parts (48 MiB with the
+	// default part size).
 	MaxBufferBytes int64 `json:"max_buffer_bytes,omitempty"`
 	// MaxRetries of failed idempotent requests (with backoff). Default 3.
 	MaxRetries int `json:"max_retries,omitempty"`
