@@ -76,6 +76,8 @@ type rangePart struct {
 	read     int64
 	finished bool
 	err      error
+	// reopened is set once a streamed part's GetObject was opened again.
+	reopened bool
 }
 
 // openParallel opens a rangeReader of length bytes of key from offset. It
@@ -154,7 +156,21 @@ func (r *rangeReader) read(p []byte) (int, error) {
 				// The body ended before its range's end.
 				err = classify(io.ErrUnexpectedEOF)
 			}
-			return 0, err
+			if f.reopened || r.ctx.Err() != nil {
+				return 0, err
+			}
+			// A streamed part may wait, opened, while the parts before it
+			// are sent; if S3 dropped it meanwhile (or it broke off), open
+			// it once more from the byte reached, as objectReader does.
+			f.reopened = true
+			f.body.Close()
+			f.body = nil
+			body, rerr := r.s.getObject(r.ctx, r.key, f.off+f.read, f.n-f.read)
+			if rerr != nil {
+				return 0, rerr
+			}
+			f.body = body
+			return 0, nil
 		}
 	} else {
 		for {

@@ -328,6 +328,37 @@ func TestParallelPartFailureCutsRead(t *testing.T) {
 	}
 }
 
+// A streamed part (opened ahead, read straight from its body) that breaks
+// off is opened once more from the byte reached, so the read still returns
+// the right bytes.
+func TestParallelStreamedPartReopened(t *testing.T) {
+	const ps = testRangePart
+	rec := &recorder{}
+	s, proxy := newParallelStore(t, func(c *Config) { c.Observer = rec })
+	body := blobtest.RandomBytes(47, 6*ps+99)
+	h := putBody(t, s, body)
+	// With 4 parts in flight the queue is S0 B1 B2 B3, then S4 joins when
+	// S0 is done: part 4 is streamed.
+	proxy.at.Store(4 * ps)
+	proxy.mode.Store(faultTruncate)
+	rc, err := s.OpenRange(context.Background(), h, 0, int64(len(body)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := readOdd(rc)
+	rc.Close()
+	if err != nil || !bytes.Equal(got, body) {
+		t.Fatalf("read %d bytes, %v; want all %d", len(got), err, len(body))
+	}
+	if proxy.hits.Load() != 1 {
+		t.Errorf("fault injected %d times, want 1", proxy.hits.Load())
+	}
+	if n := rec.count("GetObject"); n != 8 {
+		t.Errorf("GetObject calls = %d, want 8 (7 parts, one reopened)", n)
+	}
+	checkBudgetWhole(t, s, 6*DefaultPartSize)
+}
+
 // A reader whose context ends, or that is closed while a Read waits for a
 // stalled part, stops every GetObject and gives its buffers back.
 func TestParallelCancelReleases(t *testing.T) {
