@@ -22,7 +22,16 @@
 #      SERVER_OPTS_B (the same for CADDY_B; default SERVER_OPTS),
 #      SITE_OPTS (lines for the module's site block, written the same way,
 #      e.g. $'timeouts {\n write_timeout 1m\n max_write_chunk 256KiB\n}';
-#      default none), SITE_OPTS_B (the same for CADDY_B; default SITE_OPTS).
+#      default none), SITE_OPTS_B (the same for CADDY_B; default SITE_OPTS),
+#      DS_OPTS (lines for the S3 datastore block, e.g. 'parallel_parts 8';
+#      default none), DS_OPTS_B (the same for CADDY_B; default DS_OPTS),
+#      CONN_RATE (cap on each S3 connection's sent bytes per second, e.g.
+#      100MB: s3server -conn-rate, a model of real S3's per-connection
+#      throughput; default none: loopback, where CPU is the limit),
+#      PARALLEL_B=off (shorthand: CADDY_B=$CADDY with DS_OPTS_B
+#      'parallel_parts off', so the same build with parallel ranged GETs on
+#      (A) and off (B) is measured in the same rounds as the SDK's single
+#      GetObject).
 #
 # Scenarios (S3 issue targets):
 #   1. 256 MiB download of a media stored on S3, one connection, through the
@@ -63,6 +72,13 @@ SERVER_OPTS=${SERVER_OPTS:-}
 SERVER_OPTS_B=${SERVER_OPTS_B-$SERVER_OPTS}
 SITE_OPTS=${SITE_OPTS:-}
 SITE_OPTS_B=${SITE_OPTS_B-$SITE_OPTS}
+DS_OPTS=${DS_OPTS:-}
+CONN_RATE=${CONN_RATE:-}
+if [[ ${PARALLEL_B:-} == off ]]; then
+	CADDY_B=${CADDY_B:-$CADDY}
+	DS_OPTS_B=${DS_OPTS_B-parallel_parts off}
+fi
+DS_OPTS_B=${DS_OPTS_B-$DS_OPTS}
 if [[ ${1:-} == --quick ]]; then ROUNDS=1; FETCHES=2; fi
 
 need go; need curl; need sha256sum
@@ -84,7 +100,7 @@ S3_KEY_ID=bench
 S3_SECRET=bench-secret
 
 # Fake S3: wait for its "ready" line.
-"$WORK/bin/s3server" -port "$S3" -bucket "$BUCKET" >"$WORK/s3.log" 2>&1 &
+"$WORK/bin/s3server" -port "$S3" -bucket "$BUCKET" ${CONN_RATE:+-conn-rate "$CONN_RATE"} >"$WORK/s3.log" 2>&1 &
 S3_PID=$!; PIDS+=("$S3_PID")
 wait_ready "$WORK/s3.log" "$S3_PID" s3server
 
@@ -121,6 +137,7 @@ $(caddy_globals "$admin")
 			secret_access_key $S3_SECRET
 			redirect
 			$part_size_line
+			$DS_OPTS
 		}
 	}
 }
@@ -149,7 +166,7 @@ caddyfile "$ADMIN" "$HS" "$MM" "$WORK/media.db" "$RP" >"$WORK/Caddyfile"
 run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"
 CADDY_B_PID=
 if [[ -n $CADDY_B ]]; then
-	SERVER_OPTS=$SERVER_OPTS_B SITE_OPTS=$SITE_OPTS_B caddyfile "$ADMIN_B" "$HS_B" "$MM_B" "$WORK/media-b.db" >"$WORK/Caddyfile.b"
+	SERVER_OPTS=$SERVER_OPTS_B SITE_OPTS=$SITE_OPTS_B DS_OPTS=$DS_OPTS_B caddyfile "$ADMIN_B" "$HS_B" "$MM_B" "$WORK/media-b.db" >"$WORK/Caddyfile.b"
 	"$CADDY_B" run --config "$WORK/Caddyfile.b" >"$WORK/caddy-b.log" 2>&1 &
 	CADDY_B_PID=$!; PIDS+=("$CADDY_B_PID")
 	wait_http "http://127.0.0.1:$ADMIN_B/config/" "$WORK/caddy-b.log" "caddy B" "$CADDY_B_PID"
@@ -165,7 +182,7 @@ mb() { awk -v b="$1" 'BEGIN { printf "%.0f", b }'; }
 
 REPORT=$WORK/report.txt
 
-say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default}${SERVER_OPTS:+; servers: $SERVER_OPTS}${SITE_OPTS:+; site: $SITE_OPTS}${CADDY_B:+; B: $CADDY_B${SERVER_OPTS_B:+ with servers: $SERVER_OPTS_B}${SITE_OPTS_B:+ with site: $SITE_OPTS_B}}"
+say "caddy-matrix-media S3 load benchmark $(date -u +%FT%TZ) on $(nproc) cores; rounds=$ROUNDS fetches=$FETCHES part_size=${PART_SIZE:-default} conn_rate=${CONN_RATE:-none}${DS_OPTS:+; datastore: $DS_OPTS}${SERVER_OPTS:+; servers: $SERVER_OPTS}${SITE_OPTS:+; site: $SITE_OPTS}${CADDY_B:+; B: $CADDY_B${SERVER_OPTS_B:+ with servers: $SERVER_OPTS_B}${SITE_OPTS_B:+ with site: $SITE_OPTS_B}${DS_OPTS_B:+ with datastore: $DS_OPTS_B}}"
 
 # 1. Large download: module vs direct SDK fetch of the same object.
 LARGE_ID=$(upload "$WORK/large.bin")

@@ -55,6 +55,8 @@ func init() {
 //			part_size <size>
 //			max_buffer <size>
 //			max_retries <n>
+//			parallel_parts <n>|off
+//			parallel_part_size <size>
 //			redirect [<lifetime>] {
 //				cdn_base_url <url>
 //			}
@@ -450,6 +452,22 @@ func parseS3Option(d *caddyfile.Dispenser, name, sub string, c *S3Config) error 
 		c.MaxBufferBytes, err = byteSize(d)
 	case "max_retries":
 		c.MaxRetries, err = positiveInt(d)
+	case "parallel_parts":
+		v, aerr := singleArg(d)
+		if aerr != nil {
+			return aerr
+		}
+		if v == "off" {
+			c.ParallelParts = 1
+			return nil
+		}
+		n, aerr := strconv.Atoi(v)
+		if aerr != nil || n <= 0 {
+			return d.Errf("matrix_media: datastore %s: parallel_parts must be a positive integer or off, got '%s'", name, v)
+		}
+		c.ParallelParts = n
+	case "parallel_part_size":
+		c.ParallelPartSize, err = byteSize(d)
 	case "redirect":
 		c.Redirect = &RedirectConfig{}
 		if d.NextArg() {

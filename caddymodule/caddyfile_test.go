@@ -302,6 +302,8 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					storage_class STANDARD_IA
 					part_size 16MiB
 					max_retries 5
+					parallel_parts 6
+					parallel_part_size 4MiB
 					redirect 10m {
 						cdn_base_url https://cdn.example.org
 					}
@@ -309,6 +311,7 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 				datastore s3env s3 {
 					bucket other
 					use_env_credentials
+					parallel_parts off
 					redirect
 				}
 			}`,
@@ -318,10 +321,10 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 				{Name: "s3main", Type: "s3", Kinds: []string{"local"}, S3: &S3Config{
 					Endpoint: "https://s3.example.org", Region: "eu-west-1", Bucket: "media", Prefix: "prod/", PathStyle: true,
 					AccessKeyID: "{env.S3_KEY}", SecretAccessKey: "{file./run/secrets/s3}", StorageClass: "STANDARD_IA",
-					PartSize: 16 << 20, MaxRetries: 5,
+					PartSize: 16 << 20, MaxRetries: 5, ParallelParts: 6, ParallelPartSize: 4 << 20,
 					Redirect: &RedirectConfig{Lifetime: caddy.Duration(10 * time.Minute), CDNBaseURL: "https://cdn.example.org"},
 				}},
-				{Name: "s3env", Type: "s3", S3: &S3Config{Bucket: "other", UseEnvCredentials: true, Redirect: &RedirectConfig{}}},
+				{Name: "s3env", Type: "s3", S3: &S3Config{Bucket: "other", UseEnvCredentials: true, ParallelParts: 1, Redirect: &RedirectConfig{}}},
 			}},
 		},
 		{
@@ -425,6 +428,16 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 					redirect soon
 				}
 			}`, wantErr: "redirect lifetime must be a positive duration"},
+		{input: `matrix_media {
+				datastore x s3 {
+					parallel_parts 0
+				}
+			}`, wantErr: "parallel_parts must be a positive integer or off"},
+		{input: `matrix_media {
+				datastore x s3 {
+					parallel_parts
+				}
+			}`, wantErr: "wrong argument count"},
 		{input: `matrix_media {
 				token_cache_ttl 0s
 			}`, wantErr: "token_cache_ttl must be positive"},

@@ -84,11 +84,23 @@ type S3Config struct {
 	// parts in memory. Default 8 MiB, minimum 5 MiB.
 	PartSize int64 `json:"part_size,omitempty"`
 	// MaxBufferBytes caps the memory all uploads to this datastore hold in
-	// part buffers together; uploads wait for room beyond it. Default
-	// 6 parts (48 MiB with the default part size).
+	// part buffers together; uploads wait for room beyond it. Parallel
+	// downloads take their read-ahead buffers from it too, only when free
+	// and at most half of it together. Default 6 parts (48 MiB with the
+	// default part size).
 	MaxBufferBytes int64 `json:"max_buffer_bytes,omitempty"`
 	// MaxRetries of failed idempotent requests (with backoff). Default 3.
 	MaxRetries int `json:"max_retries,omitempty"`
+	// ParallelParts is how many ranged GetObjects a download larger than
+	// ParallelPartSize keeps in flight: the part being sent streams from S3,
+	// up to ParallelParts-1 parts after it are read ahead into buffers taken
+	// from MaxBufferBytes when free (reads together take at most half of
+	// it; without room a download fetches fewer parts ahead, down to one
+	// GetObject). Default 4; 1 disables (one GetObject per download).
+	ParallelParts int `json:"parallel_parts,omitempty"`
+	// ParallelPartSize of parallel downloads in bytes. Default 8 MiB,
+	// minimum 1 MiB.
+	ParallelPartSize int64 `json:"parallel_part_size,omitempty"`
 	// Redirect, when set, answers authenticated downloads of media in this
 	// datastore with a 307 redirect to a short-lived presigned URL of the
 	// object (after the access token was checked), so the bytes flow from
@@ -207,6 +219,8 @@ func resolveS3(name string, c *S3Config, resolve func(ds, field, v string) (stri
 		PartSize:              c.PartSize,
 		MaxBufferBytes:        c.MaxBufferBytes,
 		MaxRetries:            c.MaxRetries,
+		ParallelParts:         c.ParallelParts,
+		ParallelPartSize:      c.ParallelPartSize,
 	}
 	for _, f := range []struct {
 		field string
@@ -230,6 +244,12 @@ func resolveS3(name string, c *S3Config, resolve func(ds, field, v string) (stri
 	}
 	if cfg.Bucket == "" {
 		return nil, nil, fmt.Errorf("datastore %s: an s3 datastore needs a bucket", name)
+	}
+	if c.ParallelParts < 0 {
+		return nil, nil, fmt.Errorf("datastore %s: parallel_parts must be positive (1 disables parallel downloads)", name)
+	}
+	if c.ParallelPartSize != 0 && c.ParallelPartSize < s3store.MinParallelPartSize {
+		return nil, nil, fmt.Errorf("datastore %s: parallel_part_size must be at least %d", name, s3store.MinParallelPartSize)
 	}
 	if (cfg.AccessKeyID == "") != (cfg.SecretAccessKey == "") {
 		return nil, nil, fmt.Errorf("datastore %s: access_key_id and secret_access_key go together", name)

@@ -55,6 +55,9 @@ func TestResolveDatastores(t *testing.T) {
 		{"bad cdn url", []DatastoreConfig{{Name: "a", Type: "s3", S3: s3(func(c *S3Config) {
 			c.Redirect = &RedirectConfig{CDNBaseURL: "cdn.example.org"}
 		})}}, "cdn_base_url"},
+		{"negative parallel parts", []DatastoreConfig{{Name: "a", Type: "s3", S3: s3(func(c *S3Config) { c.ParallelParts = -1 })}}, "parallel_parts must be positive"},
+		{"small parallel parts", []DatastoreConfig{{Name: "a", Type: "s3", S3: s3(func(c *S3Config) { c.ParallelPartSize = 4096 })}}, "parallel_part_size must be at least"},
+		{"parallel settings", []DatastoreConfig{{Name: "a", Type: "s3", S3: s3(func(c *S3Config) { c.ParallelParts, c.ParallelPartSize = 1, 1<<20 })}}, ""},
 		{"unknown type", []DatastoreConfig{{Name: "a", Type: "gcs"}}, "unknown type"},
 	}
 	for _, tc := range tests {

@@ -312,7 +312,10 @@ func (r *objectReader) closeBody() {
 }
 
 // OpenRange returns length bytes of the blob from offset, fetched with one
-// ranged GetObject. The caller closes the reader. A missing blob or a
+// ranged GetObject, or, when length exceeds Config.ParallelPartSize and
+// parallel reads are on, as parts with up to Config.ParallelParts ranged
+// GetObjects in flight. The caller closes the reader; Close may be called
+// while a Read is blocked, to end it. A missing blob or a
 // malformed hash gives an error wrapping storage.ErrNotFound; a range that
 // starts at or past the end of the blob is an error from S3.
 func (s *Store) OpenRange(ctx context.Context, sha256 string, offset, length int64) (io.ReadCloser, error) {
@@ -329,7 +332,12 @@ func (s *Store) OpenRange(ctx context.Context, sha256 string, offset, length int
 	if length == 0 {
 		return io.NopCloser(eofReader{}), nil
 	}
-	body, err := s.getObject(ctx, key, offset, length)
+	var body io.ReadCloser
+	if s.parallel > 1 && length > s.rangePartSize {
+		body, err = s.openParallel(ctx, key, offset, length)
+	} else {
+		body, err = s.getObject(ctx, key, offset, length)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("opening blob range %s: %w", sha256, err)
 	}

@@ -35,6 +35,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -75,6 +76,12 @@ const (
 	DefaultCleanupRetryWindow = 15 * time.Minute
 	// DefaultReadIdleTimeout is Config.ReadIdleTimeout when it is 0.
 	DefaultReadIdleTimeout = 30 * time.Second
+	// DefaultParallelParts is Config.ParallelParts when it is 0.
+	DefaultParallelParts = 4
+	// DefaultParallelPartSize is Config.ParallelPartSize when it is 0.
+	DefaultParallelPartSize = 8 << 20
+	// MinParallelPartSize is the smallest Config.ParallelPartSize.
+	MinParallelPartSize = 1 << 20
 
 	// maxParts is the largest number of parts of one multipart upload.
 	maxParts = 10000
@@ -145,8 +152,10 @@ type Config struct {
 	// hold in part buffers. An upload needs one buffer (the size of its body
 	// when it is known and at most PartSize, else PartSize) to make progress
 	// and waits for it when the budget is used up; a second one (reading the
-	// next part while one uploads) is taken only when free. Default
-	// 6*PartSize (48 MiB with the default part size); at least PartSize.
+	// next part while one uploads) is taken only when free. Parallel reads
+	// (ParallelParts) take their read-ahead buffers from it too, only when
+	// free and up to half of it together. Default 6*PartSize (48 MiB with
+	// the default part size); at least PartSize.
 	MaxBufferBytes int64
 	// PartSize is the multipart part size in bytes; bodies up to this size are
 	// written with one PutObject. Each upload holds at most two parts in
@@ -169,6 +178,20 @@ type Config struct {
 	// connection cannot hold a download, a thumbnail source or a migration
 	// forever. Default 30s; negative disables it.
 	ReadIdleTimeout time.Duration
+	// ParallelParts is how many ranged GetObjects a large read keeps in
+	// flight: a read (OpenRange) longer than ParallelPartSize is fetched as
+	// consecutive parts of that size, the part being read streaming
+	// straight from S3 and up to ParallelParts-1 parts after it read ahead
+	// into buffers of ParallelPartSize bytes. Those buffers come from the
+	// MaxBufferBytes budget, only when it has room at once (a read never
+	// waits for budget: it fetches fewer parts ahead, down to one GetObject
+	// for the rest of the range), and reads together hold at most half of
+	// it, so uploads always keep the other half. Default 4; 1 or negative
+	// disables parallel reads (one GetObject per read).
+	ParallelParts int
+	// ParallelPartSize is the part size of parallel reads, in bytes.
+	// Default 8 MiB, minimum 1 MiB.
+	ParallelPartSize int64
 	// HTTPClient sends the requests. Default: a client whose transport has
 	// a 256 KiB write buffer, a 4 KiB read buffer (larger reads go straight
 	// to the socket), keep-alives and up to 64 idle connections per host.
@@ -194,6 +217,15 @@ type Store struct {
 	observer  Observer
 	// readIdle is Config.ReadIdleTimeout; 0 when disabled.
 	readIdle time.Duration
+	// parallel is Config.ParallelParts; at most 1 when parallel reads are
+	// off. rangePartSize is Config.ParallelPartSize.
+	parallel      int
+	rangePartSize int64
+	// rangePool holds *[]byte buffers of rangePartSize bytes; rangeHeld is
+	// the part of budget that parallel reads hold, at most rangeMax.
+	rangePool sync.Pool
+	rangeHeld atomic.Int64
+	rangeMax  int64
 	// ownClient is the HTTP client New created, whose idle connections Close
 	// closes; nil when the caller supplied one.
 	ownClient *http.Client
@@ -260,6 +292,15 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	case cfg.ReadIdleTimeout < 0:
 		cfg.ReadIdleTimeout = 0
 	}
+	if cfg.ParallelParts == 0 {
+		cfg.ParallelParts = DefaultParallelParts
+	}
+	if cfg.ParallelPartSize == 0 {
+		cfg.ParallelPartSize = DefaultParallelPartSize
+	}
+	if cfg.ParallelPartSize < MinParallelPartSize {
+		return nil, fmt.Errorf("opening s3 store: parallel part size %d below the minimum %d", cfg.ParallelPartSize, MinParallelPartSize)
+	}
 	creds, err := credentialsFor(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("opening s3 store: %w", err)
@@ -273,6 +314,9 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 		copyLimit:     maxCopySize,
 		observer:      cfg.Observer,
 		readIdle:      cfg.ReadIdleTimeout,
+		parallel:      cfg.ParallelParts,
+		rangePartSize: cfg.ParallelPartSize,
+		rangeMax:      cfg.MaxBufferBytes / 2,
 		cleanupWindow: cfg.CleanupRetryWindow,
 	}
 	httpClient := cfg.HTTPClient
@@ -305,6 +349,10 @@ func New(ctx context.Context, cfg Config) (*Store, error) {
 	s.budget = semaphore.NewWeighted(cfg.MaxBufferBytes)
 	s.partPool.New = func() any {
 		b := make([]byte, s.partSize)
+		return &b
+	}
+	s.rangePool.New = func() any {
+		b := make([]byte, s.rangePartSize)
 		return &b
 	}
 	s.chunkPool.New = func() any {
