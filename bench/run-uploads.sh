@@ -20,7 +20,8 @@
 #      store creates one, and syncs its parent, for nearly every upload),
 #      CADDY_B (a second caddy, e.g. the build before a change: run as a
 #      third side in the same rounds of scenarios 1 and 2, reported as
-#      B/sink and module/B).
+#      B/sink and module/B), SYNC_B=full (B's SQLite database with
+#      "synchronous full"; with CADDY_B=$CADDY it measures that setting).
 #
 # Scenarios:
 #   1. 256 KiB uploads, c=8 (wrk, 2 threads): uploads/s, p50 and CPU time
@@ -97,7 +98,8 @@ if [[ -n $CADDY_B ]]; then
 	ADMIN_B=$(free_port); MM_B=$(free_port)
 	sed -e "s#127.0.0.1:$ADMIN#127.0.0.1:$ADMIN_B#" -e "s#$WORK/store#$WORK/store-b#g" \
 		-e "s#^http://127.0.0.1:$MM {#http://127.0.0.1:$MM_B {#" "$WORK/Caddyfile" |
-		awk -v hs="$HS" '/^http:\/\/127.0.0.1:/ && index($0, ":" hs " {") {skip=1} skip && /^}/ {skip=0; next} !skip' >"$WORK/Caddyfile.b"
+		awk -v hs="$HS" '/^http:\/\/127.0.0.1:/ && index($0, ":" hs " {") {skip=1} skip && /^}/ {skip=0; next} !skip' |
+		awk -v sync="${SYNC_B:-}" 'sync != "" && $1 == "database" && $2 == "sqlite" {print $0 " {"; print "\t\t\tsynchronous " sync; print "\t\t}"; next} {print}' >"$WORK/Caddyfile.b"
 	"$CADDY_B" run --config "$WORK/Caddyfile.b" >"$WORK/caddy-b.log" 2>&1 &
 	B_PID=$!
 	PIDS+=("$B_PID")

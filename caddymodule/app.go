@@ -182,7 +182,23 @@ type Database struct {
 	// Default for SQLite: matrix_media/media.db under Caddy's data directory;
 	// required for PostgreSQL. Placeholders {env.*} and {file.*} are resolved.
 	DSN string `json:"dsn,omitempty"`
+
+	// Synchronous is SQLite's commit durability: "full" (the default: the
+	// write-ahead log is fsynced at every commit, so an answered upload's
+	// row survives a power loss or kernel crash, as its blob does) or
+	// "normal" (the log is fsynced only at checkpoints: a committed row
+	// survives a crash of Caddy, but after a power loss the last commits
+	// may be lost and their blobs, synced before, collected as orphans;
+	// one disk flush less per write). SQLite only; PostgreSQL's durability
+	// is the server's synchronous_commit.
+	Synchronous string `json:"synchronous,omitempty"`
 }
+
+// SQLite commit durability settings (Database.Synchronous).
+const (
+	SynchronousNormal = "normal"
+	SynchronousFull   = "full"
+)
 
 // CaddyModule returns the Caddy module information.
 func (App) CaddyModule() caddy.ModuleInfo {
@@ -321,8 +337,20 @@ func (a *App) resolveSettings(repl *caddy.Replacer) (storeSettings, error) {
 		dsn = a.Database.DSN
 	}
 	s.driver = driver
+	if a.Database != nil {
+		switch a.Database.Synchronous {
+		case "":
+		case SynchronousNormal, SynchronousFull:
+			if driver != DriverSQLite {
+				return s, fmt.Errorf("database: synchronous applies to sqlite only (PostgreSQL's is the server's synchronous_commit)")
+			}
+		default:
+			return s, fmt.Errorf("database: unknown synchronous %q (want %q or %q)", a.Database.Synchronous, SynchronousNormal, SynchronousFull)
+		}
+	}
 	switch driver {
 	case DriverSQLite:
+		s.sqliteFullSync = a.Database == nil || a.Database.Synchronous != SynchronousNormal
 		if dsn == "" {
 			dsn = filepath.Join(caddy.AppDataDir(), "matrix_media", "media.db")
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
@@ -124,7 +125,7 @@ func TestAppDefaults(t *testing.T) {
 	}
 	wantDB := filepath.Join(data, "caddy", "matrix_media", "media.db")
 	wantBlobs := filepath.Join(data, "caddy", "matrix_media", "media")
-	wantKey := storeSettings{driver: DriverSQLite, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize, maxRemoteSize: DefaultMaxUploadSize}.key()
+	wantKey := storeSettings{driver: DriverSQLite, sqliteFullSync: true, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize, maxRemoteSize: DefaultMaxUploadSize}.key()
 	if a.poolKey != wantKey {
 		t.Errorf("pool key = %q, want %q", a.poolKey, wantKey)
 	}
@@ -283,5 +284,57 @@ func TestAppRegistersMetrics(t *testing.T) {
 	other := prometheus.NewCounter(prometheus.CounterOpts{Name: "clash_total", Help: "y"})
 	if err := registerCollectors(reg, []prometheus.Collector{other}); err == nil {
 		t.Error("registering a different collector under a taken name: no error")
+	}
+}
+
+// TestAppDatabaseSynchronous: database synchronous reaches the store
+// settings (and the pool key, so changing it and reloading reopens the
+// database), and is refused where it does not apply.
+func TestAppDatabaseSynchronous(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		db       Database
+		wantFull bool
+		wantErr  string
+	}{
+		{name: "default", db: Database{Driver: DriverSQLite, DSN: "/tmp/x.db"}, wantFull: true},
+		{name: "normal", db: Database{Driver: DriverSQLite, DSN: "/tmp/x.db", Synchronous: SynchronousNormal}},
+		{name: "postgres default", db: Database{Driver: DriverPostgres, DSN: "postgres://h/db"}},
+		{name: "postgres normal", db: Database{Driver: DriverPostgres, DSN: "postgres://h/db", Synchronous: SynchronousNormal}, wantErr: "synchronous applies to sqlite only"},
+		{name: "full", db: Database{Driver: DriverSQLite, DSN: "/tmp/x.db", Synchronous: SynchronousFull}, wantFull: true},
+		{name: "unknown", db: Database{Driver: DriverSQLite, DSN: "/tmp/x.db", Synchronous: "off"}, wantErr: `unknown synchronous "off"`},
+		{name: "postgres", db: Database{Driver: DriverPostgres, DSN: "postgres://h/db", Synchronous: SynchronousFull}, wantErr: "synchronous applies to sqlite only"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := tc.db
+			a := App{Database: &db}
+			s, err := a.resolveSettings(caddy.NewReplacer())
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want one containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.sqliteFullSync != tc.wantFull {
+				t.Fatalf("sqliteFullSync = %v, want %v", s.sqliteFullSync, tc.wantFull)
+			}
+			other := s
+			other.sqliteFullSync = !s.sqliteFullSync
+			if s.key() == other.key() {
+				t.Fatal("the pool key does not depend on the synchronous setting")
+			}
+		})
+	}
+
+	// A provisioned app with synchronous normal opens a working store.
+	cfg := *testAppConfig(t)
+	cfg.Database.Synchronous = SynchronousNormal
+	a, unload := provisionApp(t, cfg)
+	defer unload()
+	if err := metaWorks(a.res); err != nil {
+		t.Fatalf("metadata store with synchronous normal: %v", err)
 	}
 }

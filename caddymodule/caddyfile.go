@@ -516,6 +516,24 @@ func parseDatabase(d *caddyfile.Dispenser) (*Database, error) {
 	if len(args) == 2 {
 		db.DSN = args[1]
 	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "synchronous":
+			v, err := singleArg(d)
+			if err != nil {
+				return nil, err
+			}
+			if v != SynchronousNormal && v != SynchronousFull {
+				return nil, d.Errf("matrix_media: database synchronous must be %s or %s, not '%s'", SynchronousNormal, SynchronousFull, v)
+			}
+			if db.Driver != DriverSQLite {
+				return nil, d.Err("matrix_media: database synchronous applies to sqlite only")
+			}
+			db.Synchronous = v
+		default:
+			return nil, d.Errf("matrix_media: unknown database option '%s'", d.Val())
+		}
+	}
 	return db, nil
 }
 

@@ -268,6 +268,22 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 		},
 		{
 			input: `matrix_media {
+				database sqlite /var/lib/media/media.db {
+					synchronous full
+				}
+			}`,
+			want: App{Database: &Database{Driver: "sqlite", DSN: "/var/lib/media/media.db", Synchronous: "full"}},
+		},
+		{
+			input: `matrix_media {
+				database sqlite {
+					synchronous normal
+				}
+			}`,
+			want: App{Database: &Database{Driver: "sqlite", Synchronous: "normal"}},
+		},
+		{
+			input: `matrix_media {
 				token_cache_size 5000
 				token_cache_ttl 2m
 				token_negative_ttl 15s
@@ -466,6 +482,26 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 		{input: `matrix_media {
 				database mysql dsn
 			}`, wantErr: "unknown database driver 'mysql'"},
+		{input: `matrix_media {
+				database sqlite {
+					synchronous extra
+				}
+			}`, wantErr: "database synchronous must be normal or full, not 'extra'"},
+		{input: `matrix_media {
+				database sqlite {
+					synchronous
+				}
+			}`, wantErr: "wrong argument count"},
+		{input: `matrix_media {
+				database postgres "postgres://h/db" {
+					synchronous full
+				}
+			}`, wantErr: "database synchronous applies to sqlite only"},
+		{input: `matrix_media {
+				database sqlite {
+					journal wal
+				}
+			}`, wantErr: "unknown database option 'journal'"},
 		{input: `matrix_media {
 				database sqlite a
 				database sqlite b

@@ -37,6 +37,9 @@ type storeSettings struct {
 	// dsn is the SQLite file path or the PostgreSQL connection string. It may
 	// hold a password: it is never logged nor put in an error.
 	dsn string
+	// sqliteFullSync makes every SQLite commit durable (Database.Synchronous
+	// "full").
+	sqliteFullSync bool
 	// storagePath is the root directory of the default file datastore; empty
 	// when datastores are configured explicitly.
 	storagePath string
@@ -58,7 +61,7 @@ type storeSettings struct {
 // because it is fixed when the repository is built: changing it and reloading
 // builds a new repository rather than silently keeping the old size.
 func (s storeSettings) key() string {
-	return s.driver + "\x00" + s.dsn + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
+	return s.driver + "\x00" + s.dsn + "\x00" + strconv.FormatBool(s.sqliteFullSync) + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
 		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10) +
 		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer)
 }
@@ -149,7 +152,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	if err != nil {
 		return nil, err
 	}
-	meta, err := sqlstore.Open(ctx, s.driver, s.dsn)
+	meta, err := sqlstore.OpenWith(ctx, s.driver, s.dsn, sqlstore.Options{SQLiteFullSync: s.sqliteFullSync})
 	if err != nil {
 		_ = stores.Close()
 		// The store's errors name the driver, never the DSN.

@@ -79,3 +79,38 @@ func TestCheckpointerStops(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestSQLiteSynchronous: the writer runs synchronous=NORMAL by default and
+// FULL with Options.SQLiteFullSync; the setting survives a reconnect of the
+// writer (it is part of the DSN, not a one-off PRAGMA).
+func TestSQLiteSynchronous(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name string
+		opts Options
+		want int // SQLite's numbering: 1 NORMAL, 2 FULL
+	}{
+		{"default", Options{}, 1},
+		{"full", Options{SQLiteFullSync: true}, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := OpenWith(ctx, "sqlite", filepath.Join(t.TempDir(), "meta.db"), tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			for round := range 2 {
+				var got int
+				if err := s.write.QueryRowContext(ctx, "PRAGMA synchronous").Scan(&got); err != nil {
+					t.Fatal(err)
+				}
+				if got != tc.want {
+					t.Fatalf("round %d: writer's synchronous = %d, want %d", round, got, tc.want)
+				}
+				// A fresh connection must come up with the same setting.
+				s.write.SetMaxIdleConns(0)
+				s.write.SetMaxIdleConns(1)
+			}
+		})
+	}
+}

@@ -300,13 +300,30 @@ func newQueries(d dialect) queries {
 	return q
 }
 
-// Open opens a store by driver name: "sqlite" (dsn is a file path, see
+// Options tune how Open opens a store. The zero value is the default.
+type Options struct {
+	// SQLiteFullSync makes every SQLite commit durable before it returns
+	// (synchronous=FULL: the write-ahead log is fsynced at each commit), so
+	// a committed row survives a power loss or kernel crash, not only a
+	// crash of the process. Default false (synchronous=NORMAL: the log is
+	// fsynced at checkpoints; the last commits before a machine crash may be
+	// lost, the database stays consistent). PostgreSQL's durability is the
+	// server's setting (synchronous_commit); it is not affected.
+	SQLiteFullSync bool
+}
+
+// Open opens a store by driver name with default options; see OpenWith.
+func Open(ctx context.Context, driver, dsn string) (*Store, error) {
+	return OpenWith(ctx, driver, dsn, Options{})
+}
+
+// OpenWith opens a store by driver name: "sqlite" (dsn is a file path, see
 // OpenSQLite) or "postgres" (dsn is a PostgreSQL connection string, see
 // OpenPostgres). Any other driver is an error.
-func Open(ctx context.Context, driver, dsn string) (*Store, error) {
+func OpenWith(ctx context.Context, driver, dsn string, opts Options) (*Store, error) {
 	switch driver {
 	case "sqlite":
-		return OpenSQLite(ctx, dsn)
+		return openSQLite(ctx, dsn, opts)
 	case "postgres":
 		return OpenPostgres(ctx, dsn)
 	default:
@@ -316,7 +333,7 @@ func Open(ctx context.Context, driver, dsn string) (*Store, error) {
 
 // OpenSQLite opens (creating it and its parent directory if needed) the SQLite
 // database at path and migrates its schema. The database runs in WAL mode with
-// synchronous=NORMAL, foreign keys on and a 10 s busy timeout. Writes go
+// synchronous=NORMAL (FULL with Options.SQLiteFullSync, see OpenWith), foreign keys on and a 10 s busy timeout. Writes go
 // through a single connection whose transactions begin IMMEDIATE, so
 // concurrent writers in this process never see SQLITE_BUSY and writers in
 // other processes wait for the lock; reads use a separate pool of read-only
@@ -324,6 +341,11 @@ func Open(ctx context.Context, driver, dsn string) (*Store, error) {
 // their own (see checkpoint.go), not inside a writer's commit; Close stops
 // them.
 func OpenSQLite(ctx context.Context, path string) (*Store, error) {
+	return openSQLite(ctx, path, Options{})
+}
+
+// openSQLite is OpenSQLite with opts (Options.SQLiteFullSync).
+func openSQLite(ctx context.Context, path string, opts Options) (*Store, error) {
 	if path == "" {
 		return nil, errors.New("opening sqlite database: empty path")
 	}
@@ -345,6 +367,9 @@ func OpenSQLite(ctx context.Context, path string) (*Store, error) {
 	}
 	wp.Set("_journal_mode", "WAL")
 	wp.Set("_synchronous", "NORMAL")
+	if opts.SQLiteFullSync {
+		wp.Set("_synchronous", "FULL")
+	}
 	wp.Set("_txlock", "immediate")
 	// The writer checkpoints only as a backstop (walBackstopPages); the
 	// background checkpointer does it otherwise.
