@@ -150,6 +150,7 @@ func TestAppResolvesPlaceholders(t *testing.T) {
 	defer unload()
 	want := storeSettings{
 		driver:         DriverSQLite,
+		sqliteFullSync: true,
 		dsn:            filepath.Join(dir, "from-file.db"),
 		storagePath:    filepath.Join(dir, "blobs"),
 		datastores:     defaultDatastores(filepath.Join(dir, "blobs")),
