@@ -67,23 +67,12 @@ func (p *faultProxy) start(t *testing.T, target string) string {
 			w.WriteHeader(http.StatusInternalServerError)
 			_, _ = io.WriteString(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>injected</Message></Error>`)
 		case faultTruncate:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			for k, v := range rec.Header() {
-				w.Header()[k] = v
-			}
-			w.WriteHeader(rec.Code)
-			body := rec.Body.Bytes()
+			body := proxyHead(rp, w, r)
 			_, _ = w.Write(body[:len(body)/2])
 			w.(http.Flusher).Flush()
 			panic(http.ErrAbortHandler)
 		case faultStall:
-			rec := httptest.NewRecorder()
-			rp.ServeHTTP(rec, r)
-			for k, v := range rec.Header() {
-				w.Header()[k] = v
-			}
-			w.WriteHeader(rec.Code)
+			proxyHead(rp, w, r)
 			w.(http.Flusher).Flush()
 			<-r.Context().Done()
 		}

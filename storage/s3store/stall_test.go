@@ -41,17 +41,11 @@ func (p *stallingProxy) start(t *testing.T, target string) string {
 			rp.ServeHTTP(w, r)
 			return
 		}
-		rec := httptest.NewRecorder()
-		rp.ServeHTTP(rec, r)
-		for k, v := range rec.Header() {
-			w.Header()[k] = v
-		}
-		w.WriteHeader(rec.Code)
+		body := proxyHead(rp, w, r)
 		if rg := r.Header.Get("Range"); rg == "" || strings.HasPrefix(rg, "bytes=0-") {
 			// A read from the start gets some bytes; a reopened read
 			// from further on gets none, so that reopening makes no
 			// progress either.
-			body := rec.Body.Bytes()
 			_, _ = w.Write(body[:min(len(body), 1000)])
 		}
 		w.(http.Flusher).Flush()
@@ -123,4 +117,17 @@ func TestStalledBodyFailsAfterIdleTimeout(t *testing.T) {
 	if err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read after the stall: %d bytes, %v", len(got), err)
 	}
+}
+
+// proxyHead lets rp answer r into a recorder, sends the recorded status and
+// headers on w, and returns the recorded body for the caller to send (or
+// withhold) as its fault requires.
+func proxyHead(rp http.Handler, w http.ResponseWriter, r *http.Request) []byte {
+	rec := httptest.NewRecorder()
+	rp.ServeHTTP(rec, r)
+	for k, v := range rec.Header() {
+		w.Header()[k] = v
+	}
+	w.WriteHeader(rec.Code)
+	return rec.Body.Bytes()
 }
