@@ -170,3 +170,11 @@ caddy_globals() {
 homeserver_site() {
 	printf 'http://127.0.0.1:%s {\n\trespond /_matrix/client/v3/account/whoami `{"user_id":"@bench:localhost","device_id":"BENCH"}` 200\n}' "$1"
 }
+
+# media_site PORT HS_PORT [EXTRA]: the benchmark's media site on PORT
+# (server name localhost, the stand-in homeserver on HS_PORT, uploads up to
+# 1 GiB); EXTRA (lines of Caddyfile) goes into the site block after the
+# handler.
+media_site() {
+	printf 'http://127.0.0.1:%s {\n\tmatrix_media {\n\t\tserver_name localhost\n\t\thomeserver http://127.0.0.1:%s\n\t\tmax_upload_size 1GiB\n\t}\n%s\n}' "$1" "$2" "${3:-}"
+}

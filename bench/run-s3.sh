@@ -143,14 +143,7 @@ $(caddy_globals "$admin")
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated).
 $(homeserver_site "$hs")
-http://127.0.0.1:$mm {
-	matrix_media {
-		server_name localhost
-		homeserver http://127.0.0.1:$hs
-		max_upload_size 1GiB
-	}
-	$SITE_OPTS
-}
+$(media_site "$mm" "$hs" "	$SITE_OPTS")
 EOF
 	[[ -n $rp ]] || return 0
 	cat <<EOF

@@ -92,13 +92,7 @@ $(caddy_globals "$ADMIN")
 }
 # Stand-in homeserver: only whoami is needed (uploads are authenticated).
 $(homeserver_site "$HS")
-http://127.0.0.1:$MM {
-	matrix_media {
-		server_name localhost
-		homeserver http://127.0.0.1:$HS
-		max_upload_size 1GiB
-	}
-}
+$(media_site "$MM" "$HS")
 EOF
 
 run_caddy "$WORK/Caddyfile" "$WORK/caddy.log" "$ADMIN"

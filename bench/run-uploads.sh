@@ -77,13 +77,7 @@ $(caddy_globals "$ADMIN")
 # Stand-in homeserver: only whoami is needed (uploads are authenticated; the
 # module caches the answer).
 $(homeserver_site "$HS")
-http://127.0.0.1:$MM {
-	matrix_media {
-		server_name localhost
-		homeserver http://127.0.0.1:$HS
-		max_upload_size 1GiB
-	}
-}
+$(media_site "$MM" "$HS")
 EOF
 if [[ ${PRESHARD:-} == 1 ]]; then
 	for a in $(printf '%02x ' $(seq 0 255)); do

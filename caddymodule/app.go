@@ -200,6 +200,21 @@ const (
 	SynchronousFull   = "full"
 )
 
+// checkSynchronous checks a Database.Synchronous value for driver: empty,
+// or normal/full with SQLite.
+func checkSynchronous(driver, v string) error {
+	switch v {
+	case "":
+		return nil
+	case SynchronousNormal, SynchronousFull:
+		if driver != DriverSQLite {
+			return errors.New("synchronous applies to sqlite only (PostgreSQL's is the server's synchronous_commit)")
+		}
+		return nil
+	}
+	return fmt.Errorf("unknown synchronous %q (want %q or %q)", v, SynchronousNormal, SynchronousFull)
+}
+
 // CaddyModule returns the Caddy module information.
 func (App) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
@@ -338,14 +353,8 @@ func (a *App) resolveSettings(repl *caddy.Replacer) (storeSettings, error) {
 	}
 	s.driver = driver
 	if a.Database != nil {
-		switch a.Database.Synchronous {
-		case "":
-		case SynchronousNormal, SynchronousFull:
-			if driver != DriverSQLite {
-				return s, fmt.Errorf("database: synchronous applies to sqlite only (PostgreSQL's is the server's synchronous_commit)")
-			}
-		default:
-			return s, fmt.Errorf("database: unknown synchronous %q (want %q or %q)", a.Database.Synchronous, SynchronousNormal, SynchronousFull)
+		if err := checkSynchronous(driver, a.Database.Synchronous); err != nil {
+			return s, fmt.Errorf("database: %w", err)
 		}
 	}
 	switch driver {

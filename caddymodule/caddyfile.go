@@ -523,11 +523,8 @@ func parseDatabase(d *caddyfile.Dispenser) (*Database, error) {
 			if err != nil {
 				return nil, err
 			}
-			if v != SynchronousNormal && v != SynchronousFull {
-				return nil, d.Errf("matrix_media: database synchronous must be %s or %s, not '%s'", SynchronousNormal, SynchronousFull, v)
-			}
-			if db.Driver != DriverSQLite {
-				return nil, d.Err("matrix_media: database synchronous applies to sqlite only")
+			if err := checkSynchronous(db.Driver, v); err != nil {
+				return nil, d.Errf("matrix_media: database %v", err)
 			}
 			db.Synchronous = v
 		default:

@@ -486,7 +486,7 @@ func TestAppUnmarshalCaddyfile(t *testing.T) {
 				database sqlite {
 					synchronous extra
 				}
-			}`, wantErr: "database synchronous must be normal or full, not 'extra'"},
+			}`, wantErr: `database unknown synchronous "extra" (want "normal" or "full")`},
 		{input: `matrix_media {
 				database sqlite {
 					synchronous

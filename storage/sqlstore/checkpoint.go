@@ -60,8 +60,10 @@ func (c hookedConnector) Driver() driver.Driver { return &sqlite3.SQLiteDriver{}
 
 // checkpointer runs the background checkpoints of one SQLite store.
 type checkpointer struct {
-	db   *sql.DB
-	stop chan struct{}
+	db *sql.DB
+	// stop ends run (and a checkpoint in progress); done is closed when
+	// run has returned.
+	stop context.CancelFunc
 	done chan struct{}
 }
 
@@ -72,8 +74,9 @@ func startCheckpointer(ctx context.Context, abs string, common url.Values, inter
 	for k, v := range common {
 		params[k] = v
 	}
-	// Checkpoints sync the WAL and the database file whatever this says;
-	// NORMAL matches the writer.
+	// A checkpoint syncs the WAL before copying it and the database file
+	// after, whatever the synchronous setting; this connection commits
+	// nothing of its own.
 	params.Set("_synchronous", "NORMAL")
 	db, err := sql.Open("sqlite3", sqliteDSN(abs, params))
 	if err != nil {
@@ -87,32 +90,24 @@ func startCheckpointer(ctx context.Context, abs string, common url.Values, inter
 		_ = db.Close()
 		return nil, err
 	}
-	c := &checkpointer{db: db, stop: make(chan struct{}), done: make(chan struct{})}
-	go c.run(interval)
+	runCtx, stop := context.WithCancel(context.Background())
+	c := &checkpointer{db: db, stop: stop, done: make(chan struct{})}
+	go c.run(runCtx, interval)
 	return c, nil
 }
 
-// run checkpoints every interval until close, skipping intervals in which
+// run checkpoints every interval until ctx ends (close), skipping intervals in which
 // nothing was committed (PRAGMA data_version, which changes when another
 // connection commits). Errors are not fatal: the next interval tries again,
 // and the writer's backstop bounds the WAL meanwhile.
-func (c *checkpointer) run(interval time.Duration) {
+func (c *checkpointer) run(ctx context.Context, interval time.Duration) {
 	defer close(c.done)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() {
-		select {
-		case <-c.stop:
-			cancel()
-		case <-ctx.Done():
-		}
-	}()
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	var last int64 = -1
 	for {
 		select {
-		case <-c.stop:
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -138,7 +133,7 @@ func (c *checkpointer) checkpoint(ctx context.Context) (walFrames, checkpointed 
 
 // close stops the checkpoints and closes their connection.
 func (c *checkpointer) close() error {
-	close(c.stop)
+	c.stop()
 	<-c.done
 	return c.db.Close()
 }

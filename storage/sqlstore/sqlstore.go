@@ -333,8 +333,9 @@ func OpenWith(ctx context.Context, driver, dsn string, opts Options) (*Store, er
 
 // OpenSQLite opens (creating it and its parent directory if needed) the SQLite
 // database at path and migrates its schema. The database runs in WAL mode with
-// synchronous=NORMAL (FULL with Options.SQLiteFullSync, see OpenWith), foreign keys on and a 10 s busy timeout. Writes go
-// through a single connection whose transactions begin IMMEDIATE, so
+// synchronous=NORMAL (FULL with Options.SQLiteFullSync, see OpenWith),
+// foreign keys on and a 10 s busy timeout. Writes go through a single
+// connection whose transactions begin IMMEDIATE, so
 // concurrent writers in this process never see SQLITE_BUSY and writers in
 // other processes wait for the lock; reads use a separate pool of read-only
 // connections. WAL checkpoints run in the background on a connection of
