@@ -369,6 +369,12 @@ func checkThumbnail(t *testing.T, c *siteClient, id string, maxW, maxH int) {
 // of them it holds every further item until cut, when it closes their
 // connections unanswered. So the command is stopped after a known number
 // of items, whatever the moment its interruption arrives.
+//
+// A request the proxy passed on runs to its end in Caddy even when the
+// command goes away meanwhile (killed, or cancelling on SIGINT): Caddy may
+// store an item whose answer nobody reads, and the proxy still counts it,
+// so once the proxy is closed (which waits for every request it accepted),
+// stored is exactly what Caddy holds.
 type interruptProxy struct {
 	srv *httptest.Server
 	// after is how many stored items trip the proxy.
@@ -387,6 +393,7 @@ func newInterruptProxy(t *testing.T, admin string, after int) *interruptProxy {
 	p := &interruptProxy{after: int64(after), tripped: make(chan struct{}), cutc: make(chan struct{})}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.Out = pr.Out.WithContext(context.WithoutCancel(pr.Out.Context()))
 			pr.SetURL(target)
 			// Caddy's admin API checks Host (and Origin, if enforced).
 			pr.Out.Header.Set("Origin", "http://"+admin)
@@ -449,8 +456,9 @@ func (p *interruptProxy) addr() string { return strings.TrimPrefix(p.srv.URL, "h
 // interruptedImport runs "caddy matrix-media import <kind> --from <from>
 // --workers 2" through an interruptProxy and sends the command sig once
 // Caddy has stored `after` items. It returns how many items Caddy stored
-// (after, or one more: the other worker's item may have been on its way)
-// and what the command printed.
+// (after, or one more: the other worker's item may have been on its way),
+// counted once every request that reached Caddy was answered, and what the
+// command printed.
 func interruptedImport(t *testing.T, tg *importTarget, kind, from string, after int, sig os.Signal) (int, cliResult) {
 	t.Helper()
 	p := newInterruptProxy(t, tg.admin, after)
@@ -481,6 +489,8 @@ func interruptedImport(t *testing.T, tg *importTarget, kind, from string, after 
 	p.cut()
 	select {
 	case err := <-exited:
+		// No request the command sent is still on its way to Caddy.
+		p.srv.Close()
 		return int(p.stored.Load()), result(err)
 	case <-deadline.C:
 		_ = cmd.Process.Kill()
@@ -493,14 +503,16 @@ func interruptedImport(t *testing.T, tg *importTarget, kind, from string, after 
 var errNotInterrupted = errors.New("the command did not end as interrupted")
 
 // checkInterrupted checks how an import stopped by SIGINT ended: with an
-// error, having reported exactly the items Caddy stored, and saying it was
+// error, having reported no item Caddy does not hold and missing at most the
+// two whose answers were on their way when it cancelled (the resumed run
+// finds those present), and saying it was
 // interrupted (its context was cancelled) or, when the signal reached it
 // after its cut requests failed, that they failed.
 func checkInterrupted(r cliResult, stored int) (string, error) {
 	if r.err == nil {
 		return "", fmt.Errorf("%w: it succeeded", errNotInterrupted)
 	}
-	if got := reportCounts(r.stdout)["imported"]; got != stored {
+	if got := reportCounts(r.stdout)["imported"]; got > stored || got < stored-2 {
 		return "", fmt.Errorf("%w: its report says %d imported, Caddy stored %d", errNotInterrupted, got, stored)
 	}
 	switch {

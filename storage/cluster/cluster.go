@@ -1,0 +1,252 @@
+// Package cluster coordinates the instances that share one metadata
+// database, so that several behave as one: wake-ups on named topics (a
+// pending upload completed on another instance) and cluster-wide locks that
+// free themselves when their holder dies (one remote fetch or one thumbnail
+// generation at a time, one instance running periodic work). It knows
+// neither Matrix nor Caddy.
+//
+// Two Coordinators are provided: Local, for one process (SQLite, tests),
+// and Postgres, through PostgreSQL LISTEN/NOTIFY and session advisory locks
+// held on connections of its own.
+//
+// Notifications are hints, never the state itself: one may be lost (a
+// connection broke), so subscribers re-read the state they wait for when
+// woken, and are also woken when the coordinator may have missed
+// notifications (it reconnected) and, as a bound, every FallbackInterval.
+package cluster
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"time"
+)
+
+// DefaultFallbackInterval is how often every subscriber is woken anyway,
+// so that a lost notification delays a waiter by at most this long.
+const DefaultFallbackInterval = 5 * time.Second
+
+// ErrClosed is returned by a closed Coordinator.
+var ErrClosed = errors.New("cluster coordinator closed")
+
+// Coordinator is what the instances sharing a database use to coordinate.
+// It is safe for concurrent use.
+type Coordinator interface {
+	// Publish wakes the subscribers of topic on every instance, this one
+	// included. It is best effort: callers publish after the state change
+	// is committed, and subscribers re-read that state when woken.
+	Publish(ctx context.Context, topic string) error
+	// Subscribe returns a subscription to topic. The caller must Close it.
+	Subscribe(topic string) *Subscription
+	// TryLock takes the cluster-wide lock called name when no one (on any
+	// instance, this one included) holds it. It does not wait: acquired is
+	// false when the lock is held.
+	TryLock(ctx context.Context, name string) (lock Lock, acquired bool, err error)
+	// Close releases the locks held and ends the subscriptions' wake-ups.
+	Close() error
+}
+
+// Lock is a held cluster-wide lock.
+type Lock interface {
+	// Lost is closed when the lock may no longer be held (the session that
+	// held it ended), so another instance may take it: the holder should
+	// stop the work the lock guards, or accept that it may be done twice.
+	Lost() <-chan struct{}
+	// Release frees the lock. It is idempotent.
+	Release()
+}
+
+// Subscription receives the wake-ups of one topic. C has a buffer of one:
+// wake-ups that arrive while one is pending are merged.
+type Subscription struct {
+	// C receives a value when the topic may have changed.
+	C <-chan struct{}
+
+	c     chan struct{}
+	topic string
+	hub   *Hub
+	once  sync.Once
+}
+
+// Close ends the subscription; C receives nothing after it.
+func (s *Subscription) Close() {
+	s.once.Do(func() { s.hub.remove(s) })
+}
+
+func (s *Subscription) wake() {
+	select {
+	case s.c <- struct{}{}:
+	default:
+	}
+}
+
+// Hub is the in-process part of every Coordinator: the subscriptions of this
+// process, by topic. Coordinators deliver to it what they receive.
+type Hub struct {
+	mu   sync.Mutex
+	subs map[string]map[*Subscription]struct{}
+}
+
+// Subscribe adds a subscription to topic.
+func (h *Hub) Subscribe(topic string) *Subscription {
+	c := make(chan struct{}, 1)
+	s := &Subscription{C: c, c: c, topic: topic, hub: h}
+	h.mu.Lock()
+	if h.subs == nil {
+		h.subs = make(map[string]map[*Subscription]struct{})
+	}
+	set := h.subs[topic]
+	if set == nil {
+		set = make(map[*Subscription]struct{})
+		h.subs[topic] = set
+	}
+	set[s] = struct{}{}
+	h.mu.Unlock()
+	return s
+}
+
+func (h *Hub) remove(s *Subscription) {
+	h.mu.Lock()
+	if set := h.subs[s.topic]; set != nil {
+		delete(set, s)
+		if len(set) == 0 {
+			delete(h.subs, s.topic)
+		}
+	}
+	h.mu.Unlock()
+}
+
+// Deliver wakes the subscribers of topic.
+func (h *Hub) Deliver(topic string) {
+	h.mu.Lock()
+	for s := range h.subs[topic] {
+		s.wake()
+	}
+	h.mu.Unlock()
+}
+
+// DeliverAll wakes every subscriber: notifications may have been lost.
+func (h *Hub) DeliverAll() {
+	h.mu.Lock()
+	for _, set := range h.subs {
+		for s := range set {
+			s.wake()
+		}
+	}
+	h.mu.Unlock()
+}
+
+// Subscribers counts the subscriptions (for tests and metrics).
+func (h *Hub) Subscribers() int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	n := 0
+	for _, set := range h.subs {
+		n += len(set)
+	}
+	return n
+}
+
+// RunFallback wakes every subscriber every interval until ctx ends, so
+// that a lost notification delays a waiter by at most interval. One
+// goroutine serves every subscriber: no waiter polls on its own.
+func (h *Hub) RunFallback(ctx context.Context, interval time.Duration) {
+	if interval <= 0 {
+		interval = DefaultFallbackInterval
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			h.DeliverAll()
+		}
+	}
+}
+
+// localLocks are the locks held in this process, by name. Every
+// Coordinator keeps them, so that two holders in one process exclude each
+// other (PostgreSQL session locks are re-entrant within their session).
+type localLocks struct {
+	mu   sync.Mutex
+	held map[string]struct{}
+}
+
+func (l *localLocks) tryTake(name string) bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if _, ok := l.held[name]; ok {
+		return false
+	}
+	if l.held == nil {
+		l.held = make(map[string]struct{})
+	}
+	l.held[name] = struct{}{}
+	return true
+}
+
+func (l *localLocks) drop(name string) {
+	l.mu.Lock()
+	delete(l.held, name)
+	l.mu.Unlock()
+}
+
+// Local is the Coordinator of a single process: its notifications and
+// locks reach no other instance. It is what a SQLite store uses, which is
+// single-instance anyway.
+type Local struct {
+	hub    Hub
+	locks  localLocks
+	mu     sync.Mutex
+	closed bool
+}
+
+// NewLocal returns a Local coordinator.
+func NewLocal() *Local { return &Local{} }
+
+// Publish implements Coordinator.
+func (l *Local) Publish(_ context.Context, topic string) error {
+	l.hub.Deliver(topic)
+	return nil
+}
+
+// Subscribe implements Coordinator.
+func (l *Local) Subscribe(topic string) *Subscription { return l.hub.Subscribe(topic) }
+
+// TryLock implements Coordinator.
+func (l *Local) TryLock(_ context.Context, name string) (Lock, bool, error) {
+	l.mu.Lock()
+	closed := l.closed
+	l.mu.Unlock()
+	if closed {
+		return nil, false, ErrClosed
+	}
+	if !l.locks.tryTake(name) {
+		return nil, false, nil
+	}
+	return &localLock{name: name, locks: &l.locks, lost: make(chan struct{})}, true, nil
+}
+
+// Close implements Coordinator.
+func (l *Local) Close() error {
+	l.mu.Lock()
+	l.closed = true
+	l.mu.Unlock()
+	return nil
+}
+
+// localLock is a Lock of a Local coordinator: never lost.
+type localLock struct {
+	name  string
+	locks *localLocks
+	lost  chan struct{}
+	once  sync.Once
+}
+
+func (l *localLock) Lost() <-chan struct{} { return l.lost }
+func (l *localLock) Release()              { l.once.Do(func() { l.locks.drop(l.name) }) }
+
+// Interface guard.
+var _ Coordinator = (*Local)(nil)
