@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -77,6 +78,9 @@ type request struct {
 	contentType string
 	header      map[string]string
 	noAuth      bool
+	// ctx, when not nil, is the request's context (one carrying an
+	// httptrace.ClientTrace, for instance).
+	ctx context.Context
 }
 
 // do sends req and reads the whole response.
@@ -106,7 +110,11 @@ func (c *siteClient) roundTrip(req request) (response, error) {
 	if req.body != nil {
 		body = bytes.NewReader(req.body)
 	}
-	hr, err := http.NewRequest(req.method, fmt.Sprintf("http://127.0.0.1:%d%s", c.port, req.path), body)
+	ctx := req.ctx
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	hr, err := http.NewRequestWithContext(ctx, req.method, fmt.Sprintf("http://127.0.0.1:%d%s", c.port, req.path), body)
 	if err != nil {
 		return response{}, err
 	}

@@ -69,17 +69,7 @@ func TestCrashDuringUploads(t *testing.T) {
 		cfg.database = "postgres {env.MATRIX_MEDIA_E2E_DSN}"
 		runCrash(t, crashSetup{
 			cfg: cfg, env: []string{"MATRIX_MEDIA_E2E_DSN=" + dsn}, driver: "postgres", dsn: dsn, datastore: "s3",
-			openStore: func(t *testing.T) storage.BlobStore {
-				s, err := s3store.New(context.Background(), s3store.Config{
-					Endpoint: srv.URL(), Region: "us-east-1", Bucket: srv.Bucket(), PathStyle: true,
-					AccessKeyID: srv.AccessKey(), SecretAccessKey: srv.SecretKey(),
-				})
-				if err != nil {
-					t.Fatal(err)
-				}
-				t.Cleanup(func() { s.Close() })
-				return s
-			},
+			openStore: func(t *testing.T) storage.BlobStore { return openS3Store(t, srv) },
 		})
 	})
 }
@@ -243,6 +233,21 @@ func runCrash(t *testing.T, s crashSetup) {
 			t.Errorf("upload %d after gc: %v", i, err)
 		}
 	}
+}
+
+// openS3Store opens the fake S3 server's bucket directly, for the test's
+// inspection; it is closed when the test ends.
+func openS3Store(t *testing.T, srv *tests3.Server) *s3store.Store {
+	t.Helper()
+	s, err := s3store.New(context.Background(), s3store.Config{
+		Endpoint: srv.URL(), Region: "us-east-1", Bucket: srv.Bucket(), PathStyle: true,
+		AccessKeyID: srv.AccessKey(), SecretAccessKey: srv.SecretKey(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
 }
 
 // checkRecordsHaveBytes fails the test for every blob record of datastore

@@ -364,6 +364,15 @@ func newConfig(t *testing.T, hs *homeserver, sites ...site) config {
 // gracefully when the test ends; a data race it reported fails the test.
 func startCaddy(t *testing.T, cfg config, extraEnv ...string) *instance {
 	t.Helper()
+	inst := launchCaddy(t, cfg, extraEnv...)
+	inst.waitReady()
+	return inst
+}
+
+// launchCaddy is startCaddy without the wait: it returns once the process
+// started, for tests that expect it to fail (see waitExit).
+func launchCaddy(t *testing.T, cfg config, extraEnv ...string) *instance {
+	t.Helper()
 	bin := caddyBinary(t)
 	path := filepath.Join(cfg.dataDir, "Caddyfile")
 	if err := os.WriteFile(path, []byte(cfg.caddyfile()), 0o600); err != nil {
@@ -390,8 +399,18 @@ func startCaddy(t *testing.T, cfg config, extraEnv ...string) *instance {
 		close(inst.exited)
 	}()
 	t.Cleanup(inst.stop)
-	inst.waitReady()
 	return inst
+}
+
+// waitExit waits up to timeout for the process to exit and reports whether
+// it did.
+func (inst *instance) waitExit(timeout time.Duration) bool {
+	select {
+	case <-inst.exited:
+		return true
+	case <-time.After(timeout):
+		return false
+	}
 }
 
 // waitReady polls the admin endpoint and the site port until both answer.
@@ -399,28 +418,37 @@ func (inst *instance) waitReady() {
 	t := inst.t
 	t.Helper()
 	deadline := time.Now().Add(2 * time.Minute)
-	client := &http.Client{Timeout: 5 * time.Second}
-	adminURL := fmt.Sprintf("http://127.0.0.1:%d/config/", inst.cfg.adminPort)
 	for {
 		select {
 		case <-inst.exited:
 			t.Fatalf("caddy exited during startup (%v):\n%s", inst.waitErr, lastLines([]byte(inst.logs.String()), 60))
 		default:
 		}
-		if resp, err := client.Get(adminURL); err == nil {
-			_ = resp.Body.Close()
-			if conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", inst.cfg.httpPort)); err == nil {
-				_ = conn.Close()
-				if resp.StatusCode == http.StatusOK {
-					return
-				}
-			}
+		if inst.serving() {
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("caddy not ready after 2 minutes:\n%s", lastLines([]byte(inst.logs.String()), 60))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// serving reports whether Caddy answers on its admin endpoint and accepts
+// connections on its HTTP port.
+func (inst *instance) serving() bool {
+	client := &http.Client{Timeout: 5 * time.Second}
+	resp, err := client.Get(fmt.Sprintf("http://127.0.0.1:%d/config/", inst.cfg.adminPort))
+	if err != nil {
+		return false
+	}
+	_ = resp.Body.Close()
+	conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", inst.cfg.httpPort))
+	if err != nil {
+		return false
+	}
+	_ = conn.Close()
+	return resp.StatusCode == http.StatusOK
 }
 
 // stop interrupts Caddy, waits for it to exit and checks its output.

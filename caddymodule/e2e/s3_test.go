@@ -30,9 +30,15 @@ import (
 // option for the fake S3 server srv, with extra lines (kinds, part_size,
 // redirect...) inside the block.
 func s3Datastore(name string, srv *tests3.Server, extra ...string) string {
+	return s3DatastoreAt(name, srv.URL(), srv, extra...)
+}
+
+// s3DatastoreAt is s3Datastore reaching srv through endpoint (a proxy in
+// front of it).
+func s3DatastoreAt(name, endpoint string, srv *tests3.Server, extra ...string) string {
 	lines := []string{
 		"datastore " + name + " s3 {",
-		"\tendpoint " + srv.URL(),
+		"\tendpoint " + endpoint,
 		"\tregion us-east-1",
 		"\tbucket " + srv.Bucket(),
 		"\tpath_style",
