@@ -433,8 +433,8 @@ func checkClusterJobResumes(t *testing.T, cl *cluster) {
 		t.Fatalf("job before the kill: %+v, want running on A (%s)", j, ownerA)
 	}
 
-	cl.kill(t, 0)
 	held := cl.s3p.heldNow()
+	cl.kill(t, 0)
 	if !waitFor(10*time.Second, func() bool { return !cl.s3p.stillHeld(held) }) {
 		t.Fatalf("the DELETEs A was sending when it was killed are still held 10 s later")
 	}
@@ -449,14 +449,16 @@ func checkClusterJobResumes(t *testing.T, cl *cluster) {
 		t.Fatalf("job at the kill: %+v with %d items left, want running past its first batch with items left", atKill, left)
 	}
 
+	// The owners the job is seen with, in order: A until its lease runs
+	// out, then the instance that resumed it (if seen before it finished).
 	var (
 		final  adminJob
-		owners = map[string]bool{}
+		owners []string
 	)
 	finished := waitFor(clusterJobLease+clusterJobPoll+time.Minute, func() bool {
 		final = getJob(b)
-		if final.Owner != "" {
-			owners[final.Owner] = true
+		if final.Owner != "" && (len(owners) == 0 || owners[len(owners)-1] != final.Owner) {
+			owners = append(owners, final.Owner)
 		}
 		return final.State != "running"
 	})
@@ -466,20 +468,35 @@ func checkClusterJobResumes(t *testing.T, cl *cluster) {
 	if final.State != "done" || final.Error != "" {
 		t.Fatalf("job after the kill: %+v, want done", final)
 	}
-	if owners[ownerA] {
-		t.Errorf("the killed A (%s) still owned the job after its death: owners seen %v", ownerA, owners)
+	livePIDs := []string{fmt.Sprintf("/%d/", cl.insts[1].cmd.Process.Pid), fmt.Sprintf("/%d/", cl.insts[2].cmd.Process.Pid)}
+	for i, o := range owners {
+		if i == 0 && o == ownerA {
+			continue
+		}
+		if !strings.Contains(o, livePIDs[0]) && !strings.Contains(o, livePIDs[1]) {
+			t.Errorf("after A was killed the job was owned by %s, neither B nor C (owners seen in order: %q)", o, owners)
+		}
 	}
-	// The instance that resumed it says so; the job ran nowhere else.
-	var resumedOn []string
+	// The instance that resumed it says so, and finished it; the job ran
+	// nowhere else.
+	var resumedOn, doneOn []string
 	for i := 1; i < len(cl.insts); i++ {
 		for line := range strings.Lines(cl.insts[i].logs.String()) {
-			if strings.Contains(line, `"resuming job"`) && strings.Contains(line, job.ID) {
+			if !strings.Contains(line, `"job":"`+job.ID+`"`) {
+				continue
+			}
+			if strings.Contains(line, `"msg":"resuming job"`) {
 				resumedOn = append(resumedOn, instanceNames[i])
+			}
+			if strings.Contains(line, `"msg":"job done"`) {
+				doneOn = append(doneOn, instanceNames[i])
 			}
 		}
 	}
-	if len(resumedOn) != 1 {
-		t.Errorf("the job was resumed on %v, want once, on B or C", resumedOn)
+	if len(resumedOn) != 1 || !slices.Equal(doneOn, resumedOn) {
+		t.Errorf("the job was resumed on %v and finished on %v, want both once, on the same instance, B or C", resumedOn, doneOn)
+	} else {
+		t.Logf("the job resumed and finished on %s; owners seen in order: %q", resumedOn[0], owners)
 	}
 	if n := remaining(); n != 0 {
 		t.Errorf("%d seeded remote media left after the job, want none", n)
