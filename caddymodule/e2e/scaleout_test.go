@@ -439,14 +439,16 @@ func checkClusterJobResumes(t *testing.T, cl *cluster) {
 		t.Fatalf("the DELETEs A was sending when it was killed are still held 10 s later")
 	}
 	cl.s3p.release()
-	// What A committed before it died. Nobody can take the job over before
-	// its lease (renewed every third of it) runs out.
-	atKill := getJob(b)
+	// What A committed before it died. Nobody takes the job over before its
+	// lease (renewed every third of it) runs out, and a runner that does
+	// claims it (changes its owner) before it removes anything: the items
+	// left are counted first, then the job is read, still A's.
 	left := remaining()
+	atKill := getJob(b)
 	t.Logf("A killed with %d blob deletions held; the job had counted %d items, cursor %s; %d items not yet removed",
 		len(held), atKill.Items, atKill.Cursor, left)
-	if atKill.State != "running" || atKill.Cursor == "" || left == 0 {
-		t.Fatalf("job at the kill: %+v with %d items left, want running past its first batch with items left", atKill, left)
+	if atKill.State != "running" || atKill.Owner != ownerA || atKill.Cursor == "" || left == 0 {
+		t.Fatalf("job right after the kill: %+v with %d items left, want running, still A's, past its first batch with items left", atKill, left)
 	}
 
 	// The owners the job is seen with, in order: A until its lease runs
