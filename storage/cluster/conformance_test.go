@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
+	"github.com/jackc/pgx/v5"
 )
 
 func TestMain(m *testing.M) { testpg.Main(m) }
