@@ -211,8 +211,8 @@ func TestPostgresStats(t *testing.T) {
 		do   func(t *testing.T)
 		want Stats // a's counters after the step
 	}{
-		{"publish", func(t *testing.T) { publish(t, a, "t") }, Stats{Publishes: 1, RoundTrips: 2}},
-		{"own notification received", func(t *testing.T) {
+		{"publish, and receive it back", func(t *testing.T) {
+			publish(t, a, "t")
 			eventually(t, "own notification", func() bool { return a.Stats().NotificationsReceived == 1 })
 		}, Stats{Publishes: 1, NotificationsReceived: 1, RoundTrips: 2}},
 		{"lock", func(t *testing.T) { mustLock(t, a, "x") }, Stats{Publishes: 1, NotificationsReceived: 1, LockAttempts: 1, LocksAcquired: 1, RoundTrips: 3}},
@@ -257,7 +257,7 @@ func TestPostgresClosed(t *testing.T) {
 	admin := adminConn(t, dsn)
 	eventually(t, "connections closed", func() bool {
 		err := admin.QueryRow(context.Background(),
-			`SELECT count(*) FROM pg_stat_activity WHERE application_name IN ($1, $2)`, sessionAppName, listenerAppName).Scan(&n)
+			`SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name IN ($1, $2)`, sessionAppName, listenerAppName).Scan(&n)
 		return err == nil && n == 0
 	})
 }
