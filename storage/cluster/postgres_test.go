@@ -29,6 +29,16 @@ func terminate(t *testing.T, admin *pgx.Conn, pid uint32, app string) {
 	}
 }
 
+// waitBackendGone waits until the backend pid has exited.
+func waitBackendGone(t *testing.T, admin *pgx.Conn, pid uint32) {
+	t.Helper()
+	eventually(t, "backend gone", func() bool {
+		var n int
+		err := admin.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int32(pid)).Scan(&n)
+		return err == nil && n == 0
+	})
+}
+
 // eventually waits until cond holds.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -80,11 +90,7 @@ func TestPostgresSessionKilledWhileIdle(t *testing.T) {
 	// on a new session: the caller sees no error.
 	old := a.sessionPID()
 	terminate(t, admin, old, sessionAppName)
-	eventually(t, "backend gone", func() bool {
-		var n int
-		err := admin.QueryRow(context.Background(), `SELECT count(*) FROM pg_stat_activity WHERE pid = $1`, int32(old)).Scan(&n)
-		return err == nil && n == 0
-	})
+	waitBackendGone(t, admin, old)
 	tp := topic("t")
 	s := subscribe(t, b, tp)
 	publish(t, a, tp)
@@ -379,4 +385,48 @@ func TestPostgresOutage(t *testing.T) {
 	eventually(t, "b's listener reconnected", func() bool { return b.Stats().ListenerReconnects >= 1 })
 	publish(t, b, tp)
 	waitWake(t, s2, "notification after the outage")
+}
+
+func TestPostgresReleaseOnDeadSession(t *testing.T) {
+	dsn := testpg.DSN(t)
+	// No health check: the Release itself finds the session dead.
+	opts := PostgresOptions{FallbackInterval: time.Hour, HealthInterval: time.Hour}
+	a, b := newPostgres(t, dsn, opts), newPostgres(t, dsn, opts)
+	admin := adminConn(t, dsn)
+
+	lx, ly := mustLock(t, a, "x"), mustLock(t, a, "y")
+	pid := a.sessionPID()
+	terminate(t, admin, pid, sessionAppName)
+	waitBackendGone(t, admin, pid)
+	assertNotLost(t, ly, "lock before anyone noticed the session ended")
+	lx.Release()
+	waitLost(t, ly, "other lock of the session found dead by Release")
+	ly.Release() // no-op after the loss
+	eventuallyLock(t, b, "x")
+	eventuallyLock(t, b, "y")
+	mustNotLock(t, a, "y")
+	if st := a.Stats(); st.LocksLost != 2 {
+		t.Fatalf("LocksLost = %d, want 2", st.LocksLost)
+	}
+}
+
+func TestPostgresTryLockWaitEndsWithContext(t *testing.T) {
+	dsn := testpg.DSN(t)
+	a := newPostgres(t, dsn, PostgresOptions{FallbackInterval: time.Hour})
+
+	// While the session is busy, a caller's context ends its wait, and the
+	// name it had taken in-process is given back.
+	a.sem <- struct{}{}
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, _, err := a.TryLock(ctx, "x"); !errors.Is(err, context.DeadlineExceeded) {
+		a.releaseSem()
+		t.Fatalf("TryLock on a busy session: %v, want DeadlineExceeded", err)
+	}
+	if err := a.Publish(ctx, "t"); !errors.Is(err, context.DeadlineExceeded) {
+		a.releaseSem()
+		t.Fatalf("Publish on a busy session: %v, want DeadlineExceeded", err)
+	}
+	a.releaseSem()
+	mustLock(t, a, "x").Release()
 }
