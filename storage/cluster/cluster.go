@@ -9,6 +9,16 @@
 // and Postgres, through PostgreSQL LISTEN/NOTIFY and session advisory locks
 // held on connections of its own.
 //
+// Postgres opens two connections per instance, outside the metadata
+// store's pool (count them against max_connections): a listener, which is
+// reconnected with a bounded backoff when it breaks, and a session, which
+// sends the notifications and holds the locks. A lock lives as long as its
+// session: when the session ends (PostgreSQL restarted, the backend was
+// killed, a query ran past its timeout) PostgreSQL frees the lock and the
+// holder's Lost channel is closed within about HealthInterval. Lock names
+// map to negative keys of the single-bigint advisory lock space, apart from
+// sqlstore's positive keys (see lockKey).
+//
 // Notifications are hints, never the state itself: one may be lost (a
 // connection broke), so subscribers re-read the state they wait for when
 // woken, and are also woken when the coordinator may have missed
