@@ -35,7 +35,7 @@ func impls() []impl {
 		{
 			name: "Local",
 			pair: func(t *testing.T) (Coordinator, Coordinator) {
-				l := NewLocal()
+				l := NewLocal(0)
 				t.Cleanup(func() { _ = l.Close() })
 				return l, l
 			},

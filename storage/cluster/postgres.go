@@ -239,12 +239,9 @@ func NewPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postgr
 		return nil, fmt.Errorf("cluster: opening the session connection: %w", err)
 	}
 	p.session = session
-	p.wg.Add(3)
+	p.hub.Fallback = opts.FallbackInterval
+	p.wg.Add(2)
 	go p.listen(listener)
-	go func() {
-		defer p.wg.Done()
-		p.hub.RunFallback(p.ctx, opts.FallbackInterval)
-	}()
 	go p.watchSession()
 	return p, nil
 }
