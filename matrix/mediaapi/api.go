@@ -87,6 +87,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
 )
 
@@ -131,10 +132,6 @@ const (
 // thumbnailMemoryWait is how long a thumbnail generation waits for room in
 // the source memory budget before it is refused with 429.
 const thumbnailMemoryWait = time.Second
-
-// pendingPollInterval is how often a download waiting for a pending upload
-// re-reads the store, to notice an upload completed by another instance.
-const pendingPollInterval = 500 * time.Millisecond
 
 // SiteConfig is the configuration of one site: one Matrix server name.
 type SiteConfig struct {
@@ -268,14 +265,15 @@ type Repository struct {
 	// cacheGen counts cache invalidations (Forget, ForgetContent), so that
 	// a row read before one is not cached after it (cachePut).
 	cacheGen atomic.Uint64
-	// waits wakes downloads waiting for a pending upload and serializes PUTs
-	// of one media ID.
+	// waits counts the downloads waiting for a pending upload and
+	// serializes PUTs of one media ID in this process.
 	waits waitRegistry
+	// cluster coordinates this repository with the other instances sharing
+	// its database: wake-ups of waiting downloads, and one remote fetch,
+	// one thumbnail generation and one pending-expiry sweep at a time.
+	cluster cluster.Coordinator
 	// now is the clock; tests replace it.
 	now func() time.Time
-	// pollInterval is how often waiting downloads re-read the store;
-	// pendingPollInterval except in tests.
-	pollInterval time.Duration
 }
 
 // RepositoryOptions configures NewRepository.
@@ -290,6 +288,10 @@ type RepositoryOptions struct {
 	MediaCacheSize int
 	// Logger receives structured logs. Default: a no-op logger.
 	Logger *zap.Logger
+	// Cluster coordinates the instances sharing the metadata database
+	// (cluster.Postgres); the repository does not close it. Default: a
+	// cluster.Local of its own, for a single instance.
+	Cluster cluster.Coordinator
 	// Metrics receives counters; default: a fresh NewMetrics().
 	Metrics *Metrics
 	// PendingCleanupInterval is how often RunPendingExpiry deletes expired
@@ -412,7 +414,10 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		redirects:       opts.Redirects,
 		cleanupInterval: opts.PendingCleanupInterval,
 		now:             time.Now,
-		pollInterval:    pendingPollInterval,
+		cluster:         opts.Cluster,
+	}
+	if r.cluster == nil {
+		r.cluster = cluster.NewLocal(0)
 	}
 	// The clock is read through r.now, which tests replace.
 	r.previews = newPreviewCache(func() time.Time { return r.now() })
@@ -557,7 +562,9 @@ func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
 // RunPendingExpiry deletes expired pending media (reserved by /create and
 // never uploaded), and the per-user upload history no rolling window reaches
 // any more (pruneUploadHistory), once right away and then every
-// PendingCleanupInterval, until ctx is done. It blocks; run it in its own goroutine for as long as the
+// PendingCleanupInterval, until ctx is done. Of the instances sharing the
+// database, one sweeps at a time (the cluster lock pendingExpiryLock); the
+// others skip that round. It blocks; run it in its own goroutine for as long as the
 // repository lives, e.g. from the Caddy layer's shared-resource constructor
 // with a context cancelled in the matching destructor:
 //
@@ -576,6 +583,19 @@ func (r *Repository) RunPendingExpiry(ctx context.Context) {
 	defer t.Stop()
 	for {
 		_ = r.safely("pending_expiry", func() error {
+			// One instance of the cluster sweeps at a time; the others skip
+			// this round.
+			lock, ok, err := r.cluster.TryLock(ctx, pendingExpiryLock)
+			switch {
+			case err != nil && ctx.Err() == nil:
+				r.logger.Warn("cluster lock of the pending-expiry sweep unavailable; sweeping anyway", zap.Error(err))
+			case err != nil:
+				return nil
+			case !ok:
+				return nil
+			default:
+				defer lock.Release()
+			}
 			n, err := r.meta.DeleteExpiredPending(ctx, r.now())
 			switch {
 			case err != nil && ctx.Err() == nil:

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 )
 
 // TestAsyncUploadFlow follows Complement's TestAsyncUpload.
@@ -81,10 +82,12 @@ func TestAsyncUploadFlow(t *testing.T) {
 }
 
 func TestWaiterWokenByPut(t *testing.T) {
-	e := newEnv(t, func(c *SiteConfig, _ *RepositoryOptions) { c.MaxDownloadTimeout = time.Hour })
-	// Store polling is off and the timeout is an hour, so only the
-	// in-process wake-up can deliver the content.
-	e.repo.pollInterval = time.Hour
+	// The coordinator's fallback wake-up is off and the timeout is an
+	// hour, so only the PUT's notification can deliver the content.
+	e := newEnv(t, func(c *SiteConfig, o *RepositoryOptions) {
+		c.MaxDownloadTimeout = time.Hour
+		o.Cluster = cluster.NewLocal(-1)
+	})
 	id := e.create("alice")
 	key := mediaKey{testServer, id}
 
@@ -103,10 +106,8 @@ func TestWaiterWokenByPut(t *testing.T) {
 	if rec.Code != 200 {
 		t.Fatalf("PUT: %d %s", rec.Code, rec.Body.String())
 	}
-	// The PUT woke the waiter (store polling is off, so nothing else
+	// The PUT woke the waiter (the fallback is off, so nothing else
 	// could): the download completes, and leaves no subscription behind.
-	// (A woken waiter subscribes again before re-reading the store, so the
-	// count may briefly be 1 right after the PUT.)
 	var dl *httptest.ResponseRecorder
 	select {
 	case dl = <-got:
@@ -127,9 +128,38 @@ func TestWaiterWokenByPut(t *testing.T) {
 	}
 }
 
+// TestWaiterFindsUploadByAnotherInstance completes a pending item behind
+// the repository's back, as another instance would, in two ways: with a
+// notification through the shared coordinator (the waiter wakes at once,
+// the fallback being off), and with the notification lost (the
+// coordinator's fallback wake-up finds it).
 func TestWaiterFindsUploadByAnotherInstance(t *testing.T) {
-	e := newEnv(t)
-	e.repo.pollInterval = 5 * time.Millisecond
+	for _, tc := range []struct {
+		name     string
+		fallback time.Duration
+		publish  bool
+	}{
+		{"notified", -1, true},
+		{"notification lost", 20 * time.Millisecond, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			shared := cluster.NewLocal(tc.fallback)
+			e := newEnv(t, func(_ *SiteConfig, o *RepositoryOptions) { o.Cluster = shared })
+			waitForOtherInstance(t, e, func(id string) {
+				if tc.publish {
+					if err := shared.Publish(context.Background(), mediaTopic(mediaKey{testServer, id})); err != nil {
+						t.Error(err)
+					}
+				}
+			})
+		})
+	}
+}
+
+// waitForOtherInstance starts a waiting download of a new pending item,
+// completes the item directly in the stores, calls completed and checks
+// that the download answers with the content.
+func waitForOtherInstance(t *testing.T, e *env, completed func(id string)) {
 	id := e.create("alice")
 	key := mediaKey{testServer, id}
 	got := make(chan *httptest.ResponseRecorder, 1)
@@ -151,15 +181,20 @@ func TestWaiterFindsUploadByAnotherInstance(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dl := <-got
+	completed(id)
+	var dl *httptest.ResponseRecorder
+	select {
+	case dl = <-got:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the waiting download did not notice the upload")
+	}
 	if dl.Code != 200 || dl.Body.String() != "other instance" {
 		t.Fatalf("download: %d %q", dl.Code, dl.Body.String())
 	}
 }
 
 func TestWaiterStopsWhenClientLeaves(t *testing.T) {
-	e := newEnv(t)
-	e.repo.pollInterval = time.Hour
+	e := newEnv(t, func(_ *SiteConfig, o *RepositoryOptions) { o.Cluster = cluster.NewLocal(-1) })
 	id := e.create("alice")
 	key := mediaKey{testServer, id}
 	ctx, cancel := context.WithCancel(context.Background())

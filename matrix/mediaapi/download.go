@@ -162,9 +162,10 @@ func (s *Site) downloadTimeout(rawQuery string) (time.Duration, *matrix.Error) {
 }
 
 // waitForUpload waits up to timeout for the pending item m to get its
-// content: woken at once by a PUT in this process, and re-reading the store
-// every 500 ms for uploads completed by another instance. It gives up early
-// when ctx ends (the client disconnected).
+// content: woken through the cluster coordinator when a PUT on any instance
+// completes it (and, should that notification be lost, by the
+// coordinator's fallback wake-up), re-reading the store each time. It gives
+// up early when ctx ends (the client disconnected).
 func (s *Site) waitForUpload(ctx context.Context, key mediaKey, m storage.Media, timeout time.Duration) (*mediaEntry, error) {
 	if !s.repo.now().Before(m.ExpiresAt) {
 		return nil, errMediaNotFound
@@ -172,15 +173,13 @@ func (s *Site) waitForUpload(ctx context.Context, key mediaKey, m storage.Media,
 	if timeout <= 0 {
 		return nil, matrix.NotYetUploaded("Media has not been uploaded yet")
 	}
-	ch, unsubscribe := s.repo.waits.subscribe(key)
-	defer func() { unsubscribe() }()
+	sub, unsubscribe := s.repo.waits.subscribe(s.repo.cluster, key)
+	defer unsubscribe()
 	s.repo.metrics.waiting.Inc()
 	defer s.repo.metrics.waiting.Dec()
 
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
-	ticker := time.NewTicker(s.repo.pollInterval)
-	defer ticker.Stop()
 	for {
 		// The first check also covers an upload that completed between the
 		// caller's lookup and the subscription.
@@ -188,12 +187,7 @@ func (s *Site) waitForUpload(ctx context.Context, key mediaKey, m storage.Media,
 			return e, err
 		}
 		select {
-		case <-ch:
-			// Completed here: the next check finds it ready. Subscribe again
-			// in case it does not (a store that lags behind its writes).
-			unsubscribe()
-			ch, unsubscribe = s.repo.waits.subscribe(key)
-		case <-ticker.C:
+		case <-sub.C:
 		case <-timer.C:
 			if e, err, done := s.recheckPending(ctx, key); done {
 				return e, err

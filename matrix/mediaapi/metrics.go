@@ -28,6 +28,7 @@ import (
 //	caddy_matrix_media_panics_total{where}                   counter (recovered panics; where: thumbnail, thumbnail_pregeneration, pending_expiry, ...)
 //	caddy_matrix_media_admission_rejections_total{reason}    counter (429s of admission bounds: remote_total, remote_server)
 //	caddy_matrix_media_remote_fetches_in_flight              gauge
+//	caddy_matrix_media_cluster_waits_total{work}             counter (times work found its cluster lock held, by another instance or request, and waited; work: remote, thumbnail)
 //	caddy_matrix_media_access_flushed_total{kind}            counter (last-access times written in batches; kind: media, thumbnail)
 //	caddy_matrix_media_access_flush_errors_total             counter (failed access batches, retried at the next flush)
 //	caddy_matrix_media_access_dropped_total                  counter (reads not recorded because the access buffer was full)
@@ -58,6 +59,7 @@ type Metrics struct {
 	panics        *prometheus.CounterVec
 	admission     *prometheus.CounterVec
 	remoteRunning prometheus.Gauge
+	clusterWaits  *prometheus.CounterVec
 	// accessFlushed, accessFlushErrors and accessDropped count the batched
 	// last-access tracking (access.go).
 	accessFlushed     *prometheus.CounterVec
@@ -173,6 +175,10 @@ func NewMetrics() *Metrics {
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "remote_fetches_in_flight",
 			Help: "Remote media fetches in progress (admitted and not yet recorded or failed).",
 		}),
+		clusterWaits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "caddy", Subsystem: "matrix_media", Name: "cluster_waits_total",
+			Help: "Times a piece of work found its cluster-wide lock held (the work is being done by another instance) and waited for it, by work: remote (fetch of a remote media item), thumbnail (generation).",
+		}, []string{"work"}),
 		accessFlushed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "caddy", Subsystem: "matrix_media", Name: "access_flushed_total",
 			Help: "Last-access times written to the database in batches, by kind: media, thumbnail (one per item read since the previous flush).",
@@ -201,7 +207,7 @@ func (m *Metrics) Collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.requests, m.duration, m.uploadBytes, m.downloadBytes, m.dedupHits, m.waiting,
 		m.redirects, m.storeBytes, m.storeOps, m.storeLatency,
 		m.thumbLatency, m.thumbRejected, m.thumbRunning, m.thumbQueued, m.fedVerify,
-		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning,
+		m.remoteFetches, m.remoteBytes, m.remoteLatency, m.panics, m.admission, m.remoteRunning, m.clusterWaits,
 		m.accessFlushed, m.accessFlushErrors, m.accessDropped, m.limitRejections}
 }
 
@@ -222,6 +228,9 @@ func (m *Metrics) remoteFetch(result string, n int64, d time.Duration) {
 	m.remoteBytes.Add(float64(n))
 	m.remoteLatency.Observe(d.Seconds())
 }
+
+// clusterWait counts one wait for a cluster lock held elsewhere.
+func (m *Metrics) clusterWait(work string) { m.clusterWaits.WithLabelValues(work).Inc() }
 
 // admissionRejected counts a request refused by an admission bound.
 func (m *Metrics) admissionRejected(reason string) { m.admission.WithLabelValues(reason).Inc() }

@@ -68,6 +68,9 @@ type remoteFlight struct {
 	// e and err are the outcome, valid once done is closed.
 	e   *mediaEntry
 	err error
+	// turn is the flight's cluster-wide turn to fetch (see remoteTurn),
+	// ended by finishRemote.
+	turn *turn
 }
 
 // admissionRetryAfter is the Retry-After of a fetch refused by the bounds.
@@ -114,6 +117,7 @@ func (r *Repository) finishRemote(key string, f *remoteFlight, e *mediaEntry, er
 	r.metrics.remoteRunning.Dec()
 	f.e, f.err = e, err
 	close(f.done)
+	f.turn.end()
 }
 
 // streamRemote fetches remote media for the flight it leads and sends the

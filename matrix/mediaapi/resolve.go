@@ -271,6 +271,9 @@ func (s *Site) fetchOrJoin(ctx context.Context, server, id string, o *resolveOpt
 	if f == nil {
 		return e, err
 	}
+	if e, err, done := s.remoteTurn(ctx, key, f, mediaKey{server, id}); done {
+		return e, err
+	}
 	if o.stream != nil {
 		return s.streamRemote(o, key, f, server, id)
 	}
@@ -308,6 +311,31 @@ func (s *Site) joinFlight(ctx context.Context, k mediaKey) (f *remoteFlight, key
 		return nil, key, e, err
 	}
 	return f, key, nil, nil
+}
+
+// remoteTurn makes the flight f (named key) of the remote item k, which
+// the caller leads in this process, the only fetch of k in the cluster: it
+// waits for k's cluster lock, or for another instance to record k. done
+// reports that the flight ended (with the item recorded elsewhere, or an
+// error); otherwise the caller fetches, and finishRemote ends the turn once
+// the row is recorded. The wait is detached from the client, like the fetch
+// it stands for (others in this process may be waiting on the flight), and
+// bounded by remoteTimeout.
+func (s *Site) remoteTurn(ctx context.Context, key string, f *remoteFlight, k mediaKey) (*mediaEntry, error, bool) {
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), remoteTimeout)
+	defer cancel()
+	var found *mediaEntry
+	t, err := s.repo.waitTurn(wctx, "remote/"+key, func(c context.Context) (bool, error) {
+		var err error
+		found, err = s.repo.cachedRemote(c, k)
+		return found != nil, err
+	})
+	if t == nil {
+		s.repo.finishRemote(key, f, found, err)
+		return found, err, true
+	}
+	f.turn = t
+	return nil, nil, false
 }
 
 // leadFetch runs fetch for the flight f (named key) that the caller leads,

@@ -357,7 +357,16 @@ func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.Thu
 			if te, err = r.existingThumbnail(gctx, ck, k); te != nil || err != nil {
 				return err
 			}
-			te, err = r.generateThumbnail(gctx, e, k, ck)
+			// Cluster-wide, one instance generates; the others wait for
+			// its row.
+			t, err := r.waitTurn(gctx, thumbnailTopic(ck), func(c context.Context) (bool, error) {
+				te, err = r.existingThumbnail(c, ck, k)
+				return te != nil, err
+			})
+			if t == nil {
+				return err
+			}
+			te, err = r.generateThumbnail(gctx, e, k, ck, t)
 			return err
 		})
 		return te, err
@@ -375,6 +384,10 @@ func (r *Repository) thumbnail(ctx context.Context, e *mediaEntry, k storage.Thu
 		return nil, ctx.Err()
 	}
 }
+
+// thumbnailTopic is the cluster topic (and lock) of the generation of the
+// thumbnail cached under ck.
+func thumbnailTopic(ck mediaKey) string { return "thumbnail/" + ck.server + "/" + ck.id }
 
 // existingThumbnail returns the entry of thumbnail k when it exists: cached,
 // answered and being stored (pending), or recorded; nil when it does not.
@@ -426,8 +439,16 @@ func thumbnailFileName(contentType string) string {
 // generates thumbnail k and returns its entry: held in memory while it is
 // stored in the background (storeLater), or stored first when the backlog is
 // full. When the source is already small enough it records the source itself
-// as the thumbnail. ctx carries the generation's deadline.
-func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey, ck mediaKey) (*mediaEntry, error) {
+// as the thumbnail. ctx carries the generation's deadline. It ends the
+// cluster turn tn once the thumbnail's row is recorded or the generation
+// failed (storeLater's goroutine ends it when it stores the thumbnail).
+func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k storage.ThumbnailKey, ck mediaKey, tn *turn) (*mediaEntry, error) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			tn.end()
+		}
+	}()
 	if e.m.Size > r.thumbMaxSource {
 		r.metrics.thumbnailRejected("too_large")
 		return nil, fmt.Errorf("thumbnailing %d-byte source: %w", e.m.Size, thumbnails.ErrTooLarge)
@@ -474,7 +495,8 @@ func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k sto
 		return nil, err
 	}
 	r.metrics.thumbnailGenerated(time.Since(start))
-	if te := r.storeLater(ck, k, res, now); te != nil {
+	if te := r.storeLater(ck, k, res, now, tn); te != nil {
+		handedOff = true
 		return te, nil
 	}
 	t, err := r.storeThumbnail(ctx, k, res, now)
@@ -491,8 +513,9 @@ func (r *Repository) generateThumbnail(ctx context.Context, e *mediaEntry, k sto
 // pending set is full (DefaultThumbnailStoreBacklog bytes) or the
 // repository is draining: the caller then stores the thumbnail itself. A
 // failed store is logged; the thumbnail is then generated again on its next
-// request.
-func (r *Repository) storeLater(ck mediaKey, k storage.ThumbnailKey, res thumbnails.Result, now time.Time) *mediaEntry {
+// request. When it returns an entry, it ends the cluster turn tn once the
+// row is recorded (or storing failed); tn may be nil.
+func (r *Repository) storeLater(ck mediaKey, k storage.ThumbnailKey, res thumbnails.Result, now time.Time, tn *turn) *mediaEntry {
 	sum := sha256.Sum256(res.Data)
 	target, _ := r.stores.ForKind(storage.KindThumbnails)
 	te := newMediaEntry(storage.Media{
@@ -507,6 +530,7 @@ func (r *Repository) storeLater(ck mediaKey, k storage.ThumbnailKey, res thumbna
 	}
 	gen := r.cacheGen.Load()
 	started := r.Go("thumbnail_store", func() {
+		defer tn.end()
 		defer r.thumbPending.remove(ck, te)
 		if r.hooks.thumbnailStoring != nil {
 			r.hooks.thumbnailStoring()

@@ -421,7 +421,7 @@ func (s *Site) servePut(w http.ResponseWriter, r *http.Request, rt *route) int {
 	default:
 		return s.internalError(w, "completing pending media", err)
 	}
-	s.repo.waits.notify(key)
+	s.repo.publish(ctx, mediaTopic(key))
 	s.logUpload(user, m, res.Existed)
 	s.repo.pregenerate(m)
 	return writeJSON(w, emptyObject)

@@ -2,58 +2,46 @@ package mediaapi
 
 import (
 	"sync"
+
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 )
 
-// waitRegistry coordinates, within this process, the requests that concern
-// one pending media item: downloads waiting for its content subscribe and are
-// woken when a PUT completes it, and concurrent PUTs of the same item are
-// serialized (the loser gets 409, as in Synapse).
+// waitRegistry counts, within this process, the downloads waiting for one
+// pending media item (their wake-ups come from the cluster coordinator, so
+// that a PUT on any instance wakes them), and serializes concurrent PUTs of
+// the same item here (the loser gets 409 before its body, as in Synapse;
+// across instances, completing the row is conditional and the loser gets
+// 409 after it).
 type waitRegistry struct {
 	mu      sync.Mutex
-	waiters map[mediaKey]*waitList
+	waiters map[mediaKey]int
 	putting map[mediaKey]struct{}
 }
 
-// waitList is the broadcast channel of one media item: closed on completion.
-type waitList struct {
-	ch chan struct{}
-	n  int
-}
-
 func (w *waitRegistry) init() {
-	w.waiters = make(map[mediaKey]*waitList)
+	w.waiters = make(map[mediaKey]int)
 	w.putting = make(map[mediaKey]struct{})
 }
 
-// subscribe returns a channel closed when k is completed, and a function that
-// must be called once the caller stops waiting.
-func (w *waitRegistry) subscribe(k mediaKey) (<-chan struct{}, func()) {
+// mediaTopic is the cluster topic published when the pending item k gets
+// its content.
+func mediaTopic(k mediaKey) string { return "media/" + k.server + "/" + k.id }
+
+// subscribe subscribes to the completion of k through c; the returned
+// function ends the subscription and must be called once.
+func (w *waitRegistry) subscribe(c cluster.Coordinator, k mediaKey) (*cluster.Subscription, func()) {
+	sub := c.Subscribe(mediaTopic(k))
 	w.mu.Lock()
-	wl := w.waiters[k]
-	if wl == nil {
-		wl = &waitList{ch: make(chan struct{})}
-		w.waiters[k] = wl
-	}
-	wl.n++
+	w.waiters[k]++
 	w.mu.Unlock()
-	return wl.ch, func() {
+	return sub, func() {
+		sub.Close()
 		w.mu.Lock()
-		wl.n--
-		if wl.n == 0 && w.waiters[k] == wl {
+		if w.waiters[k]--; w.waiters[k] <= 0 {
 			delete(w.waiters, k)
 		}
 		w.mu.Unlock()
 	}
-}
-
-// notify wakes every subscriber of k.
-func (w *waitRegistry) notify(k mediaKey) {
-	w.mu.Lock()
-	if wl := w.waiters[k]; wl != nil {
-		close(wl.ch)
-		delete(w.waiters, k)
-	}
-	w.mu.Unlock()
 }
 
 // tryLockPut marks k as being uploaded; false when another PUT holds it.
@@ -78,8 +66,5 @@ func (w *waitRegistry) unlockPut(k mediaKey) {
 func (w *waitRegistry) waiting(k mediaKey) int {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if wl := w.waiters[k]; wl != nil {
-		return wl.n
-	}
-	return 0
+	return w.waiters[k]
 }

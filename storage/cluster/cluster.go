@@ -9,6 +9,16 @@
 // and Postgres, through PostgreSQL LISTEN/NOTIFY and session advisory locks
 // held on connections of its own.
 //
+// Postgres opens two connections per instance, outside the metadata
+// store's pool (count them against max_connections): a listener, which is
+// reconnected with a bounded backoff when it breaks, and a session, which
+// sends the notifications and holds the locks. A lock lives as long as its
+// session: when the session ends (PostgreSQL restarted, the backend was
+// killed, a query ran past its timeout) PostgreSQL frees the lock and the
+// holder's Lost channel is closed within about HealthInterval. Lock names
+// map to negative keys of the single-bigint advisory lock space, apart from
+// sqlstore's positive keys (see lockKey).
+//
 // Notifications are hints, never the state itself: one may be lost (a
 // connection broke), so subscribers re-read the state they wait for when
 // woken, and are also woken when the coordinator may have missed
@@ -16,6 +26,7 @@
 package cluster
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"sync"
@@ -81,10 +92,19 @@ func (s *Subscription) wake() {
 }
 
 // Hub is the in-process part of every Coordinator: the subscriptions of this
-// process, by topic. Coordinators deliver to it what they receive.
+// process, by topic. Coordinators deliver to it what they receive. While it
+// has subscribers, one goroutine wakes them all every Fallback, so that a
+// lost notification delays a waiter by at most that long without any waiter
+// polling on its own; it ends when the last subscription is closed.
 type Hub struct {
-	mu   sync.Mutex
-	subs map[string]map[*Subscription]struct{}
+	// Fallback is how often every subscriber is woken anyway. Zero means
+	// DefaultFallbackInterval; negative, never. Set it before the first
+	// Subscribe.
+	Fallback time.Duration
+
+	mu      sync.Mutex
+	subs    map[string]map[*Subscription]struct{}
+	ticking bool
 }
 
 // Subscribe adds a subscription to topic.
@@ -101,8 +121,28 @@ func (h *Hub) Subscribe(topic string) *Subscription {
 		h.subs[topic] = set
 	}
 	set[s] = struct{}{}
+	if !h.ticking && h.Fallback >= 0 {
+		h.ticking = true
+		go h.runFallback(cmp.Or(h.Fallback, DefaultFallbackInterval))
+	}
 	h.mu.Unlock()
 	return s
+}
+
+// runFallback wakes every subscriber every interval while there are any.
+func (h *Hub) runFallback(interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for range t.C {
+		h.mu.Lock()
+		if len(h.subs) == 0 {
+			h.ticking = false
+			h.mu.Unlock()
+			return
+		}
+		h.wakeAllLocked()
+		h.mu.Unlock()
+	}
 }
 
 func (h *Hub) remove(s *Subscription) {
@@ -128,12 +168,16 @@ func (h *Hub) Deliver(topic string) {
 // DeliverAll wakes every subscriber: notifications may have been lost.
 func (h *Hub) DeliverAll() {
 	h.mu.Lock()
+	h.wakeAllLocked()
+	h.mu.Unlock()
+}
+
+func (h *Hub) wakeAllLocked() {
 	for _, set := range h.subs {
 		for s := range set {
 			s.wake()
 		}
 	}
-	h.mu.Unlock()
 }
 
 // Subscribers counts the subscriptions (for tests and metrics).
@@ -145,25 +189,6 @@ func (h *Hub) Subscribers() int {
 		n += len(set)
 	}
 	return n
-}
-
-// RunFallback wakes every subscriber every interval until ctx ends, so
-// that a lost notification delays a waiter by at most interval. One
-// goroutine serves every subscriber: no waiter polls on its own.
-func (h *Hub) RunFallback(ctx context.Context, interval time.Duration) {
-	if interval <= 0 {
-		interval = DefaultFallbackInterval
-	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			h.DeliverAll()
-		}
-	}
 }
 
 // localLocks are the locks held in this process, by name. Every
@@ -203,8 +228,14 @@ type Local struct {
 	closed bool
 }
 
-// NewLocal returns a Local coordinator.
-func NewLocal() *Local { return &Local{} }
+// NewLocal returns a Local coordinator whose subscribers are also woken
+// every fallback (zero: DefaultFallbackInterval; negative: never), in case a
+// change was made without a Publish.
+func NewLocal(fallback time.Duration) *Local {
+	l := &Local{}
+	l.hub.Fallback = fallback
+	return l
+}
 
 // Publish implements Coordinator.
 func (l *Local) Publish(_ context.Context, topic string) error {
