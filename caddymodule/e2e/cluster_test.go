@@ -35,12 +35,12 @@ func clusterTokens() map[string]string {
 	}
 }
 
-// cluster is three Caddy instances serving one site, a.test, on one
+// scaleCluster is three Caddy instances serving one site, a.test, on one
 // PostgreSQL database, one S3 datastore (reached through s3p) and one Redis,
 // behind a fourth Caddy load-balancing over them round-robin, all on
 // loopback. Tests talk to the load balancer (lbClient) or, when they need to
 // choose, to one instance (client).
-type cluster struct {
+type scaleCluster struct {
 	// insts are the instances, "A", "B" and "C"; restart replaces one.
 	insts []*instance
 	cfgs  []config
@@ -61,9 +61,9 @@ var instanceNames = []string{"A", "B", "C"}
 // startCluster starts the shared services, the three instances and the load
 // balancer. The instances federate (signing key, trusted test CA, loopback
 // allowed), so that they can fetch remote media from a test origin.
-func startCluster(t *testing.T) *cluster {
+func startCluster(t *testing.T) *scaleCluster {
 	t.Helper()
-	cl := &cluster{
+	cl := &scaleCluster{
 		hs:    newHomeserver(t, clusterTokens()),
 		s3:    tests3.Start(t),
 		redis: testredis.Start(t),
@@ -131,19 +131,19 @@ http://:%d {
 }
 
 // client is a client of a.test on instance i, directly.
-func (cl *cluster) client(i int, token string) *siteClient {
+func (cl *scaleCluster) client(i int, token string) *siteClient {
 	return newSiteClient(cl.insts[i], "a.test", token, true)
 }
 
 // lbClient is a client of a.test through the load balancer.
-func (cl *cluster) lbClient(token string) *siteClient {
+func (cl *scaleCluster) lbClient(token string) *siteClient {
 	return newSiteClient(cl.lb, "a.test", token, true)
 }
 
 // restart starts instance i again on its config, after it was killed. It
 // must be called from the top-level test's goroutine (the instance outlives
 // the subtest that killed the previous one).
-func (cl *cluster) restart(t *testing.T, i int) {
+func (cl *scaleCluster) restart(t *testing.T, i int) {
 	t.Helper()
 	select {
 	case <-cl.insts[i].exited:
@@ -154,7 +154,7 @@ func (cl *cluster) restart(t *testing.T, i int) {
 }
 
 // kill kills instance i with SIGKILL and waits for it to be gone.
-func (cl *cluster) kill(t *testing.T, i int) {
+func (cl *scaleCluster) kill(t *testing.T, i int) {
 	t.Helper()
 	if err := cl.insts[i].cmd.Process.Kill(); err != nil {
 		t.Fatalf("killing instance %s: %v", instanceNames[i], err)
@@ -164,7 +164,7 @@ func (cl *cluster) kill(t *testing.T, i int) {
 
 // metricSum is the sum over the running instances of one sample of their
 // admin /metrics (see metricValue).
-func (cl *cluster) metricSum(t *testing.T, series string) float64 {
+func (cl *scaleCluster) metricSum(t *testing.T, series string) float64 {
 	t.Helper()
 	var sum float64
 	for _, inst := range cl.insts {
