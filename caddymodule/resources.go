@@ -16,6 +16,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaadmin"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
+	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/s3store"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
@@ -92,11 +93,16 @@ type resources struct {
 	migrations *migrations
 	// gc collects orphan blobs in the background and on demand (admin API),
 	// with the gc policy of the config provisioned last.
-	gc      *gcJob
-	meta    *sqlstore.Store
-	repo    *mediaapi.Repository
-	metrics *mediaapi.Metrics
-	logger  *zap.Logger
+	gc   *gcJob
+	meta *sqlstore.Store
+	// cluster coordinates this instance with the others sharing the
+	// database (PostgreSQL); a cluster.Local on SQLite, which serves one
+	// instance. clusterMetrics exports its counters.
+	cluster        cluster.Coordinator
+	clusterMetrics *clusterMetrics
+	repo           *mediaapi.Repository
+	metrics        *mediaapi.Metrics
+	logger         *zap.Logger
 
 	// jobs runs the persisted background jobs (remote purges, retention),
 	// resumes those of instances that died, and schedules retention.
@@ -158,6 +164,12 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		// The store's errors name the driver, never the DSN.
 		return nil, fmt.Errorf("opening %s metadata database: %w", s.driver, err)
 	}
+	coord, err := openCluster(ctx, s, logger)
+	if err != nil {
+		_ = meta.Close()
+		_ = stores.Close()
+		return nil, err
+	}
 	redirects := map[string]mediaapi.RedirectPolicy{}
 	for _, d := range s.datastores {
 		if d.Redirect != nil {
@@ -171,6 +183,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	if !s.thumbnails.disabled {
 		g, err := thumbnails.New(s.thumbnails.generator)
 		if err != nil {
+			_ = coord.Close()
 			_ = meta.Close()
 			_ = stores.Close()
 			return nil, fmt.Errorf("starting the thumbnail generator: %w", err)
@@ -192,14 +205,17 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		MediaCacheSize:            s.mediaCacheSize,
 		Logger:                    logger,
 		Metrics:                   metrics,
+		Cluster:                   coord,
 	})
 	if err != nil {
+		_ = coord.Close()
 		_ = meta.Close()
 		_ = stores.Close()
 		return nil, fmt.Errorf("building media repository: %w", err)
 	}
 	gcJob, err := newGCJob(meta, stores, logger)
 	if err != nil {
+		_ = coord.Close()
 		_ = meta.Close()
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
@@ -207,6 +223,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	bg, err := openJobs(meta, stores, logger)
 	if err != nil {
 		gcJob.close()
+		_ = coord.Close()
 		_ = meta.Close()
 		_ = stores.Close()
 		return nil, err
@@ -217,14 +234,17 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		migrations: newMigrations(meta, stores, logger, repo.Go),
 		gc:         gcJob,
 		meta:       meta,
+		cluster:    coord,
 		repo:       repo,
-		metrics:    metrics,
-		logger:     logger,
-		jobs:       bg,
-		purger:     bg.retention,
-		stopExpiry: stop,
-		closed:     make(chan struct{}),
-		drainWait:  defaultDrainWait,
+
+		clusterMetrics: newClusterMetrics(coord),
+		metrics:        metrics,
+		logger:         logger,
+		jobs:           bg,
+		purger:         bg.retention,
+		stopExpiry:     stop,
+		closed:         make(chan struct{}),
+		drainWait:      defaultDrainWait,
 
 		thumbs:                 generator,
 		exportPreviewMaxSource: min(cmp.Or(s.thumbnails.maxSource, thumbnails.DefaultMaxSourceBytes), exportPreviewMaxSource),
@@ -236,6 +256,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		stop()
 		bg.runner.Close()
 		gcJob.close()
+		_ = coord.Close()
 		_ = meta.Close()
 		_ = stores.Close()
 		return nil, fmt.Errorf("building the media admin service: %w", err)
@@ -314,7 +335,7 @@ func (r *resources) closeStores() {
 
 // closeNow closes both stores, sets closeErr and closes closed.
 func (r *resources) closeNow() {
-	err := errors.Join(r.meta.Close(), r.stores.Close())
+	err := errors.Join(r.cluster.Close(), r.meta.Close(), r.stores.Close())
 	if err != nil {
 		err = fmt.Errorf("closing matrix_media stores: %w", err)
 		r.logger.Error("closing stores", zap.Error(err))

@@ -9,16 +9,41 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/filestore"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/sqlstore"
 )
 
-// instances builds n repositories ("instances") sharing one metadata store,
-// one blob store and one cluster coordinator, as Caddy instances sharing a
-// database do; configure adjusts each.
-func instances(t *testing.T, n int, coord cluster.Coordinator, configure envOption) []*env {
+// coordinators gives instance i its cluster coordinator.
+type coordinators func(t *testing.T, i int) cluster.Coordinator
+
+// sharedLocal gives every instance one Local coordinator (fallback off).
+func sharedLocal() coordinators {
+	c := cluster.NewLocal(-1)
+	return func(*testing.T, int) cluster.Coordinator { return c }
+}
+
+// postgresCoordinators gives every instance a Postgres coordinator of its
+// own on one real database (fallback at an hour, so only notifications
+// wake waiters).
+func postgresCoordinators(t *testing.T) coordinators {
+	dsn := testpg.DSN(t)
+	return func(t *testing.T, i int) cluster.Coordinator {
+		c, err := cluster.NewPostgres(context.Background(), dsn, cluster.PostgresOptions{FallbackInterval: time.Hour})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = c.Close() })
+		return c
+	}
+}
+
+// instances builds n repositories ("instances") sharing one metadata store
+// and one blob store, as Caddy instances sharing a database do, each with
+// the cluster coordinator coord gives it; configure adjusts each.
+func instances(t *testing.T, n int, coord coordinators, configure envOption) []*env {
 	t.Helper()
 	dir := t.TempDir()
 	sq, err := sqlstore.OpenSQLite(context.Background(), filepath.Join(dir, "shared.db"))
@@ -36,9 +61,10 @@ func instances(t *testing.T, n int, coord cluster.Coordinator, configure envOpti
 	}
 	envs := make([]*env, n)
 	for i := range envs {
-		envs[i] = newEnvOn(t, func(testing.TB) *sqlstore.Store { return sq }, shared, func(c *SiteConfig, o *RepositoryOptions) {
-			o.Cluster = coord
-			configure(c, o)
+		c := coord(t, i)
+		envs[i] = newEnvOn(t, func(testing.TB) *sqlstore.Store { return sq }, shared, func(sc *SiteConfig, o *RepositoryOptions) {
+			o.Cluster = c
+			configure(sc, o)
 		})
 	}
 	return envs
@@ -69,14 +95,32 @@ func clusterWaits(envs []*env, work string) float64 {
 	return n
 }
 
-// TestClusterOneRemoteFetch: concurrent first downloads of one remote item
-// on three instances make one fetch; the other instances wait for its row
-// and answer from it.
-func TestClusterOneRemoteFetch(t *testing.T) {
+// TestClusterCoordination runs the cluster tests on a shared Local
+// coordinator and on one real PostgreSQL coordinator per instance.
+func TestClusterCoordination(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		coords func(t *testing.T) coordinators
+	}{
+		{"local", func(*testing.T) coordinators { return sharedLocal() }},
+		{"postgres", postgresCoordinators},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Run("one remote fetch", func(t *testing.T) { testOneRemoteFetch(t, tc.coords(t)) })
+			t.Run("one thumbnail generation", func(t *testing.T) { testOneThumbnailGeneration(t, tc.coords(t)) })
+			t.Run("async upload on another instance", func(t *testing.T) { testAsyncUploadAcross(t, tc.coords(t)) })
+		})
+	}
+}
+
+// testOneRemoteFetch: concurrent first downloads of one remote item on
+// three instances make one fetch; the other instances wait for its row and
+// answer from it.
+func testOneRemoteFetch(t *testing.T, coords coordinators) {
 	fr := &fakeRemote{media: map[string][]byte{}, gate: make(chan struct{})}
 	photo := testJPEG(t, 320, 240)
 	fr.media["other.test/abc"] = photo
-	envs := instances(t, 3, cluster.NewLocal(-1), func(c *SiteConfig, o *RepositoryOptions) {
+	envs := instances(t, 3, coords, func(c *SiteConfig, o *RepositoryOptions) {
 		c.Remote = fr
 		o.MaxRemoteSize = 1 << 20
 	})
@@ -106,7 +150,7 @@ func TestClusterRemoteFetchRetriedWhenTheHolderFails(t *testing.T) {
 	photo := testJPEG(t, 64, 48)
 	fr := &fakeRemote{media: map[string][]byte{"other.test/x": photo}}
 	coord := cluster.NewLocal(-1)
-	envs := instances(t, 2, coord, func(c *SiteConfig, o *RepositoryOptions) {
+	envs := instances(t, 2, func(*testing.T, int) cluster.Coordinator { return coord }, func(c *SiteConfig, o *RepositoryOptions) {
 		c.Remote = fr
 		o.MaxRemoteSize = 1 << 20
 	})
@@ -140,16 +184,16 @@ func TestClusterRemoteFetchRetriedWhenTheHolderFails(t *testing.T) {
 	}
 }
 
-// TestClusterOneThumbnailGeneration: concurrent cold requests of one
-// thumbnail on three instances make one generation; the others answer from
-// its stored row.
-func TestClusterOneThumbnailGeneration(t *testing.T) {
+// testOneThumbnailGeneration: concurrent cold requests of one thumbnail on
+// three instances make one generation; the others answer from its stored
+// row.
+func testOneThumbnailGeneration(t *testing.T, coords coordinators) {
 	g, err := newTestGenerator()
 	if err != nil {
 		t.Fatal(err)
 	}
 	ct := &countingThumbnailer{g: g, gate: make(chan struct{})}
-	envs := instances(t, 3, cluster.NewLocal(-1), func(_ *SiteConfig, o *RepositoryOptions) { o.Thumbnailer = ct })
+	envs := instances(t, 3, coords, func(_ *SiteConfig, o *RepositoryOptions) { o.Thumbnailer = ct })
 	id := envs[0].upload("alice", testJPEG(t, 640, 480), "image/jpeg", "")
 	go func() {
 		waitUntil(5*time.Second, func() bool { return clusterWaits(envs, "thumbnail") >= 2 })
@@ -167,11 +211,40 @@ func TestClusterOneThumbnailGeneration(t *testing.T) {
 	}
 }
 
+// testAsyncUploadAcross: a download waiting on one instance for a pending
+// item is answered when the PUT lands on another, by its notification (the
+// coordinators' fallback is off or an hour long).
+func testAsyncUploadAcross(t *testing.T, coords coordinators) {
+	envs := instances(t, 2, coords, func(c *SiteConfig, _ *RepositoryOptions) { c.MaxDownloadTimeout = time.Hour })
+	id := envs[0].create("alice")
+	got := make(chan *httptest.ResponseRecorder, 1)
+	go func() {
+		got <- envs[1].do(req{method: "GET", path: "/_matrix/client/v1/media/download/test/" + id + "?timeout_ms=3600000", token: "bob"})
+	}()
+	if !waitUntil(10*time.Second, func() bool { return envs[1].repo.waits.waiting(mediaKey{testServer, id}) == 1 }) {
+		t.Fatal("the download is not waiting")
+	}
+	put := envs[0].do(req{method: "PUT", path: "/_matrix/media/v3/upload/test/" + id, token: "alice", body: []byte("bytes put elsewhere"),
+		header: map[string]string{"Content-Type": "text/plain"}})
+	if put.Code != 200 {
+		t.Fatalf("PUT: %d %s", put.Code, put.Body.String())
+	}
+	select {
+	case dl := <-got:
+		if dl.Code != 200 || dl.Body.String() != "bytes put elsewhere" || dl.Header().Get("Content-Type") != "text/plain" {
+			t.Fatalf("waiting download: %d %q %q", dl.Code, dl.Body.String(), dl.Header().Get("Content-Type"))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the download waiting on the other instance was not woken by the PUT")
+	}
+}
+
 // TestClusterPendingExpiryOneSweeper: while one instance holds the
 // pending-expiry lock, the others skip their sweeps.
 func TestClusterPendingExpiryOneSweeper(t *testing.T) {
 	coord := cluster.NewLocal(-1)
-	envs := instances(t, 2, coord, func(_ *SiteConfig, o *RepositoryOptions) { o.PendingCleanupInterval = 5 * time.Millisecond })
+	envs := instances(t, 2, func(*testing.T, int) cluster.Coordinator { return coord },
+		func(_ *SiteConfig, o *RepositoryOptions) { o.PendingCleanupInterval = 5 * time.Millisecond })
 	e := envs[1]
 	id := e.create("alice")
 	e.clock.Advance(25 * time.Hour)
