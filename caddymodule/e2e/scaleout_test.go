@@ -409,7 +409,8 @@ func checkClusterMediaAdmin(t *testing.T, cl *scaleCluster) {
 				return last.status == http.StatusNotFound && last.errcode() == "M_NOT_FOUND"
 			})
 			if !refused {
-				t.Errorf("%s still answers %v for the %s item %v after the admin call", instanceNames[i], last, what, time.Since(start))
+				t.Errorf("%s still answers %d (errcode %q, %d bytes) for the %s item %v after the admin call",
+					instanceNames[i], last.status, last.errcode(), len(last.body), what, time.Since(start).Round(time.Millisecond))
 			}
 		}
 		t.Logf("every instance refuses the %s item (checked within %v)", what, time.Since(start).Round(time.Millisecond))
