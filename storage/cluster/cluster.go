@@ -294,8 +294,17 @@ func NewLocal(fallback time.Duration) *Local {
 
 // Publish implements Coordinator.
 func (l *Local) Publish(_ context.Context, topic string) error {
+	if l.isClosed() {
+		return ErrClosed
+	}
 	l.hub.Deliver(topic)
 	return nil
+}
+
+func (l *Local) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
 }
 
 // Subscribe implements Coordinator.
@@ -306,10 +315,7 @@ func (l *Local) Handle(prefix string, fn func(topic string)) func() { return l.h
 
 // TryLock implements Coordinator.
 func (l *Local) TryLock(_ context.Context, name string) (Lock, bool, error) {
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
+	if l.isClosed() {
 		return nil, false, ErrClosed
 	}
 	if !l.locks.tryTake(name) {
