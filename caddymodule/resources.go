@@ -220,7 +220,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
 	}
-	bg, err := openJobs(meta, stores, logger)
+	bg, err := openJobs(meta, stores, repo, logger)
 	if err != nil {
 		gcJob.close()
 		_ = coord.Close()

@@ -6,6 +6,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaapi"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/jobs"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/retention"
@@ -103,7 +104,7 @@ type backgroundJobs struct {
 
 // openJobs builds the job runner and the retention service on meta. They
 // run nothing until startJobs.
-func openJobs(meta *sqlstore.Store, stores *storage.Datastores, logger *zap.Logger) (*backgroundJobs, error) {
+func openJobs(meta *sqlstore.Store, stores *storage.Datastores, repo *mediaapi.Repository, logger *zap.Logger) (*backgroundJobs, error) {
 	var js jobStore = meta
 	metrics := jobs.NewMetrics()
 	runner, err := jobs.New(jobs.Options{Store: js, Logger: logger.Named("jobs"), Metrics: metrics})
@@ -112,6 +113,8 @@ func openJobs(meta *sqlstore.Store, stores *storage.Datastores, logger *zap.Logg
 	}
 	svc, err := retention.New(retention.Options{
 		Meta: js, Stores: stores, Runner: runner, Grace: DefaultGCGrace, Logger: logger.Named("retention"),
+		Forget:        func(ref storage.MediaRef) { repo.Forget(ref.ServerName, ref.MediaID) },
+		ForgetContent: repo.ForgetContent,
 	})
 	if err != nil {
 		runner.Close()

@@ -497,6 +497,9 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		r.placeholder = opts.QuarantinePlaceholder
 		r.placeholderEntry = newPlaceholderEntry(opts.QuarantinePlaceholder, opts.QuarantinePlaceholderType)
 	}
+	// Invalidations made by other instances (their admin API) reach this
+	// one's caches; the registration lives as long as the coordinator.
+	r.cluster.Handle(forgetTopicPrefix, r.applyForget)
 	return r, nil
 }
 
@@ -504,11 +507,17 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 func (r *Repository) Metrics() *Metrics { return r.metrics }
 
 // Forget drops a media item and its thumbnails from the in-memory caches,
-// so that the next request reads the store again. Call it after deleting or
-// changing a media row behind the repository's back (admin deletion,
-// protection). It only affects this process: other instances sharing the
-// database keep their cached rows until they are evicted.
+// so that the next request reads the store again, here and (through the
+// cluster coordinator) on every instance sharing the database. Call it
+// after deleting or changing a media row behind the repository's back
+// (admin deletion, protection).
 func (r *Repository) Forget(serverName, mediaID string) {
+	r.forget(serverName, mediaID)
+	r.publish(context.Background(), forgetMediaTopic(serverName, mediaID))
+}
+
+// forget is Forget in this process only.
+func (r *Repository) forget(serverName, mediaID string) {
 	prefix := mediaID + "/"
 	r.thumbPending.removeIf(func(k mediaKey, _ *mediaEntry) bool {
 		return k.server == serverName && strings.HasPrefix(k.id, prefix)
@@ -530,14 +539,21 @@ func (r *Repository) Forget(serverName, mediaID string) {
 // media. It looks at the cache itself rather than the store's list of the
 // hash's rows, so that it also drops rows the store no longer lists (deleted
 // meanwhile); it never fails, the error is for callers' interfaces. Like
-// Forget it only affects this process.
-func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
+// Forget it reaches every instance sharing the database.
+func (r *Repository) ForgetContent(ctx context.Context, sha256 string) error {
 	if sha256 == "" {
 		return nil
 	}
+	r.forgetContent(sha256)
+	r.publish(ctx, forgetContentTopic(sha256))
+	return nil
+}
+
+// forgetContent is ForgetContent in this process only.
+func (r *Repository) forgetContent(sha256 string) {
 	r.thumbPending.removeIf(func(_ mediaKey, e *mediaEntry) bool { return e.m.SHA256 == sha256 })
 	if r.cache == nil {
-		return nil
+		return
 	}
 	r.cacheGen.Add(1)
 	items := make(map[mediaKey]struct{})
@@ -556,7 +572,6 @@ func (r *Repository) ForgetContent(_ context.Context, sha256 string) error {
 		_, ok := items[mediaKey{k.server, id}]
 		return ok
 	})
-	return nil
 }
 
 // RunPendingExpiry deletes expired pending media (reserved by /create and

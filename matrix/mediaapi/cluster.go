@@ -2,6 +2,7 @@ package mediaapi
 
 import (
 	"context"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -101,3 +102,44 @@ func topicWork(topic string) string {
 // pendingExpiryLock is the cluster lock of the pending-expiry sweep: one
 // instance sweeps at a time.
 const pendingExpiryLock = "task/pending_expiry"
+
+// Cache invalidations travel between instances as topics under
+// forgetTopicPrefix: forget/media/<server>/<id> (Forget) and
+// forget/content/<sha256> (ForgetContent).
+const (
+	forgetTopicPrefix   = "forget/"
+	forgetMediaPrefix   = forgetTopicPrefix + "media/"
+	forgetContentPrefix = forgetTopicPrefix + "content/"
+)
+
+func forgetMediaTopic(server, id string) string { return forgetMediaPrefix + server + "/" + id }
+func forgetContentTopic(sha256 string) string   { return forgetContentPrefix + sha256 }
+
+// applyForget applies an invalidation published by any instance (this one
+// included: applying it twice is harmless) to this process's caches. ""
+// means invalidations may have been lost (the coordinator reconnected):
+// every cached row is dropped.
+func (r *Repository) applyForget(topic string) {
+	switch {
+	case topic == "":
+		r.forgetAll()
+	case strings.HasPrefix(topic, forgetContentPrefix):
+		r.forgetContent(strings.TrimPrefix(topic, forgetContentPrefix))
+	case strings.HasPrefix(topic, forgetMediaPrefix):
+		// Server names and media IDs hold no '/'.
+		server, id, ok := strings.Cut(strings.TrimPrefix(topic, forgetMediaPrefix), "/")
+		if ok {
+			r.forget(server, id)
+		}
+	}
+}
+
+// forgetAll empties the media and thumbnail row caches.
+func (r *Repository) forgetAll() {
+	if r.cache == nil {
+		return
+	}
+	r.cacheGen.Add(1)
+	r.cache.removeIf(func(mediaKey, *mediaEntry) bool { return true })
+	r.thumbCache.removeIf(func(mediaKey, *mediaEntry) bool { return true })
+}

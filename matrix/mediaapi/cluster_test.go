@@ -3,6 +3,8 @@ package mediaapi
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"net/http/httptest"
 	"path/filepath"
 	"sync"
@@ -109,6 +111,7 @@ func TestClusterCoordination(t *testing.T) {
 			t.Run("one remote fetch", func(t *testing.T) { testOneRemoteFetch(t, tc.coords(t)) })
 			t.Run("one thumbnail generation", func(t *testing.T) { testOneThumbnailGeneration(t, tc.coords(t)) })
 			t.Run("async upload on another instance", func(t *testing.T) { testAsyncUploadAcross(t, tc.coords(t)) })
+			t.Run("cache invalidation", func(t *testing.T) { testInvalidationAcross(t, tc.coords(t)) })
 		})
 	}
 }
@@ -236,6 +239,43 @@ func testAsyncUploadAcross(t *testing.T, coords coordinators) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the download waiting on the other instance was not woken by the PUT")
+	}
+}
+
+// testInvalidationAcross: content quarantined through one instance is
+// refused at once by another that had its row cached, and a deleted item's
+// cached row is dropped there too.
+func testInvalidationAcross(t *testing.T, coords coordinators) {
+	envs := instances(t, 2, coords, func(*SiteConfig, *RepositoryOptions) {})
+	body := []byte("soon quarantined")
+	id := envs[0].upload("alice", body, "text/plain", "")
+	path := "/_matrix/client/v1/media/download/test/" + id
+	if rec := envs[1].do(req{method: "GET", path: path, token: "bob"}); rec.Code != 200 || rec.Body.String() != string(body) {
+		t.Fatalf("download on the other instance: %d %q", rec.Code, rec.Body.String())
+	}
+	if envs[1].repo.cache.get(mediaKey{testServer, id}) == nil {
+		t.Fatal("the other instance did not cache the row")
+	}
+	digest := sha256.Sum256(body)
+	sum := hex.EncodeToString(digest[:])
+	if _, err := envs[0].sql.QuarantineContent(context.Background(), storage.Quarantine{SHA256: sum, By: "@admin:test"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := envs[0].repo.ForgetContent(context.Background(), sum); err != nil {
+		t.Fatal(err)
+	}
+	if !waitUntil(10*time.Second, func() bool { return envs[1].repo.cache.get(mediaKey{testServer, id}) == nil }) {
+		t.Fatal("the other instance kept the quarantined content's row cached")
+	}
+	expectError(t, envs[1].do(req{method: "GET", path: path, token: "bob"}), 404, "M_NOT_FOUND")
+
+	id2 := envs[0].upload("alice", []byte("soon deleted"), "text/plain", "")
+	if rec := envs[1].do(req{method: "GET", path: "/_matrix/client/v1/media/download/test/" + id2, token: "bob"}); rec.Code != 200 {
+		t.Fatalf("download on the other instance: %d", rec.Code)
+	}
+	envs[0].repo.Forget(testServer, id2)
+	if !waitUntil(10*time.Second, func() bool { return envs[1].repo.cache.get(mediaKey{testServer, id2}) == nil }) {
+		t.Fatal("the other instance kept the forgotten row cached")
 	}
 }
 

@@ -550,7 +550,7 @@ func mapFederationError(err error) error {
 // remote media item, fetched once and cached content-addressed like remote
 // media, under an internal media ID that no request can name ('~' is not
 // allowed in media IDs). The fetch is admitted by the same bounds as remote
-// media.
+// media, and made by one instance of the cluster (remoteTurn).
 func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k storage.ThumbnailKey, o *resolveOptions) (*mediaEntry, error) {
 	timeout := o.timeout
 	anim := "s"
@@ -567,6 +567,9 @@ func (s *Site) remoteThumbnailEntry(ctx context.Context, rt RemoteThumbnailer, k
 	}
 	f, key, e, err := s.joinFlight(ctx, ik)
 	if f == nil {
+		return e, err
+	}
+	if e, err, done := s.remoteTurn(ctx, key, f, ik); done {
 		return e, err
 	}
 	return s.leadFetch(ctx, "remote_thumbnail_fetch", key, f, func(fctx context.Context) (*mediaEntry, error) {

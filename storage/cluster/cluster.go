@@ -29,6 +29,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"time"
 )
@@ -49,6 +50,12 @@ type Coordinator interface {
 	Publish(ctx context.Context, topic string) error
 	// Subscribe returns a subscription to topic. The caller must Close it.
 	Subscribe(topic string) *Subscription
+	// Handle calls fn with every topic published that starts with prefix
+	// (a change other instances must apply: an invalidation), on the
+	// goroutine that delivers it, so fn must be quick; and with "" when
+	// notifications may have been lost (fn must then assume anything
+	// changed). stop ends the calls.
+	Handle(prefix string, fn func(topic string)) (stop func())
 	// TryLock takes the cluster-wide lock called name when no one (on any
 	// instance, this one included) holds it. It does not wait: acquired is
 	// false when the lock is held.
@@ -102,9 +109,52 @@ type Hub struct {
 	// Subscribe.
 	Fallback time.Duration
 
-	mu      sync.Mutex
-	subs    map[string]map[*Subscription]struct{}
-	ticking bool
+	mu       sync.Mutex
+	subs     map[string]map[*Subscription]struct{}
+	ticking  bool
+	handlers map[*handler]struct{}
+}
+
+// handler is a Handle registration.
+type handler struct {
+	prefix string
+	fn     func(topic string)
+}
+
+// Handle registers fn for the topics starting with prefix (see
+// Coordinator.Handle).
+func (h *Hub) Handle(prefix string, fn func(topic string)) func() {
+	hd := &handler{prefix: prefix, fn: fn}
+	h.mu.Lock()
+	if h.handlers == nil {
+		h.handlers = make(map[*handler]struct{})
+	}
+	h.handlers[hd] = struct{}{}
+	h.mu.Unlock()
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			h.mu.Lock()
+			delete(h.handlers, hd)
+			h.mu.Unlock()
+		})
+	}
+}
+
+// handle calls the handlers matching topic ("" matches all), outside the
+// hub's lock.
+func (h *Hub) handle(topic string) {
+	h.mu.Lock()
+	var fns []func(string)
+	for hd := range h.handlers {
+		if topic == "" || strings.HasPrefix(topic, hd.prefix) {
+			fns = append(fns, hd.fn)
+		}
+	}
+	h.mu.Unlock()
+	for _, fn := range fns {
+		fn(topic)
+	}
 }
 
 // Subscribe adds a subscription to topic.
@@ -156,20 +206,25 @@ func (h *Hub) remove(s *Subscription) {
 	h.mu.Unlock()
 }
 
-// Deliver wakes the subscribers of topic.
+// Deliver wakes the subscribers of topic and calls its handlers.
 func (h *Hub) Deliver(topic string) {
 	h.mu.Lock()
 	for s := range h.subs[topic] {
 		s.wake()
 	}
 	h.mu.Unlock()
+	if topic != "" {
+		h.handle(topic)
+	}
 }
 
-// DeliverAll wakes every subscriber: notifications may have been lost.
+// DeliverAll wakes every subscriber and calls every handler with "":
+// notifications may have been lost.
 func (h *Hub) DeliverAll() {
 	h.mu.Lock()
 	h.wakeAllLocked()
 	h.mu.Unlock()
+	h.handle("")
 }
 
 func (h *Hub) wakeAllLocked() {
@@ -239,19 +294,28 @@ func NewLocal(fallback time.Duration) *Local {
 
 // Publish implements Coordinator.
 func (l *Local) Publish(_ context.Context, topic string) error {
+	if l.isClosed() {
+		return ErrClosed
+	}
 	l.hub.Deliver(topic)
 	return nil
+}
+
+func (l *Local) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
 }
 
 // Subscribe implements Coordinator.
 func (l *Local) Subscribe(topic string) *Subscription { return l.hub.Subscribe(topic) }
 
+// Handle implements Coordinator.
+func (l *Local) Handle(prefix string, fn func(topic string)) func() { return l.hub.Handle(prefix, fn) }
+
 // TryLock implements Coordinator.
 func (l *Local) TryLock(_ context.Context, name string) (Lock, bool, error) {
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
+	if l.isClosed() {
 		return nil, false, ErrClosed
 	}
 	if !l.locks.tryTake(name) {

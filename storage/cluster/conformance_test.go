@@ -186,6 +186,7 @@ func TestConformance(t *testing.T) {
 			t.Run("LockExclusive", func(t *testing.T) { testLockExclusive(t, im) })
 			t.Run("LockConcurrency", func(t *testing.T) { testLockConcurrency(t, im) })
 			t.Run("Close", func(t *testing.T) { testClose(t, im) })
+			t.Run("Handle", func(t *testing.T) { testHandle(t, im) })
 		})
 	}
 }
@@ -341,4 +342,34 @@ func adminConn(t *testing.T, dsn string) *pgx.Conn {
 	}
 	t.Cleanup(func() { _ = c.Close(context.Background()) })
 	return c
+}
+
+// testHandle: a handler receives the published topics of its prefix, from
+// either instance, and none after stop.
+func testHandle(t *testing.T, im impl) {
+	a, b := im.pair(t)
+	got := make(chan string, 16)
+	stop := a.Handle("forget/", func(topic string) { got <- topic })
+	t.Cleanup(stop)
+	want := topic("forget")
+	publish(t, b, topic("other"))
+	publish(t, b, want)
+	select {
+	case g := <-got:
+		if g != want {
+			t.Fatalf("handler got %q, want %q (the other prefix must not reach it)", g, want)
+		}
+	case <-time.After(wait):
+		t.Fatal("the handler was not called for a topic of its prefix")
+	}
+	stop()
+	// A publish after stop, then a barrier subscription proves delivery
+	// went past the handler without calling it.
+	publish(t, b, topic("forget"))
+	barrier(t, b, a)
+	select {
+	case g := <-got:
+		t.Fatalf("handler called after stop with %q", g)
+	default:
+	}
 }

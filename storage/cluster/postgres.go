@@ -249,6 +249,11 @@ func NewPostgres(ctx context.Context, dsn string, opts PostgresOptions) (*Postgr
 // Subscribe implements Coordinator.
 func (p *Postgres) Subscribe(topic string) *Subscription { return p.hub.Subscribe(topic) }
 
+// Handle implements Coordinator.
+func (p *Postgres) Handle(prefix string, fn func(topic string)) func() {
+	return p.hub.Handle(prefix, fn)
+}
+
 // Publish implements Coordinator. It wakes this process's subscribers at
 // once, then sends the notification through PostgreSQL, which delivers it
 // to every instance (this one again: duplicate wake-ups merge). A topic

@@ -112,11 +112,23 @@ func TestPostgresListenerKilled(t *testing.T) {
 	admin := adminConn(t, dsn)
 
 	s := subscribe(t, a, topic("t"))
+	resync := make(chan string, 4)
+	stop := a.Handle("forget/", func(topic string) { resync <- topic })
+	defer stop()
 	old := a.listenerPID.Load()
 	terminate(t, admin, old, listenerAppName)
 
-	// No publish and no fallback: only the reconnection wakes s.
+	// No publish and no fallback: only the reconnection wakes s, and tells
+	// handlers that anything may have changed ("").
 	waitWake(t, s, "subscriber after the listener reconnected")
+	select {
+	case g := <-resync:
+		if g != "" {
+			t.Fatalf("handler got %q after the reconnection, want \"\"", g)
+		}
+	case <-time.After(wait):
+		t.Fatal("the handler was not told of the reconnection")
+	}
 	if st := a.Stats(); st.ListenerReconnects != 1 {
 		t.Fatalf("ListenerReconnects = %d, want 1", st.ListenerReconnects)
 	}

@@ -129,10 +129,19 @@ type Options struct {
 	// Logger receives a line per batch removed, naming who asked for it.
 	// Default: none.
 	Logger *zap.Logger
+	// Forget is called with each media item removed, and ForgetContent
+	// with the content of each batch of thumbnails removed, so that caches
+	// (of every instance) drop them. Default: nothing is called.
+	Forget        func(storage.MediaRef)
+	ForgetContent func(ctx context.Context, sha256 string) error
 }
 
 // Service runs retention and remote purges as jobs of a runner.
 type Service struct {
+	// forget and forgetContent are Options.Forget and ForgetContent.
+	forget        func(storage.MediaRef)
+	forgetContent func(ctx context.Context, sha256 string) error
+
 	meta   Store
 	stores *storage.Datastores
 	runner *jobs.Runner
@@ -160,6 +169,13 @@ func New(opts Options) (*Service, error) {
 	s := &Service{
 		meta: opts.Meta, stores: opts.Stores, runner: opts.Runner, grace: opts.Grace, batch: opts.BatchSize,
 		now: opts.Now, logger: opts.Logger, wake: make(chan struct{}, 1),
+		forget: opts.Forget, forgetContent: opts.ForgetContent,
+	}
+	if s.forget == nil {
+		s.forget = func(storage.MediaRef) {}
+	}
+	if s.forgetContent == nil {
+		s.forgetContent = func(context.Context, string) error { return nil }
 	}
 	if s.grace == 0 {
 		s.grace = DefaultGrace
@@ -522,6 +538,9 @@ func (s *Service) expireThumbnails(ctx context.Context, p *jobs.Progress, cutoff
 		if err != nil {
 			return fmt.Errorf("deleting old thumbnails: %w", err)
 		}
+		for _, h := range blobs {
+			_ = s.forgetContent(ctx, h)
+		}
 		freed, deleted, err := s.deleteBlobs(ctx, blobs)
 		p.Add(int64(n), freed)
 		if n > 0 {
@@ -548,6 +567,9 @@ func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.M
 		Tombstone: false, Grace: s.currentGrace(), Now: s.now,
 	})
 	p.Add(int64(len(removed.Media)), removed.Bytes)
+	for _, m := range removed.Media {
+		s.forget(storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID})
+	}
 	if len(removed.Media) > 0 {
 		first, last := removed.Media[0], removed.Media[len(removed.Media)-1]
 		s.logger.Info("removed "+what,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -44,6 +45,20 @@ type fixture struct {
 	clock       *testclock.Clock
 	// now is the clock's start: media ages are relative to it.
 	now time.Time
+	// forgotten records the media the services told caches to forget.
+	forgotMu  sync.Mutex
+	forgotten map[storage.MediaRef]int
+}
+
+// forgot returns how many times each media item was forgotten.
+func (fx *fixture) forgot() map[storage.MediaRef]int {
+	fx.forgotMu.Lock()
+	defer fx.forgotMu.Unlock()
+	out := make(map[storage.MediaRef]int, len(fx.forgotten))
+	for k, v := range fx.forgotten {
+		out[k] = v
+	}
+	return out
 }
 
 func newFixture(t *testing.T, newDB func(*testing.T) (driver, dsn string)) *fixture {
@@ -198,7 +213,15 @@ func (fx *fixture) service(t *testing.T, meta Store, owner string, batch int, po
 		t.Fatal(err)
 	}
 	t.Cleanup(r.Close)
-	s, err := New(Options{Meta: meta, Stores: fx.ds, Runner: r, Grace: time.Millisecond, BatchSize: batch, Now: fx.clock.Now})
+	s, err := New(Options{Meta: meta, Stores: fx.ds, Runner: r, Grace: time.Millisecond, BatchSize: batch, Now: fx.clock.Now,
+		Forget: func(ref storage.MediaRef) {
+			fx.forgotMu.Lock()
+			defer fx.forgotMu.Unlock()
+			if fx.forgotten == nil {
+				fx.forgotten = make(map[storage.MediaRef]int)
+			}
+			fx.forgotten[ref]++
+		}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -277,6 +300,10 @@ func TestPurgeRemote(t *testing.T) {
 			}
 			if fx.thumbExists(t, old1, 32) || fx.blobExists(t, thumbOld1) {
 				t.Error("the thumbnail of a purged item (or its blob) is still there")
+			}
+			// Every removed item, and only those, was dropped from caches.
+			if got, want := fx.forgot(), map[storage.MediaRef]int{old1: 1, old2: 1, oldQ: 1, shared: 1}; !maps.Equal(got, want) {
+				t.Errorf("forgotten media %v, want %v", got, want)
 			}
 			js, err := runner.List(ctx, 10)
 			if err != nil || len(js) != 1 {
