@@ -181,6 +181,12 @@ type Database struct {
 	// "postgres://media:{env.MEDIA_DB_PASSWORD}@127.0.0.1/media?sslmode=disable".
 	// Default for SQLite: matrix_media/media.db under Caddy's data directory;
 	// required for PostgreSQL. Placeholders {env.*} and {file.*} are resolved.
+	//
+	// An SQLite database serves one Caddy process: it is locked (the file
+	// <dsn>.instance-lock, which holds the process ID) from provisioning
+	// until its store is closed, and a second process configured with it
+	// fails to provision, naming the holder. Config reloads of the same
+	// process share the lock. Several instances need PostgreSQL.
 	DSN string `json:"dsn,omitempty"`
 
 	// Synchronous is SQLite's commit durability: "full" (the default: the

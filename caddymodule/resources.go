@@ -88,6 +88,9 @@ func (s storeSettings) datastoreNames() []string {
 // once it has finished too, so nothing writes to a closed store.
 type resources struct {
 	stores *storage.Datastores
+	// claim is this process's hold on an SQLite database (nil for
+	// PostgreSQL), released once meta is closed.
+	claim *databaseClaim
 	// migrations runs blob migrations between the datastores (admin API).
 	migrations *migrations
 	// gc collects orphan blobs in the background and on demand (admin API),
@@ -152,6 +155,19 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	if err != nil {
 		return nil, err
 	}
+	// An SQLite database is claimed before it is opened, and the claim is
+	// released after it is closed (closeNow), or here on failure.
+	claim, err := claimDatabase(s)
+	if err != nil {
+		_ = stores.Close()
+		return nil, err
+	}
+	opened := false
+	defer func() {
+		if !opened {
+			claim.release()
+		}
+	}()
 	meta, err := sqlstore.OpenWith(ctx, s.driver, s.dsn, sqlstore.Options{SQLiteFullSync: s.sqliteFullSync})
 	if err != nil {
 		_ = stores.Close()
@@ -246,6 +262,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	repo.Go("access_flush", func() { repo.RunAccessFlush(loopCtx) })
 	repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
 	repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
+	res.claim, opened = claim, true
 	return res, nil
 }
 
@@ -315,6 +332,7 @@ func (r *resources) closeStores() {
 // closeNow closes both stores, sets closeErr and closes closed.
 func (r *resources) closeNow() {
 	err := errors.Join(r.meta.Close(), r.stores.Close())
+	r.claim.release()
 	if err != nil {
 		err = fmt.Errorf("closing matrix_media stores: %w", err)
 		r.logger.Error("closing stores", zap.Error(err))
