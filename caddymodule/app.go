@@ -153,6 +153,12 @@ type App struct {
 	// budget, thumbnails by age. Default: nothing ages out.
 	Retention *RetentionConfig `json:"retention,omitempty"`
 
+	// Jobs times the persisted background jobs (remote media purges,
+	// retention): how long an instance holds a job without renewing it,
+	// and how often instances look for jobs to resume. Default: a lease of
+	// 1m, polled every 30s.
+	Jobs *JobsConfig `json:"jobs,omitempty"`
+
 	res *resources
 	// live is res while this config holds it, for readers on other
 	// goroutines (the admin API) that may run while Cleanup releases it.
@@ -258,6 +264,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if a.retentionPolicy, err = retentionPolicyOf(a.Retention); err != nil {
+		return err
+	}
+	if settings.jobs, err = jobTimingsOf(a.Jobs); err != nil {
 		return err
 	}
 	key := settings.key()

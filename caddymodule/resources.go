@@ -55,6 +55,9 @@ type storeSettings struct {
 	// maxFetches and maxFetchesPerServer bound remote fetches in flight
 	// (0: the repository's defaults).
 	maxFetches, maxFetchesPerServer int
+	// jobs are the job runner's lease and poll interval, fixed when the
+	// runner is built.
+	jobs jobTimings
 }
 
 // key identifies the pooled resources. The media cache size is part of it
@@ -63,7 +66,8 @@ type storeSettings struct {
 func (s storeSettings) key() string {
 	return s.driver + "\x00" + s.dsn + "\x00" + strconv.FormatBool(s.sqliteFullSync) + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
 		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10) +
-		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer)
+		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer) +
+		"\x00" + s.jobs.key()
 }
 
 // datastoreNames lists the datastores' names, for logs.
@@ -220,7 +224,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
 	}
-	bg, err := openJobs(meta, stores, logger)
+	bg, err := openJobs(meta, stores, s.jobs, logger)
 	if err != nil {
 		gcJob.close()
 		_ = meta.Close()
