@@ -234,7 +234,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
-		migrations: newMigrations(meta, stores, logger, repo.Go),
+		migrations: newMigrations(meta, stores, bg.runner, logger),
 		gc:         gcJob,
 		meta:       meta,
 		repo:       repo,
