@@ -145,7 +145,11 @@ func (AdminAPI) handleMigrations(w http.ResponseWriter, r *http.Request) error {
 	defer res.release()
 	switch r.Method {
 	case http.MethodGet:
-		return writeAdminJSON(w, http.StatusOK, res.migrations.list())
+		list, err := res.migrations.list(r.Context())
+		if err != nil {
+			return apiError(http.StatusInternalServerError, err)
+		}
+		return writeAdminJSON(w, http.StatusOK, list)
 	case http.MethodPost:
 		var req migrationRequest
 		if err := decodeAdminJSON(r, &req); err != nil {
@@ -154,14 +158,17 @@ func (AdminAPI) handleMigrations(w http.ResponseWriter, r *http.Request) error {
 		if req.From == "" || req.To == "" {
 			return apiError(http.StatusBadRequest, errors.New(`"from" and "to" datastore names are required`))
 		}
-		id, err := res.migrations.start(req.From, req.To)
+		job, err := res.migrations.start(r.Context(), req.From, req.To)
 		switch {
 		case errors.Is(err, errMigrationRunning):
 			return apiError(http.StatusConflict, err)
-		case err != nil:
+		case errors.Is(err, errMigrationsClosed):
+			return apiError(http.StatusServiceUnavailable, err)
+		case errors.Is(err, errUnknownDatastore), errors.Is(err, errSameDatastore):
 			return apiError(http.StatusBadRequest, err)
+		case err != nil:
+			return apiError(http.StatusInternalServerError, err)
 		}
-		job, _ := res.migrations.get(id)
 		return writeAdminJSON(w, http.StatusAccepted, job)
 	default:
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))
@@ -176,17 +183,18 @@ func (AdminAPI) handleMigration(w http.ResponseWriter, r *http.Request) error {
 	}
 	defer res.release()
 	switch r.Method {
-	case http.MethodGet:
-		job, ok := res.migrations.get(id)
-		if !ok {
+	case http.MethodGet, http.MethodDelete:
+		get := res.migrations.get
+		if r.Method == http.MethodDelete {
+			get = res.migrations.cancel
+		}
+		job, ok, err := get(r.Context(), id)
+		switch {
+		case err != nil:
+			return apiError(http.StatusInternalServerError, err)
+		case !ok:
 			return apiError(http.StatusNotFound, fmt.Errorf("no migration %q", id))
 		}
-		return writeAdminJSON(w, http.StatusOK, job)
-	case http.MethodDelete:
-		if !res.migrations.cancel(id) {
-			return apiError(http.StatusNotFound, fmt.Errorf("no migration %q", id))
-		}
-		job, _ := res.migrations.get(id)
 		return writeAdminJSON(w, http.StatusOK, job)
 	default:
 		return apiError(http.StatusMethodNotAllowed, errors.New("method not allowed"))

@@ -153,6 +153,12 @@ type App struct {
 	// budget, thumbnails by age. Default: nothing ages out.
 	Retention *RetentionConfig `json:"retention,omitempty"`
 
+	// Jobs times the persisted background jobs (remote media purges,
+	// retention): how long an instance holds a job without renewing it,
+	// and how often instances look for jobs to resume. Default: a lease of
+	// 1m, polled every 30s.
+	Jobs *JobsConfig `json:"jobs,omitempty"`
+
 	res *resources
 	// live is res while this config holds it, for readers on other
 	// goroutines (the admin API) that may run while Cleanup releases it.
@@ -181,6 +187,12 @@ type Database struct {
 	// "postgres://media:{env.MEDIA_DB_PASSWORD}@127.0.0.1/media?sslmode=disable".
 	// Default for SQLite: matrix_media/media.db under Caddy's data directory;
 	// required for PostgreSQL. Placeholders {env.*} and {file.*} are resolved.
+	//
+	// An SQLite database serves one Caddy process: it is locked (the file
+	// <dsn>.instance-lock, which holds the process ID) from provisioning
+	// until its store is closed, and a second process configured with it
+	// fails to provision, naming the holder. Config reloads of the same
+	// process share the lock. Several instances need PostgreSQL.
 	DSN string `json:"dsn,omitempty"`
 
 	// Synchronous is SQLite's commit durability: "full" (the default: the
@@ -252,6 +264,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if a.retentionPolicy, err = retentionPolicyOf(a.Retention); err != nil {
+		return err
+	}
+	if settings.jobs, err = jobTimingsOf(a.Jobs); err != nil {
 		return err
 	}
 	key := settings.key()

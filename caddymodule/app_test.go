@@ -125,7 +125,7 @@ func TestAppDefaults(t *testing.T) {
 	}
 	wantDB := filepath.Join(data, "caddy", "matrix_media", "media.db")
 	wantBlobs := filepath.Join(data, "caddy", "matrix_media", "media")
-	wantKey := storeSettings{driver: DriverSQLite, sqliteFullSync: true, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize, maxRemoteSize: DefaultMaxUploadSize}.key()
+	wantKey := storeSettings{driver: DriverSQLite, sqliteFullSync: true, dsn: wantDB, storagePath: wantBlobs, datastores: defaultDatastores(wantBlobs), mediaCacheSize: DefaultMediaCacheSize, maxRemoteSize: DefaultMaxUploadSize, jobs: jobTimings{lease: time.Minute, poll: 30 * time.Second}}.key()
 	if a.poolKey != wantKey {
 		t.Errorf("pool key = %q, want %q", a.poolKey, wantKey)
 	}
@@ -156,6 +156,7 @@ func TestAppResolvesPlaceholders(t *testing.T) {
 		datastores:     defaultDatastores(filepath.Join(dir, "blobs")),
 		mediaCacheSize: DefaultMediaCacheSize,
 		maxRemoteSize:  DefaultMaxUploadSize,
+		jobs:           jobTimings{lease: time.Minute, poll: 30 * time.Second},
 	}.key()
 	if a.poolKey != want {
 		t.Errorf("pool key = %q, want %q", a.poolKey, want)

@@ -108,6 +108,10 @@ func init() {
 //			thumbnail_max_age <duration>
 //			interval <duration>
 //		}
+//		jobs {
+//			lease <duration>
+//			poll_interval <duration>
+//		}
 //
 // datastore may be repeated, and size inside thumbnails.
 func parseGlobalOption(d *caddyfile.Dispenser, existing any) (any, error) {
@@ -168,6 +172,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			a.GC, err = parseGC(d)
 		case "retention":
 			a.Retention, err = parseRetention(d)
+		case "jobs":
+			a.Jobs, err = parseJobs(d)
 		case "datastore":
 			var ds DatastoreConfig
 			ds, err = parseDatastore(d)

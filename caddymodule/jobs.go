@@ -33,7 +33,8 @@ type jobView struct {
 	Params json.RawMessage `json:"params,omitempty"`
 	// State is running, done, failed or cancelled.
 	State string `json:"state"`
-	// Items and Bytes are what the job removed so far.
+	// Items and Bytes are what the job removed so far (a migrate job: the
+	// blobs and bytes it moved).
 	Items int64 `json:"items"`
 	Bytes int64 `json:"bytes"`
 	// Cursor is where the job resumes after a restart.

@@ -16,8 +16,13 @@ import (
 )
 
 // TestMain points Caddy's data and config directories at a temp directory, so
-// that no test touches ~/.local/share/caddy or ~/.config/caddy.
+// that no test touches ~/.local/share/caddy or ~/.config/caddy. With
+// sqliteHolderEnv set, the binary is a helper process of the SQLite claim
+// tests instead (sqlitelock_test.go).
 func TestMain(m *testing.M) {
+	if db := os.Getenv(sqliteHolderEnv); db != "" {
+		os.Exit(runSQLiteHolder(db))
+	}
 	dir, err := os.MkdirTemp("", "caddymodule-test-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -56,6 +56,9 @@ type storeSettings struct {
 	// maxFetches and maxFetchesPerServer bound remote fetches in flight
 	// (0: the repository's defaults).
 	maxFetches, maxFetchesPerServer int
+	// jobs are the job runner's lease and poll interval, fixed when the
+	// runner is built.
+	jobs jobTimings
 }
 
 // key identifies the pooled resources. The media cache size is part of it
@@ -64,7 +67,8 @@ type storeSettings struct {
 func (s storeSettings) key() string {
 	return s.driver + "\x00" + s.dsn + "\x00" + strconv.FormatBool(s.sqliteFullSync) + "\x00" + datastoresKey(s.datastores) + "\x00" + strconv.Itoa(s.mediaCacheSize) +
 		"\x00" + s.thumbnails.key() + "\x00" + strconv.FormatInt(s.maxRemoteSize, 10) +
-		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer)
+		"\x00" + strconv.Itoa(s.maxFetches) + "/" + strconv.Itoa(s.maxFetchesPerServer) +
+		"\x00" + s.jobs.key()
 }
 
 // datastoreNames lists the datastores' names, for logs.
@@ -89,6 +93,9 @@ func (s storeSettings) datastoreNames() []string {
 // once it has finished too, so nothing writes to a closed store.
 type resources struct {
 	stores *storage.Datastores
+	// claim is this process's hold on an SQLite database (nil for
+	// PostgreSQL), released once meta is closed.
+	claim *databaseClaim
 	// migrations runs blob migrations between the datastores (admin API).
 	migrations *migrations
 	// gc collects orphan blobs in the background and on demand (admin API),
@@ -158,6 +165,19 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	if err != nil {
 		return nil, err
 	}
+	// An SQLite database is claimed before it is opened, and the claim is
+	// released after it is closed (closeNow), or here on failure.
+	claim, err := claimDatabase(s)
+	if err != nil {
+		_ = stores.Close()
+		return nil, err
+	}
+	opened := false
+	defer func() {
+		if !opened {
+			claim.release()
+		}
+	}()
 	meta, err := sqlstore.OpenWith(ctx, s.driver, s.dsn, sqlstore.Options{SQLiteFullSync: s.sqliteFullSync})
 	if err != nil {
 		_ = stores.Close()
@@ -220,7 +240,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		_ = stores.Close()
 		return nil, fmt.Errorf("starting the orphan collector: %w", err)
 	}
-	bg, err := openJobs(meta, stores, repo, logger)
+	bg, err := openJobs(meta, stores, repo, s.jobs, logger)
 	if err != nil {
 		gcJob.close()
 		_ = coord.Close()
@@ -231,7 +251,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	loopCtx, stop := context.WithCancel(context.Background())
 	res := &resources{
 		stores:     stores,
-		migrations: newMigrations(meta, stores, logger, repo.Go),
+		migrations: newMigrations(meta, stores, bg.runner, logger),
 		gc:         gcJob,
 		meta:       meta,
 		cluster:    coord,
@@ -267,6 +287,7 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 	repo.Go("access_flush", func() { repo.RunAccessFlush(loopCtx) })
 	repo.Go("jobs", func() { bg.runner.Run(loopCtx) })
 	repo.Go("retention", func() { bg.retention.RunScheduler(loopCtx) })
+	res.claim, opened = claim, true
 	return res, nil
 }
 
@@ -336,6 +357,7 @@ func (r *resources) closeStores() {
 // closeNow closes both stores, sets closeErr and closes closed.
 func (r *resources) closeNow() {
 	err := errors.Join(r.cluster.Close(), r.meta.Close(), r.stores.Close())
+	r.claim.release()
 	if err != nil {
 		err = fmt.Errorf("closing matrix_media stores: %w", err)
 		r.logger.Error("closing stores", zap.Error(err))

@@ -102,12 +102,13 @@ type backgroundJobs struct {
 	retention *retention.Service
 }
 
-// openJobs builds the job runner and the retention service on meta. They
-// run nothing until startJobs.
-func openJobs(meta *sqlstore.Store, stores *storage.Datastores, repo *mediaapi.Repository, logger *zap.Logger) (*backgroundJobs, error) {
+// openJobs builds the job runner, with timings t, and the retention service
+// on meta, which drops what it removes from repo's caches. They run nothing
+// until startJobs.
+func openJobs(meta *sqlstore.Store, stores *storage.Datastores, repo *mediaapi.Repository, t jobTimings, logger *zap.Logger) (*backgroundJobs, error) {
 	var js jobStore = meta
 	metrics := jobs.NewMetrics()
-	runner, err := jobs.New(jobs.Options{Store: js, Logger: logger.Named("jobs"), Metrics: metrics})
+	runner, err := jobs.New(jobs.Options{Store: js, Lease: t.lease, PollInterval: t.poll, Logger: logger.Named("jobs"), Metrics: metrics})
 	if err != nil {
 		return nil, fmt.Errorf("starting the job runner: %w", err)
 	}

@@ -190,6 +190,14 @@ func randomHex(n int) string {
 // Owner returns the identity of the runner in leases.
 func (r *Runner) Owner() string { return r.owner }
 
+// Lease returns how long the runner holds a job without renewing it
+// (Options.Lease with its default).
+func (r *Runner) Lease() time.Duration { return r.lease }
+
+// PollInterval returns how often Run looks for jobs to resume
+// (Options.PollInterval with its default).
+func (r *Runner) PollInterval() time.Duration { return r.poll }
+
 // Register sets the Func of jobs of kind. Register the kinds before Run and
 // Start; a kind registered twice keeps the last Func.
 func (r *Runner) Register(kind string, fn Func) {

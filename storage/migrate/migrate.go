@@ -9,6 +9,13 @@
 // migration, and a crash or cancellation leaves at most an unreferenced copy.
 // Blobs are found by paging through the source's records, so running Run
 // again after an interruption continues with the blobs still left.
+//
+// Pages are processed one after the other: once every blob of a page has
+// been moved or has failed, Run reports a checkpoint (Options.OnCheckpoint),
+// the SHA-256 after which a resumed run may start (Options.After). Resuming
+// there skips only blobs that failed before; redoing the page after it is
+// harmless, since a blob already moved is no longer listed in the source and
+// a blob copied but not switched is copied again onto the same content.
 package migrate
 
 import (
@@ -66,6 +73,16 @@ type Options struct {
 	// grace has not passed when the migration is cancelled are left in the
 	// source (unreferenced) and logged.
 	DeleteGrace time.Duration
+	// After, when set, starts the listing after this SHA-256: a checkpoint
+	// of an earlier run (OnCheckpoint), so that a resumed migration does
+	// not retry the blobs that failed before it. Default "": every blob.
+	After string
+	// OnCheckpoint, when not nil, is called after every page of records
+	// whose blobs have all been moved or have failed, with the SHA-256 to
+	// resume after and the progress. An error stops Run, which returns it
+	// wrapped (a persisted job uses it to stop once it has lost its lease).
+	// Calls are not concurrent with each other.
+	OnCheckpoint func(after string, p Progress) error
 }
 
 // Run moves every blob recorded in datastore from to datastore to and
@@ -117,12 +134,13 @@ func Run(ctx context.Context, meta storage.MetadataStore, stores *storage.Datast
 		defer close(deleterDone)
 		m.runDeleter(ctx)
 	}()
-	jobs := make(chan storage.BlobRecord)
+	jobs := make(chan pageItem)
 	var wg sync.WaitGroup
 	for range opts.Concurrency {
 		wg.Go(func() {
-			for rec := range jobs {
-				m.migrateBlob(ctx, rec)
+			for it := range jobs {
+				m.migrateBlob(ctx, it.rec)
+				it.page.Done()
 			}
 		})
 	}
@@ -164,11 +182,20 @@ type migration struct {
 	progress Progress
 }
 
-// list sends every blob record of the source to jobs, a page at a time, and
-// closes jobs. It stops early, without error, when ctx is done.
-func (m *migration) list(ctx context.Context, jobs chan<- storage.BlobRecord) error {
+// pageItem is a blob record to migrate, with the page it belongs to (Done
+// once the blob is moved or has failed).
+type pageItem struct {
+	rec  storage.BlobRecord
+	page *sync.WaitGroup
+}
+
+// list sends every blob record of the source after opts.After to jobs, a
+// page at a time, waits for each page to be done and reports its checkpoint,
+// and closes jobs. It stops early, without error, when ctx is done; it stops
+// with the checkpoint's error when OnCheckpoint fails.
+func (m *migration) list(ctx context.Context, jobs chan<- pageItem) error {
 	defer close(jobs)
-	after := ""
+	after := m.opts.After
 	for {
 		page, err := m.meta.ListBlobs(ctx, m.from, after, m.opts.BatchSize)
 		if err != nil {
@@ -177,18 +204,45 @@ func (m *migration) list(ctx context.Context, jobs chan<- storage.BlobRecord) er
 			}
 			return fmt.Errorf("listing blobs: %w", err)
 		}
+		var pending sync.WaitGroup
 		for _, rec := range page {
+			pending.Add(1)
 			select {
-			case jobs <- rec:
+			case jobs <- pageItem{rec: rec, page: &pending}:
 			case <-ctx.Done():
+				pending.Done()
+				pending.Wait()
 				return nil
+			}
+		}
+		pending.Wait()
+		if ctx.Err() != nil {
+			return nil
+		}
+		if len(page) > 0 {
+			after = page[len(page)-1].SHA256
+			if err := m.checkpoint(after); err != nil {
+				return err
 			}
 		}
 		if len(page) < m.opts.BatchSize {
 			return nil
 		}
-		after = page[len(page)-1].SHA256
 	}
+}
+
+// checkpoint reports that every blob up to after is done.
+func (m *migration) checkpoint(after string) error {
+	if m.opts.OnCheckpoint == nil {
+		return nil
+	}
+	m.mu.Lock()
+	p := m.progress
+	m.mu.Unlock()
+	if err := m.opts.OnCheckpoint(after, p); err != nil {
+		return fmt.Errorf("saving the checkpoint: %w", err)
+	}
+	return nil
 }
 
 // migrateBlob copies one blob, verifies the copy, switches the record and

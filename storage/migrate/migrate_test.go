@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -437,5 +438,72 @@ func TestRunUndoesMoveWhenTargetCopyVanishes(t *testing.T) {
 	}
 	if counts := fx.checkConsistent(t); counts["old"] != 3 {
 		t.Fatalf("records: %v, want all switched back to old", counts)
+	}
+}
+
+// A run reports a checkpoint after each page whose blobs are all done; an
+// error from the checkpoint stops it, and a run resumed after the last
+// checkpoint moves the rest without retrying the blob that failed before it.
+func TestRunCheckpointsAndResumesAfter(t *testing.T) {
+	fx := newFixture(t)
+	fx.fill(t, 20)
+	hashes := make([]string, 0, len(fx.bodies))
+	for h := range fx.bodies {
+		hashes = append(hashes, h)
+	}
+	slices.Sort(hashes)
+	// The first blob listed has lost its bytes: it fails in the first page.
+	if err := os.Remove(fx.blobPath("old", hashes[0])); err != nil {
+		t.Fatal(err)
+	}
+	errLeaseLost := errors.New("lease lost")
+	var checkpoints []string
+	first, err := migrate.Run(context.Background(), fx.meta, fx.ds, "old", "new", migrate.Options{
+		Concurrency: 3, BatchSize: 6,
+		OnCheckpoint: func(after string, p migrate.Progress) error {
+			checkpoints = append(checkpoints, after)
+			if n := int64(6 * len(checkpoints)); p.DoneBlobs+p.FailedBlobs != n || p.FailedBlobs != 1 {
+				t.Errorf("checkpoint %d: progress %+v, want %d blobs done, one failed", len(checkpoints), p, n)
+			}
+			if len(checkpoints) == 2 {
+				return errLeaseLost
+			}
+			return nil
+		},
+	})
+	if !errors.Is(err, errLeaseLost) {
+		t.Fatalf("Run stopped by its checkpoint: error %v, want one wrapping the checkpoint's", err)
+	}
+	if want := []string{hashes[5], hashes[11]}; !slices.Equal(checkpoints, want) {
+		t.Fatalf("checkpoints %q, want the last hash of each page %q", checkpoints, want)
+	}
+	if first.DoneBlobs != 11 || first.FailedBlobs != 1 {
+		t.Fatalf("stopped Run = %+v, want 11 moved and 1 failed: nothing after the refused checkpoint", first)
+	}
+	if n, _, err := fx.meta.CountBlobs(context.Background(), "new"); err != nil || n != 11 {
+		t.Fatalf("records in new after the stop: %d, %v; want 11", n, err)
+	}
+
+	var resumed []string
+	second, err := migrate.Run(context.Background(), fx.meta, fx.ds, "old", "new", migrate.Options{
+		After: checkpoints[1], BatchSize: 6,
+		OnCheckpoint: func(after string, _ migrate.Progress) error { resumed = append(resumed, after); return nil },
+	})
+	if err != nil {
+		t.Fatalf("resumed Run: %v", err)
+	}
+	if second.DoneBlobs != 8 || second.FailedBlobs != 0 {
+		t.Fatalf("resumed Run = %+v, want the 8 blobs after the checkpoint moved, the failed one not retried", second)
+	}
+	if want := []string{hashes[17], hashes[19]}; !slices.Equal(resumed, want) {
+		t.Errorf("resumed checkpoints %q, want %q", resumed, want)
+	}
+	if rec, err := fx.meta.GetBlob(context.Background(), hashes[0]); err != nil || rec.Datastore != "old" {
+		t.Errorf("failed blob's record = %+v, %v; want it left in old", rec, err)
+	}
+	for _, h := range hashes[1:] {
+		if rec, err := fx.meta.GetBlob(context.Background(), h); err != nil || rec.Datastore != "new" {
+			t.Errorf("blob %s = %+v, %v; want it in new", h[:8], rec, err)
+		}
 	}
 }
