@@ -14,15 +14,13 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testpg"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/testredis"
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/tests3"
-	"github.com/caddy-matrix-media/caddy-matrix-media/storage/jobs"
 )
 
-// Lease and poll interval of the cluster's job runners, and so how soon a
-// job whose instance died resumes elsewhere: the runner's defaults until
-// the jobs global option lands.
+// Lease and poll interval of the cluster's job runners (the jobs global
+// option), and so how soon a job whose instance died resumes elsewhere.
 const (
-	clusterJobLease = jobs.DefaultLease
-	clusterJobPoll  = jobs.DefaultPollInterval
+	clusterJobLease = 3 * time.Second
+	clusterJobPoll  = 500 * time.Millisecond
 )
 
 // clusterTokens are the access tokens of the cluster's homeserver. The
@@ -83,6 +81,7 @@ func startCluster(t *testing.T) *scaleCluster {
 			// The background collector stays off: tests run it when they
 			// want it. Its grace is also the retention jobs'.
 			"gc {\n\t\t\toff\n\t\t\tgrace 1s\n\t\t}",
+			fmt.Sprintf("jobs {\n\t\t\tlease %v\n\t\t\tpoll_interval %v\n\t\t}", clusterJobLease, clusterJobPoll),
 			"thumbnails {\n\t\t\tworkers 2\n\t\t}",
 			"federation {\n\t\t\ttrusted_ca_file " + cl.pki.caFile + "\n\t\t\tallowed_networks 127.0.0.0/8 ::1/128\n\t\t}",
 		}, site{serverName: "a.test", extra: []string{"signing_key " + keyFile}})
