@@ -1,0 +1,236 @@
+// Command pgcount is the PostgreSQL counting proxy of the scale benchmark
+// (bench/run-scale.sh). It listens on a 127.0.0.1 port, forwards every
+// connection to a PostgreSQL server unchanged, and counts the protocol
+// messages that pass, so that the benchmark can tell how many round trips
+// each kind of request costs the database:
+//
+//   - from the client (frontend): Sync ('S', the end of one extended-protocol
+//     exchange) and Query ('Q', one simple-protocol exchange); each is one
+//     round trip, their sum is printed as "round_trips";
+//   - from the server (backend): ReadyForQuery ('Z', one per round trip
+//     answered, a cross-check) and NotificationResponse ('A', a NOTIFY
+//     delivered to a listener).
+//
+// The startup packet, and an SSLRequest or GSSENCRequest before it (answered
+// with one byte, 'N' on a server without TLS), are forwarded and not
+// counted. When the server accepts TLS or GSS encryption the connection is
+// still forwarded but no longer parsed (counted in "unparsed_conns"); the
+// benchmark connects with sslmode=disable.
+//
+// GET /stats on the -stats port answers the counters as "name value" lines:
+//
+//	round_trips 1234
+//	sync 1200
+//	query 34
+//	ready 1234
+//	notifications 5
+//	conns 12
+//	unparsed_conns 0
+//
+// It prints "ready <addr>" on standard output once both ports listen.
+//
+// Usage:
+//
+//	pgcount -port 6432 -stats-port 6433 -upstream 127.0.0.1:5432
+package main
+
+import (
+	"bufio"
+	"encoding/binary"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"strconv"
+	"sync/atomic"
+)
+
+// Protocol codes of the untyped packets a client may send first.
+const (
+	sslRequest    = 80877103
+	gssEncRequest = 80877104
+	cancelRequest = 80877102
+	// maxStartup bounds an untyped packet's length (PostgreSQL's own limit
+	// is 10000 bytes).
+	maxStartup = 10000
+)
+
+// counters are the proxy's totals, updated by every connection.
+type counters struct {
+	sync, query, ready, notifications, conns, unparsed atomic.Int64
+}
+
+func main() {
+	port := flag.Int("port", 0, "TCP port on 127.0.0.1 for clients (default 0: any free port)")
+	statsPort := flag.Int("stats-port", 0, "TCP port on 127.0.0.1 for GET /stats (default 0: any free port)")
+	upstream := flag.String("upstream", "", "host:port of the PostgreSQL server (required)")
+	flag.Parse()
+	if *upstream == "" {
+		flag.Usage()
+		os.Exit(2)
+	}
+	if err := run(*port, *statsPort, *upstream); err != nil {
+		fmt.Fprintln(os.Stderr, "pgcount:", err)
+		os.Exit(1)
+	}
+}
+
+// run serves the proxy and the stats endpoint until the process ends.
+func run(port, statsPort int, upstream string) error {
+	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
+	if err != nil {
+		return fmt.Errorf("listening: %w", err)
+	}
+	sln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(statsPort))
+	if err != nil {
+		return fmt.Errorf("listening for stats: %w", err)
+	}
+	c := &counters{}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, _ *http.Request) {
+		s, q := c.sync.Load(), c.query.Load()
+		fmt.Fprintf(w, "round_trips %d\nsync %d\nquery %d\nready %d\nnotifications %d\nconns %d\nunparsed_conns %d\n",
+			s+q, s, q, c.ready.Load(), c.notifications.Load(), c.conns.Load(), c.unparsed.Load())
+	})
+	go func() { _ = http.Serve(sln, mux) }()
+	fmt.Println("ready", ln.Addr().String(), sln.Addr().String())
+	return c.serve(ln, upstream)
+}
+
+// serve proxies every connection ln accepts to upstream until ln is closed.
+func (c *counters) serve(ln net.Listener, upstream string) error {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			return fmt.Errorf("accepting: %w", err)
+		}
+		go func() {
+			if err := c.proxy(conn, upstream); err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				fmt.Fprintln(os.Stderr, "pgcount:", err)
+			}
+		}()
+	}
+}
+
+// proxy forwards one client connection to upstream, counting messages.
+func (c *counters) proxy(client net.Conn, upstream string) error {
+	defer client.Close()
+	server, err := net.Dial("tcp", upstream)
+	if err != nil {
+		return fmt.Errorf("dialing %s: %w", upstream, err)
+	}
+	defer server.Close()
+	c.conns.Add(1)
+	cr, sr := bufio.NewReader(client), bufio.NewReader(server)
+	parsed, err := startup(cr, client, sr, server)
+	if err != nil {
+		return err
+	}
+	done := make(chan error, 2)
+	if !parsed {
+		c.unparsed.Add(1)
+		go func() { _, err := io.Copy(server, cr); done <- err }()
+		go func() { _, err := io.Copy(client, sr); done <- err }()
+	} else {
+		go func() {
+			done <- relay(cr, server, func(t byte) {
+				switch t {
+				case 'S':
+					c.sync.Add(1)
+				case 'Q':
+					c.query.Add(1)
+				}
+			})
+		}()
+		go func() {
+			done <- relay(sr, client, func(t byte) {
+				switch t {
+				case 'Z':
+					c.ready.Add(1)
+				case 'A':
+					c.notifications.Add(1)
+				}
+			})
+		}()
+	}
+	err = <-done
+	// the first direction to end closes both sockets (deferred), which
+	// ends the other
+	return err
+}
+
+// startup forwards the client's untyped packets: SSL or GSS encryption
+// requests (and the server's one-byte answers) until the startup message.
+// It reports false when the server accepted encryption (the rest cannot be
+// parsed) or the packet was a cancel request.
+func startup(cr *bufio.Reader, client net.Conn, sr *bufio.Reader, server net.Conn) (bool, error) {
+	for {
+		var hdr [8]byte
+		if _, err := io.ReadFull(cr, hdr[:]); err != nil {
+			return false, fmt.Errorf("reading the startup packet: %w", err)
+		}
+		n := binary.BigEndian.Uint32(hdr[:4])
+		code := binary.BigEndian.Uint32(hdr[4:])
+		if n < 8 || n > maxStartup {
+			return false, fmt.Errorf("startup packet length %d out of range", n)
+		}
+		pkt := make([]byte, n)
+		copy(pkt, hdr[:])
+		if _, err := io.ReadFull(cr, pkt[8:]); err != nil {
+			return false, fmt.Errorf("reading the startup packet: %w", err)
+		}
+		if _, err := server.Write(pkt); err != nil {
+			return false, fmt.Errorf("forwarding the startup packet: %w", err)
+		}
+		switch code {
+		case sslRequest, gssEncRequest:
+			b, err := sr.ReadByte()
+			if err != nil {
+				return false, fmt.Errorf("reading the encryption answer: %w", err)
+			}
+			if _, err := client.Write([]byte{b}); err != nil {
+				return false, fmt.Errorf("forwarding the encryption answer: %w", err)
+			}
+			if b != 'N' {
+				return false, nil
+			}
+		case cancelRequest:
+			return false, nil
+		default:
+			return true, nil
+		}
+	}
+}
+
+// relay copies typed protocol messages (1 type byte, a 4-byte length that
+// counts itself, the payload) from r to dst, calling count with each type.
+// Messages are written through a buffer flushed whenever r has nothing more
+// buffered, so a batch the peer sent in one write leaves in one write.
+func relay(r *bufio.Reader, dst io.Writer, count func(byte)) error {
+	var hdr [5]byte
+	w := bufio.NewWriterSize(dst, 32<<10)
+	for {
+		if r.Buffered() == 0 {
+			if err := w.Flush(); err != nil {
+				return err
+			}
+		}
+		if _, err := io.ReadFull(r, hdr[:]); err != nil {
+			return err
+		}
+		n := binary.BigEndian.Uint32(hdr[1:])
+		if n < 4 {
+			return fmt.Errorf("message %q with length %d", hdr[0], n)
+		}
+		count(hdr[0])
+		if _, err := w.Write(hdr[:]); err != nil {
+			return err
+		}
+		if _, err := io.CopyN(w, r, int64(n-4)); err != nil {
+			return err
+		}
+	}
+}
