@@ -9,7 +9,14 @@
 //     round trip, their sum is printed as "round_trips";
 //   - from the server (backend): ReadyForQuery ('Z', one per round trip
 //     answered, a cross-check) and NotificationResponse ('A', a NOTIFY
-//     delivered to a listener).
+//     delivered to a listener);
+//   - statements executed (a simple Query's statements, an Execute of a
+//     portal bound to a parsed statement) by their first keyword: "writes"
+//     are INSERT, UPDATE, DELETE and MERGE (or a WITH that contains one),
+//     "write_txs" the transactions that wrote: an explicit one (BEGIN ...
+//     COMMIT/END) with at least one write, or a write outside one
+//     (autocommit). Statement texts are tracked per connection from Parse
+//     and Bind messages, so prepared statements are classified too.
 //
 // The startup packet, and an SSLRequest or GSSENCRequest before it (answered
 // with one byte, 'N' on a server without TLS), are forwarded and not
@@ -24,6 +31,8 @@
 //	query 34
 //	ready 1234
 //	notifications 5
+//	writes 300
+//	write_txs 100
 //	conns 12
 //	unparsed_conns 0
 //
@@ -36,6 +45,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"flag"
@@ -45,7 +55,9 @@ import (
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"sync/atomic"
+	"unicode"
 )
 
 // Protocol codes of the untyped packets a client may send first.
@@ -61,6 +73,7 @@ const (
 // counters are the proxy's totals, updated by every connection.
 type counters struct {
 	sync, query, ready, notifications, conns, unparsed atomic.Int64
+	writes, writeTxs                                   atomic.Int64
 }
 
 func main() {
@@ -92,8 +105,8 @@ func run(port, statsPort int, upstream string) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, _ *http.Request) {
 		s, q := c.sync.Load(), c.query.Load()
-		fmt.Fprintf(w, "round_trips %d\nsync %d\nquery %d\nready %d\nnotifications %d\nconns %d\nunparsed_conns %d\n",
-			s+q, s, q, c.ready.Load(), c.notifications.Load(), c.conns.Load(), c.unparsed.Load())
+		fmt.Fprintf(w, "round_trips %d\nsync %d\nquery %d\nready %d\nnotifications %d\nwrites %d\nwrite_txs %d\nconns %d\nunparsed_conns %d\n",
+			s+q, s, q, c.ready.Load(), c.notifications.Load(), c.writes.Load(), c.writeTxs.Load(), c.conns.Load(), c.unparsed.Load())
 	})
 	go func() { _ = http.Serve(sln, mux) }()
 	fmt.Println("ready", ln.Addr().String(), sln.Addr().String())
@@ -135,18 +148,10 @@ func (c *counters) proxy(client net.Conn, upstream string) error {
 		go func() { _, err := io.Copy(server, cr); done <- err }()
 		go func() { _, err := io.Copy(client, sr); done <- err }()
 	} else {
+		st := &session{c: c, stmts: map[string]string{}, portals: map[string]string{}}
+		go func() { done <- relay(cr, server, st.frontend) }()
 		go func() {
-			done <- relay(cr, server, func(t byte) {
-				switch t {
-				case 'S':
-					c.sync.Add(1)
-				case 'Q':
-					c.query.Add(1)
-				}
-			})
-		}()
-		go func() {
-			done <- relay(sr, client, func(t byte) {
+			done <- relay(sr, client, func(t byte, _ []byte) {
 				switch t {
 				case 'Z':
 					c.ready.Add(1)
@@ -206,10 +211,12 @@ func startup(cr *bufio.Reader, client net.Conn, sr *bufio.Reader, server net.Con
 }
 
 // relay copies typed protocol messages (1 type byte, a 4-byte length that
-// counts itself, the payload) from r to dst, calling count with each type.
+// counts itself, the payload) from r to dst, calling count with each type,
+// and with the payload of the small frontend messages statements are
+// classified from (Query, Parse, Bind, Execute; nil for others).
 // Messages are written through a buffer flushed whenever r has nothing more
 // buffered, so a batch the peer sent in one write leaves in one write.
-func relay(r *bufio.Reader, dst io.Writer, count func(byte)) error {
+func relay(r *bufio.Reader, dst io.Writer, count func(t byte, payload []byte)) error {
 	var hdr [5]byte
 	w := bufio.NewWriterSize(dst, 32<<10)
 	for {
@@ -225,12 +232,144 @@ func relay(r *bufio.Reader, dst io.Writer, count func(byte)) error {
 		if n < 4 {
 			return fmt.Errorf("message %q with length %d", hdr[0], n)
 		}
-		count(hdr[0])
 		if _, err := w.Write(hdr[:]); err != nil {
 			return err
 		}
+		switch hdr[0] {
+		case 'Q', 'P', 'B', 'E':
+			if n-4 <= maxPayload {
+				payload := make([]byte, n-4)
+				if _, err := io.ReadFull(r, payload); err != nil {
+					return err
+				}
+				count(hdr[0], payload)
+				if _, err := w.Write(payload); err != nil {
+					return err
+				}
+				continue
+			}
+		}
+		count(hdr[0], nil)
 		if _, err := io.CopyN(w, r, int64(n-4)); err != nil {
 			return err
 		}
 	}
+}
+
+// maxPayload bounds the messages whose payload is parsed; a longer one is
+// forwarded without classification.
+const maxPayload = 1 << 20
+
+// session is the statement tracking of one connection (used by its
+// frontend relay goroutine only).
+type session struct {
+	c *counters
+	// stmts maps a prepared statement's name to its text, portals a
+	// portal's name to its statement's text.
+	stmts, portals map[string]string
+	// inTx is set between BEGIN and COMMIT/ROLLBACK; wrote when a write
+	// ran in it.
+	inTx, wrote bool
+}
+
+// frontend counts one frontend message.
+func (s *session) frontend(t byte, payload []byte) {
+	switch t {
+	case 'S':
+		s.c.sync.Add(1)
+	case 'Q':
+		s.c.query.Add(1)
+		if q, _, ok := cstring(payload); ok {
+			for stmt := range strings.SplitSeq(q, ";") {
+				s.executed(stmt)
+			}
+		}
+	case 'P':
+		name, rest, ok := cstring(payload)
+		if q, _, ok2 := cstring(rest); ok && ok2 {
+			s.stmts[name] = q
+		}
+	case 'B':
+		portal, rest, ok := cstring(payload)
+		if name, _, ok2 := cstring(rest); ok && ok2 {
+			s.portals[portal] = s.stmts[name]
+		}
+	case 'E':
+		if portal, _, ok := cstring(payload); ok {
+			s.executed(s.portals[portal])
+		}
+	}
+}
+
+// executed classifies one executed statement.
+func (s *session) executed(stmt string) {
+	switch keyword(stmt) {
+	case "BEGIN", "START":
+		s.inTx, s.wrote = true, false
+	case "COMMIT", "END":
+		if s.inTx && s.wrote {
+			s.c.writeTxs.Add(1)
+		}
+		s.inTx, s.wrote = false, false
+	case "ROLLBACK", "ABORT":
+		s.inTx, s.wrote = false, false
+	case "INSERT", "UPDATE", "DELETE", "MERGE":
+		s.write()
+	case "WITH":
+		u := strings.ToUpper(stmt)
+		for _, w := range []string{"INSERT ", "UPDATE ", "DELETE ", "MERGE "} {
+			if strings.Contains(u, w) {
+				s.write()
+				return
+			}
+		}
+	}
+}
+
+// write counts a write statement, and its transaction when it runs
+// outside an explicit one.
+func (s *session) write() {
+	s.c.writes.Add(1)
+	if s.inTx {
+		s.wrote = true
+	} else {
+		s.c.writeTxs.Add(1)
+	}
+}
+
+// keyword returns the first word of a statement, upper-cased, after
+// whitespace, parentheses and comments.
+func keyword(stmt string) string {
+	for {
+		stmt = strings.TrimLeft(stmt, " \t\r\n(")
+		switch {
+		case strings.HasPrefix(stmt, "--"):
+			i := strings.IndexByte(stmt, '\n')
+			if i < 0 {
+				return ""
+			}
+			stmt = stmt[i+1:]
+		case strings.HasPrefix(stmt, "/*"):
+			i := strings.Index(stmt, "*/")
+			if i < 0 {
+				return ""
+			}
+			stmt = stmt[i+2:]
+		default:
+			end := strings.IndexFunc(stmt, func(r rune) bool { return !unicode.IsLetter(r) })
+			if end < 0 {
+				end = len(stmt)
+			}
+			return strings.ToUpper(stmt[:end])
+		}
+	}
+}
+
+// cstring splits a NUL-terminated string off b.
+func cstring(b []byte) (string, []byte, bool) {
+	i := bytes.IndexByte(b, 0)
+	if i < 0 {
+		return "", nil, false
+	}
+	return string(b[:i]), b[i+1:], true
 }

@@ -90,6 +90,77 @@ func TestCountsRoundTrips(t *testing.T) {
 			t.Errorf("%s: counted (sync, query, ready, notifications) %v, want %v", tt.name, got, tt.want)
 		}
 	}
+
+	// Write classification: statements and the transactions that wrote,
+	// through the simple protocol, unnamed and cached prepared statements.
+	if _, err := conn.Exec(ctx, "CREATE TABLE t (v int)"); err != nil {
+		t.Fatal(err)
+	}
+	writes := []struct {
+		name                string
+		run                 func() error
+		wantWrites, wantTxs int64
+	}{
+		{"select", func() error {
+			_, err := conn.Exec(ctx, "SELECT count(*) FROM t")
+			return err
+		}, 0, 0},
+		{"autocommit insert, simple", func() error {
+			_, err := conn.Exec(ctx, "INSERT INTO t VALUES (1)", pgx.QueryExecModeSimpleProtocol)
+			return err
+		}, 1, 1},
+		{"autocommit update, cached statement twice", func() error {
+			for range 2 {
+				if _, err := conn.Exec(ctx, "UPDATE t SET v = $1", 2); err != nil {
+					return err
+				}
+			}
+			return nil
+		}, 2, 2},
+		{"transaction with two writes", func() error {
+			tx, err := conn.Begin(ctx)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "/* c */ INSERT INTO t VALUES ($1)", 3); err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "WITH d AS (DELETE FROM t WHERE v = 3 RETURNING v) SELECT count(*) FROM d"); err != nil {
+				return err
+			}
+			return tx.Commit(ctx)
+		}, 2, 1},
+		{"read-only transaction", func() error {
+			tx, err := conn.Begin(ctx)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+				return err
+			}
+			return tx.Commit(ctx)
+		}, 0, 0},
+		{"rolled back write", func() error {
+			tx, err := conn.Begin(ctx)
+			if err != nil {
+				return err
+			}
+			if _, err := tx.Exec(ctx, "INSERT INTO t VALUES (4)"); err != nil {
+				return err
+			}
+			return tx.Rollback(ctx)
+		}, 1, 0},
+	}
+	for _, tt := range writes {
+		w0, x0 := c.writes.Load(), c.writeTxs.Load()
+		if err := tt.run(); err != nil {
+			t.Fatalf("%s: %v", tt.name, err)
+		}
+		if w, x := c.writes.Load()-w0, c.writeTxs.Load()-x0; w != tt.wantWrites || x != tt.wantTxs {
+			t.Errorf("%s: writes %d, write transactions %d; want %d, %d", tt.name, w, x, tt.wantWrites, tt.wantTxs)
+		}
+	}
+
 	if c.conns.Load() != 1 || c.unparsed.Load() != 0 {
 		t.Errorf("conns %d unparsed %d, want 1 and 0", c.conns.Load(), c.unparsed.Load())
 	}
