@@ -53,7 +53,8 @@
 #                  latency from the PUT's start to the waiter's last byte
 # Per kind: PostgreSQL round trips per request (all, and the coordinator's
 # own from caddy_matrix_media_cluster_round_trips_total), PostgreSQL write
-# statements and write transactions per request, Redis commands per request
+# statements and write transactions per request (without the access-time
+# flush, a deferred batch every 30 s per instance, counted apart), Redis commands per request
 # (total_commands_processed, which counts the commands a script calls too)
 # and script runs (EVAL/EVALSHA: the rate limiter's one call per request),
 # S3 requests per request (and by method), p50/p99.
@@ -65,8 +66,9 @@
 # requests/s and p50/p99, for the latency under load.
 # Last, with CAPACITY=1, the capacity of the shared services alone on this
 # machine: pgbench (select-only and TPC-B-like) on the same PostgreSQL and
-# redis-benchmark (GET, and EVAL of a small bucket script) on the same
-# Redis, for the capacity arithmetic in the README.
+# redis-benchmark (GET, and EVAL of a 4-bucket script shaped like the rate
+# limiter's, one per round trip and pipelined) on the same Redis, for the
+# capacity arithmetic in the README.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -126,7 +128,10 @@ DSN1=$DSN
 pg_database scale3
 DSN3=$DSN
 PG_HOSTPORT=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(f"{p.hostname}:{p.port or 5432}")' "$DSN1")
-start_helper pgcount "$WORK/bin/pgcount" -port "$PGC" -stats-port "$PGC_STATS" -upstream "$PG_HOSTPORT"
+# The access-time flush (every 30 s per instance: one transaction with one
+# UPDATE of last_access_ts per distinct item read since the last flush) is
+# counted apart (-tag), or it would land on whichever kind runs then.
+start_helper pgcount "$WORK/bin/pgcount" -port "$PGC" -stats-port "$PGC_STATS" -upstream "$PG_HOSTPORT" -tag "SET last_access_ts"
 # via_proxy DSN: the DSN with the proxy's address instead of the server's.
 via_proxy() {
 	python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); n = p.netloc.rsplit("@", 1); a = (n[0] + "@" if len(n) == 2 else "") + "127.0.0.1:" + sys.argv[2]; q = u.parse_qs(p.query); q["sslmode"] = ["disable"]; print(u.urlunsplit(p._replace(netloc=a, query=u.urlencode(q, doseq=True))))' "$1" "$PGC"
@@ -221,12 +226,12 @@ metric() {
 }
 # counters K: prints "pg_round_trips cluster_round_trips redis_commands
 # s3_requests thumbnail_generations origin_downloads seconds redis_scripts
-# s3_get s3_head s3_put s3_post s3_delete pg_writes pg_write_txs"
-# (redis_commands counts the
+# s3_get s3_head s3_put s3_post s3_delete pg_writes pg_write_txs
+# flush_statements flush_writes flush_txs" (redis_commands counts the
 # commands scripts call too; redis_scripts the EVAL/EVALSHA runs).
 counters() {
 	local pg cl rd s3 gen org
-	pg=$(curl -fsS "http://127.0.0.1:$PGC_STATS/stats" | awk '{ v[$1] = $2 } END { print v["round_trips"], v["writes"], v["write_txs"] }')
+	pg=$(curl -fsS "http://127.0.0.1:$PGC_STATS/stats" | awk '{ v[$1] = $2 } END { print v["round_trips"], v["writes"], v["write_txs"], v["tagged"], v["tagged_writes"], v["tagged_write_txs"] }')
 	cl=$(metric caddy_matrix_media_cluster_round_trips_total "$1")
 	rd=$(redis-cli -p "$REDIS" info all | tr -d '\r' | awk -F'[:=,]' '
 		$1 == "total_commands_processed" { t = $2 }
@@ -242,16 +247,19 @@ counters() {
 }
 # per_request BEFORE AFTER N: per-request deltas, idle rates subtracted:
 # "pg cluster redis s3 gens origin seconds redis_scripts s3_get s3_head
-# s3_put s3_post s3_delete pg_writes pg_write_txs". The INFO call of the "after" sample is itself
+# s3_put s3_post s3_delete pg_writes pg_write_txs flush_statements"
+# (PostgreSQL figures without the access-time flush's statements, counted
+# apart in flush_statements, total not per request). The INFO call of the "after" sample is itself
 # one Redis command, not the requests'.
 per_request() {
 	awk -v n="$3" -v rpg="$RATE_PG" -v rcl="$RATE_CL" -v rrd="$RATE_RD" -v rs3="$RATE_S3" -v rpw="$RATE_PGW" -v rpx="$RATE_PGX" '
 		BEGIN { split(ARGV[1], a, " "); split(ARGV[2], b, " "); ARGV[1] = ""; ARGV[2] = ""
 			t = b[7] - a[7]
-			printf "%.2f %.2f %.2f %.2f %d %d %.1f %.2f", (b[1] - a[1] - rpg * t) / n, (b[2] - a[2] - rcl * t) / n,
+			fl = b[16] - a[16]
+			printf "%.2f %.2f %.2f %.2f %d %d %.1f %.2f", (b[1] - a[1] - fl - rpg * t) / n, (b[2] - a[2] - rcl * t) / n,
 				(b[3] - a[3] - 1 - rrd * t) / n, (b[4] - a[4] - rs3 * t) / n, b[5] - a[5], b[6] - a[6], t, (b[8] - a[8]) / n
 			for (i = 9; i <= 13; i++) printf " %.2f", (b[i] - a[i]) / n
-			printf " %.2f %.2f", (b[14] - a[14] - rpw * t) / n, (b[15] - a[15] - rpx * t) / n
+			printf " %.2f %.2f %d", (b[14] - a[14] - (b[17] - a[17]) - rpw * t) / n, (b[15] - a[15] - (b[18] - a[18]) - rpx * t) / n, fl
 			printf "\n" }' "$1" "$2"
 }
 
@@ -320,7 +328,8 @@ run_config() {
 	sleep 1
 	before=$(counters "$k"); sleep "$QUIET"; after=$(counters "$k")
 	read -r RATE_PG RATE_CL RATE_RD RATE_S3 RATE_PGW RATE_PGX <<<"$(awk 'BEGIN { split(ARGV[1], a, " "); split(ARGV[2], b, " "); ARGV[1] = ""; ARGV[2] = ""; t = b[7] - a[7]
-		printf "%.3f %.3f %.3f %.3f %.3f %.3f\n", (b[1] - a[1]) / t, (b[2] - a[2]) / t, (b[3] - a[3] - 1) / t, (b[4] - a[4]) / t, (b[14] - a[14]) / t, (b[15] - a[15]) / t }' "$before" "$after")"
+		printf "%.3f %.3f %.3f %.3f %.3f %.3f\n", (b[1] - a[1] - (b[16] - a[16])) / t, (b[2] - a[2]) / t, (b[3] - a[3] - 1) / t, (b[4] - a[4]) / t,
+			(b[14] - a[14] - (b[17] - a[17])) / t, (b[15] - a[15] - (b[18] - a[18])) / t }' "$before" "$after")"
 	IDLE[$k]="$RATE_PG $RATE_CL $RATE_RD $RATE_S3 $RATE_PGW $RATE_PGX"
 
 	local kind
@@ -338,7 +347,8 @@ run_config() {
 		esac
 		after=$(counters "$k")
 		pr=$(per_request "$before" "$after" "$N")
-		read -r p_pg p_cl p_rd p_s3 p_gen p_org _ p_rs s3g s3h s3p s3o s3d p_pw p_px <<<"$pr"
+		read -r p_pg p_cl p_rd p_s3 p_gen p_org _ p_rs s3g s3h s3p s3o s3d p_pw p_px p_fl <<<"$pr"
+		FLUSHED[$k]=$(( ${FLUSHED[$k]:-0} + p_fl ))
 		read -r rate p50 p99 _ <<<"$(head -1 <<<"$out")"
 		case $kind in
 		th_cold) ((p_gen == N)) || { echo "bench: K=$k: $N cold thumbnails, $p_gen generations" >&2; exit 1; } ;;
@@ -368,7 +378,7 @@ run_config() {
 	fi
 	for i in $(seq 1 "$k"); do stop_worker "$i"; done
 }
-declare -A WAKE S3M
+declare -A WAKE S3M FLUSHED
 run_config 1 "$(via_proxy "$DSN1")" 0
 run_config 3 "$(via_proxy "$DSN3")" "$NIMG"
 
@@ -396,6 +406,9 @@ say ""
 say "async: waiter answered after the PUT's answer by p50/p99 $(echo "${WAKE[1]}" | tr ' ' '/') ms (1 instance, same instance) vs $(echo "${WAKE[3]}" | tr ' ' '/') ms (3 instances, waiter on another instance)"
 read -r i1pg i1cl i1rd i1s3 i1pw i1px <<<"${IDLE[1]}"; read -r i3pg i3cl i3rd i3s3 i3pw i3px <<<"${IDLE[3]}"
 say "idle (background) per second: PG round trips $i1pg / $i3pg (coordinator $i1cl / $i3cl), PG write statements $i1pw / $i3pw, Redis commands $i1rd / $i3rd, S3 requests $i1s3 / $i3s3 (1 / 3 instances)"
+EVAL_US=$(redis-cli -p "$REDIS" info commandstats | tr -d '\r' | awk -F'[:=,]' '$1 == "cmdstat_evalsha" { for (i = 2; i < NF; i += 2) if ($i == "usec_per_call") print $(i + 1) }')
+say "access-time flush (deferred: every 30 s per instance, one transaction with one UPDATE round trip per distinct item read there since its last flush), counted apart, not in the table: ${FLUSHED[1]:-0} / ${FLUSHED[3]:-0} UPDATEs during the measured kinds (1 / 3 instances)"
+say "Redis server time per rate-limit script run (EVALSHA, INFO commandstats over the whole run): ${EVAL_US:-?} µs"
 if ((CONC > 0)); then
 	say ""
 	say "Under load, c=$CONC, $((4 * N)) requests each (req/s, p50 ms, p99 ms): 1 instance | 3 instances"
@@ -412,7 +425,7 @@ fi
 # pgbench on the same PostgreSQL (select-only: one round trip per
 # transaction; TPC-B-like: 7 round trips, 3 updates and an insert per
 # transaction, the write path), and redis-benchmark on the same Redis (GET,
-# and an EVAL of a small token-bucket script like the rate limiter's).
+# and an EVAL of a token-bucket script shaped like the rate limiter's).
 if ((CAPACITY)); then
 	echo "bench: capacity of PostgreSQL and Redis (pgbench, redis-benchmark)" >&2
 	PGB=${PG_BIN:+$PG_BIN/}pgbench
@@ -429,10 +442,15 @@ if ((CAPACITY)); then
 		say "PostgreSQL capacity: pgbench not found"
 	fi
 	if command -v redis-benchmark >/dev/null 2>&1; then
-		rb() { redis-benchmark -p "$REDIS" -c 8 -n "$CAP_REDIS_N" -q "$@" | tr '\r' '\n' | awk '/requests per second/ { for (i = 1; i <= NF; i++) if ($i == "requests") { printf "%.0f", $(i - 1); exit } }'; }
+		rb() { redis-benchmark -p "$REDIS" -c 8 -r 1000000 -n "$CAP_REDIS_N" -q "$@" | tr '\r' '\n' | awk '/requests per second/ { for (i = 1; i <= NF; i++) if ($i == "requests") { printf "%.0f", $(i - 1); exit } }'; }
+		# the rate limiter's shape for a request with 4 buckets: TIME, then
+		# HMGET, HSET and PEXPIRE per bucket (13 calls, 14 commands counted)
+		local_script="local t = redis.call('TIME') for i = 1, #KEYS do redis.call('HMGET', KEYS[i], 'l', 't') redis.call('HSET', KEYS[i], 'l', '1', 't', t[1]) redis.call('PEXPIRE', KEYS[i], 60000) end return 1"
+		bucket_keys=(4 "rl:a:__rand_int__" "rl:b:__rand_int__" "rl:c:__rand_int__" "rl:d:__rand_int__")
 		get=$(rb -t get)
-		ev=$(rb eval "local v = redis.call('HMGET', KEYS[1], 't', 'n') redis.call('HSET', KEYS[1], 't', ARGV[1], 'n', ARGV[1]) redis.call('PEXPIRE', KEYS[1], 60000) return 1" 1 "rl:key:__rand_int__" 1)
-		say "Redis capacity (redis-benchmark, c=8, $CAP_REDIS_N requests, no pipelining, client on the same 2 cores): GET $get/s, EVAL of a 3-call bucket script $ev/s"
+		ev=$(rb eval "$local_script" "${bucket_keys[@]}")
+		evp=$(rb -P 16 eval "$local_script" "${bucket_keys[@]}")
+		say "Redis capacity (redis-benchmark, c=8, $CAP_REDIS_N requests, client on the same 2 cores): GET $get/s; EVAL of a 4-bucket script shaped like the rate limiter's (13 calls) $ev/s one per round trip, $evp/s pipelined 16 deep"
 	fi
 fi
 

@@ -16,7 +16,12 @@
 //     "write_txs" the transactions that wrote: an explicit one (BEGIN ...
 //     COMMIT/END) with at least one write, or a write outside one
 //     (autocommit). Statement texts are tracked per connection from Parse
-//     and Bind messages, so prepared statements are classified too.
+//     and Bind messages, so prepared statements are classified too;
+//   - with -tag, the executions of statements whose text contains that
+//     string ("tagged", "tagged_writes" of them and "tagged_write_txs", the
+//     transactions they wrote in), so that a background batch (the
+//     benchmark tags the access-time flush) can be told apart from the
+//     requests' own statements.
 //
 // The startup packet, and an SSLRequest or GSSENCRequest before it (answered
 // with one byte, 'N' on a server without TLS), are forwarded and not
@@ -33,6 +38,9 @@
 //	notifications 5
 //	writes 300
 //	write_txs 100
+//	tagged 0
+//	tagged_writes 0
+//	tagged_write_txs 0
 //	conns 12
 //	unparsed_conns 0
 //
@@ -73,26 +81,29 @@ const (
 // counters are the proxy's totals, updated by every connection.
 type counters struct {
 	sync, query, ready, notifications, conns, unparsed atomic.Int64
-	writes, writeTxs                                   atomic.Int64
+	writes, writeTxs, tagged, taggedWrites, taggedTxs  atomic.Int64
+	// tag is the -tag substring ("" = none).
+	tag string
 }
 
 func main() {
 	port := flag.Int("port", 0, "TCP port on 127.0.0.1 for clients (default 0: any free port)")
 	statsPort := flag.Int("stats-port", 0, "TCP port on 127.0.0.1 for GET /stats (default 0: any free port)")
 	upstream := flag.String("upstream", "", "host:port of the PostgreSQL server (required)")
+	tag := flag.String("tag", "", "count the executions of statements containing this string apart (default none)")
 	flag.Parse()
 	if *upstream == "" {
 		flag.Usage()
 		os.Exit(2)
 	}
-	if err := run(*port, *statsPort, *upstream); err != nil {
+	if err := run(*port, *statsPort, *upstream, *tag); err != nil {
 		fmt.Fprintln(os.Stderr, "pgcount:", err)
 		os.Exit(1)
 	}
 }
 
 // run serves the proxy and the stats endpoint until the process ends.
-func run(port, statsPort int, upstream string) error {
+func run(port, statsPort int, upstream, tag string) error {
 	ln, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(port))
 	if err != nil {
 		return fmt.Errorf("listening: %w", err)
@@ -101,12 +112,13 @@ func run(port, statsPort int, upstream string) error {
 	if err != nil {
 		return fmt.Errorf("listening for stats: %w", err)
 	}
-	c := &counters{}
+	c := &counters{tag: tag}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /stats", func(w http.ResponseWriter, _ *http.Request) {
 		s, q := c.sync.Load(), c.query.Load()
-		fmt.Fprintf(w, "round_trips %d\nsync %d\nquery %d\nready %d\nnotifications %d\nwrites %d\nwrite_txs %d\nconns %d\nunparsed_conns %d\n",
-			s+q, s, q, c.ready.Load(), c.notifications.Load(), c.writes.Load(), c.writeTxs.Load(), c.conns.Load(), c.unparsed.Load())
+		fmt.Fprintf(w, "round_trips %d\nsync %d\nquery %d\nready %d\nnotifications %d\nwrites %d\nwrite_txs %d\ntagged %d\ntagged_writes %d\ntagged_write_txs %d\nconns %d\nunparsed_conns %d\n",
+			s+q, s, q, c.ready.Load(), c.notifications.Load(), c.writes.Load(), c.writeTxs.Load(),
+			c.tagged.Load(), c.taggedWrites.Load(), c.taggedTxs.Load(), c.conns.Load(), c.unparsed.Load())
 	})
 	go func() { _ = http.Serve(sln, mux) }()
 	fmt.Println("ready", ln.Addr().String(), sln.Addr().String())
@@ -268,8 +280,8 @@ type session struct {
 	// portal's name to its statement's text.
 	stmts, portals map[string]string
 	// inTx is set between BEGIN and COMMIT/ROLLBACK; wrote when a write
-	// ran in it.
-	inTx, wrote bool
+	// ran in it, taggedWrote when a tagged one did.
+	inTx, wrote, taggedWrote bool
 }
 
 // frontend counts one frontend message.
@@ -303,37 +315,51 @@ func (s *session) frontend(t byte, payload []byte) {
 
 // executed classifies one executed statement.
 func (s *session) executed(stmt string) {
+	tagged := s.c.tag != "" && strings.Contains(stmt, s.c.tag)
+	if tagged {
+		s.c.tagged.Add(1)
+	}
 	switch keyword(stmt) {
 	case "BEGIN", "START":
-		s.inTx, s.wrote = true, false
+		s.inTx, s.wrote, s.taggedWrote = true, false, false
 	case "COMMIT", "END":
 		if s.inTx && s.wrote {
 			s.c.writeTxs.Add(1)
 		}
-		s.inTx, s.wrote = false, false
+		if s.inTx && s.taggedWrote {
+			s.c.taggedTxs.Add(1)
+		}
+		s.inTx, s.wrote, s.taggedWrote = false, false, false
 	case "ROLLBACK", "ABORT":
-		s.inTx, s.wrote = false, false
+		s.inTx, s.wrote, s.taggedWrote = false, false, false
 	case "INSERT", "UPDATE", "DELETE", "MERGE":
-		s.write()
+		s.write(tagged)
 	case "WITH":
 		u := strings.ToUpper(stmt)
 		for _, w := range []string{"INSERT ", "UPDATE ", "DELETE ", "MERGE "} {
 			if strings.Contains(u, w) {
-				s.write()
+				s.write(tagged)
 				return
 			}
 		}
 	}
 }
 
-// write counts a write statement, and its transaction when it runs
-// outside an explicit one.
-func (s *session) write() {
+// write counts a write statement (tagged: also as a tagged write), and its
+// transaction when it runs outside an explicit one.
+func (s *session) write(tagged bool) {
 	s.c.writes.Add(1)
+	if tagged {
+		s.c.taggedWrites.Add(1)
+	}
 	if s.inTx {
 		s.wrote = true
+		s.taggedWrote = s.taggedWrote || tagged
 	} else {
 		s.c.writeTxs.Add(1)
+		if tagged {
+			s.c.taggedTxs.Add(1)
+		}
 	}
 }
 

@@ -28,7 +28,7 @@ func TestCountsRoundTrips(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	c := &counters{}
+	c := &counters{tag: "tagged_table"}
 	go func() { _ = c.serve(ln, u.Host) }()
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -150,6 +150,31 @@ func TestCountsRoundTrips(t *testing.T) {
 			}
 			return tx.Rollback(ctx)
 		}, 1, 0},
+	}
+	if _, err := conn.Exec(ctx, "CREATE TABLE tagged_table (v int)"); err != nil {
+		t.Fatal(err)
+	}
+	t0, tw0, tx0 := c.tagged.Load(), c.taggedWrites.Load(), c.taggedTxs.Load()
+	if _, err := conn.Exec(ctx, "SELECT count(*) FROM tagged_table"); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		if _, err := conn.Exec(ctx, "UPDATE tagged_table SET v = $1", 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "UPDATE tagged_table SET v = $1", 2); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if tg, tw, tx := c.tagged.Load()-t0, c.taggedWrites.Load()-tw0, c.taggedTxs.Load()-tx0; tg != 4 || tw != 3 || tx != 3 {
+		t.Errorf("tagged executions %d, tagged writes %d, tagged write transactions %d; want 4, 3, 3", tg, tw, tx)
 	}
 	for _, tt := range writes {
 		w0, x0 := c.writes.Load(), c.writeTxs.Load()
