@@ -6,7 +6,7 @@
 # Everything binds to 127.0.0.1.
 #
 # Usage: bench/run-scale.sh [--quick]
-#   --quick   N=20, no concurrent run (smoke run)
+#   --quick   N=20, no concurrent run, short capacity step (smoke run)
 # Env: CADDY (path to a caddy built with ./xcaddy.sh build; default ./caddy),
 #      N (requests per kind and configuration, sequential; default 200),
 #      CONC (concurrency of the run under load, 0 = none; default 8),
@@ -267,8 +267,9 @@ REPORT=$WORK/report.txt
 say "caddy-matrix-media scale-out benchmark $(date -u +%FT%TZ) on $(nproc) cores; N=$N sequential requests per kind, concurrency run c=$CONC; uploads ${SIZE_KIB} KiB, remote media ${REMOTE_KIB} KiB, 640x480 JPEG thumbnails; PostgreSQL: $PG_WHAT (through the counting proxy); $(redis-server --version | awk '{print $1, $3}'); fake S3 in memory"
 say "   load at start:$(uptime | sed 's/.*load average://')"
 
-# upload_ids FILE_OF_IDS: the upload driver's ids (one a line) as paths.
-paths_for() { # KIND IDS_FILE -> paths on stdout
+# paths_for KIND IDS_FILE: media IDs (one a line) as client v1 paths: dl
+# (download) or th (320x240 scale thumbnail).
+paths_for() {
 	case $1 in
 	dl) sed 's#^#/_matrix/client/v1/media/download/localhost/#' "$2" ;;
 	th) sed 's#^#/_matrix/client/v1/media/thumbnail/localhost/#; s#$#?width=320\&height=240\&method=scale#' "$2" ;;
