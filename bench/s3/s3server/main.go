@@ -9,6 +9,10 @@
 // documents tens of MB/s per connection and recommends parallel byte-range
 // GETs); clients then go faster only with more connections.
 //
+// GET /_stats (no bucket name starts with "_") answers the requests served
+// so far by method, as "name value" lines ("requests 12", "GET 5", "PUT 4",
+// ...), for benchmarks that count S3 requests per media request.
+//
 // Usage:
 //
 //	s3server -port 9000 -bucket media [-conn-rate 100MB]
@@ -25,6 +29,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -63,7 +68,7 @@ func run(port int, bucket string, rate int64) error {
 	if rate > 0 {
 		ln = pacedListener{Listener: ln, rate: rate}
 	}
-	srv := &http.Server{Handler: fake.Server(), ReadHeaderTimeout: 10 * time.Second}
+	srv := &http.Server{Handler: newCounting(fake.Server()), ReadHeaderTimeout: 10 * time.Second}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -162,4 +167,36 @@ func (c *pacedConn) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return total, nil
+}
+
+// counting is the S3 handler with request counts by method and the
+// /_stats endpoint.
+type counting struct {
+	next http.Handler
+	mu   sync.Mutex
+	n    map[string]int64
+}
+
+// newCounting wraps next.
+func newCounting(next http.Handler) *counting {
+	return &counting{next: next, n: map[string]int64{}}
+}
+
+// ServeHTTP answers /_stats, or counts the request and passes it on.
+func (c *counting) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c.mu.Lock()
+	if r.URL.Path == "/_stats" {
+		var b strings.Builder
+		total := int64(0)
+		for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPut, http.MethodPost, http.MethodDelete} {
+			fmt.Fprintf(&b, "%s %d\n", m, c.n[m])
+			total += c.n[m]
+		}
+		c.mu.Unlock()
+		fmt.Fprintf(w, "requests %d\n%s", total, b.String())
+		return
+	}
+	c.n[r.Method]++
+	c.mu.Unlock()
+	c.next.ServeHTTP(w, r)
 }
