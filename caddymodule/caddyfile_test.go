@@ -563,3 +563,25 @@ func TestGlobalOptionOnlyOnce(t *testing.T) {
 		t.Fatalf("global option value = %#v, want httpcaddyfile.App matrix_media with storage_path", got)
 	}
 }
+
+// checkAppCaddyfile parses input as the matrix_media app's Caddyfile block
+// and checks case i: the error contains wantErr, or (no error wanted) field
+// of the parsed app equals want.
+func checkAppCaddyfile[T any](t *testing.T, i int, input, wantErr string, want T, field func(*App) T) {
+	t.Helper()
+	var got App
+	err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(input))
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Errorf("Test %d: error = %v, want one containing %q", i, err, wantErr)
+		}
+		return
+	}
+	if err != nil {
+		t.Errorf("Test %d: unexpected error: %v", i, err)
+		return
+	}
+	if v := field(&got); !reflect.DeepEqual(v, want) {
+		t.Errorf("Test %d: parsed %+v, want %+v", i, v, want)
+	}
+}

@@ -1,13 +1,10 @@
 package caddymodule
 
 import (
-	"reflect"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestGCCaddyfile(t *testing.T) {
@@ -48,21 +45,7 @@ func TestGCCaddyfile(t *testing.T) {
 				gc off
 			}`, wantErr: "gc specified more than once"},
 	} {
-		var got App
-		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-		if tc.wantErr != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-				t.Errorf("Test %d: error = %v, want one containing %q", i, err, tc.wantErr)
-			}
-			continue
-		}
-		if err != nil {
-			t.Errorf("Test %d: unexpected error: %v", i, err)
-			continue
-		}
-		if !reflect.DeepEqual(got.GC, tc.want) {
-			t.Errorf("Test %d: parsed %+v, want %+v", i, got.GC, tc.want)
-		}
+		checkAppCaddyfile(t, i, tc.input, tc.wantErr, tc.want, func(a *App) *GCConfig { return a.GC })
 	}
 }
 

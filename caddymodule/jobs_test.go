@@ -6,7 +6,6 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -16,7 +15,6 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/retention"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestRetentionCaddyfile(t *testing.T) {
@@ -75,21 +73,7 @@ func TestRetentionCaddyfile(t *testing.T) {
 				}
 			}`, wantErr: "retention specified more than once"},
 	} {
-		var got App
-		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-		if tc.wantErr != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-				t.Errorf("Test %d: error = %v, want one containing %q", i, err, tc.wantErr)
-			}
-			continue
-		}
-		if err != nil {
-			t.Errorf("Test %d: unexpected error: %v", i, err)
-			continue
-		}
-		if !reflect.DeepEqual(got.Retention, tc.want) {
-			t.Errorf("Test %d: parsed %+v, want %+v", i, got.Retention, tc.want)
-		}
+		checkAppCaddyfile(t, i, tc.input, tc.wantErr, tc.want, func(a *App) *RetentionConfig { return a.Retention })
 	}
 }
 

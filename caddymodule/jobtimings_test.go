@@ -2,13 +2,11 @@ package caddymodule
 
 import (
 	"encoding/json"
-	"reflect"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 func TestJobsCaddyfile(t *testing.T) {
@@ -62,21 +60,7 @@ func TestJobsCaddyfile(t *testing.T) {
 				}
 			}`, wantErr: "jobs specified more than once"},
 	} {
-		var got App
-		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(tc.input))
-		if tc.wantErr != "" {
-			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-				t.Errorf("Test %d: error = %v, want one containing %q", i, err, tc.wantErr)
-			}
-			continue
-		}
-		if err != nil {
-			t.Errorf("Test %d: unexpected error: %v", i, err)
-			continue
-		}
-		if !reflect.DeepEqual(got.Jobs, tc.want) {
-			t.Errorf("Test %d: parsed %+v, want %+v", i, got.Jobs, tc.want)
-		}
+		checkAppCaddyfile(t, i, tc.input, tc.wantErr, tc.want, func(a *App) *JobsConfig { return a.Jobs })
 	}
 }
 

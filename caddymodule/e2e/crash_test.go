@@ -103,18 +103,7 @@ func runCrash(t *testing.T, s crashSetup) {
 	client := newSiteClient(inst, "a.test", "token-alice", true)
 	client.http.Timeout = 2 * time.Minute
 
-	rng := rand.New(rand.NewPCG(1, 2))
-	contents := make([][]byte, uploads)
-	for i := range contents {
-		if i%10 == 9 {
-			contents[i] = contents[i-5] // some duplicates: dedup under the crash too
-			continue
-		}
-		contents[i] = make([]byte, 1000+rng.IntN(300_000))
-		for j := range contents[i] {
-			contents[i][j] = byte(rng.Uint32())
-		}
-	}
+	contents := crashContents(uploads, 1)
 
 	var (
 		ok      atomic.Int64
@@ -295,4 +284,22 @@ func checkBlobsReferenced(t *testing.T, meta *sqlstore.Store, store storage.Blob
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// crashContents returns n upload bodies of 1 KB to 300 KB, random from
+// seed, every tenth a copy of an earlier one (dedup under the crash too).
+func crashContents(n int, seed uint64) [][]byte {
+	rng := rand.New(rand.NewPCG(seed, seed+1))
+	contents := make([][]byte, n)
+	for i := range contents {
+		if i%10 == 9 {
+			contents[i] = contents[i-5]
+			continue
+		}
+		contents[i] = make([]byte, 1000+rng.IntN(300_000))
+		for j := range contents[i] {
+			contents[i][j] = byte(rng.Uint32())
+		}
+	}
+	return contents
 }

@@ -9,7 +9,6 @@ import (
 	"image"
 	"io"
 	"log"
-	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httptrace"
@@ -681,18 +680,7 @@ func checkClusterKillDuringUploads(t *testing.T, cl *scaleCluster) {
 	)
 	lb := cl.lbClient("token-alice")
 	lb.http.Timeout = 2 * time.Minute
-	rng := rand.New(rand.NewPCG(3, 4))
-	contents := make([][]byte, uploads)
-	for i := range contents {
-		if i%10 == 9 {
-			contents[i] = contents[i-5] // some duplicates: dedup under the crash too
-			continue
-		}
-		contents[i] = make([]byte, 1000+rng.IntN(300_000))
-		for j := range contents[i] {
-			contents[i][j] = byte(rng.Uint32())
-		}
-	}
+	contents := crashContents(uploads, 3)
 
 	var (
 		ok      atomic.Int64
