@@ -33,6 +33,12 @@ type RemoveOptions struct {
 	// Now is the clock (nil: time.Now); the deletion time and the grace
 	// cutoff come from it.
 	Now func() time.Time
+	// RowsDeleted, when set, is called with the deleted media rows as soon
+	// as their deletion is committed, before any blob is deleted, so that
+	// a caller can record them (a job's counters) even if it dies while
+	// the blobs are deleted. An error stops RemoveMedia there: the blobs
+	// are left to the garbage collector.
+	RowsDeleted func(media []Media) error
 }
 
 // Removed describes what RemoveMedia removed.
@@ -102,6 +108,11 @@ func RemoveMedia(ctx context.Context, meta MetadataStore, stores *Datastores, re
 		return Removed{}, fmt.Errorf("removing media: %w", err)
 	}
 	out := Removed{Media: del.Media, Thumbnails: del.Thumbnails}
+	if opts.RowsDeleted != nil && len(del.Media) > 0 {
+		if err := opts.RowsDeleted(del.Media); err != nil {
+			return out, fmt.Errorf("removing media: after the rows were deleted: %w", err)
+		}
+	}
 	outcomes := deleteBlobs(ctx, coll, stores, del.Blobs, now().Add(-opts.Grace), collectConcurrency(meta))
 	return summarize(ctx, out, len(del.Media), outcomes)
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"sync"
+	"slices"
 	"testing"
 	"time"
 
@@ -455,4 +456,38 @@ func TestRemoveMediaConcurrentBlobs(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRemoveMediaRowsDeleted: RowsDeleted sees the rows once their deletion
+// committed and before any blob is deleted; its error leaves the blobs to
+// the collector.
+func TestRemoveMediaRowsDeleted(t *testing.T) {
+	ctx := context.Background()
+	fx := newRemoveFixture(t, adminMetaStores[0].open, removeLayouts[0].open)
+	a := fx.insert(t, "a", fx.ingest(t, storage.KindLocal, "content a"))
+	bBlob := fx.ingest(t, storage.KindLocal, "content b")
+	b := fx.insert(t, "b", bBlob)
+
+	var seen []string
+	rm, err := storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{a}, storage.RemoveOptions{Now: later,
+		RowsDeleted: func(media []storage.Media) error {
+			for _, m := range media {
+				if _, err := fx.meta.GetMedia(ctx, m.ServerName, m.MediaID); !errors.Is(err, storage.ErrNotFound) {
+					t.Errorf("RowsDeleted called before the row of %s was deleted: %v", m.MediaID, err)
+				}
+				seen = append(seen, m.MediaID)
+			}
+			return nil
+		}})
+	if err != nil || len(rm.Media) != 1 || rm.Blobs != 1 || !slices.Equal(seen, []string{"a"}) {
+		t.Fatalf("RemoveMedia = %+v, %v; RowsDeleted saw %v; want a removed with its blob, seen once", rm, err, seen)
+	}
+
+	stop := errors.New("job lost its lease")
+	rm, err = storage.RemoveMedia(ctx, fx.meta, fx.ds, []storage.MediaRef{b}, storage.RemoveOptions{Now: later,
+		RowsDeleted: func([]storage.Media) error { return stop }})
+	if !errors.Is(err, stop) || len(rm.Media) != 1 || rm.Blobs != 0 {
+		t.Fatalf("RemoveMedia with RowsDeleted failing = %+v, %v; want the row deleted, no blob, the error", rm, err)
+	}
+	fx.check(t, fx.media, bBlob.SHA256, true)
 }

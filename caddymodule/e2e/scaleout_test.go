@@ -605,6 +605,11 @@ func checkClusterJobResumes(t *testing.T, cl *scaleCluster) {
 	if n := remaining(); n != 0 {
 		t.Errorf("%d seeded remote media left after the job, want none", n)
 	}
+	// Rows are counted when their deletion commits, so the batch A died in
+	// is counted too: every seeded item exactly once.
+	if final.Items != items {
+		t.Errorf("the job counted %d items, want the %d removed", final.Items, items)
+	}
 	if final.Items != atKill.Items+int64(left) {
 		t.Errorf("the job counted %d items: %d before the kill and %d after, want %d after (each remaining item once)",
 			final.Items, atKill.Items, final.Items-atKill.Items, left)

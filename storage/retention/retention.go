@@ -565,11 +565,19 @@ func (s *Service) expireThumbnails(ctx context.Context, p *jobs.Progress, cutoff
 func (s *Service) remove(ctx context.Context, p *jobs.Progress, refs []storage.MediaRef, what string) (storage.Removed, error) {
 	removed, err := storage.RemoveMedia(ctx, s.meta, s.stores, refs, storage.RemoveOptions{
 		Tombstone: false, Grace: s.currentGrace(), Now: s.now,
+		// The rows are counted (and the count saved, with the cursor as
+		// it was) once their deletion commits: a runner that dies while
+		// the blobs are deleted leaves them counted, and the runner that
+		// resumes, listing from that cursor, no longer finds them.
+		RowsDeleted: func(media []storage.Media) error {
+			p.Add(int64(len(media)), 0)
+			for _, m := range media {
+				s.forget(storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID})
+			}
+			return p.Save(ctx, p.Cursor())
+		},
 	})
-	p.Add(int64(len(removed.Media)), removed.Bytes)
-	for _, m := range removed.Media {
-		s.forget(storage.MediaRef{ServerName: m.ServerName, MediaID: m.MediaID})
-	}
+	p.Add(0, removed.Bytes)
 	if len(removed.Media) > 0 {
 		first, last := removed.Media[0], removed.Media[len(removed.Media)-1]
 		s.logger.Info("removed "+what,
