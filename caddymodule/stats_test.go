@@ -1,8 +1,10 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -161,5 +163,88 @@ func TestAdminStatsEmpty(t *testing.T) {
 		if status != http.StatusOK || !strings.Contains(body, want) {
 			t.Errorf("empty stats: %d %s, want %s", status, body, want)
 		}
+	}
+}
+
+// runStatsCLI runs "caddy matrix-media stats" against rc.
+func (rc runningCaddy) runStatsCLI(t *testing.T, flags map[string]string) (string, error) {
+	t.Helper()
+	cmd := statsCommand()
+	cmd.Flags().String("address", "", "")
+	cmd.Flags().String("config", "", "")
+	cmd.Flags().String("adapter", "", "")
+	var out bytes.Buffer
+	cmd.SetOut(&out)
+	if err := cmd.Flags().Set("address", rc.admin); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range flags {
+		if err := cmd.Flags().Set(k, v); err != nil {
+			t.Fatal(err)
+		}
+	}
+	err := cmd.RunE(cmd, nil)
+	return out.String(), err
+}
+
+// TestStatsCommand runs "caddy matrix-media stats" against a running
+// Caddy's admin API on the seeded store: the tables, --top and --json.
+func TestStatsCommand(t *testing.T) {
+	rc := startCaddySite(t, t.TempDir(), "")
+	res, err := currentResources()
+	if err != nil {
+		t.Fatal(err)
+	}
+	seedStats(t, res)
+	res.release()
+
+	out, err := rc.runStatsCLI(t, nil)
+	if err != nil {
+		t.Fatalf("stats: %v\n%s", err, out)
+	}
+	media := func(site string, n int64, bytes, pending string, quarantined int64) string {
+		return fmt.Sprintf("  %-30s %10d %12s %10s %12d\n", site, n, bytes, pending, quarantined)
+	}
+	for _, want := range []string{
+		fmt.Sprintf("  %-30s %10d %12s\n", "default", 3, "26 B"),
+		fmt.Sprintf("  %-30s %10d %12s\n", "total", 3, "26 B"),
+		"  thumbnails: 1 (5 B)\n",
+		"  media rows reference 53 B, stored once in 2 blobs of 21 B\n",
+		"  saved 32 B (ratio 2.52)\n",
+		media("a.example", 3, "31 B", "1", 1),
+		media("b.example", 1, "11 B", "0", 0),
+		media("remote (cached)", 1, "11 B", "-", 1),
+		media("total", 5, "53 B", "1", 2),
+		"TOP UPLOADERS: a.example (2 of 2 users)\n",
+		fmt.Sprintf("  %-40s %10d %12s\n", "@u:a.example", 2, "20 B"),
+		fmt.Sprintf("  %-40s %10d %12s\n", "@v:a.example", 1, "11 B"),
+		"TOP UPLOADERS: b.example (1 of 1 user)\n",
+		fmt.Sprintf("  %-36s %-14s %10d %12s %9s  ", "job-running", "migrate", 4, "400 B", "40%"),
+		"  recent failures:\n  job-failed",
+		"  disk on fire\n",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("stats output lacks %q:\n%s", want, out)
+		}
+	}
+
+	out, err = rc.runStatsCLI(t, map[string]string{"top": "1"})
+	if err != nil || !strings.Contains(out, "TOP UPLOADERS: a.example (1 of 2 users)") || strings.Contains(out, "@v:a.example") {
+		t.Errorf("stats --top 1: %v\n%s", err, out)
+	}
+	out, err = rc.runStatsCLI(t, map[string]string{"top": "0"})
+	if err != nil || strings.Contains(out, "TOP UPLOADERS") {
+		t.Errorf("stats --top 0: %v\n%s", err, out)
+	}
+
+	out, err = rc.runStatsCLI(t, map[string]string{"json": "true"})
+	var st adminStats
+	if err != nil || !strings.HasPrefix(out, "{\n  \"datastores\": [") || json.Unmarshal([]byte(out), &st) != nil ||
+		st.Dedup.SavedBytes != 32 || st.Media.Pending != 1 || len(st.Sites) != 2 || len(st.Sites[0].TopUploaders) != 2 {
+		t.Errorf("stats --json: %v\n%s", err, out)
+	}
+
+	if _, err := rc.runStatsCLI(t, map[string]string{"top": "-1"}); err == nil || !strings.Contains(err.Error(), "--top") {
+		t.Errorf("stats --top -1: %v, want an error about --top", err)
 	}
 }
