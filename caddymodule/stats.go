@@ -109,10 +109,11 @@ type adminSiteStats struct {
 	ServerName string `json:"server_name"`
 	adminMediaCounts
 	// Users is how many users have ready media on the site; TopUploaders
-	// the ones storing the most bytes (absent beyond maxStatsSitesTop
-	// sites).
+	// the ones storing the most bytes, largest first (absent when there
+	// are none, with ?top=0, and beyond maxStatsSitesTop sites, whose
+	// Users is 0).
 	Users        int64            `json:"users"`
-	TopUploaders []adminUserUsage `json:"top_uploaders"`
+	TopUploaders []adminUserUsage `json:"top_uploaders,omitempty"`
 }
 
 // adminJobStats are the background jobs worth a look.
