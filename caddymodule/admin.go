@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ const adminPrefix = "/matrix_media/"
 // AdminAPI adds the module's endpoints to Caddy's admin API:
 //
 //	GET    /matrix_media/datastores          the datastores and their blob counts
+//	GET    /matrix_media/stats[?top=n]       headline numbers: storage, deduplication, media per site, top uploaders, jobs (stats.go)
 //	POST   /matrix_media/migrations          {"from":"a","to":"b"}: start moving every blob of a to b
 //	GET    /matrix_media/migrations          every migration job and its progress
 //	GET    /matrix_media/migrations/<id>     one job
@@ -65,6 +67,7 @@ func (AdminAPI) CaddyModule() caddy.ModuleInfo {
 func (a AdminAPI) Routes() []caddy.AdminRoute {
 	return []caddy.AdminRoute{
 		{Pattern: adminPrefix + "datastores", Handler: caddy.AdminHandlerFunc(a.handleDatastores)},
+		{Pattern: adminPrefix + "stats", Handler: onResources((*resources).serveStats)},
 		{Pattern: adminPrefix + "migrations", Handler: caddy.AdminHandlerFunc(a.handleMigrations)},
 		{Pattern: adminPrefix + "migrations/", Handler: caddy.AdminHandlerFunc(a.handleMigration)},
 		{Pattern: adminPrefix + "gc", Handler: caddy.AdminHandlerFunc(a.handleGC)},
@@ -120,15 +123,25 @@ func (AdminAPI) handleDatastores(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	defer res.release()
+	out, err := res.datastoreInfos(r.Context())
+	if err != nil {
+		return err
+	}
+	return writeAdminJSON(w, http.StatusOK, out)
+}
+
+// datastoreInfos counts the blobs of each datastore, in configuration
+// order.
+func (res *resources) datastoreInfos(ctx context.Context) ([]datastoreInfo, error) {
 	var out []datastoreInfo
 	for _, name := range res.stores.Names() {
-		n, b, err := res.meta.CountBlobs(r.Context(), name)
+		n, b, err := res.meta.CountBlobs(ctx, name)
 		if err != nil {
-			return apiError(http.StatusInternalServerError, fmt.Errorf("counting blobs of %s: %w", name, err))
+			return nil, apiError(http.StatusInternalServerError, fmt.Errorf("counting blobs of %s: %w", name, err))
 		}
 		out = append(out, datastoreInfo{Name: name, Blobs: n, Bytes: b})
 	}
-	return writeAdminJSON(w, http.StatusOK, out)
+	return out, nil
 }
 
 // migrationRequest is the body of POST /matrix_media/migrations.

@@ -88,6 +88,13 @@ localhost:2019):
   caddy matrix-media usage --recount [--user <user_id>]
       rebuilds the usage counters from the media rows (repairs drift)
 
+  caddy matrix-media stats [--top <n>] [--json]
+      the headline numbers: blobs and bytes per datastore, what
+      deduplication saves, media per site (ready, pending, quarantined)
+      and cached remote media, the n users storing the most on each site
+      (default 10), running background jobs with their progress and recent
+      failures; --json prints the admin API's answer instead
+
   caddy matrix-media media-info <mxc URI>
       what is stored about one media item
 

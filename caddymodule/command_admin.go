@@ -16,8 +16,9 @@ import (
 )
 
 // adminCommands are the operators' subcommands of "caddy matrix-media":
-// quarantine, protect, delete, purge, usage, media-info and export, all
-// through the running Caddy's admin API (see adminops.go and export.go).
+// quarantine, protect, delete, purge, usage, media-info, jobs, stats and
+// export, all through the running Caddy's admin API (see adminops.go,
+// stats.go and export.go).
 func adminCommands() []*cobra.Command {
 	quarantine := &cobra.Command{
 		Use:   "quarantine [--undo] (--user <user_id> | <mxc URI>...)",
@@ -77,7 +78,7 @@ func adminCommands() []*cobra.Command {
 		RunE:  runJobs,
 	}
 	jobsCmd.Flags().String("cancel", "", "Cancel the job with this id")
-	return []*cobra.Command{quarantine, protect, del, purge, usage, info, jobsCmd, exportCommand()}
+	return []*cobra.Command{quarantine, protect, del, purge, usage, info, jobsCmd, statsCommand(), exportCommand()}
 }
 
 // parseBefore reads a --before value: an age (90d, 36h, 15m; d is 24h) or an

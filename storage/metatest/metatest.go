@@ -21,7 +21,7 @@
 //
 // Every store of this module also implements the optional capabilities
 // (storage.MediaAdmin, Retainer, JobStore, MediaLookup, BlobCollector,
-// QuotaStore), which Run checks as well. For storage.QuotaStore the suite
+// QuotaStore, StatsStore), which Run checks as well. For storage.QuotaStore the suite
 // pins down: a rolling window holds the rows uploaded at or after Now minus
 // the window (a row exactly at the cutoff counts); limits are checked in the
 // order stored bytes, stored files, then each window (bytes before files);
@@ -100,6 +100,7 @@ func Run(t *testing.T, open func(t *testing.T) storage.MetadataStore) {
 		{"QuotaConcurrentDeletion", testQuotaConcurrentDeletion},
 		{"TopUsage", testTopUsage},
 		{"RecountUsage", testRecountUsage},
+		{"MediaStats", testMediaStats},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
