@@ -42,7 +42,6 @@ var unscrapedMetrics = map[string]string{
 	"node_filesystem_avail_bytes": "node_exporter",
 	"node_filesystem_size_bytes":  "node_exporter",
 
-	"caddy_matrix_media_whoami_rejected_total":                  "needs the homeserver breaker to open (repeated homeserver failures)",
 	"caddy_matrix_media_token_invalidations_total":              "needs a logout or a Redis invalidation",
 	"caddy_matrix_media_remote_fetches_total":                   "needs a remote homeserver to fetch from (federation)",
 	"caddy_matrix_media_federation_verification_failures_total": "needs inbound federation requests",
