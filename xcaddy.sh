@@ -23,8 +23,10 @@ readonly MODULE=github.com/caddy-matrix-media/caddy-matrix-media
 # Debian packages: cgo toolchain and libvips headers for the build, PostgreSQL
 # server binaries for throwaway test clusters, redis-server and wrk for
 # integration tests and benchmarks, chromium for the test that opens an
-# export archive's index.html in a headless browser.
-readonly APT_PACKAGES=(libvips-dev pkg-config gcc postgresql redis-server wrk chromium)
+# export archive's index.html in a headless browser, prometheus (prometheus
+# and promtool) for the test of contrib/'s dashboard and alert rules (it runs
+# its own Prometheus on a loopback port and never uses the package's service).
+readonly APT_PACKAGES=(libvips-dev pkg-config gcc postgresql redis-server wrk chromium prometheus)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 readonly ROOT
