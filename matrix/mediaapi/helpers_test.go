@@ -191,6 +191,16 @@ func newEnvOn(t testing.TB, open func(testing.TB) *sqlstore.Store, extra func(di
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Background work (thumbnails stored after they were answered, remote
+	// media being stored) ends before the stores close and the directory
+	// is removed (cleanups run last registered first).
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := repo.Drain(ctx); err != nil {
+			t.Logf("background work still running at the end of the test: %v", err)
+		}
+	})
 	// The repository's store is a wrapper: give it the SQL store's usage
 	// counters.
 	repo.quotas = sq
