@@ -262,6 +262,13 @@ func (rc runningCaddy) runUsageCLI(t *testing.T, args []string, flags map[string
 			cmd = c
 		}
 	}
+	return rc.runCLI(t, cmd, args, flags)
+}
+
+// runCLI runs the subcommand cmd with args and flags against rc's admin
+// API and returns what it printed.
+func (rc runningCaddy) runCLI(t *testing.T, cmd *cobra.Command, args []string, flags map[string]string) (string, error) {
+	t.Helper()
 	cmd.Flags().String("address", "", "")
 	cmd.Flags().String("config", "", "")
 	cmd.Flags().String("adapter", "", "")

@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -169,22 +168,7 @@ func TestAdminStatsEmpty(t *testing.T) {
 // runStatsCLI runs "caddy matrix-media stats" against rc.
 func (rc runningCaddy) runStatsCLI(t *testing.T, flags map[string]string) (string, error) {
 	t.Helper()
-	cmd := statsCommand()
-	cmd.Flags().String("address", "", "")
-	cmd.Flags().String("config", "", "")
-	cmd.Flags().String("adapter", "", "")
-	var out bytes.Buffer
-	cmd.SetOut(&out)
-	if err := cmd.Flags().Set("address", rc.admin); err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range flags {
-		if err := cmd.Flags().Set(k, v); err != nil {
-			t.Fatal(err)
-		}
-	}
-	err := cmd.RunE(cmd, nil)
-	return out.String(), err
+	return rc.runCLI(t, statsCommand(), nil, flags)
 }
 
 // TestStatsCommand runs "caddy matrix-media stats" against a running
