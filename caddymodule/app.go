@@ -300,6 +300,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.clusterMetrics.collectors); err != nil {
 		return err
 	}
+	if err := registerCollectors(ctx.GetMetricsRegistry(), a.res.capacityMetrics); err != nil {
+		return err
+	}
 
 	if err := a.provisionAuth(ctx); err != nil {
 		return err

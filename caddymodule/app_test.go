@@ -261,8 +261,21 @@ func TestAppRegistersMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 	names := map[string]bool{}
+	gauges := map[string]float64{}
 	for _, f := range families {
 		names[f.GetName()] = true
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "datastore" && m.GetGauge() != nil {
+					gauges[f.GetName()+"/"+l.GetValue()] = m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	// The default file datastore reports its filesystem's space.
+	free, size := gauges["caddy_matrix_media_datastore_free_bytes/default"], gauges["caddy_matrix_media_datastore_size_bytes/default"]
+	if size <= 0 || free < 0 || free > size {
+		t.Errorf("file datastore space: %v free of %v bytes (gauges %v); want a size and free <= size", free, size, gauges)
 	}
 	// Families with no labels appear at once; labelled ones only once
 	// observed, so check the unlabelled ones of each collector set.

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/mediaadmin"
@@ -107,9 +108,11 @@ type resources struct {
 	// instance. clusterMetrics exports its counters.
 	cluster        cluster.Coordinator
 	clusterMetrics *clusterMetrics
-	repo           *mediaapi.Repository
-	metrics        *mediaapi.Metrics
-	logger         *zap.Logger
+	// capacityMetrics export the free space of the file datastores.
+	capacityMetrics []prometheus.Collector
+	repo            *mediaapi.Repository
+	metrics         *mediaapi.Metrics
+	logger          *zap.Logger
 
 	// jobs runs the persisted background jobs (remote purges, retention),
 	// resumes those of instances that died, and schedules retention.
@@ -257,14 +260,15 @@ func openResources(ctx context.Context, s storeSettings, logger *zap.Logger) (*r
 		cluster:    coord,
 		repo:       repo,
 
-		clusterMetrics: newClusterMetrics(coord),
-		metrics:        metrics,
-		logger:         logger,
-		jobs:           bg,
-		purger:         bg.retention,
-		stopExpiry:     stop,
-		closed:         make(chan struct{}),
-		drainWait:      defaultDrainWait,
+		clusterMetrics:  newClusterMetrics(coord),
+		capacityMetrics: capacityCollectors(stores),
+		metrics:         metrics,
+		logger:          logger,
+		jobs:            bg,
+		purger:          bg.retention,
+		stopExpiry:      stop,
+		closed:          make(chan struct{}),
+		drainWait:       defaultDrainWait,
 
 		thumbs:                 generator,
 		exportPreviewMaxSource: min(cmp.Or(s.thumbnails.maxSource, thumbnails.DefaultMaxSourceBytes), exportPreviewMaxSource),

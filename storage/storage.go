@@ -305,3 +305,9 @@ type MetadataStore interface {
 	// Close releases the store's resources.
 	Close() error
 }
+
+// CapacityReporter is a BlobStore that knows the space it has left (a
+// file store: its filesystem's free and total bytes).
+type CapacityReporter interface {
+	Capacity() (free, size uint64, err error)
+}

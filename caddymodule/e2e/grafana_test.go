@@ -37,11 +37,6 @@ const (
 // /metrics, not even # HELP, so /metrics cannot prove them. Histogram names
 // are listed without their _bucket/_count/_sum suffix.
 var unscrapedMetrics = map[string]string{
-	// node_exporter's, used by MatrixMediaDiskNearlyFull: the module exports
-	// no disk metric; the operator runs node_exporter.
-	"node_filesystem_avail_bytes": "node_exporter",
-	"node_filesystem_size_bytes":  "node_exporter",
-
 	"caddy_matrix_media_token_invalidations_total":              "needs a logout or a Redis invalidation",
 	"caddy_matrix_media_remote_fetches_total":                   "needs a remote homeserver to fetch from (federation)",
 	"caddy_matrix_media_federation_verification_failures_total": "needs inbound federation requests",
@@ -82,6 +77,7 @@ var fedPanels = []string{
 	"Datastore bytes",
 	"Datastore operations",
 	"Datastore latency p99",
+	"Free space of file datastores",
 	"Token cache hit ratio",
 	"Homeserver whoami latency",
 	"Homeserver whoami results",
@@ -123,7 +119,10 @@ func TestDashboardAndAlerts(t *testing.T) {
 
 	srv := tests3.Start(t)
 	hs := newHomeserver(t, testTokens)
-	cfg := s3Config(t, hs, []string{s3Datastore("s3", srv, "kinds local"), "thumbnails {\n\t\t\tworkers 1\n\t\t}"},
+	// Uploads go to S3, thumbnails to a file datastore (whose free space
+	// the disk alert reads).
+	disk := "datastore disk file " + t.TempDir() + " {\n\t\t\tkinds thumbnails\n\t\t}"
+	cfg := s3Config(t, hs, []string{s3Datastore("s3", srv, "kinds local"), disk, "thumbnails {\n\t\t\tworkers 1\n\t\t}"},
 		site{serverName: "a.test"},
 		site{serverName: "b.test", extra: []string{"rate_limits {\n\t\t\tdownload per_ip 1/1h\n\t\t}"}})
 	start := time.Now()
