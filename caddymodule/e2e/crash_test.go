@@ -119,24 +119,7 @@ func runCrash(t *testing.T, s crashSetup) {
 		go func() {
 			defer wg.Done()
 			if i < stalled {
-				sent := make(chan struct{})
-				req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/_matrix/media/v3/upload", inst.cfg.httpPort),
-					&stalledBody{r: bytes.NewReader(contents[i][:len(contents[i])/2]), sent: sent, release: release})
-				req.Host = fmt.Sprintf("a.test:%d", inst.cfg.httpPort)
-				req.ContentLength = int64(len(contents[i]))
-				req.Header.Set("Authorization", "Bearer token-alice")
-				done := make(chan struct{})
-				go func() {
-					defer close(done)
-					if resp, err := client.http.Do(req); err == nil {
-						resp.Body.Close()
-						t.Errorf("stalled upload %d got an answer: %s", i, resp.Status)
-					}
-				}()
-				<-sent
-				reached <- struct{}{}
-				<-killed
-				<-done
+				stalledUpload(t, client.http, inst.cfg.httpPort, contents[i], release, killed, reached)
 				return
 			}
 			id, err := client.upload(contents[i], "application/octet-stream", "")
@@ -302,4 +285,29 @@ func crashContents(n int, seed uint64) [][]byte {
 		}
 	}
 	return contents
+}
+
+// stalledUpload sends the first half of body as an upload (as alice, to
+// a.test) to the Caddy listening on port and stalls there: once the half is
+// sent it signals reached, then waits for killed (Caddy was killed) and for
+// the request to fail; an answer is an error. release ends the stall.
+func stalledUpload(t *testing.T, client *http.Client, port int, body []byte, release, killed <-chan struct{}, reached chan<- struct{}) {
+	sent := make(chan struct{})
+	req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/_matrix/media/v3/upload", port),
+		&stalledBody{r: bytes.NewReader(body[:len(body)/2]), sent: sent, release: release})
+	req.Host = fmt.Sprintf("a.test:%d", port)
+	req.ContentLength = int64(len(body))
+	req.Header.Set("Authorization", "Bearer token-alice")
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if resp, err := client.Do(req); err == nil {
+			resp.Body.Close()
+			t.Errorf("stalled upload to port %d got an answer: %s", port, resp.Status)
+		}
+	}()
+	<-sent
+	reached <- struct{}{}
+	<-killed
+	<-done
 }

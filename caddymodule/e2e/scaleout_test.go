@@ -702,24 +702,7 @@ func checkClusterKillDuringUploads(t *testing.T, cl *scaleCluster) {
 	for i := range uploads {
 		wg.Go(func() {
 			if i < stalled {
-				sent := make(chan struct{})
-				req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/_matrix/media/v3/upload", victimPort),
-					&stalledBody{r: bytes.NewReader(contents[i][:len(contents[i])/2]), sent: sent, release: release})
-				req.Host = fmt.Sprintf("a.test:%d", victimPort)
-				req.ContentLength = int64(len(contents[i]))
-				req.Header.Set("Authorization", "Bearer token-alice")
-				done := make(chan struct{})
-				go func() {
-					defer close(done)
-					if resp, err := stalledClient.Do(req); err == nil {
-						resp.Body.Close()
-						t.Errorf("stalled upload %d on B got an answer: %s", i, resp.Status)
-					}
-				}()
-				<-sent
-				reached <- struct{}{}
-				<-killed
-				<-done
+				stalledUpload(t, stalledClient, victimPort, contents[i], release, killed, reached)
 				return
 			}
 			id, err := lb.upload(contents[i], "application/octet-stream", "")
