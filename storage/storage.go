@@ -311,3 +311,17 @@ type MetadataStore interface {
 type CapacityReporter interface {
 	Capacity() (free, size uint64, err error)
 }
+
+// CORSRule is one rule of a bucket's cross-origin resource sharing
+// configuration: the origins that may make requests, the methods and the
+// request headers they may use.
+type CORSRule struct {
+	AllowedOrigins, AllowedMethods, AllowedHeaders []string
+}
+
+// CORSReporter is a BlobStore whose content browsers may fetch directly
+// (an S3 bucket, through presigned URLs) and that can read its bucket's
+// CORS configuration. A bucket without one gives ErrNotFound.
+type CORSReporter interface {
+	BucketCORS(ctx context.Context) ([]CORSRule, error)
+}

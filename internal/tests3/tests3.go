@@ -48,6 +48,8 @@ type Server struct {
 	mu sync.Mutex
 	// srv is the current HTTP server; nil while stopped.
 	srv *httptest.Server
+	// cors is the bucket's CORS configuration as PUT (XML); nil when none.
+	cors []byte
 }
 
 // Start runs a fake S3 server on a free 127.0.0.1 port with one empty bucket
@@ -59,7 +61,8 @@ func Start(t testing.TB) *Server {
 		t.Fatalf("tests3: creating bucket: %v", err)
 	}
 	fake := gofakes3.New(backend, gofakes3.WithLogger(gofakes3.DiscardLog()))
-	s := &Server{backend: backend, handler: fake.Server()}
+	s := &Server{backend: backend}
+	s.handler = s.withBucketCORS(fake.Server())
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("tests3: listening: %v", err)
@@ -210,3 +213,46 @@ func (s *Server) MultipartUploads(t testing.TB) int {
 
 // String describes the server for test logs.
 func (s *Server) String() string { return fmt.Sprintf("fake S3 at %s (bucket %s)", s.URL(), bucket) }
+
+// withBucketCORS answers the bucket CORS API (GET, PUT and DELETE
+// /<bucket>?cors), which gofakes3 lacks, and passes every other request to
+// next. The configuration is kept as PUT, not interpreted: the server
+// itself answers every origin (gofakes3's own CORS headers).
+func (s *Server) withBucketCORS(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, ok := r.URL.Query()["cors"]; !ok || strings.Trim(r.URL.Path, "/") != bucket {
+			next.ServeHTTP(w, r)
+			return
+		}
+		switch r.Method {
+		case http.MethodGet:
+			s.mu.Lock()
+			cfg := s.cors
+			s.mu.Unlock()
+			if cfg == nil {
+				w.Header().Set("Content-Type", "application/xml")
+				w.WriteHeader(http.StatusNotFound)
+				fmt.Fprintf(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>NoSuchCORSConfiguration</Code><Message>The CORS configuration does not exist</Message><BucketName>%s</BucketName></Error>`, bucket)
+				return
+			}
+			w.Header().Set("Content-Type", "application/xml")
+			_, _ = w.Write(cfg)
+		case http.MethodPut:
+			b, err := io.ReadAll(io.LimitReader(r.Body, 1<<16))
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			s.mu.Lock()
+			s.cors = b
+			s.mu.Unlock()
+		case http.MethodDelete:
+			s.mu.Lock()
+			s.cors = nil
+			s.mu.Unlock()
+			w.WriteHeader(http.StatusNoContent)
+		default:
+			http.Error(w, "method not allowed", http.StatusMethodNotAllowed)
+		}
+	})
+}

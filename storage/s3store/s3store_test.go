@@ -365,6 +365,7 @@ func TestUnavailable(t *testing.T) {
 		"Read":      func() error { _, err := io.ReadAll(blob.Content); return err },
 		"Delete":    func() error { return s.Delete(ctx, h) },
 		"OpenRange": func() error { _, err := s.OpenRange(ctx, h, 0, 10); return err },
+		"BucketCORS": func() error { _, err := s.BucketCORS(ctx); return err },
 		"New": func() error {
 			_, err := New(ctx, Config{Endpoint: srv.URL(), Bucket: srv.Bucket(), PathStyle: true,
 				AccessKeyID: "k", SecretAccessKey: "s", MaxRetries: -1})
