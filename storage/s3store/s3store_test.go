@@ -362,9 +362,9 @@ func TestUnavailable(t *testing.T) {
 			}
 			return err
 		},
-		"Read":      func() error { _, err := io.ReadAll(blob.Content); return err },
-		"Delete":    func() error { return s.Delete(ctx, h) },
-		"OpenRange": func() error { _, err := s.OpenRange(ctx, h, 0, 10); return err },
+		"Read":       func() error { _, err := io.ReadAll(blob.Content); return err },
+		"Delete":     func() error { return s.Delete(ctx, h) },
+		"OpenRange":  func() error { _, err := s.OpenRange(ctx, h, 0, 10); return err },
 		"BucketCORS": func() error { _, err := s.BucketCORS(ctx); return err },
 		"New": func() error {
 			_, err := New(ctx, Config{Endpoint: srv.URL(), Bucket: srv.Bucket(), PathStyle: true,
