@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -218,21 +219,9 @@ func (g Guard) DialContext(ctx context.Context, network, addr string) (net.Conn,
 	if err != nil || port == 0 {
 		return nil, fmt.Errorf("dialing %s: invalid port %q", addr, portStr)
 	}
-	var ips []netip.Addr
-	if ip, perr := netip.ParseAddr(host); perr == nil {
-		ips = []netip.Addr{ip}
-	} else {
-		lookup := g.LookupNetIP
-		if lookup == nil {
-			lookup = net.DefaultResolver.LookupNetIP
-		}
-		ips, err = lookup(ctx, ipNetwork, host)
-		if err != nil {
-			return nil, fmt.Errorf("dialing %s: resolving host: %w", addr, err)
-		}
-		if len(ips) == 0 {
-			return nil, fmt.Errorf("dialing %s: resolving host: no addresses", addr)
-		}
+	ips, err := g.resolve(ctx, ipNetwork, host)
+	if err != nil {
+		return nil, fmt.Errorf("dialing %s: %w", addr, err)
 	}
 	d := net.Dialer{Control: g.control}
 	var errs []error
@@ -256,6 +245,44 @@ func (g Guard) DialContext(ctx context.Context, network, addr string) (net.Conn,
 		}
 	}
 	return nil, fmt.Errorf("dialing %s: %w", addr, errors.Join(errs...))
+}
+
+// resolve returns the addresses of host (an IP literal is its own
+// address) on network ("ip", "ip4" or "ip6").
+func (g Guard) resolve(ctx context.Context, network, host string) ([]netip.Addr, error) {
+	if ip, err := netip.ParseAddr(host); err == nil {
+		return []netip.Addr{ip}, nil
+	}
+	lookup := g.LookupNetIP
+	if lookup == nil {
+		lookup = net.DefaultResolver.LookupNetIP
+	}
+	ips, err := lookup(ctx, network, host)
+	if err != nil {
+		return nil, fmt.Errorf("resolving host: %w", err)
+	}
+	if len(ips) == 0 {
+		return nil, errors.New("resolving host: no addresses")
+	}
+	return ips, nil
+}
+
+// CheckHost reports whether every address of host (a name, resolved, or an
+// IP literal) may be connected to: nil, an error wrapping ErrAddressDenied
+// naming the first denied address, or the resolution's error. It is the
+// check for a host that others (clients) will connect to, so one denied
+// address is enough to refuse it.
+func (g Guard) CheckHost(ctx context.Context, host string) error {
+	ips, err := g.resolve(ctx, "ip", strings.Trim(host, "[]"))
+	if err != nil {
+		return fmt.Errorf("checking host %s: %w", host, err)
+	}
+	for _, ip := range ips {
+		if err := g.Check(ip.Unmap()); err != nil {
+			return fmt.Errorf("checking host %s: %w", host, err)
+		}
+	}
+	return nil
 }
 
 // checkRedirect is the http.Client CheckRedirect policy: at most

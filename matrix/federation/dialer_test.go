@@ -377,3 +377,43 @@ func TestTLSConfigErrors(t *testing.T) {
 		t.Error("CA file without certificates accepted")
 	}
 }
+
+func TestGuardCheckHost(t *testing.T) {
+	answers := map[string][]netip.Addr{
+		"public.example":  {netip.MustParseAddr("93.184.215.14"), netip.MustParseAddr("2606:2800:21f:cb07:6820:80da:af6b:8b2c")},
+		"mixed.example":   {netip.MustParseAddr("93.184.215.14"), netip.MustParseAddr("10.0.0.7")},
+		"private.example": {netip.MustParseAddr("192.168.1.2")},
+		"mapped.example":  {netip.MustParseAddr("::ffff:127.0.0.1")},
+		"empty.example":   {},
+	}
+	g := Guard{LookupNetIP: func(_ context.Context, _, host string) ([]netip.Addr, error) {
+		ips, ok := answers[host]
+		if !ok {
+			return nil, errors.New("no such host")
+		}
+		return ips, nil
+	}}
+	for _, tc := range []struct {
+		host   string
+		denied bool // want ErrAddressDenied
+		ok     bool
+	}{
+		{"public.example", false, true},
+		{"mixed.example", true, false},
+		{"private.example", true, false},
+		{"mapped.example", true, false},
+		{"127.0.0.1", true, false},
+		{"[::1]", true, false},
+		{"8.8.8.8", false, true},
+		{"empty.example", false, false},
+		{"unknown.example", false, false},
+	} {
+		err := g.CheckHost(context.Background(), tc.host)
+		if (err == nil) != tc.ok || errors.Is(err, ErrAddressDenied) != tc.denied {
+			t.Errorf("CheckHost(%s) = %v; want ok %v, denied %v", tc.host, err, tc.ok, tc.denied)
+		}
+	}
+	if err := (Guard{AllowPrivate: true}).CheckHost(context.Background(), "127.0.0.1"); err != nil {
+		t.Errorf("CheckHost with AllowPrivate = %v", err)
+	}
+}
