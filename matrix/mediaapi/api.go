@@ -86,6 +86,7 @@ import (
 	"github.com/caddy-matrix-media/caddy-matrix-media/internal/capped"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix"
 	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/auth"
+	"github.com/caddy-matrix-media/caddy-matrix-media/matrix/federation"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage"
 	"github.com/caddy-matrix-media/caddy-matrix-media/storage/cluster"
 	"github.com/caddy-matrix-media/caddy-matrix-media/thumbnails"
@@ -187,6 +188,12 @@ type Repository struct {
 	metrics   *Metrics
 	logger    *zap.Logger
 	redirects map[string]RedirectPolicy
+	// autoRedirects holds the decisions of the automatic policies among
+	// redirects (see autoredirect.go); redirectGuard and
+	// redirectCheckInterval are their RepositoryOptions.
+	autoRedirects         map[string]*autoRedirect
+	redirectGuard         federation.Guard
+	redirectCheckInterval time.Duration
 	// copyBufs holds *[]byte buffers of copyBufSize for downloads of content
 	// that is not a file.
 	copyBufs sync.Pool
@@ -282,6 +289,13 @@ type RepositoryOptions struct {
 	// in that datastore with a 307 redirect to a presigned URL, where the
 	// datastore's store can presign (storage.Presigner). Default: none.
 	Redirects map[string]RedirectPolicy
+	// RedirectCheckInterval is how often RunRedirectChecks checks the
+	// automatic redirect policies again. Default 10 minutes.
+	RedirectCheckInterval time.Duration
+	// RedirectGuard decides which hosts of presigned URLs automatic redirect
+	// policies accept as reachable by clients. Default (the zero Guard):
+	// public addresses only.
+	RedirectGuard federation.Guard
 	// MediaCacheSize is how many ready media rows are kept in memory so that
 	// downloads need no database round trip. Default 65536; negative disables
 	// the cache.
@@ -385,6 +399,12 @@ type RedirectPolicy struct {
 	// CDNBaseURL, when set, replaces the scheme, host and leading path of
 	// the presigned URLs. Default: none.
 	CDNBaseURL *url.URL
+	// Auto redirects only while the datastore passes the checks of
+	// autoredirect.go (https URLs on public addresses, a bucket CORS rule
+	// that lets any origin GET), re-checked by RunRedirectChecks; until the
+	// first check, and whenever they fail, downloads are streamed. Default
+	// false: always redirect.
+	Auto bool
 }
 
 // NewRepository builds the shared repository on the given stores.
@@ -403,6 +423,9 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 	if opts.MaxRemoteFetches < 0 || opts.MaxRemoteFetchesPerServer < 0 {
 		return nil, fmt.Errorf("building repository: negative remote fetch bound %d/%d", opts.MaxRemoteFetches, opts.MaxRemoteFetchesPerServer)
 	}
+	if opts.RedirectCheckInterval < 0 {
+		return nil, fmt.Errorf("building repository: negative redirect check interval %s", opts.RedirectCheckInterval)
+	}
 	if opts.PendingCleanupInterval < 0 {
 		return nil, fmt.Errorf("building repository: negative pending cleanup interval %s", opts.PendingCleanupInterval)
 	}
@@ -412,6 +435,7 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 		metrics:         opts.Metrics,
 		logger:          opts.Logger,
 		redirects:       opts.Redirects,
+		redirectGuard:   opts.RedirectGuard,
 		cleanupInterval: opts.PendingCleanupInterval,
 		now:             time.Now,
 		cluster:         opts.Cluster,
@@ -429,6 +453,15 @@ func NewRepository(stores *storage.Datastores, meta storage.MetadataStore, opts 
 	}
 	if r.cleanupInterval == 0 {
 		r.cleanupInterval = DefaultPendingCleanupInterval
+	}
+	r.redirectCheckInterval = cmp.Or(opts.RedirectCheckInterval, DefaultRedirectCheckInterval)
+	for name, p := range opts.Redirects {
+		if p.Auto {
+			if r.autoRedirects == nil {
+				r.autoRedirects = map[string]*autoRedirect{}
+			}
+			r.autoRedirects[name] = &autoRedirect{}
+		}
 	}
 	size := opts.MediaCacheSize
 	if size == 0 {

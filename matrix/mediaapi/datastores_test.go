@@ -26,6 +26,19 @@ type objectStore struct {
 	down       atomic.Bool
 	rangeReads atomic.Int64
 	lastRange  atomic.Value // string "offset/length"
+	// cors is the bucket CORS configuration BucketCORS reports; nil: none.
+	cors atomic.Pointer[[]storage.CORSRule]
+}
+
+func (o *objectStore) BucketCORS(context.Context) ([]storage.CORSRule, error) {
+	if o.down.Load() {
+		return nil, errBackendDown
+	}
+	rules := o.cors.Load()
+	if rules == nil {
+		return nil, storage.ErrNotFound
+	}
+	return *rules, nil
 }
 
 var errBackendDown = fmt.Errorf("dial tcp 127.0.0.1:9: connection refused: %w", storage.ErrUnavailable)

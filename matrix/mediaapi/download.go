@@ -409,7 +409,7 @@ func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, d
 			return 0, false
 		}
 	}
-	u, ok := s.presignedURL(r, e, disposition)
+	u, ok := s.presignedURL(r, e, disposition, false)
 	if !ok {
 		return 0, false
 	}
@@ -424,13 +424,20 @@ func (s *Site) redirect(w http.ResponseWriter, r *http.Request, e *mediaEntry, d
 }
 
 // presignedURL returns a presigned URL of e's content when its datastore has
-// a redirect policy and can presign.
-func (s *Site) presignedURL(r *http.Request, e *mediaEntry, disposition string) (string, bool) {
+// a redirect policy that applies (an automatic one: to clients only, and
+// while its checks pass) and can presign. forFederation is true for a
+// federation answer's Location part.
+func (s *Site) presignedURL(r *http.Request, e *mediaEntry, disposition string, forFederation bool) (string, bool) {
 	if e.data != nil {
 		return "", false // not stored yet
 	}
 	policy, ok := s.repo.redirects[e.m.Datastore]
 	if !ok {
+		return "", false
+	}
+	if a, auto := s.repo.autoRedirects[e.m.Datastore]; auto && (forFederation || !a.active()) {
+		// Automatic policies are checked for clients; homeservers differ
+		// in following a federation Location part (Dendrite refuses it).
 		return "", false
 	}
 	store, ok := s.repo.stores.Get(e.m.Datastore)

@@ -89,7 +89,7 @@ func (s *Site) serveFederation(w http.ResponseWriter, r *http.Request, rt *route
 	} else {
 		s.repo.noteAccess(&e.m)
 	}
-	if u, ok := s.presignedURL(r, e, e.disposition[0]); ok {
+	if u, ok := s.presignedURL(r, e, e.disposition[0], true); ok {
 		if err := federation.WriteMediaRedirect(w, u); err != nil {
 			return s.internalError(w, "writing federation redirect", err)
 		}

@@ -30,6 +30,19 @@ func (s staticKeys) FetchKeys(_ context.Context, origin string, _ []string) (map
 // of a remote server "remote.test" that the verifier trusts.
 func fedEnv(t *testing.T) (*env, xmatrix.SigningKey) {
 	t.Helper()
+	serve, key := servesFederation(t)
+	g, err := newTestGenerator()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := newEnv(t, serve, func(_ *SiteConfig, o *RepositoryOptions) { o.Thumbnailer = g })
+	return e, key
+}
+
+// servesFederation is an envOption that makes the site serve federation
+// media to "remote.test", whose signing key it returns.
+func servesFederation(t *testing.T) (envOption, xmatrix.SigningKey) {
+	t.Helper()
 	key, err := xmatrix.GenerateSigningKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -38,15 +51,7 @@ func fedEnv(t *testing.T) (*env, xmatrix.SigningKey) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	g, err := newTestGenerator()
-	if err != nil {
-		t.Fatal(err)
-	}
-	e := newEnv(t, func(c *SiteConfig, o *RepositoryOptions) {
-		c.Federation = &FederationConfig{Verifier: v}
-		o.Thumbnailer = g
-	})
-	return e, key
+	return func(c *SiteConfig, _ *RepositoryOptions) { c.Federation = &FederationConfig{Verifier: v} }, key
 }
 
 // fedGet sends a federation GET of uri signed by key as origin to dest.
